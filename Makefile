@@ -1,0 +1,30 @@
+# The two README commands: `make demo` (main job) and `make test` (environment + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fastbd-installed
+
+.PHONY: env test demo bench lint clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests bench --benchmark-disable
+
+demo: $(STAMP)
+	$(BIN)/fastbd demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,70 @@
+"""Input validation shared by the ops: every failure names the argument and the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def check_tensor(name: str, value: object, *, ndim: int | Iterable[int] | None = None,
+                 dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is a tensor of the given rank/dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.ndim not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have rank {want}, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({want}), got {value.dtype}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"tensors are on different devices: {listing}")
+    return next(iter(devices.values()))
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Reject NaN/Inf in a float tensor (one device-wide reduction)."""
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def channel_affine(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
+                   channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``scale``, ``bias`` (float32, shape ``C``) with ``x_norm = u8 * scale + bias``.
+
+    ``mean``/``std`` are in [0, 1] units (torchvision convention), so
+    ``scale = 1 / (255 std)`` and ``bias = -mean / std``.
+    """
+    mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+    if mean_t.numel() != channels or std_t.numel() != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel), got "
+                         f"{mean_t.numel()} and {std_t.numel()}")
+    if not bool(torch.isfinite(mean_t).all()) or not bool(torch.isfinite(std_t).all()):
+        raise ValueError("mean and std must be finite")
+    if bool((std_t <= 0).any()):
+        raise ValueError(f"std must be positive, got {std_t.tolist()}")
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32).to(device)
+    bias = (-mean_t / std_t).to(torch.float32).to(device)
+    return scale, bias

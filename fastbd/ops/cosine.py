@@ -1,0 +1,143 @@
+"""Cosine similarity ops: ``cosine_topk`` (chunked top-k search) and ``pair_cosine`` (row-wise).
+
+``cosine_topk`` never holds more than ``query_chunk × key_chunk`` similarities: for each query
+chunk it walks the key chunks, keeps the running top-k and merges each chunk's top-k into it.
+Backends: ``torch`` (matmul + ``torch.topk``, a radix select on CUDA) and ``cupy`` (cuBLAS
+matmul + ``argpartition``, optional ``fastbd[gpu]``). ``pair_cosine`` has ``torch``, ``cupy`` and
+a one-pass ``triton`` kernel (dot and both norms in a single read of the inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbd.ops._backend import OpSpec, choose_backend, register
+from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+
+register(OpSpec("cosine_topk", ("torch", "cupy"), {"cuda": ("torch", "cupy")}))
+register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("triton", "torch")}))
+
+
+def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    check_tensor(name_a, a, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(name_b, b, ndim=2, dtypes=FLOAT_DTYPES)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} has {a.shape[1]} dims but {name_b} has {b.shape[1]}")
+    check_same_device(**{name_a: a, name_b: b})
+    check_finite(name_a, a)
+    check_finite(name_b, b)
+
+
+def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
+                normalized: bool = False, query_chunk: int = 4096, key_chunk: int = 65536,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k keys by cosine similarity for every query row.
+
+    Args:
+        query: float ``Q×D``.
+        keys: float ``K×D`` (same D, same device).
+        k: results per query, ``0 ≤ k ≤ K``.
+        largest: most similar (True) or least similar (False) first.
+        normalized: rows already have unit norm (skips normalising).
+        query_chunk, key_chunk: tile of the similarity matrix held at once.
+
+    Returns:
+        values float32 ``Q×k`` (sorted) and indices int64 ``Q×k`` into ``keys``.
+    """
+    _check_pair("query", query, "keys", keys)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    if k > keys.shape[0]:
+        raise ValueError(f"k={k} is larger than the number of keys ({keys.shape[0]})")
+    if query_chunk < 1 or key_chunk < 1:
+        raise ValueError("query_chunk and key_chunk must be positive")
+    if query.dtype != keys.dtype:
+        keys = keys.to(query.dtype)
+    if not normalized:
+        query = F.normalize(query, dim=1)
+        keys = F.normalize(keys, dim=1)
+    n_query = query.shape[0]
+    values = torch.empty(n_query, k, dtype=torch.float32, device=query.device)
+    indices = torch.empty(n_query, k, dtype=torch.int64, device=query.device)
+    if n_query == 0 or k == 0:
+        return values, indices
+    chosen = choose_backend("cosine_topk", query.device, backend)
+    select = _chunk_topk_cupy if chosen == "cupy" else _chunk_topk_torch
+    for q0 in range(0, n_query, query_chunk):
+        block = query[q0:q0 + query_chunk]
+        best_v = best_i = None
+        for k0 in range(0, keys.shape[0], key_chunk):
+            v, i = select(block, keys[k0:k0 + key_chunk], k, largest)
+            i += k0
+            if best_v is None:
+                best_v, best_i = v, i
+            else:
+                pooled = torch.cat([best_v, v], 1)
+                merged_v, pos = pooled.topk(min(k, pooled.shape[1]), dim=1, largest=largest)
+                best_i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
+                best_v = merged_v
+        values[q0:q0 + query_chunk] = best_v
+        indices[q0:q0 + query_chunk] = best_i
+    return values, indices
+
+
+def _chunk_topk_torch(query: torch.Tensor, keys: torch.Tensor, k: int, largest: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-min(k, chunk) of one similarity tile, sorted: float32 and int64 ``q×k'``."""
+    sims = (query @ keys.T).float()
+    return sims.topk(min(k, sims.shape[1]), dim=1, largest=largest)
+
+
+def _chunk_topk_cupy(query: torch.Tensor, keys: torch.Tensor, k: int, largest: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    import cupy
+
+    sims = cupy.from_dlpack(query.contiguous()) @ cupy.from_dlpack(keys.contiguous()).T
+    sims = sims.astype(cupy.float32)
+    order_key = -sims if largest else sims
+    kk = min(k, sims.shape[1])
+    part = cupy.argpartition(order_key, kk - 1, axis=1)[:, :kk]
+    part_vals = cupy.take_along_axis(order_key, part, axis=1)
+    order = cupy.argsort(part_vals, axis=1)
+    idx = cupy.take_along_axis(part, order, axis=1)
+    vals = cupy.take_along_axis(sims, idx, axis=1)
+    return torch.from_dlpack(vals), torch.from_dlpack(idx.astype(cupy.int64))
+
+
+def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 1e-8,
+                backend: str | None = None) -> torch.Tensor:
+    """Cosine of each row pair: float32 ``N`` with ``a_i·b_i / (max(|a_i|, eps)·max(|b_i|, eps))``.
+
+    Args:
+        a, b: float ``N×D`` each (e.g. image and caption embeddings of N pairs).
+    """
+    _check_pair("a", a, "b", b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a has {a.shape[0]} rows but b has {b.shape[0]}")
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    if a.shape[0] == 0:
+        return out
+    chosen = choose_backend("pair_cosine", a.device, backend)
+    if chosen == "triton":
+        if a.device.type == "cpu" and torch.bfloat16 in (a.dtype, b.dtype):
+            raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")
+        from fastbd.kernels import cosine as kernel
+
+        kernel.launch(_unit_inner(a), _unit_inner(b), out, eps)
+        return out
+    if chosen == "cupy":
+        import cupy
+
+        ca = cupy.from_dlpack(a.contiguous()).astype(cupy.float32)
+        cb = cupy.from_dlpack(b.contiguous()).astype(cupy.float32)
+        denom = (cupy.maximum(cupy.linalg.norm(ca, axis=1), eps)
+                 * cupy.maximum(cupy.linalg.norm(cb, axis=1), eps))
+        return torch.from_dlpack((ca * cb).sum(axis=1) / denom)
+    af, bf = a.float(), b.float()
+    denom = af.norm(dim=1).clamp_min(eps) * bf.norm(dim=1).clamp_min(eps)
+    return torch.mul(af, bf).sum(1).div_(denom)
+
+
+def _unit_inner(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(1) == 1 else x.contiguous()

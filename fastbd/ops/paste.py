@@ -1,0 +1,193 @@
+"""``paste``: paste patches into images for a batch of (image, patch, y, x) jobs.
+
+Each job ``t`` writes one full output image: bank image ``image_index[t]`` with patch
+``patch_index[t]`` (optionally resized to ``sizes[t]``, bilinear, align_corners=False) placed with
+its top-left at ``(ys[t], xs[t])``. Parts of the patch outside the image are clipped. The blend is
+``out = (1 - a)·image + a·patch`` with ``a = opacity × alpha`` (``alpha`` optional per patch
+pixel), computed in uint8 units; then either normalised (``mean``/``std`` given → float encoder
+input) or rounded half up and clamped to uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastbd.ops._backend import OpSpec, choose_backend, register
+from fastbd.ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    channel_affine,
+    check_same_device,
+    check_tensor,
+)
+
+SPEC = register(OpSpec("paste", ("triton", "torch"), {"cuda": ("triton", "torch")}))
+
+
+def pack_patches(patches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack patches of different sizes (each uint8 ``C×h×w``) into a zero-padded uint8
+    ``P×C×Hmax×Wmax`` tensor and their sizes, int32 ``P×2``."""
+    if len(patches) == 0:
+        raise ValueError("pack_patches needs at least one patch")
+    channels = {p.shape[0] for p in patches}
+    if len(channels) != 1 or any(p.ndim != 3 for p in patches):
+        raise ValueError("every patch must be C×h×w with the same C")
+    height = max(p.shape[1] for p in patches)
+    width = max(p.shape[2] for p in patches)
+    packed = torch.zeros(len(patches), channels.pop(), height, width, dtype=torch.uint8,
+                         device=patches[0].device)
+    for slot, patch in zip(packed, patches, strict=True):
+        slot[:, : patch.shape[1], : patch.shape[2]] = patch
+    sizes = torch.tensor([[p.shape[1], p.shape[2]] for p in patches], dtype=torch.int32,
+                         device=packed.device)
+    return packed, sizes
+
+
+def paste(images: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor,
+          patch_index: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, *,
+          patch_sizes: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
+          alpha: torch.Tensor | None = None, opacity: float = 1.0,
+          mean: Sequence[float] | torch.Tensor | None = None,
+          std: Sequence[float] | torch.Tensor | None = None,
+          out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+          backend: str | None = None) -> torch.Tensor:
+    """Paste patches into images, one output image per job.
+
+    Args:
+        images: uint8 ``N×C×S×S``.
+        patches: uint8 ``P×C×HP×WP`` (zero-padded; see ``pack_patches``).
+        image_index, patch_index, ys, xs: integer ``J`` each: background image, patch and
+            top-left ``(y, x)`` of each job (may be negative or reach past the border: clipped).
+        patch_sizes: int ``P×2`` true ``(h, w)`` of each patch (default ``HP×WP`` for all).
+        sizes: int ``J×2`` pasted ``(h, w)`` per job; when given, patches are resized bilinearly.
+        alpha: float ``P×HP×WP`` per-pixel opacity in [0, 1] (optional).
+        opacity: global opacity multiplier in [0, 1].
+        mean, std: ``C`` values each in [0, 1] units: output normalised float encoder input.
+            Without them the output is uint8.
+        out: optional preallocated ``J×C×S×S`` buffer (any strides).
+        dtype: output float dtype when normalising and ``out`` is not given (default float32).
+
+    Returns:
+        ``out``: ``J×C×S×S``.
+    """
+    check_tensor("images", images, ndim=4, dtypes=(torch.uint8,))
+    check_tensor("patches", patches, ndim=4, dtypes=(torch.uint8,))
+    n_images, channels, size, width = images.shape
+    if size != width:
+        raise ValueError(f"images must be square, got {size}×{width}")
+    if patches.shape[1] != channels:
+        raise ValueError(f"patches have {patches.shape[1]} channels, images have {channels}")
+    n_patches, _, patch_h, patch_w = patches.shape
+    jobs = {"image_index": image_index, "patch_index": patch_index, "ys": ys, "xs": xs}
+    for name, value in jobs.items():
+        check_tensor(name, value, ndim=1, dtypes=INDEX_DTYPES[:3])
+    n_jobs = image_index.numel()
+    if any(v.numel() != n_jobs for v in jobs.values()):
+        counts = {k: v.numel() for k, v in jobs.items()}
+        raise ValueError(f"job arrays differ in length: {counts}")
+    if patch_sizes is None:
+        patch_sizes = torch.tensor([[patch_h, patch_w]], dtype=torch.int32,
+                                   device=patches.device).expand(n_patches, 2)
+    check_tensor("patch_sizes", patch_sizes, ndim=2, dtypes=INDEX_DTYPES[:3])
+    if tuple(patch_sizes.shape) != (n_patches, 2):
+        raise ValueError(f"patch_sizes must be {n_patches}×2, got {tuple(patch_sizes.shape)}")
+    if sizes is not None:
+        check_tensor("sizes", sizes, ndim=2, dtypes=INDEX_DTYPES[:3])
+        if tuple(sizes.shape) != (n_jobs, 2):
+            raise ValueError(f"sizes must be {n_jobs}×2, got {tuple(sizes.shape)}")
+    if alpha is not None:
+        check_tensor("alpha", alpha, ndim=3, dtypes=(torch.float32,))
+        if tuple(alpha.shape) != (n_patches, patch_h, patch_w):
+            raise ValueError(f"alpha must be {(n_patches, patch_h, patch_w)}, "
+                             f"got {tuple(alpha.shape)}")
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    normalise = mean is not None or std is not None
+    if normalise and (mean is None or std is None):
+        raise ValueError("give both mean and std (normalised output) or neither (uint8 output)")
+    if out is None:
+        out_dtype = (dtype or torch.float32) if normalise else torch.uint8
+        if normalise and out_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        if not normalise and dtype not in (None, torch.uint8):
+            raise TypeError("without mean/std the output is uint8; drop dtype or give mean/std")
+        out = torch.empty(n_jobs, channels, size, size, dtype=out_dtype, device=images.device)
+    check_tensor("out", out, ndim=4, dtypes=FLOAT_DTYPES if normalise else (torch.uint8,))
+    if tuple(out.shape) != (n_jobs, channels, size, size):
+        raise ValueError(f"out must have shape {(n_jobs, channels, size, size)}, "
+                         f"got {tuple(out.shape)}")
+    device = check_same_device(images=images, patches=patches, image_index=image_index,
+                               patch_index=patch_index, ys=ys, xs=xs, patch_sizes=patch_sizes,
+                               sizes=sizes, alpha=alpha, out=out)
+    if n_jobs == 0:
+        return out
+    _check_range("image_index", image_index, n_images)
+    _check_range("patch_index", patch_index, n_patches)
+    if bool((patch_sizes < 1).any()) or bool((patch_sizes[:, 0] > patch_h).any()) or bool(
+            (patch_sizes[:, 1] > patch_w).any()):
+        raise ValueError(f"patch_sizes must lie in [1, {patch_h}]×[1, {patch_w}]")
+    if sizes is not None and bool((sizes < 1).any()):
+        raise ValueError("sizes must be at least 1×1")
+    scale, bias = (channel_affine(mean, std, channels, device) if normalise
+                   else (torch.ones(channels, device=device), torch.zeros(channels, device=device)))
+    targets = sizes if sizes is not None else patch_sizes[patch_index.long()]
+    job_table = torch.stack([image_index.long(), patch_index.long(), ys.long(), xs.long(),
+                             targets[:, 0].long(), targets[:, 1].long()], dim=1).contiguous()
+    chosen = choose_backend("paste", device, backend)
+    if chosen == "triton":
+        if device.type == "cpu" and out.dtype == torch.bfloat16:
+            raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")
+        from fastbd.kernels import paste as kernel
+
+        kernel.launch(images.contiguous(), patches.contiguous(),
+                      None if alpha is None else alpha.contiguous(),
+                      patch_sizes.to(torch.int32).contiguous(), job_table, scale, bias, out,
+                      float(opacity), resize=sizes is not None, normalise=normalise)
+        return out
+    return _paste_torch(images, patches, alpha, patch_sizes, job_table, scale, bias, out,
+                        float(opacity), sizes is not None, normalise)
+
+
+def _check_range(name: str, index: torch.Tensor, limit: int) -> None:
+    if int(index.min()) < 0 or int(index.max()) >= limit:
+        raise ValueError(f"{name} out of range [0, {limit})")
+
+
+def _paste_torch(images, patches, alpha, patch_sizes, job_table, scale, bias, out, opacity,
+                 resize, normalise):
+    """Torch reference: backgrounds gathered in one batch, each job's patch blended in its box;
+    resized patches come from ``F.interpolate`` (bilinear, align_corners=False), computed once per
+    distinct (patch, size)."""
+    size = images.shape[-1]
+    canvas = images[job_table[:, 0]].float()
+    resized: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for t, (_, p, y, x, th, tw) in enumerate(job_table.tolist()):
+        key = (p, th, tw)
+        if key not in resized:
+            ph, pw = patch_sizes[p].tolist()
+            front = patches[p, :, :ph, :pw].float()
+            weight = (alpha[p, :ph, :pw] if alpha is not None
+                      else torch.ones(ph, pw, device=front.device)) * opacity
+            if resize:
+                front = F.interpolate(front[None], size=(th, tw), mode="bilinear",
+                                      align_corners=False)[0]
+                weight = F.interpolate(weight[None, None], size=(th, tw), mode="bilinear",
+                                       align_corners=False)[0, 0]
+            resized[key] = (front, weight)
+        front, weight = resized[key]
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + th, size), min(x + tw, size)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        box = canvas[t, :, y0:y1, x0:x1]
+        crop = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+        w = weight[crop]
+        canvas[t, :, y0:y1, x0:x1] = box * (1.0 - w) + front[(slice(None),) + crop] * w
+    if normalise:
+        out.copy_(canvas * scale[:, None, None] + bias[:, None, None])
+    else:
+        out.copy_(torch.floor(canvas + 0.5).clamp_(0, 255))
+    return out

@@ -1,0 +1,141 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbd.ops import pack_patches, paste
+
+from testutil import CPU_BACKENDS, CUDA_BACKENDS
+
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.2, 0.25, 0.3)
+
+
+def naive_paste(images, patches, sizes_p, jobs, target, alpha, opacity, normalise):
+    """Per-pixel definition (tiny inputs): resize by F.interpolate, blend, normalise or round."""
+    out = []
+    s = images.shape[-1]
+    for t, (i, p, y, x) in enumerate(jobs):
+        ph, pw = sizes_p[p]
+        th, tw = target[t]
+        front = patches[p, :, :ph, :pw].double()
+        weight = (alpha[p, :ph, :pw].double() if alpha is not None
+                  else torch.ones(ph, pw, dtype=torch.float64)) * opacity
+        if (th, tw) != (ph, pw):
+            front = F.interpolate(front[None], size=(th, tw), mode="bilinear")[0]
+            weight = F.interpolate(weight[None, None], size=(th, tw), mode="bilinear")[0, 0]
+        img = images[i].double().clone()
+        for u in range(th):
+            for v in range(tw):
+                if 0 <= y + u < s and 0 <= x + v < s:
+                    w = weight[u, v]
+                    img[:, y + u, x + v] = img[:, y + u, x + v] * (1 - w) + front[:, u, v] * w
+        if normalise:
+            mean = torch.tensor(MEAN, dtype=torch.float64)[:, None, None]
+            std = torch.tensor(STD, dtype=torch.float64)[:, None, None]
+            out.append((img / 255 - mean) / std)
+        else:
+            out.append(torch.floor(img + 0.5).clamp(0, 255))
+    return torch.stack(out) if out else torch.empty(0, *images.shape[1:], dtype=torch.float64)
+
+
+def make_jobs(gen, n_jobs=9, size=15):
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=gen)
+    shapes = [(5, 7), (9, 4), (3, 3), (size, size)]
+    patches, patch_sizes = pack_patches(
+        [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes])
+    jobs = torch.stack([torch.randint(0, 4, (n_jobs,), generator=gen),
+                        torch.randint(0, 4, (n_jobs,), generator=gen),
+                        torch.randint(-5, size, (n_jobs,), generator=gen),
+                        torch.randint(-5, size, (n_jobs,), generator=gen)], 1)
+    sizes = torch.randint(1, 13, (n_jobs, 2), generator=gen)
+    alpha = torch.rand(4, size, size, generator=gen)
+    return images, patches, patch_sizes, jobs, sizes, alpha
+
+
+@pytest.mark.parametrize("resize", [False, True])
+@pytest.mark.parametrize("use_alpha", [False, True])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_torch_reference_matches_pixel_definition(gen, resize, use_alpha, normalise):
+    images, patches, patch_sizes, jobs, sizes, alpha = make_jobs(gen)
+    target = sizes if resize else patch_sizes[jobs[:, 1]]
+    norm = dict(mean=MEAN, std=STD) if normalise else {}
+    got = paste(images, patches, *jobs.T, patch_sizes=patch_sizes,
+                sizes=sizes if resize else None, alpha=alpha if use_alpha else None,
+                opacity=0.8, backend="torch", **norm)
+    want = naive_paste(images, patches, patch_sizes.tolist(), jobs.tolist(), target.tolist(),
+                       alpha if use_alpha else None, 0.8, normalise)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 if normalise else 1, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS + CUDA_BACKENDS)
+@pytest.mark.parametrize("resize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16, torch.bfloat16])
+def test_backends_match_reference(gen, device, backend, resize, dtype):
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    images, patches, patch_sizes, jobs, sizes, alpha = make_jobs(gen)
+    norm = {} if dtype == torch.uint8 else dict(mean=MEAN, std=STD, dtype=dtype)
+    kwargs = dict(patch_sizes=patch_sizes, sizes=sizes if resize else None, alpha=alpha,
+                  opacity=0.9, **norm)
+    want = paste(images, patches, *jobs.T, backend="torch", **kwargs)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = paste(images.to(device), patches.to(device), *jobs.to(device).T, backend=backend,
+                **moved)
+    assert got.dtype == dtype
+    # uint8: bilinear weights computed in another order may round the other way, by one level.
+    tolerance = 1 if dtype == torch.uint8 else (1e-5 if dtype == torch.float32 else 2e-2)
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opaque_paste_is_exact_copy(gen, backend):
+    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8, generator=gen)
+    patch = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8, generator=gen)
+    one = torch.tensor([1])
+    out = paste(images, patch, one, torch.tensor([0]), torch.tensor([3]), torch.tensor([6]),
+                backend=backend)
+    expected = images[1].clone()
+    expected[:, 3:7, 6:11] = patch[0]
+    assert torch.equal(out[0], expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_jobs(backend):
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    none = torch.zeros(0, dtype=torch.long)
+    out = paste(images, torch.zeros(1, 3, 2, 2, dtype=torch.uint8), none, none, none, none,
+                mean=MEAN, std=STD, backend=backend)
+    assert out.shape == (0, 3, 8, 8) and out.dtype == torch.float32
+
+
+def test_pack_patches_sizes():
+    packed, sizes = pack_patches([torch.ones(3, 2, 5, dtype=torch.uint8),
+                                  torch.ones(3, 4, 1, dtype=torch.uint8)])
+    assert packed.shape == (2, 3, 4, 5)
+    assert sizes.tolist() == [[2, 5], [4, 1]]
+    assert int(packed[1].sum()) == 3 * 4
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(images=torch.zeros(2, 3, 8, 8)), TypeError, "images must have dtype"),
+    (dict(patches=torch.zeros(1, 1, 2, 2, dtype=torch.uint8)), ValueError, "channels"),
+    (dict(ys=torch.zeros(2, dtype=torch.long)), ValueError, "differ in length"),
+    (dict(image_index=torch.tensor([5])), ValueError, "image_index out of range"),
+    (dict(patch_index=torch.tensor([1])), ValueError, "patch_index out of range"),
+    (dict(sizes=torch.zeros(1, 2, dtype=torch.long)), ValueError, "at least 1×1"),
+    (dict(sizes=torch.ones(2, 2, dtype=torch.long)), ValueError, "sizes must be 1×2"),
+    (dict(patch_sizes=torch.tensor([[3, 2]])), ValueError, "patch_sizes must lie"),
+    (dict(opacity=1.5), ValueError, "opacity"),
+    (dict(mean=MEAN), ValueError, "both mean and std"),
+    (dict(alpha=torch.ones(1, 3, 3)), ValueError, "alpha must be"),
+    (dict(dtype=torch.float16), TypeError, "output is uint8"),
+    (dict(xs=torch.zeros(1, dtype=torch.long, device="meta")), ValueError, "different devices"),
+])
+def test_bad_input(kwargs, error, match):
+    zero = torch.zeros(1, dtype=torch.long)
+    args = dict(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                patches=torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+                image_index=zero, patch_index=zero, ys=zero, xs=zero)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        paste(**args)
