@@ -163,6 +163,7 @@ def _paste_torch(images, patches, alpha, patch_sizes, job_table, scale, bias, ou
     distinct (patch, size)."""
     size = images.shape[-1]
     canvas = images[job_table[:, 0]].float()
+    opaque = alpha is None and opacity == 1.0
     resized: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for t, (_, p, y, x, th, tw) in enumerate(job_table.tolist()):
         key = (p, th, tw)
@@ -182,12 +183,16 @@ def _paste_torch(images, patches, alpha, patch_sizes, job_table, scale, bias, ou
         y1, x1 = min(y + th, size), min(x + tw, size)
         if y0 >= y1 or x0 >= x1:
             continue
-        box = canvas[t, :, y0:y1, x0:x1]
-        crop = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
-        w = weight[crop]
-        canvas[t, :, y0:y1, x0:x1] = box * (1.0 - w) + front[(slice(None),) + crop] * w
+        crop = (slice(None), slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+        if opaque:
+            canvas[t, :, y0:y1, x0:x1] = front[crop]
+            continue
+        w = weight[crop[1:]]
+        canvas[t, :, y0:y1, x0:x1] = canvas[t, :, y0:y1, x0:x1] * (1.0 - w) + front[crop] * w
     if normalise:
-        out.copy_(canvas * scale[:, None, None] + bias[:, None, None])
+        out.copy_(canvas.mul_(scale[:, None, None]).add_(bias[:, None, None]))
+    elif opaque and not resize:
+        out.copy_(canvas)
     else:
-        out.copy_(torch.floor(canvas + 0.5).clamp_(0, 255))
+        out.copy_(canvas.add_(0.5).floor_().clamp_(0, 255))
     return out
