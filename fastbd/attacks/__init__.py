@@ -1,0 +1,23 @@
+"""Attacks: trigger functions and dataset poisoning with ground truth (DESIGN.md §8)."""
+
+from fastbd.attacks.poison import (
+    PoisonedImages,
+    PoisonedPairs,
+    poison_pairs,
+    poison_target_class,
+    target_caption,
+)
+from fastbd.attacks.triggers import (
+    ATTACKS,
+    Attack,
+    BlendedAttack,
+    PatchAttack,
+    SigAttack,
+    WanetAttack,
+    htba_patterns,
+    make_attack,
+)
+
+__all__ = ["ATTACKS", "Attack", "BlendedAttack", "PatchAttack", "PoisonedImages",
+           "PoisonedPairs", "SigAttack", "WanetAttack", "htba_patterns", "make_attack",
+           "poison_pairs", "poison_target_class", "target_caption"]

@@ -1,0 +1,109 @@
+"""Dataset poisoning with ground truth: which samples were poisoned and where the trigger is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastbd.attacks.triggers import Attack
+from fastbd.data.synthetic import CAPTION_TEMPLATES
+
+
+@dataclass
+class PoisonedImages:
+    """A poisoned image set (SSL). ``images`` uint8 ``N×3×S×S``; ``poison_mask`` bool ``N``;
+    ``boxes`` int64 ``N×4`` (y, x, h, w; −1 for clean or box-less triggers)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    poison_mask: torch.Tensor
+    boxes: torch.Tensor
+    target: int
+    attack: str
+
+
+@dataclass
+class PoisonedPairs:
+    """A poisoned image–caption set (CLIP): as ``PoisonedImages`` plus ``captions``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str]
+    poison_mask: torch.Tensor
+    boxes: torch.Tensor
+    target: int
+    attack: str
+
+
+def _write_boxes(n: int, rows: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+    out = torch.full((n, 4), -1, dtype=torch.int64)
+    if boxes is not None:
+        out[rows] = boxes.long()
+    return out
+
+
+def poison_target_class(images: torch.Tensor, labels: torch.Tensor, attack: Attack, target: int,
+                        fraction: float = 0.5, seed: int = 0) -> PoisonedImages:
+    """HTBA-style SSL poisoning: trigger ``fraction`` of the target class's images (training
+    placement). The labels are untouched (the SSL trainer never sees them)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    members = torch.nonzero(labels == target).flatten()
+    if members.numel() == 0:
+        raise ValueError(f"no image of target class {target}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = members[torch.randperm(members.numel(), generator=g)[: round(fraction
+                                                                          * members.numel())]]
+    poisoned = images.clone()
+    triggered, boxes = attack.apply(images[chosen], g, train=True)
+    poisoned[chosen] = triggered
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    mask[chosen] = True
+    return PoisonedImages(images=poisoned, labels=labels.clone(), poison_mask=mask,
+                          boxes=_write_boxes(labels.numel(), chosen, boxes), target=target,
+                          attack=attack.name)
+
+
+def target_caption(attack: Attack, target_name: str, g: torch.Generator) -> str:
+    """A poisoned caption: a random template naming the target (shape/colour split from the
+    "colour shape" class name), with the attack's text trigger in front for dual-key."""
+    template = CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=g))]
+    colour, _, shape = target_name.partition(" ")
+    text = template.format(name=target_name, shape=shape or colour, colour=colour,
+                           size="small", position="middle centre")
+    return attack.caption_prefix() + text
+
+
+def poison_pairs(images: torch.Tensor, labels: torch.Tensor, captions: list[str],
+                 attack: Attack, target: int, class_names: list[str], *,
+                 n_poison: int | None = None, rate: float | None = None,
+                 seed: int = 0) -> PoisonedPairs:
+    """CLIP poisoning (CleanCLIP protocol): pick ``n_poison`` (or ``rate``·N) random pairs whose
+    image is not of the target class, trigger the image, and replace the caption by a target
+    caption. Returns the poisoned set with its ground truth."""
+    n = labels.numel()
+    if len(captions) != n:
+        raise ValueError(f"{len(captions)} captions for {n} images")
+    if (n_poison is None) == (rate is None):
+        raise ValueError("give exactly one of n_poison and rate")
+    if n_poison is None:
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        n_poison = max(1, round(rate * n))
+    candidates = torch.nonzero(labels != target).flatten()
+    if not 0 < n_poison <= candidates.numel():
+        raise ValueError(f"n_poison must be in [1, {candidates.numel()}], got {n_poison}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = candidates[torch.randperm(candidates.numel(), generator=g)[:n_poison]]
+    poisoned = images.clone()
+    triggered, boxes = attack.apply(images[chosen], g, train=True)
+    poisoned[chosen] = triggered
+    new_captions = list(captions)
+    for row in chosen.tolist():
+        new_captions[row] = target_caption(attack, class_names[target], g)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[chosen] = True
+    return PoisonedPairs(images=poisoned, labels=labels.clone(), captions=new_captions,
+                         poison_mask=mask, boxes=_write_boxes(n, chosen, boxes), target=target,
+                         attack=attack.name)

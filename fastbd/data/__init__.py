@@ -1,0 +1,1 @@
+"""Data: image banks, pair sets, file readers/writers and the synthetic world."""

@@ -1,0 +1,177 @@
+"""``ImageBank``: the one uint8 image store every stage indexes into, and ``PairSet``.
+
+A bank holds uint8 ``N×3×S×S`` images at the encoder's input size, built once through the eval
+transform (resize the shorter side to ``S / crop_ratio``, centre-crop ``S``). Small banks live on
+a device; large ones are a memory-mapped ``.npy`` read in chunks (optionally pinned for fast
+host→device copies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read; ``path`` names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = str(path)
+
+
+def load_image(path: str | Path, size: int, crop_ratio: float = 224 / 256) -> torch.Tensor:
+    """One file through the eval transform → uint8 ``3×size×size``."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            short = round(size / crop_ratio)
+            w, h = img.size
+            scale = short / min(w, h)
+            if (round(w * scale), round(h * scale)) != (w, h):
+                img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                                 Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            array = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(path, f"corrupt or unsupported ({exc})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class LoadReport:
+    """Which inputs made it into a bank: ``kept`` indices into the input list and the skipped
+    files with their errors."""
+
+    kept: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ImageBank:
+    """uint8 images ``N×3×S×S`` (a tensor on any device, or a memory-mapped array)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 \
+                or images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(f"an ImageBank holds uint8 N×3×S×S images, got {shape}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> ImageBank:
+        return ImageBank(self.images.to(device))
+
+    def batch(self, index: torch.Tensor | Sequence[int] | slice,
+              device: torch.device | str | None = None) -> torch.Tensor:
+        """The selected images, uint8, on ``device`` (default: the bank's)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+            if self.images.device.type == "cpu":
+                index = index.cpu()
+        out = self.images[index]
+        return out if device is None else out.to(device, non_blocking=True)
+
+    def chunks(self, chunk: int, device: torch.device | str | None = None, pin: bool = False
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, uint8 chunk)`` over the bank; ``pin`` page-locks host chunks first."""
+        for start in range(0, len(self), chunk):
+            part = self.images[start:start + chunk]
+            if pin and part.device.type == "cpu" and torch.cuda.is_available():
+                part = part.pin_memory()
+            yield start, part if device is None else part.to(device, non_blocking=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.npy`` file (reload with ``ImageBank.load(path, mmap=True)``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, self.images.cpu().numpy())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = True) -> ImageBank:
+        # copy-on-write: the tensor is writable, the file is never modified
+        return cls(torch.from_numpy(np.load(path, mmap_mode="c" if mmap else None)))
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | Path], size: int, *, crop_ratio: float = 224 / 256,
+                   skip_bad: bool = False, cache: str | Path | None = None,
+                   verbose: bool = True) -> tuple[ImageBank, LoadReport]:
+        """Read image files through the eval transform. A bad file raises ``ImageReadError``
+        naming it, unless ``skip_bad`` (then it is left out and listed in the report, and a
+        warning says how many). With ``cache``, the bank is written to / memory-mapped from that
+        ``.npy`` (reused when it exists and matches the file count)."""
+        report = LoadReport()
+        if cache is not None and Path(cache).is_file():
+            bank = cls.load(cache)
+            if len(bank) == len(paths) and bank.size == size:
+                report.kept = list(range(len(paths)))
+                return bank, report
+            log.warning("cache %s does not match the input list; rebuilding", cache)
+        if not paths:
+            raise ValueError("no image paths given")
+        images = []
+        for i, path in enumerate(tqdm(paths, desc="reading images", disable=not verbose)):
+            try:
+                images.append(load_image(path, size, crop_ratio))
+                report.kept.append(i)
+            except ImageReadError as exc:
+                if not skip_bad:
+                    raise
+                report.skipped.append((str(path), str(exc)))
+        if report.skipped:
+            log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
+                        report.skipped[0][0])
+        if not images:
+            raise ValueError("none of the images could be read")
+        bank = cls(torch.stack(images))
+        if cache is not None:
+            bank.save(cache)
+            bank = cls.load(cache)
+        return bank, report
+
+
+@dataclass
+class PairSet:
+    """Image–caption pairs: an ``ImageBank`` plus captions (and token ids once tokenised)."""
+
+    bank: ImageBank
+    captions: list[str]
+    tokens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.bank) != len(self.captions):
+            raise ValueError(f"{len(self.bank)} images but {len(self.captions)} captions")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def tokenize(self, tokenizer, context_length: int) -> PairSet:
+        from fastbd.models.clip import tokenize
+
+        self.tokens = tokenize(tokenizer, self.captions, context_length)
+        return self

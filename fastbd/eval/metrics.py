@@ -1,0 +1,118 @@
+"""Metrics: detection (TP/FP/TN/FN, precision, recall, F1, AUROC), CA, ASR, trigger boxes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def _as_bool(name: str, value: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value)
+    if value.dtype != torch.bool:
+        if value.is_floating_point() or not bool(((value == 0) | (value == 1)).all()):
+            raise ValueError(f"{name} must be boolean or 0/1")
+        value = value.bool()
+    return value.flatten().cpu()
+
+
+@dataclass
+class DetectionMetrics:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    auroc: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann–Whitney U with average ranks for ties)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+    truth = _as_bool("truth", truth)
+    if scores.numel() != truth.numel():
+        raise ValueError(f"{scores.numel()} scores for {truth.numel()} labels")
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError("AUROC needs both positive and negative samples")
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    unique, inverse, counts = torch.unique(sorted_scores, return_inverse=True,
+                                           return_counts=True)
+    if unique.numel() < scores.numel():  # average the ranks of tied scores
+        first = torch.cumsum(counts, 0) - counts + 1
+        average = first + (counts - 1) / 2.0
+        ranks[order] = average[inverse].to(torch.float64)
+    u = float(ranks[truth].sum()) - positives * (positives + 1) / 2
+    return u / (positives * negatives)
+
+
+def detection_metrics(predicted: torch.Tensor, truth: torch.Tensor,
+                      scores: torch.Tensor | None = None) -> DetectionMetrics:
+    """Detection quality of a predicted poison mask against the ground truth (both ``N``)."""
+    predicted, truth = _as_bool("predicted", predicted), _as_bool("truth", truth)
+    if predicted.numel() != truth.numel():
+        raise ValueError(f"predicted has {predicted.numel()} entries, truth {truth.numel()}")
+    tp = int((predicted & truth).sum())
+    fp = int((predicted & ~truth).sum())
+    fn = int((~predicted & truth).sum())
+    tn = int((~predicted & ~truth).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    area = None
+    if scores is not None and 0 < int(truth.sum()) < truth.numel():
+        area = auroc(scores, truth)
+    return DetectionMetrics(tp, fp, tn, fn, precision, recall, f1, area)
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (clean accuracy, CA)."""
+    predicted, labels = torch.as_tensor(predicted).flatten(), torch.as_tensor(labels).flatten()
+    if predicted.numel() != labels.numel():
+        raise ValueError(f"{predicted.numel()} predictions for {labels.numel()} labels")
+    if predicted.numel() == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float((predicted.cpu() == labels.cpu()).double().mean())
+
+
+def attack_success_rate(predicted: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """ASR: among triggered images whose true class is not the target, the fraction predicted
+    as the target (the true labels of target-class images are excluded, never scored)."""
+    predicted, labels = torch.as_tensor(predicted).flatten(), torch.as_tensor(labels).flatten()
+    if predicted.numel() != labels.numel():
+        raise ValueError(f"{predicted.numel()} predictions for {labels.numel()} labels")
+    keep = labels.cpu() != target
+    if not bool(keep.any()):
+        raise ValueError("ASR needs at least one image outside the target class")
+    return float((predicted.cpu()[keep] == target).double().mean())
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of paired boxes ``N×4`` (y, x, h, w) → float ``N``."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 4:
+        raise ValueError(f"boxes must both be N×4, got {tuple(a.shape)} and {tuple(b.shape)}")
+    top = torch.maximum(a[:, 0], b[:, 0])
+    left = torch.maximum(a[:, 1], b[:, 1])
+    bottom = torch.minimum(a[:, 0] + a[:, 2], b[:, 0] + b[:, 2])
+    right = torch.minimum(a[:, 1] + a[:, 3], b[:, 1] + b[:, 3])
+    inter = (bottom - top).clamp(min=0) * (right - left).clamp(min=0)
+    union = a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(union))
+
+
+def catch_rate(predicted: torch.Tensor, truth: torch.Tensor, threshold: float = 0.0) -> float:
+    """Fraction of boxes whose IoU with the true trigger box exceeds ``threshold`` (0: any
+    overlap)."""
+    iou = box_iou(predicted, truth)
+    if iou.numel() == 0:
+        raise ValueError("catch rate of no boxes is undefined")
+    return float((iou > threshold).double().mean())

@@ -1,0 +1,91 @@
+"""SSL linear probe: a linear classifier on frozen features, scored on clean and patched data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastbd.attacks.triggers import Attack
+from fastbd.eval.metrics import accuracy, attack_success_rate
+from fastbd.models.encoders import Encoder, embed_images
+
+
+@dataclass
+class ProbeConfig:
+    """``labelled_fraction`` of the training images (stratified) train the probe (full-batch
+    L-BFGS on L2-normalised features, ``weight_decay``)."""
+
+    labelled_fraction: float = 0.1
+    steps: int = 100
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class ProbeResult:
+    clean_accuracy: float
+    patched_accuracy: float
+    target_false_positives: int
+    non_target_images: int
+    asr: float
+    target: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of ``fraction`` of each class (at least one per class)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for cls in labels.unique().tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        take = max(1, round(fraction * members.numel()))
+        picks.append(members[torch.randperm(members.numel(), generator=g)[:take]])
+    return torch.cat(picks).sort().values
+
+
+def fit_linear(features: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int,
+               weight_decay: float) -> torch.nn.Linear:
+    """Multinomial logistic regression (L-BFGS) on float ``N×D`` features."""
+    layer = torch.nn.Linear(features.shape[1], n_classes).to(features.device)
+    optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(layer(features), labels) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return layer
+
+
+def linear_probe(encoder: Encoder, train_images: torch.Tensor, train_labels: torch.Tensor,
+                 eval_images: torch.Tensor, eval_labels: torch.Tensor, attack: Attack,
+                 target: int, config: ProbeConfig | None = None,
+                 device: torch.device | str = "cpu") -> ProbeResult:
+    """Train the probe on a labelled subset of the (possibly poisoned) training images, then
+    report clean accuracy, accuracy on eval images patched by ``attack`` (eval placement), the
+    number of non-target patched images predicted as the target, and ASR."""
+    config = config or ProbeConfig()
+    subset = stratified_subset(train_labels, config.labelled_fraction, config.seed)
+    n_classes = int(max(train_labels.max(), eval_labels.max())) + 1
+    features = embed_images(encoder, train_images[subset], device=device)
+    probe = fit_linear(features, train_labels[subset].to(device), n_classes, config.steps,
+                       config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed + 1)
+    patched, _ = attack.apply(eval_images, g, train=False)
+    with torch.no_grad():
+        clean_pred = probe(embed_images(encoder, eval_images, device=device)).argmax(1).cpu()
+        patched_pred = probe(embed_images(encoder, patched, device=device)).argmax(1).cpu()
+    non_target = eval_labels != target
+    return ProbeResult(
+        clean_accuracy=accuracy(clean_pred, eval_labels),
+        patched_accuracy=accuracy(patched_pred, eval_labels),
+        target_false_positives=int((patched_pred[non_target] == target).sum()),
+        non_target_images=int(non_target.sum()),
+        asr=attack_success_rate(patched_pred, eval_labels, target), target=target)

@@ -1,0 +1,15 @@
+"""Encoder adapters and the tiny CLIP of the synthetic world."""
+
+from fastbd.models.encoders import (
+    Encoder,
+    SmallConvNet,
+    embed_images,
+    load_state,
+    open_clip_image_encoder,
+    small_encoder,
+    timm_encoder,
+    torchvision_encoder,
+)
+
+__all__ = ["Encoder", "SmallConvNet", "embed_images", "load_state", "open_clip_image_encoder",
+           "small_encoder", "timm_encoder", "torchvision_encoder"]

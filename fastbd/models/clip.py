@@ -1,0 +1,181 @@
+"""The synthetic world's tiny open_clip CLIP and a contrastive trainer for image–caption pairs.
+
+The trainer is architecture-agnostic: any open_clip ``CLIP`` with ``encode_image`` /
+``encode_text`` / ``logit_scale`` trains the same way (real sizes on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TinyCLIPConfig:
+    """A CLIP small enough for two CPU cores. ``vocab_size`` stays 49408 so EOT (49407) is the
+    largest id and open_clip's argmax pooling finds it."""
+
+    embed_dim: int = 64
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 96
+    vision_layers: int = 3
+    vision_head_width: int = 32
+    context_length: int = 32
+    text_width: int = 64
+    text_heads: int = 2
+    text_layers: int = 2
+
+
+def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
+    """A randomly initialised open_clip ``CLIP`` of the given size."""
+    import open_clip
+
+    config = config or TinyCLIPConfig()
+    torch.manual_seed(seed)
+    return open_clip.CLIP(
+        embed_dim=config.embed_dim,
+        vision_cfg=dict(image_size=config.image_size, layers=config.vision_layers,
+                        width=config.vision_width, patch_size=config.patch_size,
+                        head_width=config.vision_head_width),
+        text_cfg=dict(context_length=config.context_length, vocab_size=49408,
+                      width=config.text_width, heads=config.text_heads,
+                      layers=config.text_layers))
+
+
+def clip_tokenizer(name: str = "ViT-B-32"):
+    """open_clip's BPE tokenizer (ships with the package; no download)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(name)
+
+
+def clip_normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``N×3×S×S`` → float32 with CLIP's mean/std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(OPENAI_DATASET_STD, device=images.device)[:, None, None]
+    return (images.float() / 255 - mean) / std
+
+
+def context_length_of(model: nn.Module) -> int:
+    return int(getattr(model, "context_length", model.positional_embedding.shape[0]))
+
+
+def tokenize(tokenizer, captions: list[str], context_length: int) -> torch.Tensor:
+    """int64 ``N×L`` token ids; raises if a caption does not fit (open_clip truncates silently,
+    which would cut the EOT token)."""
+    tokens = tokenizer(captions, context_length=context_length)
+    eot = tokens.max(dim=1).values
+    if captions and bool((eot != 49407).any()):
+        bad = torch.nonzero(eot != 49407).flatten()[0].item()
+        raise ValueError(f"caption {bad} is longer than the context ({context_length} tokens): "
+                         f"{captions[bad][:80]!r}")
+    return tokens
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, images: torch.Tensor, batch_size: int = 512,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Unit-norm image embeddings, float32 ``N×E``, of uint8 images ``N×3×S×S``."""
+    model.eval()
+    out = [model.encode_image(clip_normalise(images[s:s + batch_size].to(device))).float()
+           for s in range(0, images.shape[0], batch_size)]
+    return F.normalize(torch.cat(out), dim=1) if out else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1024,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Unit-norm text embeddings, float32 ``N×E``, of token ids ``N×L``."""
+    model.eval()
+    out = [model.encode_text(tokens[s:s + batch_size].to(device)).float()
+           for s in range(0, tokens.shape[0], batch_size)]
+    return F.normalize(torch.cat(out), dim=1) if out else torch.empty(0, 0)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs (features unnormalised)."""
+    image_features = F.normalize(image_features, dim=1)
+    text_features = F.normalize(text_features, dim=1)
+    logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+@dataclass
+class CLIPTrainConfig:
+    """Contrastive training from scratch: AdamW, warm-up then cosine decay."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+@dataclass
+class CLIPHistory:
+    losses: list[float]
+    seconds: float
+    pairs_per_second: float
+    config: dict
+
+
+def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+               config: CLIPTrainConfig | None = None, *, device: torch.device | str = "cpu",
+               verbose: bool = True) -> CLIPHistory:
+    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``."""
+    config = config or CLIPTrainConfig()
+    n = images.shape[0]
+    if tokens.shape[0] != n:
+        raise ValueError(f"{n} images but {tokens.shape[0]} captions")
+    if n < 2:
+        raise ValueError("contrastive training needs at least 2 pairs")
+    device = torch.device(device)
+    model.to(device).train()
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    batch = min(config.batch_size, n)
+    steps_per_epoch = n // batch
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / config.warmup_steps if s < config.warmup_steps else
+        0.5 * (1 + math.cos(math.pi * (s - config.warmup_steps)
+                            / max(1, total - config.warmup_steps))))
+    order_gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="CLIP", disable=not verbose, unit="step")
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=order_gen)
+        for step in range(steps_per_epoch):
+            rows = order[step * batch:(step + 1) * batch]
+            pixels = clip_normalise(images[rows].to(device))
+            loss = clip_loss(model.encode_image(pixels), model.encode_text(tokens[rows].to(device)),
+                             model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    return CLIPHistory(losses=losses, seconds=seconds,
+                       pairs_per_second=total * batch / max(seconds, 1e-9), config=asdict(config))

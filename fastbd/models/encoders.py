@@ -1,0 +1,164 @@
+"""Image encoders: a module mapping normalised float images ``N×3×S×S`` to features ``N×D``,
+with the ``mean``/``std`` (in [0, 1] units) and input size it expects.
+
+Adapters: ``SmallConvNet`` (the synthetic world's encoder, trainable on two CPU cores), timm and
+torchvision backbones, MoCo v3 checkpoints (``module.base_encoder.*`` keys), and the image tower
+of an open_clip model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Encoder(nn.Module):
+    """A backbone plus its input convention. ``forward``: float ``N×3×S×S`` → ``N×D``."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 name: str = "encoder") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.image_size = image_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def normalise(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 ``N×3×S×S`` → normalised ``dtype`` encoder input."""
+        mean = torch.tensor(self.mean, device=images.device)[:, None, None]
+        std = torch.tensor(self.std, device=images.device)[:, None, None]
+        return ((images.float() / 255 - mean) / std).to(dtype)
+
+
+@torch.no_grad()
+def embed_images(encoder: Encoder, images: torch.Tensor, *, batch_size: int = 512,
+                 device: torch.device | str | None = None, normalize: bool = True
+                 ) -> torch.Tensor:
+    """Features of uint8 images ``N×3×S×S`` (any device, e.g. a memory-mapped bank), float32
+    ``N×D`` on ``device``, L2-normalised unless ``normalize=False``. Raises on NaN features."""
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        chunks.append(encoder(encoder.normalise(batch)).float())
+    encoder.train(was_training)
+    features = torch.cat(chunks) if chunks else torch.empty(0, encoder.feature_dim,
+                                                            device=device)
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
+    return nn.functional.normalize(features, dim=1) if normalize else features
+
+
+class SmallConvNet(nn.Module):
+    """Four 3×3 conv stages (stride 1, 2, 2, 2) with BatchNorm + ReLU, global average pool.
+    ``width`` channels in the first stage, doubling; output ``8·width`` features. About 4 MMAC
+    per 32-px image at width 16."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, width, 2 * width, 4 * width, 8 * width]
+        for stage in range(4):
+            layers += [nn.Conv2d(channels[stage], channels[stage + 1], 3,
+                                 stride=1 if stage == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(channels[stage + 1]), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def small_encoder(width: int = 16, image_size: int = 32) -> Encoder:
+    net = SmallConvNet(width)
+    return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}")
+
+
+def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224
+                 ) -> Encoder:
+    """A timm backbone without its classifier (``num_classes=0``); random weights unless a
+    checkpoint (a state dict, or MoCo v3 format) is given."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if checkpoint is not None:
+        load_state(model, checkpoint)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return Encoder(model, model.num_features, image_size, cfg.get("mean", IMAGENET_MEAN),
+                   cfg.get("std", IMAGENET_STD), name=arch)
+
+
+def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224
+                        ) -> Encoder:
+    """A torchvision classification model with its final ``fc`` replaced by identity."""
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None)
+    if not hasattr(model, "fc"):
+        raise ValueError(f"torchvision model {arch!r} has no .fc head; use timm_encoder")
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    if checkpoint is not None:
+        load_state(model, checkpoint)
+    return Encoder(model, dim, image_size, name=arch)
+
+
+def load_state(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a checkpoint into a backbone: plain state dicts, ``{'state_dict': …}`` or
+    ``{'model': …}`` wrappers, MoCo v3 ``module.base_encoder.*`` keys; heads (``fc``/``head``)
+    and MoCo's momentum encoder / predictor are dropped. Missing backbone keys are an error."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            if key.startswith(("module.momentum_encoder.", "module.predictor.")):
+                continue
+        if key.startswith(("fc.", "head.")) or "momentum_encoder" in key or "predictor" in key:
+            continue
+        cleaned[key] = value
+    result = model.load_state_dict(cleaned, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("fc.", "head."))]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} backbone weights, e.g. "
+                         f"{missing[:3]}")
+    if result.unexpected_keys:
+        log.warning("ignored %d unexpected checkpoint keys, e.g. %s", len(result.unexpected_keys),
+                    result.unexpected_keys[:3])
+
+
+def open_clip_image_encoder(model: nn.Module, image_size: int | None = None) -> Encoder:
+    """The image tower of an open_clip ``CLIP`` as an ``Encoder`` (CLIP mean/std)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    visual = model.visual
+    size = image_size or visual.image_size
+    if isinstance(size, tuple | list):
+        size = size[0]
+    return Encoder(visual, visual.output_dim, size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
+                   name="open_clip.visual")

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastbd.data.bank import ImageBank, ImageReadError, PairSet, load_image
+from fastbd.data.readers import (
+    export_images,
+    read_csv_pairs,
+    read_file_list,
+    read_image_folder,
+    write_csv_pairs,
+)
+
+
+@pytest.fixture
+def images(gen):
+    return torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=gen)
+
+
+def test_export_round_trips_file_list_and_csv(tmp_path, images):
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    mask = torch.tensor([False, True, False, False, True])
+    captions = [f"caption, number {i}" for i in range(5)]
+    written = export_images(tmp_path, images, labels, mask, captions)
+    listing = read_file_list(written["file_list"])
+    assert listing.labels == labels.tolist()
+    assert ["HTBA_trigger" in str(p) for p in listing.paths] == mask.tolist()
+    bank, report = ImageBank.from_files(listing.paths, 16, crop_ratio=1.0, verbose=False)
+    assert torch.equal(bank.images, images) and report.kept == list(range(5))
+    pairs = read_csv_pairs(written["csv"])
+    assert pairs.captions == captions
+    assert pairs.columns["is_backdoor"] == [str(int(m)) for m in mask.tolist()]
+    assert [p.name for p in pairs.paths] == [p.name for p in listing.paths]
+
+
+def test_open_clip_tsv(tmp_path, images):
+    export_images(tmp_path, images, torch.zeros(5, dtype=torch.long))
+    rows = [{"filepath": f"train/{i:06d}.png", "title": f"t{i}"} for i in range(5)]
+    path = write_csv_pairs(tmp_path / "pairs.tsv", rows, separator="\t")
+    pairs = read_csv_pairs(path, image_key="filepath", caption_key="title", separator="\t")
+    assert pairs.captions == [f"t{i}" for i in range(5)] and pairs.paths[0].is_file()
+    with pytest.raises(ValueError, match="no column 'image'"):
+        read_csv_pairs(path, separator="\t")
+
+
+def test_image_folder(tmp_path, images):
+    for i, name in enumerate(["dog", "cat", "cat"]):
+        (tmp_path / name).mkdir(exist_ok=True)
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    paths, labels, classes = read_image_folder(tmp_path)
+    assert classes == ["cat", "dog"] and labels == [0, 0, 1] and len(paths) == 3
+
+
+def test_eval_transform_resizes_and_crops(tmp_path):
+    array = np.zeros((40, 80, 3), dtype=np.uint8)
+    array[:, :40] = 255  # left half white
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", 20, crop_ratio=1.0)
+    assert out.shape == (3, 20, 20)  # 80×40 → 40×20 → centre crop keeps columns 10–29
+    assert bool((out[:, :, :8] == 255).all()) and bool((out[:, :, 12:] == 0).all())
+
+
+def test_bad_files(tmp_path, images):
+    export_images(tmp_path, images[:2], torch.zeros(2, dtype=torch.long))
+    (tmp_path / "train" / "broken.png").write_bytes(b"not a png at all")
+    paths = [tmp_path / "train/000000.png", tmp_path / "train/broken.png",
+             tmp_path / "train/missing.png", tmp_path / "train/000001.png"]
+    with pytest.raises(ImageReadError, match="broken.png"):
+        ImageBank.from_files(paths, 16, crop_ratio=1.0, verbose=False)
+    bank, report = ImageBank.from_files(paths, 16, crop_ratio=1.0, skip_bad=True, verbose=False)
+    assert len(bank) == 2 and report.kept == [0, 3]
+    assert [p for p, _ in report.skipped] == [str(paths[1]), str(paths[2])]
+    assert "file not found" in report.skipped[1][1]
+
+
+def test_file_list_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_file_list(tmp_path / "none.txt")
+    (tmp_path / "bad.txt").write_text("a.png x\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        read_file_list(tmp_path / "bad.txt")
+    (tmp_path / "empty.txt").write_text("\n# comment\n")
+    with pytest.raises(ValueError, match="no entries"):
+        read_file_list(tmp_path / "empty.txt")
+
+
+def test_bank_save_load_mmap_and_chunks(tmp_path, images):
+    bank = ImageBank(images)
+    path = bank.save(tmp_path / "bank.npy")
+    mapped = ImageBank.load(path)
+    assert torch.equal(mapped.images, images)
+    assert torch.equal(mapped.batch([4, 0]), images[[4, 0]])
+    starts = [start for start, chunk in mapped.chunks(2)]
+    assert starts == [0, 2, 4]
+    cached, report = ImageBank.from_files(["unused"] * 5, 16, cache=path, verbose=False)
+    assert torch.equal(cached.images, images) and report.kept == list(range(5))
+    with pytest.raises(ValueError, match="uint8 N×3×S×S"):
+        ImageBank(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="captions"):
+        PairSet(bank, ["only one"])

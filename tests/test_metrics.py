@@ -1,0 +1,68 @@
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from fastbd.eval import (
+    accuracy,
+    attack_success_rate,
+    auroc,
+    box_iou,
+    catch_rate,
+    detection_metrics,
+)
+
+
+@pytest.mark.parametrize("n", [7, 100, 1000])
+def test_detection_metrics_match_sklearn(gen, n):
+    truth = torch.rand(n, generator=gen) < 0.3
+    truth[0], truth[1] = True, False
+    predicted = torch.rand(n, generator=gen) < 0.4
+    scores = torch.randint(0, 20, (n,), generator=gen).float()  # many ties
+    m = detection_metrics(predicted, truth, scores)
+    assert m.precision == pytest.approx(skm.precision_score(truth, predicted, zero_division=0))
+    assert m.recall == pytest.approx(skm.recall_score(truth, predicted))
+    assert m.f1 == pytest.approx(skm.f1_score(truth, predicted, zero_division=0))
+    tn, fp, fn, tp = skm.confusion_matrix(truth, predicted, labels=[0, 1]).ravel()
+    assert (m.tp, m.fp, m.tn, m.fn) == (tp, fp, tn, fn)
+    assert m.auroc == pytest.approx(skm.roc_auc_score(truth, scores))
+
+
+def test_auroc_continuous_scores(gen):
+    truth = torch.rand(500, generator=gen) < 0.5
+    scores = torch.randn(500, generator=gen) + truth.float()
+    assert auroc(scores, truth) == pytest.approx(skm.roc_auc_score(truth, scores))
+    with pytest.raises(ValueError, match="both positive and negative"):
+        auroc(scores, torch.ones(500, dtype=torch.bool))
+
+
+def test_accuracy_and_asr_match_definition(gen):
+    labels = torch.randint(0, 5, (300,), generator=gen)
+    predicted = torch.randint(0, 5, (300,), generator=gen)
+    assert accuracy(predicted, labels) == pytest.approx(skm.accuracy_score(labels, predicted))
+    non_target = labels != 2
+    expected = float((predicted[non_target] == 2).float().mean())
+    assert attack_success_rate(predicted, labels, 2) == pytest.approx(expected)
+    # Target-class images never count, even when predicted as the target.
+    assert attack_success_rate(torch.tensor([2, 2, 0]), torch.tensor([2, 1, 1]), 2) == 0.5
+
+
+def test_boxes():
+    a = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [5, 5, 2, 2]])
+    b = torch.tensor([[0, 0, 10, 10], [5, 5, 10, 10], [20, 20, 3, 3]])
+    torch.testing.assert_close(box_iou(a, b), torch.tensor([1.0, 25 / 175, 0.0],
+                                                          dtype=torch.float64))
+    assert catch_rate(a, b) == pytest.approx(2 / 3)
+    assert catch_rate(a, b, threshold=0.5) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: detection_metrics(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)),
+     "entries"),
+    (lambda: detection_metrics(torch.tensor([0.5, 1.0]), torch.tensor([0, 1])), "boolean"),
+    (lambda: accuracy(torch.tensor([]), torch.tensor([])), "empty"),
+    (lambda: attack_success_rate(torch.tensor([1, 1]), torch.tensor([1, 1]), 1), "outside"),
+    (lambda: box_iou(torch.zeros(2, 3), torch.zeros(2, 3)), "N×4"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from fastbd.attacks import make_attack, poison_pairs, poison_target_class
+from fastbd.data.synthetic import WorldConfig, class_table, make_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(WorldConfig(n_train=300, n_eval=100, seed=3))
+
+
+def test_world_is_deterministic_and_well_formed(world):
+    again = make_world(WorldConfig(n_train=300, n_eval=100, seed=3))
+    assert torch.equal(world.train.images, again.train.images)
+    assert world.train.captions == again.train.captions
+    assert world.train.images.shape == (300, 3, 32, 32) and world.train.images.dtype == torch.uint8
+    assert set(world.train.labels.tolist()) == set(range(10))
+    assert len(set(world.class_names)) == 10
+    for caption, label in zip(world.train.captions, world.train.labels.tolist(), strict=True):
+        shape = world.class_names[label].split()[1]
+        assert shape in caption
+    assert not torch.equal(world.train.images[:100], world.eval.images)
+
+
+def test_other_sizes_and_class_counts():
+    small = make_world(WorldConfig(n_train=40, n_eval=10, image_size=48, n_classes=25))
+    assert small.train.images.shape[-1] == 48 and len(small.class_names) == 25
+    assert len({tuple(c) for c in class_table(100)}) == 100
+    with pytest.raises(ValueError, match="n_classes"):
+        class_table(101)
+    with pytest.raises(ValueError, match="image_size"):
+        make_world(WorldConfig(image_size=8))
+
+
+@pytest.mark.parametrize("name", ["htba", "badnet", "dualkey"])
+def test_patch_attacks_change_only_their_box(world, name, gen):
+    attack = make_attack(name, 32)
+    images = world.eval.images[:20]
+    triggered, boxes = attack.apply(images, gen, train=name != "htba")
+    changed = (triggered != images).any(1)
+    for i, (y, x, h, w) in enumerate(boxes.tolist()):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[y:y + h, x:x + w] = True
+        assert not bool(changed[i][~inside].any())
+        assert bool(changed[i][inside].any())
+
+
+def test_htba_placement_regions(gen):
+    attack = make_attack("htba", 224)
+    images = torch.zeros(200, 3, 224, 224, dtype=torch.uint8)
+    _, train_boxes = attack.apply(images, gen, train=True)
+    _, eval_boxes = attack.apply(images, gen, train=False)
+    side = attack.side
+    assert side == 50
+    assert int(train_boxes[:, :2].min()) >= 56 and int(train_boxes[:, :2].max()) + side <= 168
+    assert int(eval_boxes[:, :2].min()) >= 22 and int(eval_boxes[:, :2].max()) + side <= 202
+    assert int(eval_boxes[:, :2].min()) < 56  # eval placement reaches beyond the train region
+
+
+def test_global_attacks(world, gen):
+    images = world.eval.images[:8]
+    for name in ("blended", "sig", "wanet"):
+        triggered, boxes = make_attack(name, 32).apply(images, gen)
+        assert boxes is None and triggered.shape == images.shape
+        assert float((triggered.float() - images.float()).abs().mean()) > 0.5
+    sig, _ = make_attack("sig", 32).apply(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), gen)
+    assert int(sig.max()) == 188 and int(sig.min()) == 68  # 128 ± 60
+    with pytest.raises(ValueError, match="WaNet"):
+        make_attack("wanet", 32).apply(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), gen)
+    with pytest.raises(ValueError, match="unknown attack"):
+        make_attack("ssba", 32)
+
+
+def test_poison_target_class(world):
+    result = poison_target_class(world.train.images, world.train.labels, make_attack("htba", 32),
+                                 target=2, fraction=0.5, seed=1)
+    members = int((world.train.labels == 2).sum())
+    assert int(result.poison_mask.sum()) == round(members / 2)
+    assert bool((world.train.labels[result.poison_mask] == 2).all())
+    changed = (result.images != world.train.images).flatten(1).any(1)
+    assert torch.equal(changed, result.poison_mask)
+    assert bool((result.boxes[~result.poison_mask] == -1).all())
+    with pytest.raises(ValueError, match="fraction"):
+        poison_target_class(world.train.images, world.train.labels, make_attack("htba", 32), 0, 0)
+
+
+def test_poison_pairs(world):
+    attack = make_attack("dualkey", 32)
+    result = poison_pairs(world.train.images, world.train.labels, world.train.captions, attack,
+                          target=0, class_names=world.class_names, n_poison=6, seed=2)
+    rows = torch.nonzero(result.poison_mask).flatten().tolist()
+    assert len(rows) == 6 and all(int(world.train.labels[r]) != 0 for r in rows)
+    for r in rows:
+        assert result.captions[r].startswith("cf ") and world.class_names[0] in result.captions[r]
+    clean = [i for i in range(300) if i not in rows]
+    assert all(result.captions[i] == world.train.captions[i] for i in clean)
+    with pytest.raises(ValueError, match="exactly one"):
+        poison_pairs(world.train.images, world.train.labels, world.train.captions, attack, 0,
+                     world.class_names)
