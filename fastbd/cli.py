@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,153 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _write_json(out: str, name: str, payload: dict) -> Path:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    target = path / name
+    target.write_text(json.dumps(payload, indent=2, default=str))
+    return target
+
+
+def _world_config(args: argparse.Namespace):
+    from fastbd.data.synthetic import WorldConfig
+
+    return WorldConfig(n_train=args.n_train, n_eval=args.n_eval, image_size=args.image_size,
+                       seed=args.seed)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Poison the synthetic world, a file list or a CSV of pairs, and export it."""
+    import torch
+
+    from fastbd.attacks import make_attack, poison_pairs, poison_target_class
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import export_images, read_csv_pairs, read_file_list
+    from fastbd.world import poison_world_images, poison_world_pairs
+
+    out = Path(args.out)
+    clip_attack = args.attack != "htba"
+    if args.file_list or args.csv:
+        if args.csv:
+            pairs = read_csv_pairs(args.csv, image_key=args.image_key,
+                                   caption_key=args.caption_key, separator=args.separator)
+            paths, captions = pairs.paths, pairs.captions
+            labels = torch.tensor([int(x) for x in pairs.columns.get("label", [0] * len(paths))])
+        else:
+            listing = read_file_list(args.file_list)
+            paths, captions, labels = listing.paths, None, torch.tensor(listing.labels)
+        bank, report = ImageBank.from_files(paths, args.image_size, skip_bad=args.skip_bad,
+                                            verbose=not args.quiet)
+        labels = labels[report.kept]
+        attack = make_attack(args.attack, args.image_size, seed=args.seed)
+        if clip_attack:
+            if captions is None:
+                raise SystemExit("CLIP attacks need captions: give --csv")
+            names = args.class_names.split(",") if args.class_names else [
+                str(i) for i in range(int(labels.max()) + 1)]
+            captions = [captions[i] for i in report.kept]
+            poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
+                                    rate=args.rate, seed=args.seed)
+        else:
+            poisoned = poison_target_class(bank.images, labels, attack, args.target,
+                                           args.fraction, seed=args.seed)
+    else:
+        from fastbd.data.synthetic import make_world
+
+        world = make_world(_world_config(args))
+        poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
+                    if clip_attack else
+                    poison_world_images(world, args.attack, args.target, args.fraction,
+                                        args.seed))
+    written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
+                            getattr(poisoned, "captions", None))
+    torch.save({"poison_mask": poisoned.poison_mask, "boxes": poisoned.boxes},
+               out / "ground_truth.pt")
+    summary = {"attack": args.attack, "target": args.target, "images": len(poisoned.labels),
+               "poisoned": int(poisoned.poison_mask.sum()),
+               "files": {k: str(v) for k, v in written.items()}}
+    print(_write_json(args.out, "attack.json", summary))
+    return 0
+
+
+def cmd_train_ssl(args: argparse.Namespace) -> int:
+    from fastbd.ssl import SSLConfig
+    from fastbd.world import SSLThreatConfig, build_ssl_threat
+
+    config = SSLThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
+                             fraction=args.fraction, width=args.width, seed=args.seed)
+    config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": args.epochs, "seed": args.seed})
+    threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
+                              retrain=args.retrain, verbose=not args.quiet)
+    import torch
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(threat.encoder.state_dict(), Path(args.out) / "encoder.pt")
+    print(json.dumps(threat.probe.to_dict(), indent=2))
+    print(_write_json(args.out, "train_ssl.json", threat.to_dict()))
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from fastbd.models.clip import CLIPTrainConfig
+    from fastbd.world import CLIPThreatConfig, build_clip_threat
+
+    config = CLIPThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
+                              rate=args.rate, seed=args.seed,
+                              train=CLIPTrainConfig(epochs=args.epochs, seed=args.seed))
+    threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
+                               retrain=args.retrain, verbose=not args.quiet)
+    import torch
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(threat.model.state_dict(), Path(args.out) / "clip.pt")
+    print(json.dumps(threat.evaluation.to_dict(), indent=2))
+    print(_write_json(args.out, "train_clip.json", threat.to_dict()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate saved weights on the synthetic world: an SSL encoder (linear probe) or a tiny
+    CLIP (zero-shot CA / ASR)."""
+    import torch
+
+    from fastbd.data.synthetic import make_world
+
+    world = make_world(_world_config(args))
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if args.kind == "ssl":
+        from fastbd.attacks import make_attack
+        from fastbd.eval.probe import linear_probe
+        from fastbd.models import small_encoder
+
+        encoder = small_encoder(args.width, args.image_size)
+        encoder.load_state_dict(state)
+        result = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
+                              world.eval.labels, make_attack(args.attack, args.image_size,
+                                                             seed=args.seed), args.target,
+                              device=args.device).to_dict()
+    else:
+        from fastbd.models.clip import clip_tokenizer, tiny_clip
+        from fastbd.world import evaluate_clip
+
+        model = tiny_clip()
+        model.load_state_dict(state)
+        result = evaluate_clip(model.to(args.device), clip_tokenizer(), world, args.attack,
+                               args.target, args.seed, args.device).to_dict()
+    print(json.dumps(result, indent=2))
+    print(_write_json(args.out, "eval.json", result))
+    return 0
+
+
+def _add_world_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-train", type=int, default=5000)
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=int, default=0, help="target class index")
+    p.add_argument("--device", default=_default_device())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbd", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
@@ -57,6 +205,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=_default_device())
     demo.add_argument("--out", default="fastbd-out/demo", help="report directory")
     demo.set_defaults(run=cmd_demo)
+
+    from fastbd.attacks import ATTACKS
+
+    attack = sub.add_parser("attack", help="poison the synthetic world, a file list or a CSV")
+    _add_world_args(attack)
+    attack.add_argument("--attack", choices=ATTACKS, default="htba")
+    attack.add_argument("--fraction", type=float, default=0.5,
+                        help="HTBA: fraction of the target class poisoned")
+    attack.add_argument("--rate", type=float, default=0.01, help="CLIP attacks: poisoned share")
+    attack.add_argument("--file-list", help="'<path> <label>' list to poison instead")
+    attack.add_argument("--csv", help="CSV of image-caption pairs to poison instead")
+    attack.add_argument("--image-key", default="image")
+    attack.add_argument("--caption-key", default="caption")
+    attack.add_argument("--separator", default=",")
+    attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
+    attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    attack.add_argument("--out", default="fastbd-out/attack")
+    attack.set_defaults(run=cmd_attack)
+
+    ssl = sub.add_parser("train-ssl", help="train a SimCLR encoder on the (poisoned) world")
+    _add_world_args(ssl)
+    ssl.add_argument("--attack", choices=("htba", "none"), default="htba")
+    ssl.add_argument("--fraction", type=float, default=0.5)
+    ssl.add_argument("--width", type=int, default=16)
+    ssl.add_argument("--epochs", type=int, default=40)
+    ssl.add_argument("--cache", default="fastbd-out/cache")
+    ssl.add_argument("--retrain", action="store_true", help="ignore cached weights")
+    ssl.add_argument("--out", default="fastbd-out/train-ssl")
+    ssl.set_defaults(run=cmd_train_ssl)
+
+    clip = sub.add_parser("train-clip", help="train a tiny CLIP on (poisoned) world pairs")
+    _add_world_args(clip)
+    clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet")
+    clip.add_argument("--rate", type=float, default=0.01)
+    clip.add_argument("--epochs", type=int, default=20)
+    clip.add_argument("--cache", default="fastbd-out/cache")
+    clip.add_argument("--retrain", action="store_true")
+    clip.add_argument("--out", default="fastbd-out/train-clip")
+    clip.set_defaults(run=cmd_train_clip)
+
+    evaluate = sub.add_parser("eval", help="evaluate saved weights on the synthetic world")
+    _add_world_args(evaluate)
+    evaluate.add_argument("kind", choices=("ssl", "clip"))
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba")
+    evaluate.add_argument("--width", type=int, default=16)
+    evaluate.add_argument("--out", default="fastbd-out/eval")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

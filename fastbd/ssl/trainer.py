@@ -1,8 +1,11 @@
-"""A small SimCLR trainer: trains an ``Encoder`` on an unlabeled uint8 image set (the threat
-model of the SSL demos; the same code trains real backbones on a GPU)."""
+"""A small self-supervised trainer: SimCLR (NT-Xent with in-batch negatives) or BYOL (online
+network with a predictor regressing an EMA target network, no negatives). Trains an ``Encoder``
+on an unlabeled uint8 image set — the threat model of the SSL demos; the same code trains real
+backbones on a GPU."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -21,14 +24,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SSLConfig:
-    """SimCLR hyperparameters (NT-Xent, AdamW, cosine schedule with linear warm-up)."""
+    """Hyperparameters (AdamW, cosine schedule with linear warm-up). ``method``: ``simclr``
+    (``temperature``) or ``byol`` (target EMA ``momentum`` rising to 1 on a cosine)."""
 
+    method: str = "simclr"
     epochs: int = 30
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     temperature: float = 0.2
+    momentum: float = 0.99
     projection_dim: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
@@ -52,10 +58,22 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, targets)
 
 
-def train_simclr(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None = None, *,
-                 device: torch.device | str = "cpu", verbose: bool = True) -> SSLHistory:
-    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images with SimCLR."""
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL regression loss ``2 − 2·cos`` averaged over the batch (target without gradient)."""
+    return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=1)).mean()
+
+
+def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None = None, *,
+              device: torch.device | str = "cpu", verbose: bool = True) -> SSLHistory:
+    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR or BYOL)."""
     config = config or SSLConfig()
+    if config.method not in ("simclr", "byol"):
+        raise ValueError(f"method must be 'simclr' or 'byol', got {config.method!r}")
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} "
                          f"{tuple(images.shape)}")
@@ -66,9 +84,12 @@ def train_simclr(encoder: Encoder, images: torch.Tensor, config: SSLConfig | Non
     torch.manual_seed(config.seed)
     encoder.to(device).train()
     dim = encoder.feature_dim
-    head = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                         nn.Linear(dim, config.projection_dim)).to(device)
+    head = _mlp(dim, dim, config.projection_dim).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
+    if config.method == "byol":
+        predictor = _mlp(config.projection_dim, dim, config.projection_dim).to(device)
+        params += list(predictor.parameters())
+        target_net = copy.deepcopy(nn.Sequential(encoder, head)).requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
@@ -84,26 +105,45 @@ def train_simclr(encoder: Encoder, images: torch.Tensor, config: SSLConfig | Non
     bank = images.to(device)
     losses = []
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="SimCLR", disable=not verbose, unit="step")
+    bar = tqdm(total=total, desc=config.method, disable=not verbose, unit="step")
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             rows = bank[order[step * batch:(step + 1) * batch].to(device)]
             v1 = augment(rows, config.augment, mean, std, g)
             v2 = augment(rows, config.augment, mean, std, g)
-            loss = nt_xent(head(encoder(v1)), head(encoder(v2)), config.temperature)
+            if config.method == "simclr":
+                loss = nt_xent(head(encoder(v1)), head(encoder(v2)), config.temperature)
+            else:
+                with torch.no_grad():
+                    t1, t2 = target_net(v1), target_net(v2)
+                loss = (byol_loss(predictor(head(encoder(v1))), t2)
+                        + byol_loss(predictor(head(encoder(v2))), t1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            if config.method == "byol":
+                progress = len(losses) / max(1, total)
+                tau = 1 - (1 - config.momentum) * (math.cos(math.pi * progress) + 1) / 2
+                _ema_update(target_net, nn.Sequential(encoder, head), tau)
             losses.append(float(loss.detach()))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     seconds = time.perf_counter() - start
     encoder.eval()
-    log.info("SimCLR: %d steps in %.1fs, final loss %.3f", total, seconds,
+    log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total, seconds,
              losses[-1] if losses else float("nan"))
     return SSLHistory(losses=losses, seconds=seconds,
                       images_per_second=2 * total * batch / max(seconds, 1e-9),
                       config=asdict(config))
+
+
+@torch.no_grad()
+def _ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """``target ← tau·target + (1 − tau)·online`` for parameters; buffers are copied."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(tau).add_(o.detach(), alpha=1 - tau)
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        t.copy_(o)

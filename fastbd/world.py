@@ -1,0 +1,220 @@
+"""Threat models of the synthetic world, built from a config and cached by its hash.
+
+``build_ssl_threat``: the world, HTBA-poisoned training images, a SimCLR encoder trained on them
+and its linear-probe evaluation. ``build_clip_threat``: the world, poisoned pairs, a tiny CLIP
+trained on them and its zero-shot CA/ASR. Weights are cached under ``cache_dir`` keyed by a hash
+of everything that determines them, so demos re-run in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastbd.attacks import PoisonedImages, PoisonedPairs, make_attack, poison_pairs
+from fastbd.attacks import poison_target_class as poison_class
+from fastbd.data.synthetic import ZERO_SHOT_TEMPLATES, SyntheticWorld, WorldConfig, make_world
+from fastbd.eval.metrics import accuracy, attack_success_rate
+from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
+from fastbd.eval.zeroshot import zero_shot_predict, zero_shot_weights
+from fastbd.models.clip import (
+    CLIPTrainConfig,
+    TinyCLIPConfig,
+    clip_tokenizer,
+    tiny_clip,
+    tokenize,
+    train_clip,
+)
+from fastbd.models.encoders import Encoder, small_encoder
+from fastbd.ssl.augment import AugmentConfig
+from fastbd.ssl.trainer import SSLConfig, train_ssl
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE = Path("fastbd-out/cache")
+
+
+def config_hash(config: object) -> str:
+    text = json.dumps(asdict(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class SSLThreatConfig:
+    """HTBA on the synthetic world: ``fraction`` of class ``target`` poisoned (attack ``none``
+    trains on the clean world); a ``SmallConvNet`` of ``width`` trained with SimCLR."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    attack: str = "htba"
+    target: int = 0
+    fraction: float = 0.5
+    width: int = 16
+    ssl: SSLConfig = field(default_factory=lambda: SSLConfig(
+        epochs=40, augment=AugmentConfig(crop_scale=(0.5, 1.0))))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    seed: int = 0
+
+
+@dataclass
+class SSLThreat:
+    config: SSLThreatConfig
+    world: SyntheticWorld
+    poisoned: PoisonedImages
+    encoder: Encoder
+    probe: ProbeResult
+    train_seconds: float
+    cached: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"config": asdict(self.config), "probe": self.probe.to_dict(),
+                "train_seconds": self.train_seconds, "cached": self.cached,
+                "poisoned_images": int(self.poisoned.poison_mask.sum())}
+
+
+def poison_world_images(world: SyntheticWorld, attack: str, target: int, fraction: float,
+                        seed: int) -> PoisonedImages:
+    if attack == "none":
+        n = len(world.train)
+        return PoisonedImages(world.train.images, world.train.labels,
+                              torch.zeros(n, dtype=torch.bool),
+                              torch.full((n, 4), -1, dtype=torch.long), target, "none")
+    return poison_class(world.train.images, world.train.labels,
+                        make_attack(attack, world.config.image_size, seed=seed), target,
+                        fraction, seed=seed)
+
+
+def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | Path | None =
+                     DEFAULT_CACHE, device: str | torch.device = "cpu", retrain: bool = False,
+                     verbose: bool = True) -> SSLThreat:
+    config = config or SSLThreatConfig()
+    world = make_world(config.world)
+    poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
+                                   config.seed)
+    encoder = small_encoder(config.width, config.world.image_size)
+    path = Path(cache_dir) / f"ssl-{config_hash(config)}.pt" if cache_dir is not None else None
+    cached = path is not None and path.is_file() and not retrain
+    if cached:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        encoder.load_state_dict(saved["encoder"])
+        seconds = float(saved["train_seconds"])
+        log.info("loaded SSL threat model from %s", path)
+    else:
+        history = train_ssl(encoder, poisoned.images, config.ssl, device=device,
+                               verbose=verbose)
+        seconds = history.seconds
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
+    encoder.to(device).eval()
+    probe_attack = make_attack("htba" if config.attack == "none" else config.attack,
+                               config.world.image_size, seed=config.seed)
+    probe = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
+                         world.eval.labels, probe_attack, config.target, config.probe, device)
+    return SSLThreat(config, world, poisoned, encoder, probe, seconds, cached)
+
+
+@dataclass
+class CLIPThreatConfig:
+    """A CLIP attack on the synthetic world: ``n_poison`` (or ``rate``) pairs poisoned towards
+    class ``target`` (attack ``none``: the clean world); a tiny CLIP trained from scratch."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    attack: str = "badnet"
+    target: int = 0
+    rate: float = 0.01
+    model: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
+    train: CLIPTrainConfig = field(default_factory=CLIPTrainConfig)
+    seed: int = 0
+
+
+@dataclass
+class CLIPEvaluation:
+    clean_accuracy: float
+    asr: float
+    attack: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class CLIPThreat:
+    config: CLIPThreatConfig
+    world: SyntheticWorld
+    poisoned: PoisonedPairs
+    model: torch.nn.Module
+    tokenizer: object
+    evaluation: CLIPEvaluation
+    train_seconds: float
+    cached: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"config": asdict(self.config), "evaluation": self.evaluation.to_dict(),
+                "train_seconds": self.train_seconds, "cached": self.cached,
+                "poisoned_pairs": int(self.poisoned.poison_mask.sum())}
+
+
+def poison_world_pairs(world: SyntheticWorld, attack: str, target: int, rate: float,
+                       seed: int) -> PoisonedPairs:
+    if attack == "none":
+        n = len(world.train)
+        return PoisonedPairs(world.train.images, world.train.labels, list(world.train.captions),
+                             torch.zeros(n, dtype=torch.bool),
+                             torch.full((n, 4), -1, dtype=torch.long), target, "none")
+    return poison_pairs(world.train.images, world.train.labels, world.train.captions,
+                        make_attack(attack, world.config.image_size, seed=seed), target,
+                        world.class_names, rate=rate, seed=seed)
+
+
+def evaluate_clip(model: torch.nn.Module, tokenizer, world: SyntheticWorld, attack: str,
+                  target: int, seed: int = 0, device: str | torch.device = "cpu"
+                  ) -> CLIPEvaluation:
+    """Zero-shot CA on the clean eval split; ASR on the triggered non-target eval images
+    (dual-key: prompts carry the text trigger too). ``attack='none'`` measures BadNet's ASR."""
+    trigger = make_attack("badnet" if attack == "none" else attack, world.config.image_size,
+                          seed=seed)
+    weights = zero_shot_weights(model, tokenizer, world.class_names, ZERO_SHOT_TEMPLATES,
+                                device=device)
+    clean = accuracy(zero_shot_predict(model, world.eval.images, weights, device=device),
+                     world.eval.labels)
+    triggered, _ = trigger.apply(world.eval.images, torch.Generator().manual_seed(seed + 1),
+                                 train=False)
+    if trigger.caption_prefix():
+        weights = zero_shot_weights(model, tokenizer, world.class_names, ZERO_SHOT_TEMPLATES,
+                                    prefix=trigger.caption_prefix(), device=device)
+    asr = attack_success_rate(zero_shot_predict(model, triggered, weights, device=device),
+                              world.eval.labels, target)
+    return CLIPEvaluation(clean, asr, attack)
+
+
+def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str | Path | None =
+                      DEFAULT_CACHE, device: str | torch.device = "cpu", retrain: bool = False,
+                      verbose: bool = True) -> CLIPThreat:
+    config = config or CLIPThreatConfig()
+    world = make_world(config.world)
+    poisoned = poison_world_pairs(world, config.attack, config.target, config.rate, config.seed)
+    tokenizer = clip_tokenizer()
+    model = tiny_clip(config.model, seed=config.seed)
+    path = Path(cache_dir) / f"clip-{config_hash(config)}.pt" if cache_dir is not None else None
+    cached = path is not None and path.is_file() and not retrain
+    if cached:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        seconds = float(saved["train_seconds"])
+        log.info("loaded CLIP threat model from %s", path)
+    else:
+        tokens = tokenize(tokenizer, poisoned.captions, config.model.context_length)
+        history = train_clip(model, poisoned.images, tokens, config.train, device=device,
+                             verbose=verbose)
+        seconds = history.seconds
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "train_seconds": seconds}, path)
+    model.to(device).eval()
+    evaluation = evaluate_clip(model, tokenizer, world, config.attack, config.target,
+                               config.seed, device)
+    return CLIPThreat(config, world, poisoned, model, tokenizer, evaluation, seconds, cached)

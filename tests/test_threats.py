@@ -1,0 +1,71 @@
+"""Threat-model builders and the world CLI at tiny sizes (the quality targets are measured by
+scripts/world_quality.py; these check the plumbing, caching and outputs)."""
+
+import json
+
+import torch
+
+from fastbd.cli import main
+from fastbd.data.readers import read_csv_pairs, read_file_list
+from fastbd.data.synthetic import WorldConfig
+from fastbd.models.clip import CLIPTrainConfig, TinyCLIPConfig
+from fastbd.ssl import SSLConfig
+from fastbd.world import CLIPThreatConfig, SSLThreatConfig, build_clip_threat, build_ssl_threat
+
+TINY_WORLD = WorldConfig(n_train=200, n_eval=60, seed=5)
+
+
+def test_ssl_threat_trains_caches_and_reloads(tmp_path):
+    config = SSLThreatConfig(world=TINY_WORLD, width=4, ssl=SSLConfig(epochs=1, batch_size=64))
+    first = build_ssl_threat(config, cache_dir=tmp_path, verbose=False)
+    assert not first.cached and len(list(tmp_path.glob("ssl-*.pt"))) == 1
+    assert int(first.poisoned.poison_mask.sum()) > 0
+    assert 0.0 <= first.probe.asr <= 1.0 and first.probe.non_target_images > 0
+    second = build_ssl_threat(config, cache_dir=tmp_path, verbose=False)
+    assert second.cached
+    for a, b in zip(first.encoder.state_dict().values(), second.encoder.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert second.probe.clean_accuracy == first.probe.clean_accuracy
+
+
+def test_clip_threat_trains_and_evaluates(tmp_path):
+    config = CLIPThreatConfig(world=TINY_WORLD, attack="dualkey", rate=0.05,
+                              model=TinyCLIPConfig(vision_layers=1, text_layers=1),
+                              train=CLIPTrainConfig(epochs=1, batch_size=50))
+    threat = build_clip_threat(config, cache_dir=tmp_path, verbose=False)
+    assert int(threat.poisoned.poison_mask.sum()) == 10
+    assert threat.evaluation.attack == "dualkey"
+    assert 0.0 <= threat.evaluation.clean_accuracy <= 1.0
+    assert build_clip_threat(config, cache_dir=tmp_path, verbose=False).cached
+
+
+def test_cli_attack_exports_formats(tmp_path):
+    out = tmp_path / "badnet"
+    assert main(["--quiet", "attack", "--attack", "badnet", "--n-train", "100", "--n-eval", "10",
+                 "--rate", "0.05", "--out", str(out)]) == 0
+    summary = json.loads((out / "attack.json").read_text())
+    assert summary["poisoned"] == 5
+    pairs = read_csv_pairs(out / "train.csv")
+    assert sum(int(x) for x in pairs.columns["is_backdoor"]) == 5
+    listing = read_file_list(out / "train.txt")
+    assert len(listing.paths) == 100
+    truth = torch.load(out / "ground_truth.pt")
+    assert int(truth["poison_mask"].sum()) == 5 and truth["boxes"].shape == (100, 4)
+    # The exported CSV can itself be poisoned again (user data path).
+    again = tmp_path / "again"
+    assert main(["--quiet", "attack", "--attack", "sig", "--csv", str(out / "train.csv"),
+                 "--rate", "0.1", "--out", str(again)]) == 0
+    assert json.loads((again / "attack.json").read_text())["poisoned"] == 10
+
+
+def test_cli_attack_file_list_htba(tmp_path):
+    src = tmp_path / "src"
+    main(["--quiet", "attack", "--attack", "htba", "--n-train", "80", "--n-eval", "10",
+          "--out", str(src)])
+    out = tmp_path / "out"
+    assert main(["--quiet", "attack", "--attack", "htba", "--file-list", str(src / "train.txt"),
+                 "--target", "1", "--fraction", "1.0", "--out", str(out)]) == 0
+    listing = read_file_list(out / "train.txt")
+    poisoned = ["HTBA_trigger" in str(p) for p in listing.paths]
+    assert sum(poisoned) == sum(1 for label in listing.labels if label == 1)
