@@ -27,6 +27,31 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.which in ("poisoncam", "all"):
+        from fastbd.demo.poisoncam import run
+
+        start = __import__("time").perf_counter()
+        report = run(Path(args.out) / "poisoncam", device=args.device, seed=args.seed,
+                     retrain=args.retrain, cache_dir=args.cache, verbose=not args.quiet)
+        threat = report.threat
+        print(f"SSL threat model (HTBA, target class 0): linear-probe CA "
+              f"{100 * threat['probe']['clean_accuracy']:.1f}%, ASR "
+              f"{100 * threat['probe']['asr']:.1f}%"
+              f" ({'cached' if threat['cached'] else 'trained'})")
+        print(report.table())
+        if report.retrain:
+            before, after = report.retrain["before"], report.retrain["after"]
+            print(f"retrained on {report.retrain['kept_images']} kept images: CA "
+                  f"{100 * before['clean_accuracy']:.1f}% -> {100 * after['clean_accuracy']:.1f}%"
+                  f", ASR {100 * before['asr']:.1f}% -> {100 * after['asr']:.1f}%")
+        print(f"report: {Path(args.out) / 'poisoncam'} "
+              f"({__import__('time').perf_counter() - start:.0f}s)")
+        if args.which == "poisoncam":
+            return 0
+    return _ops_smoke(args)
+
+
+def _ops_smoke(args: argparse.Namespace) -> int:
     from fastbd.environment import environment_report
     from fastbd.smoke import run_smoke
 
@@ -181,6 +206,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(path: str | None):
+    """A ``poisoncam.Config`` from a JSON or YAML file (keys as the dataclass fields)."""
+    from dataclasses import fields
+
+    from fastbd.poisoncam import ClassifierConfig, Config
+
+    if path is None:
+        return Config()
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    else:
+        raw = json.loads(text)
+    known = {f.name for f in fields(Config)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
+    if "classifier" in raw:
+        raw["classifier"] = ClassifierConfig(**raw["classifier"])
+    return Config(**raw)
+
+
+def _encoder_from_args(args: argparse.Namespace):
+    from fastbd.models import timm_encoder, torchvision_encoder
+
+    arch = args.arch
+    if arch.startswith("torchvision:"):
+        return torchvision_encoder(arch.split(":", 1)[1], args.checkpoint, args.image_size)
+    return timm_encoder(arch.removeprefix("timm:"), args.checkpoint, args.image_size)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """PoisonCAM or PatchSearch over a file list or an ImageFolder."""
+    import torch
+
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import read_file_list, read_image_folder
+    from fastbd.poisoncam import Detector
+
+    if bool(args.file_list) == bool(args.image_folder):
+        raise SystemExit("give exactly one of --file-list and --image-folder")
+    if args.file_list:
+        listing = read_file_list(args.file_list)
+        paths, lines = listing.paths, listing.lines
+    else:
+        paths, labels, _ = read_image_folder(args.image_folder)
+        lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bank, report = ImageBank.from_files(paths, args.image_size, skip_bad=args.skip_bad,
+                                        cache=out / "bank.npy", verbose=not args.quiet)
+    lines = [lines[i] for i in report.kept]
+    truth = torch.tensor(["HTBA_trigger" in str(paths[i]) for i in report.kept])
+    encoder = _encoder_from_args(args)
+    detector = Detector(_load_config(args.config), args.command)
+    detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
+                 ground_truth=truth if bool(truth.any()) else None, verbose=not args.quiet)
+    result = detector.result_
+    result.save(out, file_list_lines=lines, truth=truth if bool(truth.any()) else None)
+    summary = {"removed": int(result.removed.sum()), "images": len(lines),
+               "skipped": report.skipped, "out": str(out)}
+    if result.metrics is not None:
+        summary["metrics"] = result.metrics.to_dict()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--n-eval", type=int, default=1000)
@@ -200,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(run=cmd_env)
 
     demo = sub.add_parser("demo", help="the main job on the embedded synthetic world")
-    demo.add_argument("which", nargs="?", default="ops", choices=["ops"],
-                      help="what to run (the ops smoke run for now)")
+    demo.add_argument("which", nargs="?", default="all", choices=["all", "poisoncam", "ops"],
+                      help="poisoncam: PoisonCAM vs PatchSearch on the poisoned world; ops: the "
+                      "kernels against their references; all: both")
     demo.add_argument("--device", default=_default_device())
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--retrain", action="store_true",
+                      help="retrain the SSL encoder on the cleaned set and report CA/ASR")
+    demo.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
     demo.add_argument("--out", default="fastbd-out/demo", help="report directory")
     demo.set_defaults(run=cmd_demo)
 
@@ -253,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--width", type=int, default=16)
     evaluate.add_argument("--out", default="fastbd-out/eval")
     evaluate.set_defaults(run=cmd_eval)
+
+    for name in ("poisoncam", "patchsearch"):
+        det = sub.add_parser(name, help=f"find poisoned images with {name} (SSL encoders)")
+        det.add_argument("--file-list", help="'<path> <label>' per line")
+        det.add_argument("--image-folder", help="ImageFolder root")
+        det.add_argument("--arch", required=True,
+                         help="timm architecture (e.g. resnet18, vit_base_patch16_224) or "
+                              "torchvision:<name>")
+        det.add_argument("--checkpoint", help="state dict or MoCo v3 checkpoint")
+        det.add_argument("--image-size", type=int, default=224)
+        det.add_argument("--config", help="JSON/YAML file with Config fields")
+        det.add_argument("--out", default=f"fastbd-out/{name}")
+        det.add_argument("--resume", action="store_true",
+                         help="continue the search saved in --out")
+        det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        det.add_argument("--device", default=_default_device())
+        det.set_defaults(run=cmd_detect)
     return parser
 
 

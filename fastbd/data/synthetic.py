@@ -44,7 +44,7 @@ class WorldConfig:
     n_eval: int = 1000
     image_size: int = 32
     n_classes: int = 10
-    scale: tuple[float, float] = (0.3, 0.5)
+    scale: tuple[float, float] = (0.2, 0.35)
     colour_jitter: float = 25.0
     noise_std: float = 6.0
     texture_contrast: float = 0.6

@@ -21,14 +21,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TinyCLIPConfig:
-    """A CLIP small enough for two CPU cores. ``vocab_size`` stays 49408 so EOT (49407) is the
-    largest id and open_clip's argmax pooling finds it."""
+    """A CLIP small enough for two CPU cores. ``vision_type``: ``resnet`` (open_clip's
+    ModifiedResNet with ``resnet_layers`` blocks per stage and stem width ``vision_width``) or
+    ``vit`` (``vision_layers`` blocks of ``vision_width``, ``patch_size``). ``vocab_size`` stays
+    49408 so EOT (49407) is the largest id and open_clip's argmax pooling finds it."""
 
+    vision_type: str = "resnet"
+    resnet_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
     embed_dim: int = 64
     image_size: int = 32
     patch_size: int = 4
-    vision_width: int = 96
-    vision_layers: int = 3
+    vision_width: int = 16
+    vision_layers: int = 2
     vision_head_width: int = 32
     context_length: int = 32
     text_width: int = 64
@@ -41,10 +45,14 @@ def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
     import open_clip
 
     config = config or TinyCLIPConfig()
+    if config.vision_type not in ("resnet", "vit"):
+        raise ValueError(f"vision_type must be 'resnet' or 'vit', got {config.vision_type!r}")
     torch.manual_seed(seed)
+    layers = (tuple(config.resnet_layers) if config.vision_type == "resnet"
+              else config.vision_layers)
     return open_clip.CLIP(
         embed_dim=config.embed_dim,
-        vision_cfg=dict(image_size=config.image_size, layers=config.vision_layers,
+        vision_cfg=dict(image_size=config.image_size, layers=layers,
                         width=config.vision_width, patch_size=config.patch_size,
                         head_width=config.vision_head_width),
         text_cfg=dict(context_length=config.context_length, vocab_size=49408,
@@ -73,15 +81,16 @@ def context_length_of(model: nn.Module) -> int:
 
 
 def tokenize(tokenizer, captions: list[str], context_length: int) -> torch.Tensor:
-    """int64 ``N×L`` token ids; raises if a caption does not fit (open_clip truncates silently,
-    which would cut the EOT token)."""
-    tokens = tokenizer(captions, context_length=context_length)
-    eot = tokens.max(dim=1).values
-    if captions and bool((eot != 49407).any()):
-        bad = torch.nonzero(eot != 49407).flatten()[0].item()
-        raise ValueError(f"caption {bad} is longer than the context ({context_length} tokens): "
-                         f"{captions[bad][:80]!r}")
-    return tokens
+    """int64 ``N×L`` token ids; raises if a caption does not fit (open_clip would truncate it
+    silently, dropping words and moving EOT)."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is not None:
+        for i, caption in enumerate(captions):
+            length = len(encode(caption)) + 2  # SOT and EOT
+            if length > context_length:
+                raise ValueError(f"caption {i} needs {length} tokens, longer than the context "
+                                 f"({context_length} tokens): {caption[:80]!r}")
+    return tokenizer(captions, context_length=context_length)
 
 
 @torch.no_grad()

@@ -1,0 +1,193 @@
+"""The poison classifier: learns "contains one of the found triggers" from pasted examples.
+
+Training images come from the pool (all but the highest- and lowest-scored); with probability
+``paste_p`` a random top-k trigger, resized to a random size, is pasted at a random position
+(label 1), otherwise the image stays as it is (label 0). Geometry augmentation comes first so the
+pasted trigger stays sharp, colour augmentation after. Validation: the top-k poisons (label 1)
+against the bottom-k images (label 0); training stops when the validation F1 (integer %) has
+been flat for ``patience`` checks. An ensemble averages its members' logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastbd.ops import paste
+from fastbd.poisoncam.config import ClassifierConfig
+from fastbd.ssl.augment import colour_jitter, random_resized_crop
+
+log = logging.getLogger(__name__)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class PoisonNet(nn.Module):
+    """ResNet with one BasicBlock per stage (``[1, 1, 1, 1]``), two-class head. The stem is a
+    stride-2 7×7 conv + max-pool at ≥ 96 px, a 3×3 conv below (small images keep their detail).
+    """
+
+    def __init__(self, width: int = 64, image_size: int = 224) -> None:
+        super().__init__()
+        if image_size >= 96:
+            stem = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+        else:
+            stem = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True)]
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        blocks, cin = [], width
+        for i, cout in enumerate(widths):
+            blocks.append(BasicBlock(cin, cout, 1 if i == 0 else 2))
+            cin = cout
+        self.body = nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+@dataclass
+class ClassifierReport:
+    iterations: list[int]
+    best_f1: list[float]
+
+
+def _f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    predicted = logits.argmax(1)
+    tp = int(((predicted == 1) & (labels == 1)).sum())
+    fp = int(((predicted == 1) & (labels == 0)).sum())
+    fn = int(((predicted == 0) & (labels == 1)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def make_batch(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
+               config: ClassifierConfig, mean: torch.Tensor, std: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch: normalised float ``B×3×S×S`` and labels int64 ``B``."""
+    device = images.device
+    size = images.shape[-1]
+    b = config.batch_size
+    rows = pool[torch.randint(pool.numel(), (b,), generator=generator)].to(device)
+    crops = random_resized_crop(images[rows].float(), config.crop_scale, (3 / 4, 4 / 3), 0.5,
+                                generator_on(generator, device))
+    canvas = crops.round().clamp(0, 255).to(torch.uint8)
+    labels = (torch.rand(b, generator=generator) < config.paste_p).long()
+    pasted = torch.nonzero(labels).flatten()
+    if pasted.numel():
+        k = pasted.numel()
+        lo, hi = config.paste_size
+        hi = min(hi, size - 2 * config.paste_margin)
+        lo = min(lo, hi)
+        sides = torch.randint(lo, hi + 1, (k,), generator=generator)
+        limit = (size - sides - config.paste_margin).clamp(min=config.paste_margin)
+        ys = config.paste_margin + (torch.rand(k, generator=generator)
+                                    * (limit - config.paste_margin + 1)).long()
+        xs = config.paste_margin + (torch.rand(k, generator=generator)
+                                    * (limit - config.paste_margin + 1)).long()
+        which = torch.randint(triggers.shape[0], (k,), generator=generator)
+        canvas[pasted.to(device)] = paste(
+            canvas, triggers.to(device), pasted.to(device), which.to(device), ys.to(device),
+            xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
+    x = colour_jitter(canvas.float() / 255, 0.4, 0.8, 0.2, generator_on(generator, device))
+    return (x - mean) / std, labels.to(device)
+
+
+def generator_on(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``generator`` (CPU) — deterministic per call."""
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
+                            val_pos: torch.Tensor, val_neg: torch.Tensor,
+                            config: ClassifierConfig, mean, std, *, seed: int = 0,
+                            verbose: bool = True) -> tuple[list[nn.Module], ClassifierReport]:
+    """Train the ensemble on uint8 bank ``images`` (indices ``pool``) with ``triggers`` (uint8
+    ``k×3×w×w``); validate on bank rows ``val_pos`` (label 1) and ``val_neg`` (label 0)."""
+    device = images.device
+    size = images.shape[-1]
+    mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
+    std_t = torch.as_tensor(std, device=device, dtype=torch.float32)[:, None, None]
+    val_rows = torch.cat([val_pos, val_neg]).to(device)
+    val_x = (images[val_rows].float() / 255 - mean_t) / std_t
+    val_y = torch.cat([torch.ones(val_pos.numel()), torch.zeros(val_neg.numel())]).long()
+    models, report = [], ClassifierReport([], [])
+    for member in range(config.n_models):
+        torch.manual_seed(seed * 101 + member)
+        g = torch.Generator().manual_seed(seed * 7919 + member)
+        model = PoisonNet(config.width, size).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.iterations)))
+        history: list[int] = []
+        best, best_state, steps = -1.0, None, 0
+        bar = tqdm(total=config.iterations, desc=f"classifier {member + 1}/{config.n_models}",
+                   disable=not verbose, unit="it")
+        for step in range(1, config.iterations + 1):
+            model.train()
+            x, y = make_batch(images, pool, triggers, config, mean_t, std_t, g)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            steps = step
+            bar.update()
+            if step % config.val_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    f1 = _f1(model(val_x).cpu(), val_y)
+                history.append(round(100 * f1))
+                if f1 > best:
+                    best = f1
+                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                bar.set_postfix(f1=f"{f1:.2f}")
+                if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
+                    break
+        bar.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        models.append(model)
+        report.iterations.append(steps)
+        report.best_f1.append(max(best, 0.0))
+        log.info("poison classifier %d: %d iterations, best validation F1 %.3f", member + 1,
+                 steps, best)
+    return models, report
+
+
+@torch.no_grad()
+def ensemble_logits(models: list[nn.Module], images: torch.Tensor, mean, std,
+                    batch_size: int = 512) -> torch.Tensor:
+    """Averaged logits float32 ``N×2`` of uint8 bank ``images``."""
+    device = images.device
+    mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
+    std_t = torch.as_tensor(std, device=device, dtype=torch.float32)[:, None, None]
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = (images[start:start + batch_size].float() / 255 - mean_t) / std_t
+        out.append(torch.stack([m(x) for m in models]).mean(0).float())
+    return torch.cat(out) if out else torch.empty(0, 2, device=device)

@@ -1,0 +1,96 @@
+"""PoisonCAM hyperparameters: the paper's ImageNet-100 defaults, scaled for small data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass
+class ClassifierConfig:
+    """Poison classifier (PatchSearch's recipe): an ensemble of ``n_models`` ResNets with one
+    BasicBlock per stage, trained from scratch with SGD (lr, momentum, weight decay, cosine) for
+    at most ``iterations`` steps of ``batch_size``; validated every ``val_every`` steps on the
+    top-k poisons vs the bottom-k images; stopped when the last ``patience`` F1 values (integer
+    %) are equal. Pasted triggers are ``paste_size`` px at the 224-px reference size, placed at
+    least ``paste_margin`` px from the border, with probability ``paste_p``."""
+
+    n_models: int = 5
+    iterations: int = 2000
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_every: int = 20
+    patience: int = 10
+    paste_p: float = 0.5
+    paste_size: tuple[int, int] = (20, 80)
+    paste_margin: int = 10
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    width: int = 64
+
+
+@dataclass
+class Config:
+    """Every PoisonCAM knob. Sizes in pixels are given at ``reference_size`` (224) and scaled to
+    the images' size by ``scaled``.
+
+    * clustering: ``n_clusters`` k-means clusters (at most ``N · max_cluster_fraction``),
+      ``kmeans_iters`` Lloyd iterations, cosine metric;
+    * masking: ``n_masks`` windows of ``window`` px per image, ``mask_strategy``
+      (full/interval/random with ``mask_block`` px blocks), ``fill`` in normalised space;
+    * flip test: ``test_set_size`` test images, ``candidates_per_batch`` candidates per encoder
+      pass;
+    * search: ``samples_per_cluster`` new images per remaining cluster per round, the lowest
+      ``prune_fraction`` of clusters dropped per round (at least one), ``topk_poisons``;
+    * classifier: the top ``drop_top_fraction`` by score are left out of its training pool.
+    """
+
+    n_clusters: int = 1000
+    max_cluster_fraction: float = 0.1
+    kmeans_iters: int = 20
+    n_masks: int = 256
+    window: int = 60
+    mask_strategy: str = "full"
+    mask_block: int = 10
+    fill: float = 0.0
+    test_set_size: int = 1000
+    candidates_per_batch: int = 16
+    samples_per_cluster: int = 2
+    prune_fraction: float = 0.25
+    topk_poisons: int = 20
+    drop_top_fraction: float = 0.10
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    reference_size: int = 224
+    batch_size: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def pixels(self, value: int, image_size: int) -> int:
+        """A reference-size pixel count at ``image_size`` (at least 1)."""
+        return max(1, round(value * image_size / self.reference_size))
+
+    def scaled(self, n_images: int, image_size: int) -> Config:
+        """The config for ``n_images`` images of ``image_size`` px: clusters capped at
+        ``n_images · max_cluster_fraction`` (at least 2), the test set at ``n_images``, window,
+        mask blocks and classifier paste sizes scaled by ``image_size / reference_size``.
+        Raises when the data cannot support the search."""
+        if n_images < 2:
+            raise ValueError(f"PoisonCAM needs at least 2 images, got {n_images}")
+        clusters = max(2, min(self.n_clusters, int(n_images * self.max_cluster_fraction)))
+        if clusters > n_images:
+            raise ValueError(f"{n_images} images cannot form {clusters} clusters")
+        if self.topk_poisons * 2 > n_images:
+            raise ValueError(f"topk_poisons={self.topk_poisons} needs at least "
+                             f"{2 * self.topk_poisons} images, got {n_images}")
+        classifier = replace(
+            self.classifier,
+            paste_size=(self.pixels(self.classifier.paste_size[0], image_size),
+                        self.pixels(self.classifier.paste_size[1], image_size)),
+            paste_margin=round(self.classifier.paste_margin * image_size / self.reference_size))
+        return replace(self, n_clusters=clusters, test_set_size=min(self.test_set_size,
+                                                                    n_images),
+                       window=min(image_size, self.pixels(self.window, image_size)),
+                       mask_block=self.pixels(self.mask_block, image_size),
+                       classifier=classifier, reference_size=image_size)

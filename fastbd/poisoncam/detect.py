@@ -1,0 +1,248 @@
+"""PoisonCAM end to end (DESIGN.md §4), with the stages PatchSearch shares.
+
+    result = fastbd.poisoncam.detect(encoder, images)           # images: uint8 N×3×S×S
+    result = PoisonCAM(Config(...)).fit(encoder, images).result_
+
+Stages: features + k-means clustering model; candidate windows (cluster activation masking, or
+Grad-CAM for PatchSearch); flip test of every candidate on the test images; the iterative cluster
+search; the poison classifier trained on the top-k triggers; classification of every image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fastbd.data.bank import ImageBank
+from fastbd.eval.metrics import box_iou, detection_metrics
+from fastbd.models.encoders import Encoder, embed_images
+from fastbd.poisoncam.classifier import ensemble_logits, train_poison_classifier
+from fastbd.poisoncam.clustering import ClusteringModel
+from fastbd.poisoncam.config import Config
+from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
+from fastbd.poisoncam.masking import candidate_windows
+from fastbd.poisoncam.result import DetectionResult
+from fastbd.poisoncam.search import SearchState, run_search
+
+log = logging.getLogger(__name__)
+
+# find_candidates(bank rows int64 B, generator) -> (windows int64 B×2, maps float B×S×S)
+CandidateFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.images: dict[str, int] = {}
+
+    def add(self, stage: str, seconds: float, images: int = 0) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.images[stage] = self.images.get(stage, 0) + images
+
+    def throughput(self) -> dict[str, float]:
+        return {k: self.images[k] / self.seconds[k] for k in self.seconds
+                if self.images.get(k) and self.seconds[k] > 0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_images(images: torch.Tensor | ImageBank) -> torch.Tensor:
+    tensor = images.images if isinstance(images, ImageBank) else images
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.ndim != 4 \
+            or tensor.shape[1] != 3 or tensor.shape[2] != tensor.shape[3]:
+        raise ValueError("images must be a uint8 N×3×S×S tensor or an ImageBank")
+    if tensor.shape[0] == 0:
+        raise ValueError("the dataset is empty")
+    return tensor
+
+
+class Detector:
+    """The pipeline with a pluggable candidate finder and flip score (PoisonCAM's by default).
+
+    ``method``: ``poisoncam`` (masking candidates, flip = any assignment change, cluster score
+    = sum) or ``patchsearch`` (Grad-CAM candidates, flip = pulled into the candidate's cluster
+    minus already there, cluster score = max).
+    """
+
+    def __init__(self, config: Config | None = None, method: str = "poisoncam") -> None:
+        if method not in ("poisoncam", "patchsearch"):
+            raise ValueError(f"method must be 'poisoncam' or 'patchsearch', got {method!r}")
+        self.config = config or Config()
+        self.method = method
+
+    def fit(self, encoder: Encoder, images: torch.Tensor | ImageBank, *,
+            device: torch.device | str | None = None, ground_truth: torch.Tensor | None = None,
+            true_boxes: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
+            resume: bool = False, verbose: bool = True,
+            max_rounds: int | None = None) -> Detector:
+        """Run the detector; the result is ``self.result_``. With ``checkpoint_dir`` the search
+        state is saved after every round; ``resume`` continues from it. ``max_rounds`` stops the
+        search early (the classifier then runs on what was scored)."""
+        bank = _as_images(images)
+        device = torch.device(device) if device is not None else next(
+            encoder.parameters()).device
+        n, size = bank.shape[0], bank.shape[-1]
+        config = self.config.scaled(n, size)
+        encoder = encoder.to(device).eval()
+        bank = bank.to(device)
+        timer = _Timer()
+        mean, std = encoder.mean, encoder.std
+
+        start = time.perf_counter()
+        features = embed_images(encoder, bank, batch_size=config.batch_size, device=device)
+        _sync(device)
+        timer.add("features", time.perf_counter() - start, n)
+        start = time.perf_counter()
+        clustering, labels, distances = ClusteringModel.fit(features, config.n_clusters,
+                                                            config.kmeans_iters, config.seed)
+        timer.add("clustering", time.perf_counter() - start)
+        g = torch.Generator().manual_seed(config.seed)
+        test_index = select_test_images(labels.cpu(), distances.cpu(), config.test_set_size, g)
+        test_labels = labels[test_index.to(labels.device)]
+
+        def encode_assign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                out = encoder(x).float()
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
+            return clustering.assign(out)
+
+        find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, timer,
+                                      device)
+        state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
+        state = None
+        if resume:
+            if state_path is None or not state_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+            state = SearchState.load(state_path)
+            if state.scores.numel() != n:
+                raise ValueError(f"the saved search covers {state.scores.numel()} images, "
+                                 f"this dataset has {n}")
+            log.info("resuming the search at round %d", state.round)
+        if state is None:
+            state = SearchState.start(labels, config.n_clusters, config.seed)
+        top_maps: dict[int, torch.Tensor] = getattr(state, "top_maps", {}) or {}
+
+        def score_batch(rows: torch.Tensor, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+            t0 = time.perf_counter()
+            windows, maps = find(rows, gen)
+            _sync(device)
+            timer.add("candidates", time.perf_counter() - t0,
+                      rows.numel() * (config.n_masks if self.method == "poisoncam" else 1))
+            t0 = time.perf_counter()
+            triggers = crop_windows(bank, rows, windows, config.window)
+            source = labels[rows.to(labels.device)] if self.method == "patchsearch" else None
+            scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers, mean,
+                                 std, candidates_per_batch=config.candidates_per_batch,
+                                 generator=gen, source_clusters=source)
+            _sync(device)
+            timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
+            for row, score, amap in zip(rows.tolist(), scores.tolist(), maps.cpu(), strict=True):
+                top_maps[row] = (score, amap)
+            keep = sorted(top_maps.items(), key=lambda kv: -kv[1][0])[:config.topk_poisons]
+            top_maps.clear()
+            top_maps.update(keep)
+            state.top_maps = top_maps
+            return scores, windows
+
+        start = time.perf_counter()
+        state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
+                           prune_fraction=config.prune_fraction,
+                           aggregate="sum" if self.method == "poisoncam" else "max",
+                           seed=config.seed, checkpoint=state_path, verbose=verbose,
+                           max_rounds=max_rounds)
+        timer.add("search", time.perf_counter() - start)
+
+        scores = state.scores
+        ranking = torch.argsort(scores, descending=True, stable=True)
+        k = min(config.topk_poisons, int(state.scored.sum()))
+        if k == 0:
+            raise ValueError("the search scored no image")
+        topk = ranking[:k]
+        windows = state.windows[topk]
+        triggers = crop_windows(bank, topk, windows, config.window).cpu()
+        maps = torch.stack([top_maps[i][1] if i in top_maps else torch.zeros(size, size)
+                            for i in topk.tolist()])
+
+        start = time.perf_counter()
+        drop_top = max(k, round(config.drop_top_fraction * n))
+        bottom = ranking[-config.topk_poisons:]
+        pool_mask = torch.ones(n, dtype=torch.bool)
+        pool_mask[ranking[:drop_top]] = False
+        pool_mask[bottom] = False
+        pool = torch.nonzero(pool_mask).flatten()
+        if pool.numel() == 0:
+            raise ValueError("no image left to train the poison classifier on")
+        models, report = train_poison_classifier(bank, pool, triggers, topk, bottom,
+                                                 config.classifier, mean, std, seed=config.seed,
+                                                 verbose=verbose)
+        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
+        removed = logits.argmax(1) == 1
+        timer.add("classifier", time.perf_counter() - start, n)
+
+        result = DetectionResult(
+            method=self.method, scores=scores, removed=removed, ranking=ranking, topk=topk,
+            windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
+            timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
+            rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
+            classifier={"iterations": report.iterations, "best_f1": report.best_f1})
+        if ground_truth is not None:
+            _score_against_truth(result, ground_truth, true_boxes, config.window)
+        self.result_ = result
+        return self
+
+    def _candidate_finder(self, encoder, bank, clustering, encode_assign, config, timer,
+                          device) -> CandidateFn:
+        if self.method == "patchsearch":
+            from fastbd.patchsearch.gradcam import gradcam_windows
+
+            def find(rows, gen):
+                return gradcam_windows(encoder, bank, rows, clustering, config.window,
+                                       batch_size=max(1, config.batch_size // 4))
+            return find
+
+        def find(rows, gen):
+            out = candidate_windows(encode_assign, bank, rows.to(device), encoder.mean,
+                                    encoder.std, n_masks=config.n_masks, window=config.window,
+                                    strategy=config.mask_strategy, block=config.mask_block,
+                                    fill=config.fill, batch_size=config.batch_size,
+                                    generator=gen)
+            return out.windows, out.maps
+        return find
+
+
+def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
+                         boxes: torch.Tensor | None, window: int) -> None:
+    truth = torch.as_tensor(truth).bool().cpu()
+    if truth.numel() != result.scores.numel():
+        raise ValueError(f"ground truth has {truth.numel()} entries for "
+                         f"{result.scores.numel()} images")
+    result.metrics = detection_metrics(result.removed, truth, result.poison_probability)
+    result.topk_accuracy = float(truth[result.topk].double().mean())
+    if boxes is not None:
+        boxes = torch.as_tensor(boxes).long().cpu()
+        found = torch.cat([result.windows, torch.full_like(result.windows, window)], 1)
+        poisoned = truth[result.topk]
+        iou = box_iou(found, boxes[result.topk])
+        result.trigger_scores = {
+            "topk_trigger_overlap": float((iou > 0).double().mean()),
+            "topk_trigger_iou": float(iou[poisoned].mean()) if bool(poisoned.any()) else 0.0}
+
+
+class PoisonCAM(Detector):
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config, "poisoncam")
+
+
+def detect(encoder: Encoder, images: torch.Tensor | ImageBank, config: Config | None = None,
+           **kwargs) -> DetectionResult:
+    """Run PoisonCAM; keyword arguments as ``Detector.fit``."""
+    return PoisonCAM(config).fit(encoder, images, **kwargs).result_

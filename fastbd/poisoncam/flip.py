@@ -1,0 +1,94 @@
+"""The flip test: paste a candidate trigger on every test image and count assignment changes.
+
+Many candidates share one encoder pass: ``candidates_per_batch`` candidates × the test images
+are written by ``paste`` straight into one reused buffer (normalised encoder input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastbd.ops import paste
+
+
+def select_test_images(labels: torch.Tensor, distances: torch.Tensor, size: int,
+             generator: torch.Generator) -> torch.Tensor:
+    """Test images: per cluster, the members closest to the centroid, ``size`` in total, spread
+    over the clusters round-robin (closest first). With more clusters than ``size``, one image
+    from each of ``size`` random clusters. Returns int64 indices (sorted)."""
+    n_clusters = int(labels.max()) + 1 if labels.numel() else 0
+    order = torch.argsort(distances, stable=True)
+    by_cluster = [order[labels[order] == c] for c in range(n_clusters)]
+    present = [c for c in range(n_clusters) if by_cluster[c].numel()]
+    if size <= 0 or not present:
+        raise ValueError("the flip test needs at least one test image")
+    if len(present) >= size:
+        pick = torch.randperm(len(present), generator=generator)[:size].tolist()
+        return torch.stack([by_cluster[present[i]][0] for i in pick]).sort().values
+    chosen, rank = [], 0
+    while len(chosen) < size:
+        added = False
+        for c in present:
+            if rank < by_cluster[c].numel() and len(chosen) < size:
+                chosen.append(by_cluster[c][rank])
+                added = True
+        if not added:
+            break
+        rank += 1
+    return torch.stack(chosen).sort().values
+
+
+def crop_windows(images: torch.Tensor, image_index: torch.Tensor, windows: torch.Tensor,
+                 window: int) -> torch.Tensor:
+    """The candidate triggers: uint8 ``n×3×w×w`` crops of bank rows at ``windows`` (``n×2``)."""
+    offsets = torch.arange(window, device=images.device)
+    rows = (windows[:, :1].to(images.device) + offsets)[:, :, None]
+    cols = (windows[:, 1:].to(images.device) + offsets)[:, None, :]
+    picked = images[image_index.to(images.device)]
+    n = picked.shape[0]
+    return picked[torch.arange(n, device=images.device)[:, None, None], :, rows, cols] \
+        .permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+                test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
+                candidates_per_batch: int, generator: torch.Generator,
+                source_clusters: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Score candidate triggers (uint8 ``c×3×w×w``) on the test images.
+
+    Each candidate is pasted at a uniform random in-image position on every test image.
+    Without ``source_clusters`` the score is PoisonCAM's: how many test images change cluster.
+    With ``source_clusters`` (int ``c``: the cluster of the image each candidate came from) it
+    is PatchSearch's: test images assigned to that cluster after pasting minus before.
+    Returns float32 ``c`` on the images' device.
+    """
+    n_cand, _, window, _ = triggers.shape
+    n_test = test_index.numel()
+    size = images.shape[-1]
+    device = images.device
+    scores = torch.zeros(n_cand, dtype=torch.float32, device=device)
+    if n_cand == 0:
+        return scores
+    per_batch = max(1, candidates_per_batch)
+    buffer = torch.empty(per_batch * n_test, 3, size, size, dtype=dtype, device=device)
+    test_index = test_index.to(device)
+    for start in range(0, n_cand, per_batch):
+        count = min(per_batch, n_cand - start)
+        jobs = count * n_test
+        corners = torch.randint(0, size - window + 1, (jobs, 2), generator=generator,
+                                device=generator.device).to(device)
+        patch_index = torch.arange(count, device=device).repeat_interleave(n_test)
+        view = buffer[:jobs]
+        paste(images, triggers[start:start + count].to(device), test_index.repeat(count),
+              patch_index, corners[:, 0], corners[:, 1], mean=mean, std=std, out=view)
+        after, _ = encode_assign(view)
+        after = after.view(count, n_test)
+        if source_clusters is None:
+            scores[start:start + count] = (after != test_labels.to(device)).sum(1).float()
+        else:
+            target = source_clusters[start:start + count].to(device)[:, None]
+            before = (test_labels.to(device)[None, :] == target).sum(1)
+            scores[start:start + count] = ((after == target).sum(1) - before).float()
+    return scores

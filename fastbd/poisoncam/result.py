@@ -1,0 +1,80 @@
+"""``DetectionResult``: what a detector found, with ``save(dir)`` writing the report files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastbd.eval.metrics import DetectionMetrics
+
+
+@dataclass
+class DetectionResult:
+    """Per-image ``scores`` (float64 ``N``, 0 = unscored), ``removed`` (bool ``N``, predicted
+    poisonous), ``ranking`` (indices by decreasing score), the top-k poisons ``topk`` with their
+    candidate ``windows`` (``k×2``, top-left) and attention ``maps`` (``k×S×S``), the trigger
+    ``triggers`` (uint8 ``k×3×w×w``), ``cluster_labels`` (``N``), per-stage ``timings`` (seconds)
+    and ``throughput`` (images encoded per second), the ``config``, the search ``rounds``, and
+    with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores."""
+
+    method: str
+    scores: torch.Tensor
+    removed: torch.Tensor
+    ranking: torch.Tensor
+    topk: torch.Tensor
+    windows: torch.Tensor
+    maps: torch.Tensor
+    triggers: torch.Tensor
+    cluster_labels: torch.Tensor
+    timings: dict[str, float]
+    throughput: dict[str, float]
+    config: dict
+    rounds: list[dict] = field(default_factory=list)
+    poison_probability: torch.Tensor | None = None
+    classifier: dict = field(default_factory=dict)
+    metrics: DetectionMetrics | None = None
+    topk_accuracy: float | None = None
+    trigger_scores: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "method": self.method, "n_images": int(self.scores.numel()),
+            "removed": int(self.removed.sum()), "scored": int((self.scores != 0).sum()),
+            "topk": self.topk.tolist(), "windows": self.windows.tolist(),
+            "timings_s": self.timings, "throughput_img_per_s": self.throughput,
+            "rounds": self.rounds, "classifier": self.classifier, "config": self.config}
+        if self.metrics is not None:
+            out["metrics"] = self.metrics.to_dict()
+        if self.topk_accuracy is not None:
+            out["topk_accuracy"] = self.topk_accuracy
+        out.update(self.trigger_scores)
+        return out
+
+    def save(self, directory: str | Path, file_list_lines: list[str] | None = None,
+             truth: torch.Tensor | None = None) -> Path:
+        """Write ``result.json``, ``scores.npy``, ``removed.npy``, ``filtered.txt`` (the kept
+        lines of the input file list, when given), and PNGs: top triggers, their attention maps,
+        and the poison-score distribution (poisoned vs clean with ``truth``)."""
+        from fastbd.report.plots import save_attention_grid, save_image_grid, save_score_histogram
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "result.json").write_text(json.dumps(self.summary(), indent=2))
+        np.save(directory / "scores.npy", self.scores.cpu().numpy())
+        np.save(directory / "removed.npy", self.removed.cpu().numpy())
+        if file_list_lines is not None:
+            if len(file_list_lines) != self.removed.numel():
+                raise ValueError(f"{len(file_list_lines)} file-list lines for "
+                                 f"{self.removed.numel()} images")
+            kept = [line for line, gone in zip(file_list_lines, self.removed.tolist(),
+                                               strict=True) if not gone]
+            (directory / "filtered.txt").write_text("".join(f"{line}\n" for line in kept))
+        if self.triggers.numel():
+            save_image_grid(self.triggers, directory / "top_triggers.png")
+            save_attention_grid(self.maps, directory / "attention_maps.png")
+        save_score_histogram(self.scores, directory / "score_distribution.png", truth)
+        return directory

@@ -1,0 +1,113 @@
+"""The iterative cluster search shared by PoisonCAM and PatchSearch.
+
+Each cluster's members are shuffled once. Every round scores ``samples_per_cluster`` new images
+from each remaining cluster, updates the cluster scores (sum for PoisonCAM, max for
+PatchSearch) and drops the lowest ``prune_fraction`` of the remaining clusters — at least one, so
+the search always ends with no cluster left. Unscored images keep score 0. The state after each
+round can be saved and resumed; every round's randomness derives from (seed, round), so a resumed
+search equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# score_batch(image indices int64 B, generator) -> (scores float B, windows int64 B×2)
+ScoreFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SearchState:
+    """Everything a resumed search needs. ``scores`` float64 ``N``, ``scored`` bool ``N``,
+    ``windows`` int64 ``N×2`` (−1 for unscored), ``members`` per cluster (shuffled),
+    ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log."""
+
+    scores: torch.Tensor
+    scored: torch.Tensor
+    windows: torch.Tensor
+    members: list[torch.Tensor]
+    remaining: list[int]
+    cluster_scores: torch.Tensor
+    round: int = 0
+    rounds: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, labels: torch.Tensor, n_clusters: int, seed: int) -> SearchState:
+        labels = labels.cpu()
+        g = torch.Generator().manual_seed(seed)
+        members = []
+        for c in range(n_clusters):
+            rows = torch.nonzero(labels == c).flatten()
+            members.append(rows[torch.randperm(rows.numel(), generator=g)])
+        n = labels.numel()
+        return cls(scores=torch.zeros(n, dtype=torch.float64),
+                   scored=torch.zeros(n, dtype=torch.bool),
+                   windows=torch.full((n, 2), -1, dtype=torch.long), members=members,
+                   remaining=[c for c in range(n_clusters) if members[c].numel()],
+                   cluster_scores=torch.zeros(n_clusters, dtype=torch.float64))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.__dict__, tmp)
+        tmp.replace(path)  # atomic: an interruption never leaves a half-written state
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchState:
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+
+
+def drop_count(remaining: int, prune_fraction: float) -> int:
+    """Clusters dropped after a round: ``floor(prune_fraction · remaining)``, at least one."""
+    return min(remaining, max(1, math.floor(prune_fraction * remaining)))
+
+
+def run_search(state: SearchState, score_batch: ScoreFn, *, samples_per_cluster: int,
+               prune_fraction: float, aggregate: str, seed: int,
+               checkpoint: str | Path | None = None, verbose: bool = True,
+               max_rounds: int | None = None) -> SearchState:
+    """Run rounds until no cluster remains (or ``max_rounds`` more rounds have run)."""
+    if aggregate not in ("sum", "max"):
+        raise ValueError(f"aggregate must be 'sum' or 'max', got {aggregate!r}")
+    bar = tqdm(desc="search", unit="round", disable=not verbose)
+    done = 0
+    while state.remaining and (max_rounds is None or done < max_rounds):
+        batch = []
+        for c in state.remaining:
+            fresh = state.members[c][~state.scored[state.members[c]]]
+            batch.append(fresh[:samples_per_cluster])
+        picked = torch.cat(batch) if batch else torch.empty(0, dtype=torch.long)
+        if picked.numel():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + state.round)
+            scores, windows = score_batch(picked, g)
+            state.scores[picked] = scores.double().cpu()
+            state.windows[picked] = windows.long().cpu()
+            state.scored[picked] = True
+        for c in state.remaining:
+            done_members = state.members[c][state.scored[state.members[c]]]
+            values = state.scores[done_members]
+            if values.numel():
+                state.cluster_scores[c] = values.sum() if aggregate == "sum" else values.max()
+        order = sorted(state.remaining, key=lambda c: (float(state.cluster_scores[c]), c))
+        dropped = order[:drop_count(len(order), prune_fraction)]
+        state.remaining = [c for c in state.remaining if c not in set(dropped)]
+        state.rounds.append({"round": state.round, "scored": int(picked.numel()),
+                             "dropped": len(dropped), "remaining": len(state.remaining)})
+        state.round += 1
+        done += 1
+        if checkpoint is not None:
+            state.save(checkpoint)
+        bar.update()
+        bar.set_postfix(remaining=len(state.remaining), scored=int(state.scored.sum()))
+    bar.close()
+    return state

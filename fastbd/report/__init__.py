@@ -1,0 +1,1 @@
+"""Report files: plots (PNG) written next to the JSON results."""

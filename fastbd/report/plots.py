@@ -1,0 +1,69 @@
+"""PNG plots for reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 10,
+                    scale: float = 1.0) -> Path:
+    """uint8 ``k×3×h×w`` images in a grid."""
+    k = images.shape[0]
+    columns = min(columns, max(1, k))
+    rows = math.ceil(k / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(scale * columns, scale * rows),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < k:
+            ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_attention_grid(maps: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
+    """float ``k×S×S`` maps in a grid (per-map colour scale)."""
+    k = maps.shape[0]
+    columns = min(columns, max(1, k))
+    rows = math.ceil(k / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns, rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < k:
+            ax.imshow(maps[i].cpu().numpy(), cmap="inferno")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_score_histogram(scores: torch.Tensor, path: str | Path,
+                         truth: torch.Tensor | None = None, title: str = "poison scores",
+                         xlabel: str = "score") -> Path:
+    """Histogram of ``scores``; split into poisoned vs clean when ``truth`` (bool) is given."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = scores.double().cpu()
+    bins = 40
+    if truth is not None:
+        truth = truth.bool().cpu()
+        ax.hist(values[~truth].numpy(), bins=bins, alpha=0.6, label="clean", log=True)
+        ax.hist(values[truth].numpy(), bins=bins, alpha=0.6, label="poisoned", log=True)
+        ax.legend()
+    else:
+        ax.hist(values.numpy(), bins=bins, log=True)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbd.eval.zeroshot import retrieval_recall, zero_shot_predict, zero_shot_weights
+from fastbd.models import (
+    embed_images,
+    open_clip_image_encoder,
+    small_encoder,
+    timm_encoder,
+    torchvision_encoder,
+)
+from fastbd.models.clip import TinyCLIPConfig, clip_loss, clip_tokenizer, tiny_clip, tokenize
+from fastbd.ssl import AugmentConfig, SSLConfig, augment, byol_loss, nt_xent, train_ssl
+
+
+def test_small_encoder_and_embedding(gen):
+    encoder = small_encoder(4)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    features = embed_images(encoder, images, batch_size=3)
+    assert features.shape == (7, 32)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(7))
+    assert embed_images(encoder, images[:0]).shape == (0, 32)
+
+
+def test_embed_rejects_nan_encoder():
+    encoder = small_encoder(4)
+    torch.nn.init.constant_(encoder.backbone.features[0].weight, float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        embed_images(encoder, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_timm_encoder_loads_moco_v3_checkpoint(tmp_path):
+    source = timm_encoder("resnet18", image_size=64)
+    state = {"state_dict": {f"module.base_encoder.{k}": v for k, v in
+                            source.backbone.state_dict().items()}}
+    state["state_dict"]["module.base_encoder.fc.0.weight"] = torch.zeros(4, 4)  # MoCo head
+    state["state_dict"]["module.momentum_encoder.conv1.weight"] = torch.zeros(1)
+    state["state_dict"]["module.predictor.0.weight"] = torch.zeros(1)
+    path = tmp_path / "moco.pth.tar"
+    torch.save(state, path)
+    loaded = timm_encoder("resnet18", checkpoint=path, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    source.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), source(x))
+    assert loaded.feature_dim == 512
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        timm_encoder("resnet18", checkpoint=tmp_path / "none.pt")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        torchvision_encoder("resnet18", checkpoint=tmp_path / "partial.pt")
+
+
+def test_torchvision_and_open_clip_towers():
+    encoder = torchvision_encoder("resnet18", image_size=64).eval()
+    assert encoder(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+    tower = open_clip_image_encoder(tiny_clip(TinyCLIPConfig(vision_layers=1, text_layers=1)))
+    assert tower.image_size == 32 and tower.feature_dim == 64
+    assert tower(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_augment_shapes_ranges_and_identity(gen):
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    mean = torch.zeros(3, 1, 1)
+    std = torch.ones(3, 1, 1)
+    out = augment(images, AugmentConfig(), mean, std, gen)
+    assert out.shape == (6, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
+    identity = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
+                             jitter_p=0.0, grayscale_p=0.0)
+    torch.testing.assert_close(augment(images, identity, mean, std, gen), images.float() / 255,
+                               atol=1e-5, rtol=0)
+
+
+def test_losses():
+    z = torch.randn(8, 5)
+    assert float(byol_loss(z, z)) == pytest.approx(0.0, abs=1e-6)
+    assert float(byol_loss(z, -z)) == pytest.approx(4.0, abs=1e-5)
+    # Perfectly aligned, well separated views give a lower NT-Xent than random ones.
+    basis = torch.eye(8) * 10
+    assert float(nt_xent(basis, basis, 0.2)) < float(nt_xent(basis, torch.randn(8, 8), 0.2))
+    logits_uniform = clip_loss(torch.ones(4, 3), torch.ones(4, 3), torch.tensor(0.0))
+    assert float(logits_uniform) == pytest.approx(math.log(4), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_ssl_training_reduces_loss(gen, method):
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    encoder = small_encoder(4, 16)
+    history = train_ssl(encoder, images, SSLConfig(method=method, epochs=6, batch_size=32,
+                                                   warmup_epochs=1), verbose=False)
+    assert len(history.losses) == 12 and history.images_per_second > 0
+    assert sum(history.losses[-3:]) < sum(history.losses[:3])
+    with pytest.raises(ValueError, match="method"):
+        train_ssl(encoder, images, SSLConfig(method="moco"), verbose=False)
+    with pytest.raises(ValueError, match="uint8"):
+        train_ssl(encoder, images.float(), verbose=False)
+
+
+def test_tokenize_rejects_overlong_captions():
+    tokenizer = clip_tokenizer()
+    tokens = tokenize(tokenizer, ["a red circle."], 32)
+    assert tokens.shape == (1, 32) and int(tokens[0].argmax()) == int((tokens[0] != 0).sum()) - 1
+    with pytest.raises(ValueError, match="longer than the context"):
+        tokenize(tokenizer, ["word " * 40], 32)
+
+
+def test_zero_shot_and_retrieval():
+    model = tiny_clip(TinyCLIPConfig(vision_layers=1, text_layers=1))
+    weights = zero_shot_weights(model, clip_tokenizer(), ["red circle", "blue square"],
+                                ("a photo of a {}.", "a {}."))
+    assert weights.shape == (2, 64)
+    torch.testing.assert_close(weights.norm(dim=1), torch.ones(2))
+    predictions = zero_shot_predict(model, torch.zeros(3, 3, 32, 32, dtype=torch.uint8), weights)
+    assert predictions.shape == (3,) and set(predictions.tolist()) <= {0, 1}
+    emb = F.normalize(torch.eye(4) + 0.01, dim=1)
+    recall = retrieval_recall(emb, emb, ks=(1, 2))
+    assert recall["image_to_text_R@1"] == 1.0 and recall["text_to_image_R@2"] == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        zero_shot_weights(model, clip_tokenizer(), [], ("{}",))

@@ -1,0 +1,246 @@
+"""PoisonCAM stages on tiny inputs with known answers, and the pipeline end to end.
+
+``trigger_encoder`` is built so that a magenta patch decides the cluster: its features are the
+mean colour (×0.1) plus 2.5 when at least half of a 4×4 patch's pixels are magenta, so clean
+images cluster by colour, patched ones sit far away along the last axis, and exactly the masks
+that hide most of the patch move a patched image out of its cluster.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastbd.models.encoders import Encoder
+from fastbd.ops import window_masks
+from fastbd.poisoncam import ClassifierConfig, Config, PoisonCAM, detect
+from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
+from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
+from fastbd.poisoncam.search import SearchState, drop_count, run_search
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+MAGENTA = torch.tensor([255, 0, 255], dtype=torch.uint8)
+
+
+class TriggerNet(nn.Module):
+    def __init__(self, nan: bool = False) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.5))
+        self.nan = nan
+
+    def forward(self, x):
+        pixels = x * 0.25 + 0.5  # back to [0, 1]
+        magenta = ((pixels[:, 0] > 0.9) & (pixels[:, 1] < 0.1) & (pixels[:, 2] > 0.9)).float()
+        present = (magenta.sum((1, 2)) >= 8).float()
+        out = torch.cat([0.1 * pixels.mean((2, 3)), self.scale * present[:, None]], 1)
+        return out * float("nan") if self.nan else out
+
+
+def trigger_encoder(nan: bool = False) -> Encoder:
+    return Encoder(TriggerNet(nan), 4, 16, MEAN, STD, name="trigger-net")
+
+
+def world(gen, n=200, poisoned=20, size=16, side=4):
+    """Random-coloured blobs, ``poisoned`` of them with a magenta side×side patch."""
+    images = (torch.rand(n, 3, 1, 1, generator=gen) * 150).to(torch.uint8).expand(
+        n, 3, size, size).clone()
+    images += torch.randint(0, 40, images.shape, generator=gen, dtype=torch.uint8)
+    truth = torch.zeros(n, dtype=torch.bool)
+    rows = torch.randperm(n, generator=gen)[:poisoned]
+    truth[rows] = True
+    boxes = torch.full((n, 4), -1, dtype=torch.long)
+    for r in rows.tolist():
+        y, x = torch.randint(0, size - side + 1, (2,), generator=gen).tolist()
+        images[r, :, y:y + side, x:x + side] = MAGENTA[:, None, None]
+        boxes[r] = torch.tensor([y, x, side, side])
+    return images, truth, boxes
+
+
+def test_outlier_scores():
+    labels = torch.tensor([[3, 3, 5, 3]])
+    distances = torch.tensor([[0.1, 0.3, 0.9, 0.2]])
+    torch.testing.assert_close(outlier_scores(labels, distances),
+                               torch.tensor([[0.0, 0.25, 1.0, 0.125]]))
+    flat = outlier_scores(torch.tensor([[1, 1]]), torch.tensor([[0.5, 0.5]]))
+    assert torch.equal(flat, torch.zeros(1, 2))
+
+
+def test_window_coverage_matches_rendered_masks(gen):
+    positions = torch.randint(-30, 60, (3, 7, 2), generator=gen)
+    weights = torch.rand(3, 7, generator=gen)
+    got = window_coverage(positions, weights, 5, 13)
+    masks = window_masks(positions.reshape(-1, 2), 5, 13).view(3, 7, 13, 13).float()
+    torch.testing.assert_close(got, (masks * weights[:, :, None, None]).sum(1), atol=1e-5,
+                               rtol=0)
+    interval = attention_maps(positions, weights, 6, 13, "interval", block=2)
+    rendered = window_masks(positions.reshape(-1, 2), 6, 13, strategy="interval",
+                            block=2).view(3, 7, 13, 13).float()
+    count = rendered.sum(1)
+    expected = torch.where(count > 0, (rendered * weights[:, :, None, None]).sum(1) /
+                           count.clamp_min(1e-12), torch.zeros_like(count))
+    torch.testing.assert_close(interval, expected)
+
+
+def _clustering_for(images, encoder):
+    from fastbd.models.encoders import embed_images
+    from fastbd.poisoncam.clustering import ClusteringModel
+
+    features = embed_images(encoder, images)
+    return ClusteringModel.fit(features, 6, 10, 0)
+
+
+def test_candidate_window_covers_the_patch(gen):
+    from fastbd.poisoncam.masking import candidate_windows
+
+    images, truth, boxes = world(gen)
+    encoder = trigger_encoder()
+    clustering, _, _ = _clustering_for(images, encoder)
+
+    def encode_assign(x):
+        return clustering.assign(encoder(x))
+
+    rows = torch.nonzero(truth).flatten()
+    out = candidate_windows(encode_assign, images, rows, MEAN, STD, n_masks=256, window=4,
+                            strategy="full", block=2, fill=0.0, batch_size=256, generator=gen)
+    overlap = [(abs(int(wy) - int(b[0])) < 4 and abs(int(wx) - int(b[1])) < 4)
+               for (wy, wx), b in zip(out.windows.tolist(), boxes[rows], strict=True)]
+    assert all(overlap)
+    from fastbd.eval.metrics import box_iou
+
+    found = torch.cat([out.windows, torch.full_like(out.windows, 4)], 1)
+    assert float(box_iou(found, boxes[rows]).mean()) >= 0.5
+
+
+def test_flip_score_counts_exactly(gen):
+    images, truth, boxes = world(gen)
+    encoder = trigger_encoder()
+    clustering, labels, _ = _clustering_for(images, encoder)
+
+    def encode_assign(x):
+        return clustering.assign(encoder(x))
+
+    tests = torch.nonzero(~truth).flatten()[:30]
+    test_labels = labels[tests]
+    poisoned_row = int(torch.nonzero(truth)[0])
+    clean_row = int(torch.nonzero(~truth)[0])
+    triggers = torch.cat([
+        crop_windows(images, torch.tensor([poisoned_row]), boxes[poisoned_row:poisoned_row + 1,
+                                                                  :2], 4),
+        crop_windows(images, torch.tensor([clean_row]), torch.tensor([[0, 0]]), 4)])
+    replay = torch.Generator().set_state(gen.get_state())
+    scores = flip_counts(encode_assign, images, tests, test_labels, triggers, MEAN, STD,
+                         candidates_per_batch=1, generator=gen)
+    # Oracle: the same positions, pasted by hand one image at a time.
+    mean = torch.tensor(MEAN)[:, None, None]
+    std = torch.tensor(STD)[:, None, None]
+    for c in range(2):
+        corners = torch.randint(0, 16 - 4 + 1, (30, 2), generator=replay)
+        flips = 0
+        for t, (y, x) in zip(tests.tolist(), corners.tolist(), strict=True):
+            canvas = images[t].clone()
+            canvas[:, y:y + 4, x:x + 4] = triggers[c]
+            label, _ = encode_assign(((canvas.float() / 255 - mean) / std)[None])
+            flips += int(label[0] != labels[t])
+        assert int(scores[c]) == flips
+    assert int(scores[0]) == 30  # the patch moves every clean image out of its cluster
+
+
+def test_test_set_spreads_over_clusters(gen):
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 1)
+    distances = torch.rand(9, generator=gen)
+    chosen = select_test_images(labels, distances, 6, gen)
+    per_cluster = torch.bincount(labels[chosen], minlength=3).tolist()
+    assert per_cluster == [3, 2, 1] or per_cluster == [2, 3, 1]
+    closest0 = int(torch.argsort(distances[:5])[0])
+    assert closest0 in chosen.tolist()
+    assert select_test_images(labels, distances, 2, gen).numel() == 2  # one per cluster
+
+
+@pytest.mark.parametrize("remaining,expected", [(1, 1), (3, 1), (4, 1), (8, 2), (10, 2),
+                                                (1000, 250)])
+def test_drop_count(remaining, expected):
+    assert drop_count(remaining, 0.25) == expected
+
+
+def _fake_scorer(values):
+    def score(rows, gen):
+        return values[rows], torch.zeros(rows.numel(), 2, dtype=torch.long)
+    return score
+
+
+def test_search_scores_and_prunes_to_the_end(gen):
+    labels = torch.arange(12) % 4  # 4 clusters of 3
+    values = torch.arange(12, dtype=torch.float64)
+    state = run_search(SearchState.start(labels, 4, seed=1), _fake_scorer(values),
+                       samples_per_cluster=2, prune_fraction=0.25, aggregate="sum", seed=1,
+                       verbose=False)
+    assert not state.remaining
+    assert [r["remaining"] for r in state.rounds] == [3, 2, 1, 0]
+    # Round 0: two of three members of all 4 clusters; round 1: the last member of the 3 left;
+    # then nothing new, one cluster dropped per round until none remains.
+    assert [r["scored"] for r in state.rounds] == [8, 3, 0, 0]
+    assert bool((state.scores[state.scored] == values[state.scored]).all())
+    assert bool((state.scores[~state.scored] == 0).all())
+    for c in range(4):
+        members = state.members[c][state.scored[state.members[c]]]
+        assert float(state.cluster_scores[c]) == float(values[members].sum())
+
+
+def test_search_resume_equals_uninterrupted(tmp_path, gen):
+    labels = torch.randint(0, 6, (60,), generator=gen)
+    values = torch.rand(60, generator=gen, dtype=torch.float64)
+    full = run_search(SearchState.start(labels, 6, 3), _fake_scorer(values),
+                      samples_per_cluster=2, prune_fraction=0.25, aggregate="max", seed=3,
+                      verbose=False)
+    path = tmp_path / "state.pt"
+    run_search(SearchState.start(labels, 6, 3), _fake_scorer(values), samples_per_cluster=2,
+               prune_fraction=0.25, aggregate="max", seed=3, checkpoint=path, verbose=False,
+               max_rounds=2)
+    resumed = run_search(SearchState.load(path), _fake_scorer(values), samples_per_cluster=2,
+                         prune_fraction=0.25, aggregate="max", seed=3, verbose=False)
+    assert torch.equal(full.scores, resumed.scores) and full.rounds == resumed.rounds
+
+
+def small_config(**overrides):
+    base = dict(n_clusters=20, n_masks=64, window=56, test_set_size=40, topk_poisons=8,
+                candidates_per_batch=8, batch_size=256,
+                classifier=ClassifierConfig(n_models=2, iterations=300, batch_size=32, width=8,
+                                            paste_size=(56, 84), paste_margin=0))
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.mark.slow
+def test_pipeline_finds_the_poisons(gen, tmp_path):
+    images, truth, boxes = world(gen)
+    result = detect(trigger_encoder(), images, small_config(), ground_truth=truth,
+                    true_boxes=boxes, verbose=False)
+    assert result.topk_accuracy == 1.0
+    assert result.trigger_scores["topk_trigger_overlap"] == 1.0
+    assert result.metrics.recall >= 0.95 and result.metrics.precision >= 0.7
+    assert set(result.timings) >= {"features", "clustering", "candidates", "flip_test",
+                                   "classifier"}
+    lines = [f"img{i}.png {i % 3}" for i in range(len(truth))]
+    result.save(tmp_path, file_list_lines=lines, truth=truth)
+    assert np.array_equal(np.load(tmp_path / "removed.npy"), result.removed.numpy())
+    assert np.allclose(np.load(tmp_path / "scores.npy"), result.scores.numpy())
+    kept = (tmp_path / "filtered.txt").read_text().splitlines()
+    assert kept == [line for line, r in zip(lines, result.removed.tolist(), strict=True)
+                    if not r]
+    for png in ("top_triggers.png", "attention_maps.png", "score_distribution.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+
+def test_bad_inputs(gen):
+    encoder = trigger_encoder()
+    with pytest.raises(ValueError, match="empty"):
+        detect(encoder, torch.zeros(0, 3, 16, 16, dtype=torch.uint8), small_config())
+    with pytest.raises(ValueError, match="topk_poisons"):
+        detect(encoder, torch.zeros(10, 3, 16, 16, dtype=torch.uint8), small_config())
+    with pytest.raises(ValueError, match="uint8"):
+        detect(encoder, torch.zeros(10, 3, 16, 16), small_config())
+    images, _, _ = world(gen, n=60, poisoned=5)
+    with pytest.raises(ValueError, match="NaN"):
+        detect(trigger_encoder(nan=True), images, small_config(), verbose=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        PoisonCAM(small_config()).fit(encoder, images, resume=True, verbose=False)
