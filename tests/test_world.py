@@ -23,6 +23,15 @@ def test_world_is_deterministic_and_well_formed(world):
     assert not torch.equal(world.train.images[:100], world.eval.images)
 
 
+def test_object_opacity_blends_objects():
+    solid = make_world(WorldConfig(n_train=20, n_eval=2, noise_std=0.0, seed=1))
+    faint = make_world(WorldConfig(n_train=20, n_eval=2, noise_std=0.0, seed=1,
+                                   object_opacity=0.0))
+    # Fully transparent objects leave only the background: the images differ where shapes are.
+    assert not torch.equal(solid.train.images, faint.train.images)
+    assert solid.train.captions == faint.train.captions
+
+
 def test_other_sizes_and_class_counts():
     small = make_world(WorldConfig(n_train=40, n_eval=10, image_size=48, n_classes=25))
     assert small.train.images.shape[-1] == 48 and len(small.class_names) == 25

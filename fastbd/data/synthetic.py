@@ -38,7 +38,8 @@ ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "an image showing a {}.", "there is a
 
 @dataclass
 class WorldConfig:
-    """Size and look of the world. ``n_classes`` ≤ len(SHAPES) × len(COLOURS)."""
+    """Size and look of the world. ``n_classes`` ≤ len(SHAPES) × len(COLOURS); objects are
+    blended over the background with ``object_opacity``."""
 
     n_train: int = 5000
     n_eval: int = 1000
@@ -48,6 +49,7 @@ class WorldConfig:
     colour_jitter: float = 25.0
     noise_std: float = 6.0
     texture_contrast: float = 0.6
+    object_opacity: float = 1.0
     seed: int = 0
 
 
@@ -148,7 +150,8 @@ def render(config: WorldConfig, table: list[tuple[str, str]], labels: torch.Tens
     background = _texture(n, s, config.texture_contrast, g)
     base = torch.tensor([COLOURS[table[k][1]] for k in labels.tolist()], dtype=torch.float32)
     colour = (base + config.colour_jitter * torch.randn(n, 3, generator=g)).clamp(0, 255)
-    image = background * (1 - masks[:, None]) + colour[:, :, None, None] * masks[:, None]
+    alpha = config.object_opacity * masks[:, None]
+    image = background * (1 - alpha) + colour[:, :, None, None] * alpha
     image = image + config.noise_std * torch.randn(n, 3, s, s, generator=g)
     centres_px = (centre + 1) / 2 * s
     return image.round().clamp(0, 255).to(torch.uint8), centres_px, scales

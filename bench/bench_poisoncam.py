@@ -1,0 +1,91 @@
+"""PoisonCAM stage throughput beside the encoder alone.
+
+The masking stage (``candidate_windows``: ``mask_fill`` into a reused buffer, encode, assign,
+attention maps, window search) and the flip stage (``flip_counts``: ``paste`` into a reused
+buffer, encode, assign, count) are timed per image encoded, next to the same encoder run on a
+pre-built batch of the same size (input generation and assignment excluded). The ratio
+stage ÷ encoder-only is the figure: the kernels should make input generation nearly free.
+"""
+
+import pytest
+import torch
+
+from fastbd.models import small_encoder, timm_encoder
+from fastbd.poisoncam.clustering import ClusteringModel
+from fastbd.poisoncam.flip import flip_counts
+from fastbd.poisoncam.masking import candidate_windows
+
+from benchutil import HAS_CUDA, cuda, record_rates, run
+
+SIZES = {
+    "cpu": dict(arch="small", size=32, images=4, masks=64, window=9, test=64, candidates=4,
+                batch=256, dtype=torch.float32, device="cpu"),
+    "gpu-resnet18": dict(arch="resnet18", size=224, images=8, masks=256, window=60, test=1000,
+                         candidates=2, batch=2048, dtype=torch.bfloat16, device="cuda"),
+    "gpu-vit_b16": dict(arch="vit_base_patch16_224", size=224, images=4, masks=256, window=60,
+                        test=1000, candidates=1, batch=1024, dtype=torch.bfloat16,
+                        device="cuda"),
+}
+
+
+def setup(arch, size, images, masks, window, test, candidates, batch, dtype, device):
+    encoder = small_encoder(16, size) if arch == "small" else timm_encoder(arch, image_size=size)
+    encoder = encoder.to(device).eval()
+    if dtype != torch.float32:
+        encoder = encoder.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randint(0, 256, (max(images, test) + 8, 3, size, size), dtype=torch.uint8,
+                         generator=g).to(device)
+    with torch.no_grad():
+        feats = encoder(encoder.normalise(bank[:64], dtype)).float()
+    clustering = ClusteringModel(torch.nn.functional.normalize(feats[:16], dim=1))
+
+    def encode_assign(x):
+        with torch.no_grad():
+            return clustering.assign(encoder(x).float())
+
+    return encoder, bank, clustering, encode_assign
+
+
+@pytest.mark.parametrize("stage", ["masking", "flip", "encoder_only"])
+def test_poisoncam_stages_cpu(benchmark, stage):
+    _bench(benchmark, stage, **SIZES["cpu"])
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", ["gpu-resnet18", "gpu-vit_b16"])
+@pytest.mark.parametrize("stage", ["masking", "flip", "encoder_only"])
+def test_poisoncam_stages_gpu(benchmark, model, stage):
+    _bench(benchmark, stage, **SIZES[model])
+
+
+def _bench(benchmark, stage, arch, size, images, masks, window, test, candidates, batch, dtype,
+           device):
+    encoder, bank, clustering, encode_assign = setup(arch, size, images, masks, window, test,
+                                                     candidates, batch, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.arange(images, device=device)
+    if stage == "masking":
+        encoded = images * masks
+        fn = lambda: candidate_windows(encode_assign, bank, rows, encoder.mean, encoder.std,
+                                       n_masks=masks, window=window, strategy="full", block=1,
+                                       fill=0.0, batch_size=batch, generator=g, dtype=dtype)
+    elif stage == "flip":
+        encoded = candidates * test
+        triggers = bank[:candidates, :, :window, :window].contiguous()
+        tests = torch.arange(test, device=device)
+        labels, _ = encode_assign(encoder.normalise(bank[:test], dtype))
+        fn = lambda: flip_counts(encode_assign, bank, tests, labels, triggers, encoder.mean,
+                                 encoder.std, candidates_per_batch=candidates, generator=g,
+                                 dtype=dtype)
+    else:
+        encoded = batch
+        ready = encoder.normalise(bank[:1].expand(batch, -1, -1, -1), dtype).contiguous()
+
+        def fn():
+            with torch.no_grad():
+                return encoder(ready)
+    run(benchmark, fn, rounds=3, stage=stage, arch=arch, size=size, batch=batch,
+        dtype=str(dtype), gpu=HAS_CUDA)
+    record_rates(benchmark, images=encoded)
