@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbd.models.clip import (
+    TinyCLIPConfig,
+    clip_normalise,
+    clip_tokenizer,
+    tiny_clip,
+    tokenize,
+)
+from fastbd.ubt import Config, defend
+from fastbd.ubt.defend import similarities
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (120, 3, 32, 32), dtype=torch.uint8, generator=g)
+    names = ["red circle", "blue square", "green bar", "cf red circle"]
+    captions = [f"a photo of a {names[i % 4]}." for i in range(120)]
+    return images, tokenize(clip_tokenizer(), captions, 32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    small = TinyCLIPConfig(text_layers=1)
+    return tiny_clip(small, seed=1).eval(), tiny_clip(small, seed=2).eval()
+
+
+def brute_cosine(model, images, tokens):
+    with torch.no_grad():
+        out = []
+        for i in range(images.shape[0]):
+            a = model.encode_image(clip_normalise(images[i:i + 1]))
+            b = model.encode_text(tokens[i:i + 1])
+            out.append(F.cosine_similarity(a, b).item())
+    return torch.tensor(out)
+
+
+def config(**overrides):
+    base = dict(susp_fraction=0.1, overfit_epochs=1, unlearn_epochs=1, overfit_lr=1e-4,
+                unlearn_lr=1e-3, batch_size=16, skip_check=True)
+    base.update(overrides)
+    return Config(**base)
+
+
+def test_suspicious_split_and_topk_against_brute_force(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference, config=config(), verbose=False)
+    brute = brute_cosine(reference, images, tokens)
+    torch.testing.assert_close(result.reference_similarity, brute, atol=1e-5, rtol=0)
+    assert set(result.suspicious.tolist()) == set(torch.argsort(brute)[:12].tolist())
+    k = math.ceil(math.sqrt(120 * 0.1))
+    assert result.topk.numel() == k
+    order = torch.argsort(result.overfit_similarity, descending=True)
+    assert result.topk.tolist() == result.suspicious[order[:k]].tolist()
+    assert result.relevance.shape == (k, 32) and result.token_keep.dtype == torch.bool
+
+
+def test_unlearning_lowers_the_top_pairs_similarity(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference,
+                    config=config(unlearn_epochs=3), verbose=False)
+    before = similarities(model, images[result.topk], tokens[result.topk], "cpu")
+    after = similarities(result.model, images[result.topk], tokens[result.topk], "cpu")
+    assert float(after.mean()) < float(before.mean())
+
+
+def test_declined_check_leaves_the_model_unchanged(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference,
+                    config=config(skip_check=False, check_threshold=1e9), verbose=False)
+    assert not result.poisoned and result.relevance is None
+    for a, b in zip(model.state_dict().values(), result.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert math.isfinite(result.check_statistic)
+
+
+def test_bad_inputs(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    with pytest.raises(ValueError, match="context"):
+        defend(model, images, tokens[:, :16], reference=reference, verbose=False)
+    with pytest.raises(ValueError, match="empty"):
+        defend(model, images[:0], tokens[:0], reference=reference, verbose=False)
+    with pytest.raises(ValueError, match="uint8"):
+        defend(model, images.float(), tokens, reference=reference, verbose=False)
+    with pytest.raises(ValueError, match="longer than the context"):
+        tokenize(clip_tokenizer(), ["word " * 40], 32)
