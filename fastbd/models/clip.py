@@ -7,7 +7,6 @@ The trainer is architecture-agnostic: any open_clip ``CLIP`` with ``encode_image
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from fastbd.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,7 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / config.warmup_steps if s < config.warmup_steps else
-        0.5 * (1 + math.cos(math.pi * (s - config.warmup_steps)
-                            / max(1, total - config.warmup_steps))))
+    schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
     losses = []
     start = time.perf_counter()

@@ -11,7 +11,6 @@ been flat for ``patience`` checks. An ensemble averages its members' logits.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fastbd.ops import paste
 from fastbd.poisoncam.config import ClassifierConfig
+from fastbd.schedules import warmup_cosine
 from fastbd.ssl.augment import colour_jitter, random_resized_crop
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         model = PoisonNet(config.width, size).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.iterations)))
+        schedule = warmup_cosine(optimizer, 0, config.iterations)
         history: list[int] = []
         best, best_state, steps = -1.0, None, 0
         bar = tqdm(total=config.iterations, desc=f"classifier {member + 1}/{config.n_models}",

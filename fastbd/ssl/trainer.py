@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.models.encoders import Encoder
+from fastbd.schedules import warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,7 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     steps_per_epoch = n // batch
     total = steps_per_epoch * config.epochs
     warmup = steps_per_epoch * config.warmup_epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
-        0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
     mean = torch.tensor(encoder.mean, device=device)[:, None, None]
