@@ -61,6 +61,26 @@ def test_suspicious_split_and_topk_against_brute_force(pairs, models):
     assert result.relevance.shape == (k, 32) and result.token_keep.dtype == torch.bool
 
 
+def test_result_files(pairs, models, tmp_path):
+    import json
+
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference, config=config(), verbose=False)
+    truth = torch.zeros(120, dtype=torch.bool)
+    truth[result.suspicious[:3]] = True
+    result.save(tmp_path, truth=truth, tokens=tokens, tokenizer=clip_tokenizer())
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["suspicious_poisoned"] == 3 and saved["topk"] == result.topk.tolist()
+    reloaded = tiny_clip(TinyCLIPConfig(text_layers=1))
+    reloaded.load_state_dict(torch.load(tmp_path / "model.pt"))
+    for a, b in zip(reloaded.state_dict().values(), result.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    for png in ("similarity.png", "token_relevance.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+
 def test_unlearning_lowers_the_top_pairs_similarity(pairs, models):
     images, tokens = pairs
     model, reference = models

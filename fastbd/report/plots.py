@@ -67,3 +67,27 @@ def save_score_histogram(scores: torch.Tensor, path: str | Path,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
+                       path: str | Path) -> Path:
+    """Relevance ``k×L`` of each caption's tokens (between SOT and EOT) as a labelled heatmap:
+    one row per caption, one cell per token."""
+    eot = tokens.argmax(dim=1)
+    width = max(1, int(eot.max()) - 1)
+    grid = torch.zeros(tokens.shape[0], width)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * width), 0.45 * tokens.shape[0] + 1))
+    for row in range(tokens.shape[0]):
+        end = int(eot[row])
+        grid[row, : end - 1] = relevance[row, 1:end]
+        for col in range(1, end):
+            word = tokenizer.decode([int(tokens[row, col])]).strip()
+            ax.text(col - 1, row, word, ha="center", va="center", fontsize=7)
+    ax.imshow(grid.numpy(), cmap="Reds", aspect="auto", vmin=0, vmax=max(1e-6, float(grid.max())))
+    ax.set_yticks(range(tokens.shape[0]))
+    ax.set_xticks([])
+    ax.set_title("token relevance (Chefer) of the top pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

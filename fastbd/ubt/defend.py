@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,31 @@ class UBTResult:
         return {"poisoned": self.poisoned, "check_statistic": self.check_statistic,
                 "suspicious": int(self.suspicious.numel()), "topk": self.topk.tolist(),
                 "timings_s": self.timings, "config": self.config}
+
+    def save(self, directory: str | Path, truth: torch.Tensor | None = None,
+             tokens: torch.Tensor | None = None, tokenizer=None) -> Path:
+        """Write ``model.pt`` (purified state dict), ``result.json``, ``similarity.png`` (the
+        reference similarity of all pairs; backdoor vs clean with ``truth``) and, when token
+        relevance was computed and ``tokens``/``tokenizer`` are given, ``token_relevance.png``
+        for the top pairs."""
+        from fastbd.report.plots import save_score_histogram, save_token_heatmap
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / "model.pt")
+        summary = self.summary()
+        if truth is not None:
+            truth = torch.as_tensor(truth).bool().cpu()
+            summary["suspicious_poisoned"] = int(truth[self.suspicious].sum())
+            summary["topk_poisoned"] = int(truth[self.topk].sum())
+        (directory / "result.json").write_text(json.dumps(summary, indent=2))
+        save_score_histogram(self.reference_similarity, directory / "similarity.png", truth,
+                             title="pair similarity under the reference model",
+                             xlabel="cosine")
+        if self.relevance is not None and tokens is not None and tokenizer is not None:
+            save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
+                               directory / "token_relevance.png")
+        return directory
 
 
 def _check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
