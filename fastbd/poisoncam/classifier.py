@@ -5,7 +5,9 @@ Training images come from the pool (all but the highest- and lowest-scored); wit
 (label 1), otherwise the image stays as it is (label 0). Geometry augmentation comes first so the
 pasted trigger stays sharp, colour augmentation after. Validation: the top-k poisons (label 1)
 against the bottom-k images (label 0); training stops when the validation F1 (integer %) has
-been flat for ``patience`` checks. An ensemble averages its members' logits.
+been flat for ``patience`` checks, and the model at that point is kept (PatchSearch's rule; the
+first best-F1 checkpoint on the tiny validation set is often undertrained). An ensemble averages
+its members' logits.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                                     weight_decay=config.weight_decay)
         schedule = warmup_cosine(optimizer, 0, config.iterations)
         history: list[int] = []
-        best, best_state, steps = -1.0, None, 0
+        best, steps = 0.0, 0
         bar = tqdm(total=config.iterations, desc=f"classifier {member + 1}/{config.n_models}",
                    disable=not verbose, unit="it")
         for step in range(1, config.iterations + 1):
@@ -160,21 +162,17 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                 with torch.no_grad():
                     f1 = _f1(model(val_x).cpu(), val_y)
                 history.append(round(100 * f1))
-                if f1 > best:
-                    best = f1
-                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                best = max(best, f1)
                 bar.set_postfix(f1=f"{f1:.2f}")
                 if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
                     break
         bar.close()
-        if best_state is not None:
-            model.load_state_dict(best_state)
         model.eval()
         models.append(model)
         report.iterations.append(steps)
         report.best_f1.append(max(best, 0.0))
-        log.info("poison classifier %d: %d iterations, best validation F1 %.3f", member + 1,
-                 steps, best)
+        log.info("poison classifier %d: stopped after %d iterations, best validation F1 %.3f",
+                 member + 1, steps, best)
     return models, report
 
 
