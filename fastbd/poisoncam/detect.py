@@ -128,7 +128,7 @@ class Detector:
             log.info("resuming the search at round %d", state.round)
         if state is None:
             state = SearchState.start(labels, config.n_clusters, config.seed)
-        top_maps: dict[int, torch.Tensor] = getattr(state, "top_maps", {}) or {}
+        top_maps = state.top_maps
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +150,6 @@ class Detector:
             keep = sorted(top_maps.items(), key=lambda kv: -kv[1][0])[:config.topk_poisons]
             top_maps.clear()
             top_maps.update(keep)
-            state.top_maps = top_maps
             return scores, windows
 
         start = time.perf_counter()

@@ -29,7 +29,8 @@ ScoreFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Te
 class SearchState:
     """Everything a resumed search needs. ``scores`` float64 ``N``, ``scored`` bool ``N``,
     ``windows`` int64 ``N×2`` (−1 for unscored), ``members`` per cluster (shuffled),
-    ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log."""
+    ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log, and
+    ``top_maps``: the attention maps of the best-scored images so far (row → (score, map))."""
 
     scores: torch.Tensor
     scored: torch.Tensor
@@ -39,6 +40,7 @@ class SearchState:
     cluster_scores: torch.Tensor
     round: int = 0
     rounds: list[dict] = field(default_factory=list)
+    top_maps: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, labels: torch.Tensor, n_clusters: int, seed: int) -> SearchState:
