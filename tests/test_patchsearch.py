@@ -1,0 +1,72 @@
+"""PatchSearch's Grad-CAM against a hook-free computation, and the detector CLI end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbd.cli import main
+from fastbd.models import small_encoder
+from fastbd.patchsearch.gradcam import _to_grid, gradcam_maps, gradcam_windows
+from fastbd.poisoncam.clustering import ClusteringModel
+
+
+def test_gradcam_matches_hook_free_computation(gen):
+    encoder = small_encoder(4, 16).eval()
+    clustering = ClusteringModel(F.normalize(torch.randn(5, 32, generator=gen), dim=1))
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    got = gradcam_maps(encoder, images, clustering)
+    layers = encoder.backbone.features
+    body, head = layers[:-2], layers[-2:]  # up to the last ReLU | pool + flatten
+    for i in range(6):
+        activation = body(encoder.normalise(images[i:i + 1])).detach().requires_grad_(True)
+        logits = clustering.logits(head(activation))
+        grad, = torch.autograd.grad(logits[0, logits.argmax()], activation)
+        cam = F.relu((grad.mean((2, 3), keepdim=True) * activation).sum(1, keepdim=True))
+        want = F.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+        torch.testing.assert_close(got[i], want.detach(), atol=1e-5, rtol=1e-4)
+    windows, maps = gradcam_windows(encoder, images, torch.arange(6), clustering, 5,
+                                    batch_size=4)
+    assert windows.shape == (6, 2) and int(windows.max()) <= 11
+    torch.testing.assert_close(maps, got)
+
+
+def test_vit_tokens_to_grid():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)  # CLS + 4×4
+    grid = _to_grid(tokens)
+    assert grid.shape == (2, 3, 4, 4)
+    assert torch.equal(grid[0, :, 0, 0], tokens[0, 1])
+
+
+@pytest.mark.slow
+def test_detector_cli_config_and_resume(tmp_path):
+    src = tmp_path / "src"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "60", "--n-eval", "10",
+                 "--out", str(src)]) == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "n_clusters: 3\nn_masks: 4\ntest_set_size: 10\ntopk_poisons: 5\nbatch_size: 64\n"
+        "classifier:\n  n_models: 1\n  iterations: 20\n  width: 4\n  val_every: 10\n"
+        "  patience: 2\n")
+    common = ["--file-list", str(src / "train.txt"), "--arch", "resnet18", "--image-size", "32",
+              "--config", str(config), "--device", "cpu"]
+    for command in ("patchsearch", "poisoncam"):
+        out = tmp_path / command
+        assert main(["--quiet", command, *common, "--out", str(out)]) == 0
+        result = json.loads((out / "result.json").read_text())
+        assert result["method"] == command and result["config"]["n_masks"] == 4
+        removed = np.load(out / "removed.npy")
+        kept = (out / "filtered.txt").read_text().splitlines()
+        assert len(kept) == int((~removed).sum()) and len(removed) == 60
+        assert "metrics" in result  # HTBA_trigger names give the ground truth
+    scores = np.load(tmp_path / "poisoncam" / "scores.npy")
+    assert main(["--quiet", "poisoncam", *common, "--out", str(tmp_path / "poisoncam"),
+                 "--resume"]) == 0
+    assert np.array_equal(np.load(tmp_path / "poisoncam" / "scores.npy"), scores)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"n_maskz": 3}')
+    with pytest.raises(SystemExit, match="unknown config keys"):
+        main(["--quiet", "poisoncam", "--file-list", str(src / "train.txt"), "--arch",
+              "resnet18", "--config", str(bad), "--out", str(tmp_path / "x")])
