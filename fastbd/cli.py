@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.which in ("poisoncam", "all"):
         from fastbd.demo.poisoncam import run
 
-        start = __import__("time").perf_counter()
+        start = time.perf_counter()
         report = run(Path(args.out) / "poisoncam", device=args.device, seed=args.seed,
                      retrain=args.retrain, cache_dir=args.cache, verbose=not args.quiet)
         threat = report.threat
@@ -45,8 +46,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{100 * before['clean_accuracy']:.1f}% -> {100 * after['clean_accuracy']:.1f}%"
                   f", ASR {100 * before['asr']:.1f}% -> {100 * after['asr']:.1f}%")
         print(f"report: {Path(args.out) / 'poisoncam'} "
-              f"({__import__('time').perf_counter() - start:.0f}s)")
+              f"({time.perf_counter() - start:.0f}s)")
         if args.which == "poisoncam":
+            return 0
+    if args.which in ("ubt", "all"):
+        from fastbd.demo.ubt import run as run_ubt
+
+        start = time.perf_counter()
+        report = run_ubt(Path(args.out) / "ubt", device=args.device, seed=args.seed,
+                         cache_dir=args.cache, verbose=not args.quiet)
+        print(report.table())
+        print(f"report: {Path(args.out) / 'ubt'} "
+              f"({time.perf_counter() - start:.0f}s)")
+        if args.which == "ubt":
             return 0
     return _ops_smoke(args)
 
@@ -206,14 +218,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(path: str | None):
-    """A ``poisoncam.Config`` from a JSON or YAML file (keys as the dataclass fields)."""
+def _load_dataclass(path: str | None, cls, nested: dict | None = None):
+    """An instance of the dataclass ``cls`` from a JSON or YAML file (keys as its fields;
+    ``nested`` maps a field name to the dataclass its value is built into)."""
     from dataclasses import fields
 
-    from fastbd.poisoncam import ClassifierConfig, Config
-
     if path is None:
-        return Config()
+        return cls()
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -221,13 +232,21 @@ def _load_config(path: str | None):
         raw = yaml.safe_load(text) or {}
     else:
         raw = json.loads(text)
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
         raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
-    if "classifier" in raw:
-        raw["classifier"] = ClassifierConfig(**raw["classifier"])
-    return Config(**raw)
+    for name, inner in (nested or {}).items():
+        if name in raw:
+            raw[name] = inner(**raw[name])
+    return cls(**raw)
+
+
+def _load_config(path: str | None):
+    """A ``poisoncam.Config`` from a JSON or YAML file."""
+    from fastbd.poisoncam import ClassifierConfig, Config
+
+    return _load_dataclass(path, Config, {"classifier": ClassifierConfig})
 
 
 def _encoder_from_args(args: argparse.Namespace):
@@ -275,6 +294,76 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_clip_pairs(args: argparse.Namespace, csv_path: str, model, out: Path, name: str):
+    """uint8 images, token ids and ground truth (the CSV's ``is_backdoor`` column, or None) of
+    the pairs in ``csv_path``, images through the eval transform at the model's input size."""
+    import torch
+
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import read_csv_pairs
+    from fastbd.models.clip import clip_tokenizer, context_length_of, tokenize
+
+    pairs = read_csv_pairs(csv_path, image_key=args.image_key, caption_key=args.caption_key,
+                           separator=args.separator)
+    size = args.image_size or _clip_image_size(model)
+    bank, report = ImageBank.from_files(pairs.paths, size, skip_bad=args.skip_bad,
+                                        cache=out / f"{name}.npy", verbose=not args.quiet)
+    captions = [pairs.captions[i] for i in report.kept]
+    tokenizer = clip_tokenizer("ViT-B-32" if args.arch == "tiny" else args.arch)
+    tokens = tokenize(tokenizer, captions, context_length_of(model))
+    flags = pairs.columns.get("is_backdoor")
+    truth = (torch.tensor([flags[i].strip().lower() in ("1", "true", "yes")
+                           for i in report.kept]) if flags else None)
+    return torch.as_tensor(bank.images[:]), tokens, truth, tokenizer, report
+
+
+def _clip_image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def cmd_defend_clip(args: argparse.Namespace) -> int:
+    """UBT, CleanCLIP or ABL on an open_clip model over a CSV of pairs."""
+    from fastbd.models.clip import load_clip
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_clip(args.arch, args.checkpoint).to(args.device)
+    if args.command == "cleanclip":
+        from fastbd.baselines import CleanCLIPConfig, cleanclip
+        from fastbd.ssl.augment import AugmentConfig
+
+        images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,
+                                                                   "clean_pairs")
+        config = _load_dataclass(args.config, CleanCLIPConfig, {"augment": AugmentConfig})
+        result = cleanclip(model, images, tokens, config, device=args.device,
+                           verbose=not args.quiet)
+    else:
+        if args.reference_checkpoint is None:
+            raise SystemExit(f"{args.command} needs --reference-checkpoint (a clean model)")
+        reference = load_clip(args.reference_arch or args.arch,
+                              args.reference_checkpoint).to(args.device)
+        images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,
+                                                                   "pairs")
+        if args.command == "ubt":
+            from fastbd.ubt import Config, defend
+
+            result = defend(model, images, tokens, reference=reference,
+                            config=_load_dataclass(args.config, Config), device=args.device,
+                            verbose=not args.quiet)
+        else:
+            from fastbd.baselines import ABLConfig, abl
+
+            result = abl(model, images, tokens, reference=reference,
+                         config=_load_dataclass(args.config, ABLConfig), device=args.device,
+                         verbose=not args.quiet)
+    result.save(out, truth=truth, tokens=tokens, tokenizer=tokenizer)
+    summary = {**result.summary(truth), "pairs": int(tokens.shape[0]),
+               "skipped": report.skipped, "out": str(out)}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--n-eval", type=int, default=1000)
@@ -294,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(run=cmd_env)
 
     demo = sub.add_parser("demo", help="the main job on the embedded synthetic world")
-    demo.add_argument("which", nargs="?", default="all", choices=["all", "poisoncam", "ops"],
-                      help="poisoncam: PoisonCAM vs PatchSearch on the poisoned world; ops: the "
-                      "kernels against their references; all: both")
+    demo.add_argument("which", nargs="?", default="all",
+                      choices=["all", "poisoncam", "ubt", "ops"],
+                      help="poisoncam: PoisonCAM vs PatchSearch on the poisoned SSL world; ubt: "
+                      "UBT vs CleanCLIP and ABL on poisoned CLIPs; ops: the kernels against "
+                      "their references; all: all three")
     demo.add_argument("--device", default=_default_device())
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--retrain", action="store_true",
@@ -352,6 +443,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--width", type=int, default=16)
     evaluate.add_argument("--out", default="fastbd-out/eval")
     evaluate.set_defaults(run=cmd_eval)
+
+    helps = {"ubt": "purify a backdoored CLIP by token-level unlearning (UBT)",
+             "cleanclip": "CleanCLIP fine-tuning on clean pairs (baseline)",
+             "abl": "ABL gradient ascent on the suspicious pairs (baseline)"}
+    for name, text in helps.items():
+        defense = sub.add_parser(name, help=text)
+        defense.add_argument("--csv", required=True,
+                             help="pairs: the (possibly poisoned) training set; for cleanclip "
+                                  "the clean fine-tuning set")
+        defense.add_argument("--image-key", default="image")
+        defense.add_argument("--caption-key", default="caption")
+        defense.add_argument("--separator", default=",")
+        defense.add_argument("--arch", default="tiny",
+                             help="open_clip architecture (e.g. ViT-B-32, RN50) or 'tiny'")
+        defense.add_argument("--checkpoint", required=True, help="the model to defend")
+        if name != "cleanclip":
+            defense.add_argument("--reference-checkpoint",
+                                 help="a clean pre-trained model (required)")
+            defense.add_argument("--reference-arch", help="its architecture (default --arch)")
+        defense.add_argument("--image-size", type=int, default=None,
+                             help="default: the model's input size")
+        defense.add_argument("--config", help="JSON/YAML file with the defense's Config fields")
+        defense.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        defense.add_argument("--out", default=f"fastbd-out/{name}")
+        defense.add_argument("--device", default=_default_device())
+        defense.set_defaults(run=cmd_defend_clip)
 
     for name in ("poisoncam", "patchsearch"):
         det = sub.add_parser(name, help=f"find poisoned images with {name} (SSL encoders)")

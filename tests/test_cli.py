@@ -34,3 +34,66 @@ def test_smoke_checks_triton_under_interpreter():
 def test_unknown_command_exits():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+@pytest.fixture(scope="module")
+def clip_pairs_csv(tmp_path_factory):
+    import torch
+
+    from fastbd.data.readers import export_images
+    from fastbd.data.synthetic import WorldConfig, make_world
+    from fastbd.models.clip import tiny_clip
+
+    root = tmp_path_factory.mktemp("pairs")
+    world = make_world(WorldConfig(n_train=48, n_eval=4, seed=3))
+    truth = torch.zeros(48, dtype=torch.bool)
+    truth[:4] = True
+    files = export_images(root, world.train.images, world.train.labels, truth,
+                          world.train.captions)
+    torch.save(tiny_clip(seed=1).state_dict(), root / "poisoned.pt")
+    torch.save({"state_dict": tiny_clip(seed=2).state_dict()}, root / "clean.pt")
+    (root / "cleanclip.json").write_text(json.dumps({"epochs": 1, "batch_size": 16}))
+    (root / "abl.json").write_text(json.dumps({"susp_fraction": 0.25, "epochs": 1,
+                                               "min_steps": 0, "batch_size": 16}))
+    (root / "ubt.json").write_text(json.dumps(
+        {"susp_fraction": 0.25, "overfit_epochs": 1, "unlearn_epochs": 1, "min_steps": 0,
+         "batch_size": 16, "skip_check": True}))
+    return root, files["csv"]
+
+
+@pytest.mark.parametrize("defense", ["ubt", "abl", "cleanclip"])
+def test_clip_defense_commands(clip_pairs_csv, tmp_path, capsys, defense):
+    import torch
+
+    from fastbd.models.clip import tiny_clip
+
+    root, csv_path = clip_pairs_csv
+    args = ["--quiet", defense, "--csv", str(csv_path), "--checkpoint",
+            str(root / "poisoned.pt"), "--out", str(tmp_path), "--device", "cpu"]
+    if defense != "cleanclip":
+        args += ["--reference-checkpoint", str(root / "clean.pt")]
+    args += ["--config", str(root / f"{defense}.json")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == defense and summary["pairs"] == 48
+    saved = json.loads((tmp_path / "result.json").read_text())
+    if defense != "cleanclip":
+        assert saved["suspicious"] == 12 and "suspicious_poisoned" in saved
+    if defense == "ubt":
+        assert "topk_poisoned" in saved and (tmp_path / "token_relevance.png").is_file()
+    tiny_clip().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_clip_defense_command_errors(clip_pairs_csv, tmp_path):
+    root, csv_path = clip_pairs_csv
+    with pytest.raises(SystemExit, match="reference-checkpoint"):
+        main(["--quiet", "ubt", "--csv", str(csv_path), "--checkpoint",
+              str(root / "poisoned.pt"), "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
+              str(root / "missing.pt"), "--reference-checkpoint", str(root / "clean.pt"),
+              "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown config keys"):
+        main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
+              str(root / "poisoned.pt"), "--reference-checkpoint", str(root / "clean.pt"),
+              "--config", str(root / "ubt.json"), "--out", str(tmp_path)])

@@ -12,7 +12,7 @@ from fastbd.models.clip import (
     tokenize,
 )
 from fastbd.ubt import Config, defend
-from fastbd.ubt.defend import similarities
+from fastbd.ubt.defend import similarities, stage_epochs
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def brute_cosine(model, images, tokens):
 
 def config(**overrides):
     base = dict(susp_fraction=0.1, overfit_epochs=1, unlearn_epochs=1, overfit_lr=1e-4,
-                unlearn_lr=1e-3, batch_size=16, skip_check=True)
+                unlearn_lr=1e-3, batch_size=16, min_steps=0, skip_check=True)
     base.update(overrides)
     return Config(**base)
 
@@ -114,3 +114,35 @@ def test_bad_inputs(pairs, models):
         defend(model, images.float(), tokens, reference=reference, verbose=False)
     with pytest.raises(ValueError, match="longer than the context"):
         tokenize(clip_tokenizer(), ["word " * 40], 32)
+
+
+def test_stage_epochs_scaling():
+    assert stage_epochs(50, 64, 5, 60) == 60  # one step per epoch: raised to 60 steps
+    assert stage_epochs(128, 64, 5, 60) == 30
+    assert stage_epochs(10_000, 64, 5, 60) == 5  # paper scale: unchanged
+    assert stage_epochs(50, 64, 0, 60) == 0  # a stage switched off stays off
+    assert stage_epochs(0, 64, 5, 0) == 5
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(masked_captions=False),
+                                       dict(retain_weight=0.0)])
+def test_unlearning_variants_keep_batchnorm_statistics(pairs, models, overrides):
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference,
+                    config=config(unlearn_epochs=2, **overrides), verbose=False)
+    for key, value in model.state_dict().items():
+        if "running_" in key:
+            assert torch.equal(result.model.state_dict()[key], value), key
+    before = similarities(model, images[result.topk], tokens[result.topk], "cpu")
+    after = similarities(result.model, images[result.topk], tokens[result.topk], "cpu")
+    assert float(after.mean()) < float(before.mean())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="susp_fraction"):
+        Config(susp_fraction=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        Config(batch_size=1)
+    with pytest.raises(ValueError, match="retain_weight"):
+        Config(retain_weight=-1.0)

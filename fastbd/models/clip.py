@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,32 @@ def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
         text_cfg=dict(context_length=config.context_length, vocab_size=49408,
                       width=config.text_width, heads=config.text_heads,
                       layers=config.text_layers))
+
+
+def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
+    """An open_clip CLIP by architecture name (e.g. ``ViT-B-32``, ``RN50``) or ``tiny``
+    (fastbd's ``TinyCLIPConfig()``), with weights from ``checkpoint`` (a state dict, or a dict
+    holding one under ``state_dict``/``model``; ``module.`` prefixes are stripped)."""
+    import open_clip
+
+    if arch == "tiny":
+        model = tiny_clip()
+    else:
+        try:
+            model = open_clip.create_model(arch, pretrained=None)
+        except RuntimeError as error:
+            raise ValueError(f"unknown open_clip architecture {arch!r}: {error}") from error
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    return model.eval()
 
 
 def clip_tokenizer(name: str = "ViT-B-32"):
@@ -112,6 +139,44 @@ def encode_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1024,
     out = [model.encode_text(tokens[s:s + batch_size].to(device)).float()
            for s in range(0, tokens.shape[0], batch_size)]
     return F.normalize(torch.cat(out), dim=1) if out else torch.empty(0, 0)
+
+
+def finetune_mode(model: nn.Module) -> nn.Module:
+    """``model.train()`` with every BatchNorm left in eval mode. Defenses fine-tune on small,
+    unrepresentative batches (UBT's unlearning batches hold a handful of triggered images);
+    re-estimating BatchNorm statistics from them wrecks clean accuracy on its own."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
+def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised image and text features ``B×E`` of uint8 images ``B×3×S×S`` and token ids
+    ``B×L``, on the autograd graph (the training-time counterpart of ``encode_*``)."""
+    return (model.encode_image(clip_normalise(images.to(device))),
+            model.encode_text(tokens.to(device)))
+
+
+def trained_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                         device: torch.device | str) -> torch.Tensor:
+    """Cosine of each (image, caption) pair, float ``B``, on the autograd graph."""
+    image_features, text_features = pair_features(model, images, tokens, device)
+    return (F.normalize(image_features, dim=1) * F.normalize(text_features, dim=1)).sum(1)
+
+
+def batch_clip_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                    device: torch.device | str) -> torch.Tensor:
+    """CLIP InfoNCE of a batch of matching pairs (uint8 ``B×3×S×S``, ids ``B×L``)."""
+    return clip_loss(*pair_features(model, images, tokens, device), model.logit_scale)
+
+
+def shuffled_batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation of ``range(n)`` cut into batches of ``batch_size`` (last shorter)."""
+    order = torch.randperm(n, generator=g)
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,

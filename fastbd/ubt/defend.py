@@ -4,42 +4,58 @@
 2. Overfit a copy of the model: ``(S − 1)²`` on suspicious batches + InfoNCE on normal batches.
 3. Rank the suspicious pairs by similarity under the overfit model; keep the top
    ``ceil(sqrt(|D|·susp_fraction))``.
-4. Poisoned-model check: the top pairs' mean overfit similarity, standardised by the suspicious
-   pairs' similarity distribution (``z``); a clean model gives no concentrated high-similarity
-   group, so below ``check_threshold`` the model is returned unchanged (``poisoned=False``).
+4. Poisoned-model check: the top pairs' mean similarity under the overfit model. Overfitting
+   pulls a backdoor's pairs together far faster than unrelated clean pairs, so below
+   ``check_threshold`` the model is returned unchanged (``poisoned=False``).
 5. Token relevance (Chefer) of the top captions under the poisoned model; masked captions keep
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
-   caption j) for i, j in the top pairs, on the poisoned model.
+   caption j) for i, j in the top pairs, on the poisoned model (plus ``retain_weight`` ×
+   InfoNCE on D_normal batches, our addition). BatchNorm statistics stay frozen in both
+   training stages (``finetune_mode``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.clip import clip_loss, clip_normalise, encode_images, encode_texts
+from fastbd.models.clip import (
+    batch_clip_loss,
+    encode_images,
+    encode_texts,
+    finetune_mode,
+    shuffled_batches,
+    trained_pair_cosines,
+)
 from fastbd.ops import pair_cosine
 from fastbd.ubt.relevance import masked_tokens, token_relevance
+from fastbd.ubt.result import UBTResult
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Config:
-    """UBT hyperparameters with the paper's defaults. ``topk=None``:
-    ``ceil(sqrt(|D|·susp_fraction))``. ``check_threshold``: z-score above which the model is
-    called poisoned (calibrated with ``scripts/calibrate_ubt.py``; see the README)."""
+    """UBT hyperparameters; the paper's defaults unless marked.
+
+    ``topk=None``: ``ceil(sqrt(|D|·susp_fraction))``. Automatic scaling for small datasets
+    (ours): each training stage runs at least ``min_steps`` optimiser steps — epochs are raised
+    until it does. At the paper's 500K pairs the stages already take ~400 and ~800 steps, so this
+    changes nothing there; at 5,000 pairs the overfit stage would otherwise be one step per epoch.
+    ``retain_weight`` (ours, 0 = the paper's pure gradient ascent): the unlearning loss adds this
+    weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
+    unlearning a few pairs whose captions all name the target class forgets the target class
+    itself (README, "UBT"). ``masked_captions``: unlearn (image, masked caption) pairs too.
+    ``check_threshold``: the top pairs' mean similarity under the overfit model above which the
+    model is called poisoned (calibrated with ``scripts/ubt_quality.py``)."""
 
     susp_fraction: float = 0.01
     topk: int | None = None
@@ -50,57 +66,23 @@ class Config:
     batch_size: int = 64
     token_threshold: float = 0.1
     start_layer: int = -1
-    check_threshold: float = 2.0
+    masked_captions: bool = True
+    min_steps: int = 60
+    retain_weight: float = 1.0
+    check_threshold: float = 0.5
     skip_check: bool = False
     seed: int = 0
 
-
-@dataclass
-class UBTResult:
-    model: nn.Module
-    poisoned: bool
-    check_statistic: float
-    suspicious: torch.Tensor
-    topk: torch.Tensor
-    reference_similarity: torch.Tensor
-    overfit_similarity: torch.Tensor
-    relevance: torch.Tensor | None
-    token_keep: torch.Tensor | None
-    timings: dict[str, float] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-    def summary(self) -> dict[str, object]:
-        return {"poisoned": self.poisoned, "check_statistic": self.check_statistic,
-                "suspicious": int(self.suspicious.numel()), "topk": self.topk.tolist(),
-                "timings_s": self.timings, "config": self.config}
-
-    def save(self, directory: str | Path, truth: torch.Tensor | None = None,
-             tokens: torch.Tensor | None = None, tokenizer=None) -> Path:
-        """Write ``model.pt`` (purified state dict), ``result.json``, ``similarity.png`` (the
-        reference similarity of all pairs; backdoor vs clean with ``truth``) and, when token
-        relevance was computed and ``tokens``/``tokenizer`` are given, ``token_relevance.png``
-        for the top pairs."""
-        from fastbd.report.plots import save_score_histogram, save_token_heatmap
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model.state_dict(), directory / "model.pt")
-        summary = self.summary()
-        if truth is not None:
-            truth = torch.as_tensor(truth).bool().cpu()
-            summary["suspicious_poisoned"] = int(truth[self.suspicious].sum())
-            summary["topk_poisoned"] = int(truth[self.topk].sum())
-        (directory / "result.json").write_text(json.dumps(summary, indent=2))
-        save_score_histogram(self.reference_similarity, directory / "similarity.png", truth,
-                             title="pair similarity under the reference model",
-                             xlabel="cosine")
-        if self.relevance is not None and tokens is not None and tokenizer is not None:
-            save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
-                               directory / "token_relevance.png")
-        return directory
+    def __post_init__(self) -> None:
+        if not 0 < self.susp_fraction < 1:
+            raise ValueError(f"susp_fraction must be in (0, 1), got {self.susp_fraction}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        if self.retain_weight < 0 or self.min_steps < 0:
+            raise ValueError("retain_weight and min_steps must be ≥ 0")
 
 
-def _check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
+def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} "
                          f"{tuple(images.shape)}")
@@ -122,31 +104,49 @@ def similarities(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                        encode_texts(model, tokens, device=device)).cpu()
 
 
-def _batches(n: int, batch: int, g: torch.Generator) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=g)
-    return [order[s:s + batch] for s in range(0, n, batch)]
+def suspicious_split(reference: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                     fraction: float, device: torch.device | str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1: (similarity of every pair under ``reference`` float32 ``N``, D_susp = indices of
+    the ``max(1, round(fraction·N))`` lowest, D_normal = the other indices in order)."""
+    reference_sim = similarities(reference.to(device), images, tokens, device)
+    n = reference_sim.numel()
+    suspicious = torch.topk(reference_sim, max(1, round(fraction * n)), largest=False).indices
+    normal_mask = torch.ones(n, dtype=torch.bool)
+    normal_mask[suspicious] = False
+    return reference_sim, suspicious, torch.nonzero(normal_mask).flatten()
+
+
+def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Epochs over ``n`` items for a stage of ``epochs`` epochs raised to ≥ ``min_steps``
+    steps (``Config.min_steps``); a stage of 0 epochs stays off."""
+    if epochs == 0:
+        return 0
+    per_epoch = max(1, math.ceil(n / batch_size))
+    return max(epochs, math.ceil(min_steps / per_epoch))
 
 
 def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             suspicious: torch.Tensor, normal: torch.Tensor, config: Config,
             device: torch.device, verbose: bool) -> nn.Module:
-    """A copy of ``model`` trained to sharpen the backdoor (step 2)."""
-    tuned = copy.deepcopy(model).to(device).train()
+    """A copy of ``model`` trained to sharpen the backdoor (step 2): each step
+    ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch."""
+    tuned = copy.deepcopy(model).to(device)
+    finetune_mode(tuned)
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.overfit_lr)
     g = torch.Generator().manual_seed(config.seed)
-    for _ in tqdm(range(config.overfit_epochs), desc="UBT overfit", disable=not verbose):
-        normal_batches = _batches(normal.numel(), config.batch_size, g)
-        for step, rows in enumerate(_batches(suspicious.numel(), config.batch_size, g)):
+    epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
+                          config.min_steps)
+    for _ in tqdm(range(epochs), desc="UBT overfit", disable=not verbose):
+        normal_batches = shuffled_batches(normal.numel(), config.batch_size, g)
+        for step, rows in enumerate(shuffled_batches(suspicious.numel(), config.batch_size, g)):
             susp = suspicious[rows]
-            img = F.normalize(tuned.encode_image(clip_normalise(images[susp].to(device))), dim=1)
-            txt = F.normalize(tuned.encode_text(tokens[susp].to(device)), dim=1)
-            loss = ((img * txt).sum(1) - 1).pow(2).mean()
+            loss = (trained_pair_cosines(tuned, images[susp], tokens[susp], device)
+                    - 1).pow(2).mean()
             if normal_batches:
                 other = normal[normal_batches[step % len(normal_batches)]]
                 if other.numel() > 1:
-                    loss = loss + clip_loss(
-                        tuned.encode_image(clip_normalise(images[other].to(device))),
-                        tuned.encode_text(tokens[other].to(device)), tuned.logit_scale)
+                    loss = loss + batch_clip_loss(tuned, images[other], tokens[other], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -154,20 +154,29 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
 
 
 def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, config: Config,
-            device: torch.device, verbose: bool) -> None:
+            device: torch.device, verbose: bool,
+            retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Minimise the mean cosine of every image with every caption (step 6), in place.
-    ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked)."""
+    ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``:
+    (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term."""
     k, c = images.shape[0], captions.shape[0]
     pairs = torch.cartesian_prod(torch.arange(k), torch.arange(c))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.unlearn_lr)
     g = torch.Generator().manual_seed(config.seed + 1)
-    model.train()
-    for _ in tqdm(range(config.unlearn_epochs), desc="UBT unlearn", disable=not verbose):
-        for rows in _batches(pairs.shape[0], config.batch_size, g):
-            i, j = pairs[rows, 0], pairs[rows, 1]
-            img = F.normalize(model.encode_image(clip_normalise(images[i].to(device))), dim=1)
-            txt = F.normalize(model.encode_text(captions[j].to(device)), dim=1)
-            loss = (img * txt).sum(1).mean()
+    epochs = stage_epochs(pairs.shape[0], config.batch_size, config.unlearn_epochs,
+                          config.min_steps)
+    use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
+    finetune_mode(model)
+    for _ in tqdm(range(epochs), desc="UBT unlearn", disable=not verbose):
+        for rows in shuffled_batches(pairs.shape[0], config.batch_size, g):
+            loss = trained_pair_cosines(model, images[pairs[rows, 0]],
+                                        captions[pairs[rows, 1]], device).mean()
+            if use_retain:
+                all_images, all_tokens, normal = retain
+                picks = torch.randint(normal.numel(), (min(config.batch_size, normal.numel()),),
+                                      generator=g)
+                loss = loss + config.retain_weight * batch_clip_loss(
+                    model, all_images[normal[picks]], all_tokens[normal[picks]], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -180,18 +189,15 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     """Run UBT on pairs (uint8 images ``N×3×S×S``, token ids ``N×L``). ``model`` is left as it
     is; the purified copy is ``result.model``."""
     config = config or Config()
-    _check_pairs(images, tokens, model)
-    _check_pairs(images, tokens, reference)
+    check_pairs(images, tokens, model)
+    check_pairs(images, tokens, reference)
     device = torch.device(device)
     n = images.shape[0]
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    reference_sim = similarities(reference.to(device), images, tokens, device)
-    n_susp = max(1, round(config.susp_fraction * n))
-    suspicious = torch.topk(reference_sim, n_susp, largest=False).indices
-    normal_mask = torch.ones(n, dtype=torch.bool)
-    normal_mask[suspicious] = False
-    normal = torch.nonzero(normal_mask).flatten()
+    reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
+                                                         config.susp_fraction, device)
+    n_susp = suspicious.numel()
     timings["suspicious_split"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -203,16 +209,14 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     k = min(k, n_susp)
     order = torch.argsort(overfit_sim, descending=True)
     topk = suspicious[order[:k]]
-    rest = overfit_sim[order[k:]] if n_susp > k else overfit_sim
-    spread = float(rest.std()) if rest.numel() > 1 else 0.0
-    statistic = (float(overfit_sim[order[:k]].mean()) - float(rest.mean())) / max(spread, 1e-6)
+    statistic = float(overfit_sim[order[:k]].mean())
     timings["rank"] = time.perf_counter() - start
     purified = copy.deepcopy(model).to(device).eval()
     poisoned = config.skip_check or statistic >= config.check_threshold
-    result = UBTResult(model=purified, poisoned=poisoned, check_statistic=statistic,
-                       suspicious=suspicious, topk=topk, reference_similarity=reference_sim,
-                       overfit_similarity=overfit_sim, relevance=None, token_keep=None,
-                       timings=timings, config=asdict(config))
+    result = UBTResult(model=purified, suspicious=suspicious,
+                       reference_similarity=reference_sim, timings=timings,
+                       config=asdict(config), poisoned=poisoned, check_statistic=statistic,
+                       topk=topk, overfit_similarity=overfit_sim)
     if not poisoned:
         log.info("UBT check: statistic %.2f below %.2f; model left unchanged", statistic,
                  config.check_threshold)
@@ -224,8 +228,9 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     masked, keep = masked_tokens(top_tokens, relevance, config.token_threshold)
     timings["attribution"] = time.perf_counter() - start
     start = time.perf_counter()
-    unlearn(purified, top_images, torch.cat([top_tokens, masked]).cpu(), config, device,
-            verbose)
+    captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
+    unlearn(purified, top_images, captions.cpu(), config, device, verbose,
+            retain=(images, tokens, normal))
     timings["unlearn"] = time.perf_counter() - start
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
     return result

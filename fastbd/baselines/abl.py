@@ -1,0 +1,73 @@
+"""ABL (Li et al., 2021) for CLIP, as the UBT paper runs it: gradient ascent on the CLIP loss of
+the suspicious set D_susp itself (the lowest-similarity pairs under a clean reference, the same
+split as UBT's step 1), with no overfitting, ranking or token masking."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastbd.models.clip import batch_clip_loss, finetune_mode, shuffled_batches
+from fastbd.ubt.defend import check_pairs, stage_epochs, suspicious_split
+from fastbd.ubt.result import DefenseResult
+
+
+@dataclass
+class ABLConfig:
+    """UBT's split and unlearning schedule: 1 % suspicious, 5 epochs at lr 1e-5, batch 64, at
+    least ``min_steps`` steps (the same small-dataset scaling as ``fastbd.ubt.Config``)."""
+
+    susp_fraction: float = 0.01
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 64
+    min_steps: int = 60
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.susp_fraction < 1:
+            raise ValueError(f"susp_fraction must be in (0, 1), got {self.susp_fraction}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
+
+
+def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,
+        config: ABLConfig | None = None, device: torch.device | str = "cpu",
+        verbose: bool = True) -> DefenseResult:
+    """Gradient ascent on InfoNCE over D_susp batches, on a copy of ``model`` (pairs: uint8
+    images ``N×3×S×S``, token ids ``N×L``)."""
+    config = config or ABLConfig()
+    check_pairs(images, tokens, model)
+    check_pairs(images, tokens, reference)
+    device = torch.device(device)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    reference_sim, suspicious, _ = suspicious_split(reference, images, tokens,
+                                                    config.susp_fraction, device)
+    timings["suspicious_split"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tuned = copy.deepcopy(model).to(device)
+    finetune_mode(tuned)
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.lr)
+    g = torch.Generator().manual_seed(config.seed)
+    epochs = stage_epochs(suspicious.numel(), config.batch_size, config.epochs,
+                          config.min_steps)
+    for _ in tqdm(range(epochs), desc="ABL ascent", disable=not verbose):
+        for rows in shuffled_batches(suspicious.numel(), config.batch_size, g):
+            if rows.numel() < 2:
+                continue
+            picked = suspicious[rows]
+            loss = -batch_clip_loss(tuned, images[picked], tokens[picked], device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    tuned.eval()
+    timings["unlearn"] = time.perf_counter() - start
+    return DefenseResult(model=tuned, method="abl", suspicious=suspicious,
+                         reference_similarity=reference_sim, timings=timings,
+                         config=asdict(config))

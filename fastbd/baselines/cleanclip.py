@@ -1,0 +1,122 @@
+"""CleanCLIP (Bansal et al., 2023): fine-tune the poisoned CLIP on clean pairs with the
+cross-modal InfoNCE plus in-modal InfoNCE between each image and an augmented view of it and
+each caption and an augmented caption.
+
+Substitutions, documented in the README: the image view is fastbd's batched random-resized-crop
++ flip + colour jitter instead of AutoAugment; the caption view is EDA's random deletion applied
+to the caption's tokens (synonym replacement needs WordNet, which fastbd does not ship).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastbd.models.clip import (
+    clip_loss,
+    finetune_mode,
+    pair_features,
+    shuffled_batches,
+)
+from fastbd.schedules import warmup_cosine
+from fastbd.ssl.augment import AugmentConfig, augment
+from fastbd.ubt.defend import check_pairs
+from fastbd.ubt.relevance import masked_tokens
+from fastbd.ubt.result import DefenseResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CleanCLIPConfig:
+    """CleanCLIP's fine-tuning defense (REFERENCE.md): batch 64, lr 1e-5, 10 epochs, 50 warm-up
+    steps, cross-modal and in-modal losses weighted 1/1. ``token_drop``: each caption token is
+    dropped from the augmented caption with this probability."""
+
+    epochs: int = 10
+    lr: float = 1e-5
+    batch_size: int = 64
+    warmup_steps: int = 50
+    cross_modal_weight: float = 1.0
+    in_modal_weight: float = 1.0
+    token_drop: float = 0.1
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.5, 1.0)))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        if not 0 <= self.token_drop < 1:
+            raise ValueError(f"token_drop must be in [0, 1), got {self.token_drop}")
+
+
+def augment_tokens(tokens: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
+    """EDA random deletion on token ids ``B×L``: each token between SOT and EOT is dropped with
+    probability ``drop``; captions are rebuilt as SOT + kept + EOT (zero padded)."""
+    keep_score = torch.rand(tokens.shape, generator=g).to(tokens.device)
+    return masked_tokens(tokens, keep_score, drop)[0]
+
+
+def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+              config: CleanCLIPConfig | None = None, *, device: torch.device | str = "cpu",
+              verbose: bool = True) -> DefenseResult:
+    """Fine-tune a copy of ``model`` on clean pairs (uint8 images ``N×3×S×S``, token ids
+    ``N×L``); ``model`` is left as it is."""
+    config = config or CleanCLIPConfig()
+    check_pairs(images, tokens, model)
+    if images.shape[0] < 2:
+        raise ValueError("CleanCLIP needs at least 2 clean pairs")
+    device = torch.device(device)
+    start = time.perf_counter()
+    tuned = copy.deepcopy(model).to(device)
+    finetune_mode(tuned)
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.lr)
+    g = torch.Generator().manual_seed(config.seed)
+    n = images.shape[0]
+    steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
+    schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    mean, std = _clip_mean_std(device)
+    bar = tqdm(total=steps_per_epoch * config.epochs, desc="CleanCLIP", disable=not verbose)
+    for _ in range(config.epochs):
+        for rows in shuffled_batches(n, config.batch_size, g):
+            if rows.numel() < 2:
+                continue
+            batch_images, batch_tokens = images[rows].to(device), tokens[rows].to(device)
+            image_features, text_features = pair_features(tuned, batch_images, batch_tokens,
+                                                          device)
+            view = tuned.encode_image(augment(batch_images, config.augment, mean, std,
+                                              _device_generator(g, device)))
+            caption_view = tuned.encode_text(augment_tokens(batch_tokens, config.token_drop, g))
+            scale = tuned.logit_scale
+            loss = (config.cross_modal_weight * clip_loss(image_features, text_features, scale)
+                    + config.in_modal_weight * (clip_loss(image_features, view, scale)
+                                                + clip_loss(text_features, caption_view, scale)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+    bar.close()
+    tuned.eval()
+    return DefenseResult(model=tuned, method="cleanclip",
+                         timings={"finetune": time.perf_counter() - start},
+                         config=asdict(config))
+
+
+def _clip_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return (torch.tensor(OPENAI_DATASET_MEAN, device=device)[:, None, None],
+            torch.tensor(OPENAI_DATASET_STD, device=device)[:, None, None])
+
+
+def _device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``g`` (augment draws on the images' device)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, augment_tokens, cleanclip
+from fastbd.models.clip import TinyCLIPConfig, batch_clip_loss, clip_tokenizer, tiny_clip, tokenize
+from fastbd.ubt import suspicious_split
+from fastbd.ubt.relevance import EOT, SOT
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    names = ["red circle", "blue square", "green bar"]
+    captions = [f"a photo of a {names[i % 3]} on grass." for i in range(96)]
+    return images, tokenize(clip_tokenizer(), captions, 32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    small = TinyCLIPConfig(text_layers=1)
+    return tiny_clip(small, seed=1).eval(), tiny_clip(small, seed=2).eval()
+
+
+def _batchnorm_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+def test_augment_tokens_is_well_formed(pairs, gen):
+    _, tokens = pairs
+    assert torch.equal(augment_tokens(tokens, 0.0, gen), tokens)
+    dropped = augment_tokens(tokens, 0.5, gen)
+    eot = dropped.argmax(dim=1)
+    assert (dropped[:, 0] == SOT).all() and (dropped.gather(1, eot[:, None]) == EOT).all()
+    for row in range(tokens.shape[0]):
+        kept = dropped[row, 1:eot[row]].tolist()
+        original = tokens[row, 1:tokens[row].argmax()].tolist()
+        it = iter(original)
+        assert all(token in it for token in kept)  # a subsequence, order preserved
+        assert (dropped[row, eot[row] + 1:] == 0).all()
+    assert (dropped != 0).sum() < (tokens != 0).sum()
+
+
+def test_cleanclip_finetunes_a_copy(pairs, models):
+    images, tokens = pairs
+    model, _ = models
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = cleanclip(model, images, tokens, CleanCLIPConfig(epochs=2, lr=1e-3, batch_size=32,
+                                                              warmup_steps=0), verbose=False)
+    assert result.method == "cleanclip" and result.timings["finetune"] > 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    changed = [k for k, v in result.model.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed
+    for key, value in _batchnorm_buffers(result.model).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_abl_ascends_the_loss_of_the_suspicious_pairs(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    config = ABLConfig(susp_fraction=0.25, epochs=3, lr=1e-3, batch_size=24, min_steps=0)
+    result = abl(model, images, tokens, reference=reference, config=config, verbose=False)
+    _, suspicious, _ = suspicious_split(reference, images, tokens, 0.25, "cpu")
+    assert torch.equal(result.suspicious, suspicious)
+    with torch.no_grad():
+        before = batch_clip_loss(model, images[suspicious], tokens[suspicious], "cpu")
+        after = batch_clip_loss(result.model, images[suspicious], tokens[suspicious], "cpu")
+    assert float(after) > float(before)
+
+
+def test_baseline_bad_inputs(pairs, models):
+    images, tokens = pairs
+    model, reference = models
+    with pytest.raises(ValueError, match="at least 2"):
+        cleanclip(model, images[:1], tokens[:1], verbose=False)
+    with pytest.raises(ValueError, match="empty"):
+        abl(model, images[:0], tokens[:0], reference=reference, verbose=False)
+    with pytest.raises(ValueError, match="context"):
+        abl(model, images, tokens[:, :8], reference=reference, verbose=False)
+    with pytest.raises(ValueError, match="susp_fraction"):
+        ABLConfig(susp_fraction=1.5)
+    with pytest.raises(ValueError, match="token_drop"):
+        CleanCLIPConfig(token_drop=1.0)
