@@ -56,7 +56,8 @@ def clip_pairs_csv(tmp_path_factory):
     (root / "abl.json").write_text(json.dumps({"susp_fraction": 0.25, "epochs": 1,
                                                "min_steps": 0, "batch_size": 16}))
     (root / "ubt.json").write_text(json.dumps(
-        {"susp_fraction": 0.25, "overfit_epochs": 1, "unlearn_epochs": 1, "min_steps": 0,
+        {"susp_fraction": 0.25, "overfit_epochs": 1, "unlearn_epochs": 1, "overfit_min_steps": 0,
+         "unlearn_min_steps": 0,
          "batch_size": 16, "skip_check": True}))
     return root, files["csv"]
 

@@ -42,7 +42,8 @@ def brute_cosine(model, images, tokens):
 
 def config(**overrides):
     base = dict(susp_fraction=0.1, overfit_epochs=1, unlearn_epochs=1, overfit_lr=1e-4,
-                unlearn_lr=1e-3, batch_size=16, min_steps=0, skip_check=True)
+                unlearn_lr=1e-3, batch_size=16, overfit_min_steps=0, unlearn_min_steps=0,
+                skip_check=True)
     base.update(overrides)
     return Config(**base)
 

@@ -26,7 +26,7 @@ class ABLConfig:
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 64
-    min_steps: int = 60
+    min_steps: int = 150
     seed: int = 0
 
     def __post_init__(self) -> None:

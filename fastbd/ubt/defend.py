@@ -47,9 +47,10 @@ class Config:
     """UBT hyperparameters; the paper's defaults unless marked.
 
     ``topk=None``: ``ceil(sqrt(|D|·susp_fraction))``. Automatic scaling for small datasets
-    (ours): each training stage runs at least ``min_steps`` optimiser steps — epochs are raised
-    until it does. At the paper's 500K pairs the stages already take ~400 and ~800 steps, so this
-    changes nothing there; at 5,000 pairs the overfit stage would otherwise be one step per epoch.
+    (ours): the overfit and unlearning stages run at least ``overfit_min_steps`` and
+    ``unlearn_min_steps`` optimiser steps — epochs are raised until they do. At the paper's 500K
+    pairs the stages already take ~400 and ~800 steps, so this changes nothing there; at 5,000
+    pairs they would otherwise be 5 and 10 steps.
     ``retain_weight`` (ours, 0 = the paper's pure gradient ascent): the unlearning loss adds this
     weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
     unlearning a few pairs whose captions all name the target class forgets the target class
@@ -67,7 +68,8 @@ class Config:
     token_threshold: float = 0.1
     start_layer: int = -1
     masked_captions: bool = True
-    min_steps: int = 60
+    overfit_min_steps: int = 60
+    unlearn_min_steps: int = 150
     retain_weight: float = 1.0
     check_threshold: float = 0.5
     skip_check: bool = False
@@ -78,8 +80,8 @@ class Config:
             raise ValueError(f"susp_fraction must be in (0, 1), got {self.susp_fraction}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
-        if self.retain_weight < 0 or self.min_steps < 0:
-            raise ValueError("retain_weight and min_steps must be ≥ 0")
+        if min(self.retain_weight, self.overfit_min_steps, self.unlearn_min_steps) < 0:
+            raise ValueError("retain_weight and the min_steps must be ≥ 0")
 
 
 def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
@@ -119,7 +121,7 @@ def suspicious_split(reference: nn.Module, images: torch.Tensor, tokens: torch.T
 
 def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     """Epochs over ``n`` items for a stage of ``epochs`` epochs raised to ≥ ``min_steps``
-    steps (``Config.min_steps``); a stage of 0 epochs stays off."""
+    steps (``Config.*_min_steps``); a stage of 0 epochs stays off."""
     if epochs == 0:
         return 0
     per_epoch = max(1, math.ceil(n / batch_size))
@@ -136,7 +138,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.overfit_lr)
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
-                          config.min_steps)
+                          config.overfit_min_steps)
     for _ in tqdm(range(epochs), desc="UBT overfit", disable=not verbose):
         normal_batches = shuffled_batches(normal.numel(), config.batch_size, g)
         for step, rows in enumerate(shuffled_batches(suspicious.numel(), config.batch_size, g)):
@@ -164,7 +166,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.unlearn_lr)
     g = torch.Generator().manual_seed(config.seed + 1)
     epochs = stage_epochs(pairs.shape[0], config.batch_size, config.unlearn_epochs,
-                          config.min_steps)
+                          config.unlearn_min_steps)
     use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
     finetune_mode(model)
     for _ in tqdm(range(epochs), desc="UBT unlearn", disable=not verbose):
