@@ -71,7 +71,7 @@ class Config:
     overfit_min_steps: int = 60
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
-    check_threshold: float = 0.5
+    check_threshold: float = 0.65
     skip_check: bool = False
     seed: int = 0
 
