@@ -147,3 +147,17 @@ def test_config_validation():
         Config(batch_size=1)
     with pytest.raises(ValueError, match="retain_weight"):
         Config(retain_weight=-1.0)
+
+
+def test_check_statistic_is_a_z_score_against_normal_pairs(pairs, models):
+    from fastbd.ubt.defend import check_statistic
+
+    images, tokens = pairs
+    model, _ = models
+    normal = torch.arange(20, 120)
+    top = torch.tensor([0.9, 0.7])
+    baseline = similarities(model, images[normal], tokens[normal], "cpu")
+    expected = (0.8 - float(baseline.mean())) / float(baseline.std())
+    got = check_statistic(model, images, tokens, top, normal, Config(check_sample=1000), "cpu")
+    assert math.isclose(got, expected, rel_tol=1e-5)
+    assert check_statistic(model, images, tokens, top, normal[:1], Config(), "cpu") == math.inf

@@ -4,8 +4,10 @@
 2. Overfit a copy of the model: ``(S − 1)²`` on suspicious batches + InfoNCE on normal batches.
 3. Rank the suspicious pairs by similarity under the overfit model; keep the top
    ``ceil(sqrt(|D|·susp_fraction))``.
-4. Poisoned-model check: the top pairs' mean similarity under the overfit model. Overfitting
-   pulls a backdoor's pairs together far faster than unrelated clean pairs, so below
+4. Poisoned-model check: how far the top pairs' mean similarity under the overfit model lies
+   above that model's similarity on ordinary training pairs (a sample of D_normal), in units of
+   the latter's standard deviation. Overfitting lifts a backdoor's pairs above the typical clean
+   pair; a clean model's lowest-similarity pairs (mismatched captions) stay below it. Below
    ``check_threshold`` the model is returned unchanged (``poisoned=False``).
 5. Token relevance (Chefer) of the top captions under the poisoned model; masked captions keep
    the tokens with relevance ≥ ``token_threshold``.
@@ -55,8 +57,9 @@ class Config:
     weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
     unlearning a few pairs whose captions all name the target class forgets the target class
     itself (README, "UBT"). ``masked_captions``: unlearn (image, masked caption) pairs too.
-    ``check_threshold``: the top pairs' mean similarity under the overfit model above which the
-    model is called poisoned (calibrated with ``scripts/ubt_quality.py``)."""
+    ``check_threshold``: the check statistic (step 4) at or above which the model is called
+    poisoned, calibrated on the synthetic world's clean and poisoned models (README, "UBT");
+    ``check_sample``: D_normal pairs the statistic's baseline is measured on."""
 
     susp_fraction: float = 0.01
     topk: int | None = None
@@ -71,7 +74,8 @@ class Config:
     overfit_min_steps: int = 60
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
-    check_threshold: float = 0.65
+    check_threshold: float = -1.0
+    check_sample: int = 1000
     skip_check: bool = False
     seed: int = 0
 
@@ -82,6 +86,8 @@ class Config:
             raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
         if min(self.retain_weight, self.overfit_min_steps, self.unlearn_min_steps) < 0:
             raise ValueError("retain_weight and the min_steps must be ≥ 0")
+        if self.check_sample < 2:
+            raise ValueError(f"check_sample must be ≥ 2, got {self.check_sample}")
 
 
 def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
@@ -185,6 +191,26 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     model.eval()
 
 
+def check_statistic(tuned: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                    top_similarity: torch.Tensor, normal: torch.Tensor, config: Config,
+                    device: torch.device) -> float:
+    """Step 4: ``(mean(top_similarity) − μ) / σ`` with μ, σ the overfit model's similarity over
+    up to ``check_sample`` random D_normal pairs. ±inf when σ is 0 (the sign of the
+    difference); +inf when D_normal has fewer than 2 pairs — with no baseline the check cannot
+    decline."""
+    g = torch.Generator().manual_seed(config.seed + 2)
+    sample = normal[torch.randperm(normal.numel(), generator=g)[:config.check_sample]]
+    top = float(top_similarity.mean())
+    if sample.numel() < 2:
+        return math.inf
+    baseline = similarities(tuned, images[sample], tokens[sample], device)
+    spread = float(baseline.std())
+    difference = top - float(baseline.mean())
+    if spread == 0.0:
+        return math.copysign(math.inf, difference)
+    return difference / spread
+
+
 def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
            reference: nn.Module, config: Config | None = None,
            device: torch.device | str = "cpu", verbose: bool = True) -> UBTResult:
@@ -211,7 +237,8 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     k = min(k, n_susp)
     order = torch.argsort(overfit_sim, descending=True)
     topk = suspicious[order[:k]]
-    statistic = float(overfit_sim[order[:k]].mean())
+    statistic = check_statistic(tuned, images, tokens, overfit_sim[order[:k]], normal, config,
+                                device)
     timings["rank"] = time.perf_counter() - start
     purified = copy.deepcopy(model).to(device).eval()
     poisoned = config.skip_check or statistic >= config.check_threshold
