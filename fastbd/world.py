@@ -47,9 +47,12 @@ def config_hash(config: object) -> str:
 @dataclass
 class SSLThreatConfig:
     """HTBA on the synthetic world: ``fraction`` of class ``target`` poisoned (attack ``none``
-    trains on the clean world); a ``SmallConvNet`` of ``width`` trained with SimCLR."""
+    trains on the clean world); a ``SmallConvNet`` of ``width`` trained with SimCLR. The SSL
+    world's objects are drawn at opacity 0.6 (the CLIP world's are opaque): with opaque,
+    high-contrast objects the encoder ignores the 7-px trigger and PoisonCAM's top candidates
+    are the objects themselves (README, "The poisoned world")."""
 
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(object_opacity=0.6))
     attack: str = "htba"
     target: int = 0
     fraction: float = 0.5

@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 def demo_config(seed: int = 0) -> Config:
     """PoisonCAM's config for the 5,000-image, 32-px demo world: 50 clusters (~100 images
-    each, like ImageNet-100's ~127), 64 masks, 150 test images, two small classifiers — sized
-    so both detectors run in about a minute each on two CPU cores."""
+    each, like ImageNet-100's ~127), 64 masks, 150 test images, an ensemble of three width-32
+    classifiers trained up to 1,000 steps (two width-16 ones at 200 steps ranked as well —
+    AUROC 0.999 — but called 570 images poisoned for 250 true ones)."""
     return Config(n_clusters=50, n_masks=64, test_set_size=150, candidates_per_batch=16,
                   batch_size=1024, seed=seed,
-                  classifier=ClassifierConfig(n_models=2, iterations=200, width=16))
+                  classifier=ClassifierConfig(n_models=3, iterations=1000, width=32))
 
 
 @dataclass
