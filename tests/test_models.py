@@ -92,10 +92,10 @@ def test_losses():
 def test_ssl_training_reduces_loss(gen, method):
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
     encoder = small_encoder(4, 16)
-    history = train_ssl(encoder, images, SSLConfig(method=method, epochs=6, batch_size=32,
+    history = train_ssl(encoder, images, SSLConfig(method=method, epochs=20, batch_size=32,
                                                    warmup_epochs=1), verbose=False)
-    assert len(history.losses) == 12 and history.images_per_second > 0
-    assert sum(history.losses[-3:]) < sum(history.losses[:3])
+    assert len(history.losses) == 40 and history.images_per_second > 0
+    assert sum(history.losses[-5:]) < sum(history.losses[:5])
     with pytest.raises(ValueError, match="method"):
         train_ssl(encoder, images, SSLConfig(method="moco"), verbose=False)
     with pytest.raises(ValueError, match="uint8"):
