@@ -81,5 +81,9 @@ def test_baseline_bad_inputs(pairs, models):
         abl(model, images, tokens[:, :8], reference=reference, verbose=False)
     with pytest.raises(ValueError, match="susp_fraction"):
         ABLConfig(susp_fraction=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        ABLConfig(batch_size=1)
+    with pytest.raises(ValueError, match="min_steps"):
+        ABLConfig(min_steps=-1)
     with pytest.raises(ValueError, match="token_drop"):
         CleanCLIPConfig(token_drop=1.0)

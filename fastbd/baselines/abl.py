@@ -13,7 +13,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.models.clip import batch_clip_loss, finetune_mode, shuffled_batches
-from fastbd.ubt.defend import check_pairs, stage_epochs, suspicious_split
+from fastbd.ubt.defend import (
+    check_pairs,
+    check_split_settings,
+    stage_epochs,
+    suspicious_split,
+)
 from fastbd.ubt.result import DefenseResult
 
 
@@ -30,10 +35,9 @@ class ABLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.susp_fraction < 1:
-            raise ValueError(f"susp_fraction must be in (0, 1), got {self.susp_fraction}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        check_split_settings(self.susp_fraction, self.batch_size)
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be ≥ 0, got {self.min_steps}")
 
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,

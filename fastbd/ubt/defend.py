@@ -44,6 +44,14 @@ from fastbd.ubt.result import UBTResult
 log = logging.getLogger(__name__)
 
 
+def check_split_settings(susp_fraction: float, batch_size: int) -> None:
+    """The settings UBT and ABL share: a suspicious fraction in (0, 1), batches of ≥ 2 pairs."""
+    if not 0 < susp_fraction < 1:
+        raise ValueError(f"susp_fraction must be in (0, 1), got {susp_fraction}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be ≥ 2, got {batch_size}")
+
+
 @dataclass
 class Config:
     """UBT hyperparameters; the paper's defaults unless marked.
@@ -80,10 +88,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.susp_fraction < 1:
-            raise ValueError(f"susp_fraction must be in (0, 1), got {self.susp_fraction}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        check_split_settings(self.susp_fraction, self.batch_size)
         if min(self.retain_weight, self.overfit_min_steps, self.unlearn_min_steps) < 0:
             raise ValueError("retain_weight and the min_steps must be ≥ 0")
         if self.check_sample < 2:
