@@ -126,7 +126,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
                 str(i) for i in range(int(labels.max()) + 1)]
             captions = [captions[i] for i in report.kept]
             poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
-                                    rate=args.rate, seed=args.seed)
+                                    rate=0.01 if args.rate is None else args.rate,
+                                    seed=args.seed)
         else:
             poisoned = poison_target_class(bank.images, labels, attack, args.target,
                                            args.fraction, seed=args.seed)
@@ -173,7 +174,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     config = CLIPThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
                               rate=args.rate, seed=args.seed,
-                              train=CLIPTrainConfig(epochs=args.epochs, seed=args.seed))
+                              train=CLIPTrainConfig(seed=args.seed, **(
+                                  {} if args.epochs is None else {"epochs": args.epochs})))
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
     import torch
@@ -403,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--attack", choices=ATTACKS, default="htba")
     attack.add_argument("--fraction", type=float, default=0.5,
                         help="HTBA: fraction of the target class poisoned")
-    attack.add_argument("--rate", type=float, default=0.01, help="CLIP attacks: poisoned share")
+    attack.add_argument("--rate", type=float,
+                        help="CLIP attacks: poisoned share (default 0.01; the synthetic world "
+                             "poisons 0.10 with WaNet)")
     attack.add_argument("--file-list", help="'<path> <label>' list to poison instead")
     attack.add_argument("--csv", help="CSV of image-caption pairs to poison instead")
     attack.add_argument("--image-key", default="image")
@@ -428,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     clip = sub.add_parser("train-clip", help="train a tiny CLIP on (poisoned) world pairs")
     _add_world_args(clip)
     clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet")
-    clip.add_argument("--rate", type=float, default=0.01)
-    clip.add_argument("--epochs", type=int, default=20)
+    clip.add_argument("--rate", type=float,
+                      help="poisoned share (default 0.01, WaNet 0.10: the world's rates)")
+    clip.add_argument("--epochs", type=int, help="default: CLIPTrainConfig's (8)")
     clip.add_argument("--cache", default="fastbd-out/cache")
     clip.add_argument("--retrain", action="store_true")
     clip.add_argument("--out", default="fastbd-out/train-clip")

@@ -8,8 +8,11 @@ from fastbd.models.clip import (
     TinyCLIPConfig,
     clip_normalise,
     clip_tokenizer,
+    finetune_mode,
+    indexed_pair_cosines,
     tiny_clip,
     tokenize,
+    trained_pair_cosines,
 )
 from fastbd.ubt import Config, defend
 from fastbd.ubt.defend import similarities, stage_epochs
@@ -161,3 +164,26 @@ def test_check_statistic_is_a_z_score_against_normal_pairs(pairs, models):
     got = check_statistic(model, images, tokens, top, normal, Config(check_sample=1000), "cpu")
     assert math.isclose(got, expected, rel_tol=1e-5)
     assert check_statistic(model, images, tokens, top, normal[:1], Config(), "cpu") == math.inf
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_indexed_pair_cosines_equal_the_gathered_pairs(pairs, models, gen, batch):
+    """Values and gradients of the deduplicated encoding equal encoding every pair."""
+    images, tokens = pairs
+    model = finetune_mode(tiny_clip(TinyCLIPConfig(text_layers=1), seed=3))
+    image_ids = torch.randint(0, 5, (batch,), generator=gen)
+    token_ids = torch.randint(0, 9, (batch,), generator=gen)
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        if fast:
+            cos = indexed_pair_cosines(model, images, tokens, image_ids, token_ids, "cpu")
+        else:
+            cos = trained_pair_cosines(model, images[image_ids], tokens[token_ids], "cpu")
+        cos.mean().backward()
+        grads.append((cos.detach(), [p.grad.clone() for p in model.parameters()
+                                     if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for fast_grad, plain_grad in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-6)

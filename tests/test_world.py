@@ -3,6 +3,7 @@ import torch
 
 from fastbd.attacks import make_attack, poison_pairs, poison_target_class
 from fastbd.data.synthetic import WorldConfig, class_table, make_world
+from fastbd.world import poison_world_pairs, world_rate
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,12 @@ def test_poison_pairs(world):
     with pytest.raises(ValueError, match="exactly one"):
         poison_pairs(world.train.images, world.train.labels, world.train.captions, attack, 0,
                      world.class_names)
+
+
+@pytest.mark.parametrize("attack, expected", [("badnet", 3), ("wanet", 30), ("none", 0)])
+def test_world_poison_rates(world, attack, expected):
+    """The world poisons 1 % of the pairs, WaNet 10 %; an explicit rate overrides."""
+    assert world_rate(attack) == (0.10 if attack == "wanet" else 0.01)
+    assert int(poison_world_pairs(world, attack, 0, None, seed=1).poison_mask.sum()) == expected
+    if attack != "none":
+        assert int(poison_world_pairs(world, attack, 0, 0.02, seed=1).poison_mask.sum()) == 6

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.models.clip import batch_clip_loss, finetune_mode, shuffled_batches
+from fastbd.schedules import adamw
 from fastbd.ubt.defend import (
     check_pairs,
     check_split_settings,
@@ -57,7 +58,7 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
-    optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.lr)
+    optimizer = adamw(tuned.parameters(), lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.epochs,
                           config.min_steps)

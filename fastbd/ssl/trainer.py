@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.models.encoders import Encoder
-from fastbd.schedules import warmup_cosine
+from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
         predictor = _mlp(config.projection_dim, dim, config.projection_dim).to(device)
         params += list(predictor.parameters())
         target_net = copy.deepcopy(nn.Sequential(encoder, head)).requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
     total = steps_per_epoch * config.epochs

@@ -34,10 +34,12 @@ from fastbd.models.clip import (
     encode_images,
     encode_texts,
     finetune_mode,
+    indexed_pair_cosines,
     shuffled_batches,
     trained_pair_cosines,
 )
 from fastbd.ops import pair_cosine
+from fastbd.schedules import adamw
 from fastbd.ubt.relevance import masked_tokens, token_relevance
 from fastbd.ubt.result import UBTResult
 
@@ -146,7 +148,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch."""
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
-    optimizer = torch.optim.AdamW(tuned.parameters(), lr=config.overfit_lr)
+    optimizer = adamw(tuned.parameters(), lr=config.overfit_lr)
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
                           config.overfit_min_steps)
@@ -169,12 +171,13 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
 def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, config: Config,
             device: torch.device, verbose: bool,
             retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Minimise the mean cosine of every image with every caption (step 6), in place.
+    """Minimise the mean cosine of every image with every caption (step 6), in place; each
+    batch encodes its distinct images and captions once.
     ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``:
     (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term."""
     k, c = images.shape[0], captions.shape[0]
     pairs = torch.cartesian_prod(torch.arange(k), torch.arange(c))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.unlearn_lr)
+    optimizer = adamw(model.parameters(), lr=config.unlearn_lr)
     g = torch.Generator().manual_seed(config.seed + 1)
     epochs = stage_epochs(pairs.shape[0], config.batch_size, config.unlearn_epochs,
                           config.unlearn_min_steps)
@@ -182,8 +185,8 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     finetune_mode(model)
     for _ in tqdm(range(epochs), desc="UBT unlearn", disable=not verbose):
         for rows in shuffled_batches(pairs.shape[0], config.batch_size, g):
-            loss = trained_pair_cosines(model, images[pairs[rows, 0]],
-                                        captions[pairs[rows, 1]], device).mean()
+            loss = indexed_pair_cosines(model, images, captions, pairs[rows, 0],
+                                        pairs[rows, 1], device).mean()
             if use_retain:
                 all_images, all_tokens, normal = retain
                 picks = torch.randint(normal.numel(), (min(config.batch_size, normal.numel()),),
