@@ -150,6 +150,23 @@ def test_config_validation():
         Config(batch_size=1)
     with pytest.raises(ValueError, match="retain_weight"):
         Config(retain_weight=-1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="retain_fraction"):
+            Config(retain_fraction=bad)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3, 1e-6])
+def test_retain_pool_keeps_the_most_similar_normal_pairs(gen, fraction):
+    from fastbd.ubt.defend import retain_pool
+
+    sim = torch.rand(200, generator=gen)
+    normal = torch.randperm(200, generator=gen)[:97]
+    pool = retain_pool(sim, normal, fraction)
+    expected = max(2, math.ceil(fraction * 97))
+    assert pool.numel() == expected and set(pool.tolist()) <= set(normal.tolist())
+    rest = sorted(set(normal.tolist()) - set(pool.tolist()))
+    if rest:
+        assert float(sim[pool].min()) >= float(sim[rest].max())
 
 
 def test_check_statistic_is_a_z_score_against_normal_pairs(pairs, models):

@@ -13,7 +13,8 @@
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
    caption j) for i, j in the top pairs, on the poisoned model (plus ``retain_weight`` ×
-   InfoNCE on D_normal batches, our addition). BatchNorm statistics stay frozen in both
+   InfoNCE on batches from the most typical ``retain_fraction`` of D_normal, our addition).
+   BatchNorm statistics stay frozen in both
    training stages (``finetune_mode``).
 """
 
@@ -66,7 +67,10 @@ class Config:
     ``retain_weight`` (ours, 0 = the paper's pure gradient ascent): the unlearning loss adds this
     weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
     unlearning a few pairs whose captions all name the target class forgets the target class
-    itself (README, "UBT"). ``masked_captions``: unlearn (image, masked caption) pairs too.
+    itself (README, "UBT"). ``retain_fraction`` (ours): the retain batches come from that share
+    of D_normal the reference model rates most similar, so poison beyond D_susp (which sits at
+    the low end) is not re-taught. ``masked_captions``: unlearn (image, masked caption) pairs
+    too.
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
     poisoned, calibrated on the synthetic world's clean and poisoned models (README, "UBT");
     ``check_sample``: D_normal pairs the statistic's baseline is measured on."""
@@ -84,6 +88,7 @@ class Config:
     overfit_min_steps: int = 60
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
+    retain_fraction: float = 0.5
     check_threshold: float = -1.0
     check_sample: int = 1000
     skip_check: bool = False
@@ -93,6 +98,8 @@ class Config:
         check_split_settings(self.susp_fraction, self.batch_size)
         if min(self.retain_weight, self.overfit_min_steps, self.unlearn_min_steps) < 0:
             raise ValueError("retain_weight and the min_steps must be ≥ 0")
+        if not 0 < self.retain_fraction <= 1:
+            raise ValueError(f"retain_fraction must be in (0, 1], got {self.retain_fraction}")
         if self.check_sample < 2:
             raise ValueError(f"check_sample must be ≥ 2, got {self.check_sample}")
 
@@ -130,6 +137,15 @@ def suspicious_split(reference: nn.Module, images: torch.Tensor, tokens: torch.T
     normal_mask = torch.ones(n, dtype=torch.bool)
     normal_mask[suspicious] = False
     return reference_sim, suspicious, torch.nonzero(normal_mask).flatten()
+
+
+def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: float
+                ) -> torch.Tensor:
+    """The ``ceil(fraction·|D_normal|)`` D_normal indices (at least 2 where there are) with the
+    highest reference similarity ``reference_sim`` (float ``N``)."""
+    keep = min(normal.numel(), max(2, math.ceil(fraction * normal.numel())))
+    order = torch.argsort(reference_sim[normal], descending=True, stable=True)
+    return normal[order[:keep]]
 
 
 def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
@@ -267,7 +283,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     start = time.perf_counter()
     captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
     unlearn(purified, top_images, captions.cpu(), config, device, verbose,
-            retain=(images, tokens, normal))
+            retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)))
     timings["unlearn"] = time.perf_counter() - start
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
     return result
