@@ -99,7 +99,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """Poison the synthetic world, a file list or a CSV of pairs, and export it."""
     import torch
 
-    from fastbd.attacks import make_attack, poison_pairs, poison_target_class
+    from fastbd.attacks import (
+        DEFAULT_PAIR_RATE,
+        make_attack,
+        poison_pairs,
+        poison_target_class,
+    )
     from fastbd.data.bank import ImageBank
     from fastbd.data.readers import export_images, read_csv_pairs, read_file_list
     from fastbd.world import poison_world_images, poison_world_pairs
@@ -126,7 +131,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                 str(i) for i in range(int(labels.max()) + 1)]
             captions = [captions[i] for i in report.kept]
             poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
-                                    rate=0.01 if args.rate is None else args.rate,
+                                    rate=DEFAULT_PAIR_RATE if args.rate is None else args.rate,
                                     seed=args.seed)
         else:
             poisoned = poison_target_class(bank.images, labels, attack, args.target,

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from fastbd.attacks import Attack, PoisonedImages, PoisonedPairs, make_attack, poison_pairs
+from fastbd.attacks import (
+    DEFAULT_PAIR_RATE,
+    Attack,
+    PoisonedImages,
+    PoisonedPairs,
+    make_attack,
+    poison_pairs,
+)
 from fastbd.attacks import poison_target_class as poison_class
 from fastbd.data.synthetic import ZERO_SHOT_TEMPLATES, SyntheticWorld, WorldConfig, make_world
 from fastbd.eval.metrics import accuracy, attack_success_rate
@@ -136,9 +143,9 @@ at strengths 0.5–10); at the 10 % of WaNet's own paper it does (README, "The p
 
 
 def world_rate(attack: str) -> float:
-    """The share of pairs the world poisons with ``attack`` (1 % unless ``WORLD_POISON_RATES``
-    says otherwise)."""
-    return WORLD_POISON_RATES.get(attack, 0.01)
+    """The share of pairs the world poisons with ``attack`` (``DEFAULT_PAIR_RATE`` unless
+    ``WORLD_POISON_RATES`` says otherwise)."""
+    return WORLD_POISON_RATES.get(attack, DEFAULT_PAIR_RATE)
 
 
 def world_attack(name: str, image_size: int, seed: int = 0,

@@ -15,7 +15,7 @@ from fastbd.models.clip import (
     trained_pair_cosines,
 )
 from fastbd.ubt import Config, defend
-from fastbd.ubt.defend import similarities, stage_epochs
+from fastbd.ubt.defend import retain_pool, similarities, stage_epochs
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,6 @@ def test_config_validation():
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3, 1e-6])
 def test_retain_pool_keeps_the_most_similar_normal_pairs(gen, fraction):
-    from fastbd.ubt.defend import retain_pool
-
     sim = torch.rand(200, generator=gen)
     normal = torch.randperm(200, generator=gen)[:97]
     pool = retain_pool(sim, normal, fraction)
@@ -188,6 +186,8 @@ def test_indexed_pair_cosines_equal_the_gathered_pairs(pairs, models, gen, batch
     """Values and gradients of the deduplicated encoding equal encoding every pair."""
     images, tokens = pairs
     model = finetune_mode(tiny_clip(TinyCLIPConfig(text_layers=1), seed=3))
+    none = torch.empty(0, dtype=torch.long)
+    assert indexed_pair_cosines(model, images, tokens, none, none, "cpu").shape == (0,)
     image_ids = torch.randint(0, 5, (batch,), generator=gen)
     token_ids = torch.randint(0, 9, (batch,), generator=gen)
     grads = []

@@ -9,6 +9,10 @@ import torch
 from fastbd.attacks.triggers import Attack
 from fastbd.data.synthetic import CAPTION_TEMPLATES
 
+DEFAULT_PAIR_RATE = 0.01
+"""The share of pairs the CLIP attacks poison unless told otherwise (UBT's 1 % suspicious set
+is sized to hold it)."""
+
 
 @dataclass
 class PoisonedImages:
