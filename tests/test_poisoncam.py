@@ -6,6 +6,8 @@ images cluster by colour, patched ones sit far away along the last axis, and exa
 that hide most of the patch move a patched image out of its cluster.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 from fastbd.models.encoders import Encoder
 from fastbd.ops import window_masks
 from fastbd.poisoncam import ClassifierConfig, Config, PoisonCAM, detect
+from fastbd.poisoncam import classifier as classifier_module
+from fastbd.poisoncam.classifier import clean_pool, paste_triggers
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
 from fastbd.poisoncam.search import SearchState, drop_count, run_search
@@ -244,3 +248,67 @@ def test_bad_inputs(gen):
         detect(trigger_encoder(nan=True), images, small_config(), verbose=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         PoisonCAM(small_config()).fit(encoder, images, resume=True, verbose=False)
+
+
+def feature_world(gen):
+    """The magenta world's images, its encoder's normalised features and a pool holding 12
+    poisoned images among 150, plus magenta triggers as the search would crop them."""
+    images, truth, _ = world(gen, n=150, poisoned=12)
+    encoder = trigger_encoder().eval()
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(encoder(encoder.normalise(images)), dim=1)
+    triggers = MAGENTA[None, :, None, None].expand(3, 3, 4, 4).clone()
+    return images, truth, encoder, features, triggers
+
+
+def test_clean_pool_drops_the_unscored_poisons(gen):
+    images, truth, encoder, features, triggers = feature_world(gen)
+    pool = torch.arange(len(truth))
+    config = ClassifierConfig(feature_samples=400, paste_size=(4, 6), paste_margin=0,
+                              pool_cleaning_rounds=1, pool_cleaning_fraction=0.1)
+    cleaned, member = clean_pool(encoder, images, features, pool, triggers, config,
+                                 torch.Generator().manual_seed(0))
+    assert cleaned.numel() == 150 - 15
+    assert not truth[cleaned].any()  # the 12 poisoned rows are among the 15 dropped
+    with torch.no_grad():
+        margin = member(features) @ torch.tensor([-1.0, 1.0])
+    assert margin[truth].min() > 0 > margin[~truth].max()
+    unchanged, _ = clean_pool(encoder, images, features, pool, triggers,
+                              replace(config, pool_cleaning_rounds=0),
+                              torch.Generator().manual_seed(0))
+    assert torch.equal(unchanged, pool)
+
+
+def test_pasted_triggers_land_inside_the_margin(gen):
+    images = torch.zeros(6, 3, 16, 16, dtype=torch.uint8)
+    config = ClassifierConfig(paste_size=(3, 5), paste_margin=2)
+    out = paste_triggers(images, torch.arange(6), MAGENTA[None, :, None, None].expand(
+        1, 3, 4, 4).contiguous(), config, torch.Generator().manual_seed(1))
+    painted = out.amax(1) > 0
+    sides = painted.sum((1, 2)).float().sqrt()
+    assert ((sides >= 3) & (sides <= 5)).all()
+    assert not painted[:, :2].any() and not painted[:, -2:].any()
+    assert not painted[:, :, :2].any() and not painted[:, :, -2:].any()
+
+
+@pytest.mark.parametrize("history, expected", [("flat", 40), ("rising", 100)])
+def test_classifier_early_stopping(gen, monkeypatch, history, expected):
+    images, truth, _ = world(gen, n=60, poisoned=6)
+    values = iter(range(1000))
+    monkeypatch.setattr(classifier_module, "_f1", lambda logits, labels: 0.5 if history ==
+                        "flat" else next(values) / 100)
+    config = ClassifierConfig(n_models=1, iterations=100, batch_size=8, width=4, val_every=10,
+                              patience=4, paste_size=(4, 6), paste_margin=0)
+    pois, clean = torch.nonzero(truth).flatten(), torch.nonzero(~truth).flatten()
+    _, report = classifier_module.train_poison_classifier(
+        images, clean, MAGENTA[None, :, None, None].expand(1, 3, 4, 4).contiguous(), pois,
+        clean[:6], config, MEAN, STD, verbose=False)
+    assert report.iterations == [expected]
+
+
+def test_classifier_config_needs_a_member():
+    with pytest.raises(ValueError, match="at least one member"):
+        ClassifierConfig(n_models=0, feature_member=False)
+    with pytest.raises(ValueError, match="pool_cleaning_fraction"):
+        ClassifierConfig(pool_cleaning_fraction=1.0)
+    assert ClassifierConfig(n_models=0).feature_member

@@ -8,6 +8,12 @@ against the bottom-k images (label 0); training stops when the validation F1 (in
 been flat for ``patience`` checks, and the model at that point is kept (PatchSearch's rule; the
 first best-F1 checkpoint on the tiny validation set is often undertrained). An ensemble averages
 its members' logits.
+
+The feature member (fastbd's addition, ``ClassifierConfig.feature_member``) learns the same task
+as a logistic regression on the threat encoder's frozen features — the encoder the trigger was
+planted in, so a pasted trigger moves its features the way a native one does. It costs one
+encoder pass over ``feature_samples`` images, so it first cleans the pool of the unscored
+poisoned images that would otherwise be labelled clean (``clean_pool``), then votes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.eval.probe import fit_linear
+from fastbd.models.encoders import Encoder
 from fastbd.ops import paste
 from fastbd.poisoncam.config import ClassifierConfig
 from fastbd.schedules import warmup_cosine
@@ -87,7 +95,6 @@ def make_batch(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch: normalised float ``B×3×S×S`` and labels int64 ``B``."""
     device = images.device
-    size = images.shape[-1]
     b = config.batch_size
     rows = pool[torch.randint(pool.numel(), (b,), generator=generator)].to(device)
     crops = random_resized_crop(images[rows].float(), config.crop_scale, (3 / 4, 4 / 3), 0.5,
@@ -96,22 +103,68 @@ def make_batch(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
     labels = (torch.rand(b, generator=generator) < config.paste_p).long()
     pasted = torch.nonzero(labels).flatten()
     if pasted.numel():
-        k = pasted.numel()
-        lo, hi = config.paste_size
-        hi = min(hi, size - 2 * config.paste_margin)
-        lo = min(lo, hi)
-        sides = torch.randint(lo, hi + 1, (k,), generator=generator)
-        limit = (size - sides - config.paste_margin).clamp(min=config.paste_margin)
-        ys = config.paste_margin + (torch.rand(k, generator=generator)
-                                    * (limit - config.paste_margin + 1)).long()
-        xs = config.paste_margin + (torch.rand(k, generator=generator)
-                                    * (limit - config.paste_margin + 1)).long()
-        which = torch.randint(triggers.shape[0], (k,), generator=generator)
-        canvas[pasted.to(device)] = paste(
-            canvas, triggers.to(device), pasted.to(device), which.to(device), ys.to(device),
-            xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
+        canvas[pasted.to(device)] = paste_triggers(canvas, pasted, triggers, config, generator)
     x = colour_jitter(canvas.float() / 255, 0.4, 0.8, 0.2, generator_on(generator, device))
     return (x - mean) / std, labels.to(device)
+
+
+def paste_triggers(images: torch.Tensor, rows: torch.Tensor, triggers: torch.Tensor,
+                   config: ClassifierConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 ``J×3×S×S``: bank ``images[rows]`` (``rows`` int64 ``J``), each with a random one
+    of ``triggers`` (uint8 ``k×3×w×w``) resized to a random side in ``config.paste_size`` and
+    pasted at a random position at least ``config.paste_margin`` px from the border."""
+    device, size, k = images.device, images.shape[-1], rows.numel()
+    lo, hi = config.paste_size
+    hi = min(hi, size - 2 * config.paste_margin)
+    lo = min(lo, hi)
+    sides = torch.randint(lo, hi + 1, (k,), generator=generator)
+    limit = (size - sides - config.paste_margin).clamp(min=config.paste_margin)
+    ys = config.paste_margin + (torch.rand(k, generator=generator)
+                                * (limit - config.paste_margin + 1)).long()
+    xs = config.paste_margin + (torch.rand(k, generator=generator)
+                                * (limit - config.paste_margin + 1)).long()
+    which = torch.randint(triggers.shape[0], (k,), generator=generator)
+    return paste(images, triggers.to(device), rows.to(device), which.to(device), ys.to(device),
+                 xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
+
+
+def fit_feature_member(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
+                       pool: torch.Tensor, triggers: torch.Tensor, config: ClassifierConfig,
+                       generator: torch.Generator, batch_size: int = 512) -> nn.Linear:
+    """Logistic regression ``D → 2`` on the encoder's L2-normalised features: ``feature_samples``
+    pool rows drawn with replacement, the first half with a pasted trigger (label 1, encoded
+    here), the rest as they are (label 0, rows of ``features``, float ``N×D``)."""
+    rows = pool[torch.randint(pool.numel(), (config.feature_samples,), generator=generator)]
+    half = config.feature_samples // 2
+    pasted = []
+    with torch.no_grad():
+        for start in range(0, half, batch_size):
+            chunk = rows[start:min(half, start + batch_size)]
+            x = encoder.normalise(paste_triggers(images, chunk, triggers, config, generator))
+            pasted.append(F.normalize(encoder(x).float(), dim=1))
+    x = torch.cat(pasted + [features[rows[half:].to(features.device)]])
+    y = torch.cat([torch.ones(half), torch.zeros(rows.numel() - half)]).long().to(x.device)
+    return fit_linear(x, y, 2, config.feature_steps, config.feature_weight_decay)
+
+
+def clean_pool(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
+               pool: torch.Tensor, triggers: torch.Tensor, config: ClassifierConfig,
+               generator: torch.Generator) -> tuple[torch.Tensor, nn.Linear]:
+    """``pool_cleaning_rounds`` times: fit the feature member on the pool and drop the
+    ``pool_cleaning_fraction`` of the pool it rates most poisonous (ties kept). Returns the
+    cleaned pool (sorted int64 bank rows) and the member refitted on it."""
+    for _ in range(config.pool_cleaning_rounds):
+        member = fit_feature_member(encoder, images, features, pool, triggers, config,
+                                    generator)
+        with torch.no_grad():
+            logit = member(features[pool.to(features.device)])
+            margin = (logit[:, 1] - logit[:, 0]).cpu()
+        n_drop = int(config.pool_cleaning_fraction * pool.numel())
+        if n_drop == 0 or n_drop >= pool.numel():
+            break
+        keep = torch.argsort(margin, stable=True)[:pool.numel() - n_drop]
+        pool = pool[keep].sort().values
+    return pool, fit_feature_member(encoder, images, features, pool, triggers, config, generator)
 
 
 def generator_on(generator: torch.Generator, device: torch.device) -> torch.Generator:

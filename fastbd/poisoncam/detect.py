@@ -20,7 +20,7 @@ import torch
 from fastbd.data.bank import ImageBank
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, embed_images
-from fastbd.poisoncam.classifier import ensemble_logits, train_poison_classifier
+from fastbd.poisoncam.classifier import clean_pool, ensemble_logits, train_poison_classifier
 from fastbd.poisoncam.clustering import ClusteringModel
 from fastbd.poisoncam.config import Config
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
@@ -180,19 +180,32 @@ class Detector:
         pool = torch.nonzero(pool_mask).flatten()
         if pool.numel() == 0:
             raise ValueError("no image left to train the poison classifier on")
-        models, report = train_poison_classifier(bank, pool, triggers, topk, bottom,
-                                                 config.classifier, mean, std, seed=config.seed,
-                                                 verbose=verbose)
-        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
+        classifier = config.classifier
+        classifier_info: dict[str, object] = {"pool_size": int(pool.numel())}
+        member_logits = None
+        if classifier.feature_member:
+            cleaned, member = clean_pool(encoder, bank, features, pool, triggers.to(device),
+                                         classifier, torch.Generator().manual_seed(config.seed))
+            with torch.no_grad():
+                member_logits = member(features).float().cpu()
+            classifier_info.update(pool_dropped=int(pool.numel() - cleaned.numel()))
+            pool = cleaned
+        models, report = train_poison_classifier(bank, pool, triggers, topk, bottom, classifier,
+                                                 mean, std, seed=config.seed, verbose=verbose)
+        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu() \
+            if models else None
+        if member_logits is not None:
+            logits = member_logits if logits is None else (logits + member_logits) / 2
         removed = logits.argmax(1) == 1
         timer.add("classifier", time.perf_counter() - start, n)
+        classifier_info.update(iterations=report.iterations, best_f1=report.best_f1)
 
         result = DetectionResult(
             method=self.method, scores=scores, removed=removed, ranking=ranking, topk=topk,
             windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
-            classifier={"iterations": report.iterations, "best_f1": report.best_f1})
+            classifier=classifier_info)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
         self.result_ = result
