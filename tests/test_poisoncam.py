@@ -17,7 +17,12 @@ from fastbd.models.encoders import Encoder
 from fastbd.ops import window_masks
 from fastbd.poisoncam import ClassifierConfig, Config, PoisonCAM, detect
 from fastbd.poisoncam import classifier as classifier_module
-from fastbd.poisoncam.classifier import clean_pool, paste_triggers
+from fastbd.poisoncam.classifier import (
+    clean_pool,
+    fit_pool_model,
+    otsu_threshold,
+    paste_triggers,
+)
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
 from fastbd.poisoncam.search import SearchState, drop_count, run_search
@@ -266,17 +271,49 @@ def test_clean_pool_drops_the_unscored_poisons(gen):
     pool = torch.arange(len(truth))
     config = ClassifierConfig(feature_samples=400, paste_size=(4, 6), paste_margin=0,
                               pool_cleaning_rounds=1, pool_cleaning_fraction=0.1)
-    cleaned, member = clean_pool(encoder, images, features, pool, triggers, config,
-                                 torch.Generator().manual_seed(0))
+    cleaned = clean_pool(encoder, images, features, pool, triggers, config,
+                         torch.Generator().manual_seed(0))
     assert cleaned.numel() == 150 - 15
     assert not truth[cleaned].any()  # the 12 poisoned rows are among the 15 dropped
+    model = fit_pool_model(encoder, images, features, pool, triggers, config,
+                           torch.Generator().manual_seed(0))
     with torch.no_grad():
-        margin = member(features) @ torch.tensor([-1.0, 1.0])
+        margin = model(features) @ torch.tensor([-1.0, 1.0])
     assert margin[truth].min() > 0 > margin[~truth].max()
-    unchanged, _ = clean_pool(encoder, images, features, pool, triggers,
-                              replace(config, pool_cleaning_rounds=0),
-                              torch.Generator().manual_seed(0))
+    unchanged = clean_pool(encoder, images, features, pool, triggers,
+                           replace(config, pool_cleaning_rounds=0),
+                           torch.Generator().manual_seed(0))
     assert torch.equal(unchanged, pool)
+
+
+def brute_force_otsu(values):
+    ordered = sorted(values)
+    best, threshold = -1.0, None
+    for i in range(len(ordered) - 1):
+        if ordered[i] == ordered[i + 1]:
+            continue
+        low, high = ordered[:i + 1], ordered[i + 1:]
+        spread = len(low) * len(high) * (np.mean(low) - np.mean(high)) ** 2
+        if spread > best:
+            best, threshold = spread, (ordered[i] + ordered[i + 1]) / 2
+    return threshold
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 250])
+def test_otsu_threshold_matches_brute_force(gen, n):
+    values = torch.cat([torch.randn(n, generator=gen), 6 + torch.randn(n // 5 + 1,
+                                                                       generator=gen)])
+    values = torch.cat([values, values[:3]])  # ties
+    assert otsu_threshold(values) == pytest.approx(brute_force_otsu(values.double().tolist()))
+
+
+def test_otsu_threshold_separates_a_gap_and_rejects_flat_input():
+    values = torch.tensor([0.1, -0.3, 0.0, 0.2, 9.0, 8.5, -0.1])
+    assert 0.2 < otsu_threshold(values) < 8.5
+    with pytest.raises(ValueError, match="two distinct"):
+        otsu_threshold(torch.ones(5))
+    with pytest.raises(ValueError, match="two distinct"):
+        otsu_threshold(torch.empty(0))
 
 
 def test_pasted_triggers_land_inside_the_margin(gen):
@@ -306,9 +343,10 @@ def test_classifier_early_stopping(gen, monkeypatch, history, expected):
     assert report.iterations == [expected]
 
 
-def test_classifier_config_needs_a_member():
-    with pytest.raises(ValueError, match="at least one member"):
-        ClassifierConfig(n_models=0, feature_member=False)
+def test_classifier_config_validation():
+    with pytest.raises(ValueError, match="n_models"):
+        ClassifierConfig(n_models=0)
     with pytest.raises(ValueError, match="pool_cleaning_fraction"):
         ClassifierConfig(pool_cleaning_fraction=1.0)
-    assert ClassifierConfig(n_models=0).feature_member
+    with pytest.raises(ValueError, match="threshold"):
+        ClassifierConfig(threshold="median")

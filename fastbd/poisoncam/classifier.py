@@ -9,11 +9,13 @@ been flat for ``patience`` checks, and the model at that point is kept (PatchSea
 first best-F1 checkpoint on the tiny validation set is often undertrained). An ensemble averages
 its members' logits.
 
-The feature member (fastbd's addition, ``ClassifierConfig.feature_member``) learns the same task
-as a logistic regression on the threat encoder's frozen features — the encoder the trigger was
-planted in, so a pasted trigger moves its features the way a native one does. It costs one
-encoder pass over ``feature_samples`` images, so it first cleans the pool of the unscored
-poisoned images that would otherwise be labelled clean (``clean_pool``), then votes.
+Pool cleaning (fastbd's addition, ``ClassifierConfig.pool_cleaning_rounds``): the paper drops
+the top-scored images from the pool, but the search scores only a few hundred images, so most
+poisoned images stay in the pool labelled clean. A logistic regression on the threat encoder's
+frozen features — the encoder the trigger was planted in, so a pasted trigger moves its features
+the way a native one does — learns pasted vs plain pool images in about a second and drops the
+pool images it rates most poisonous. ``otsu_threshold`` picks the decision threshold from the
+gap in the ensemble's margins instead of the argmax (``ClassifierConfig.threshold``).
 """
 
 from __future__ import annotations
@@ -128,12 +130,13 @@ def paste_triggers(images: torch.Tensor, rows: torch.Tensor, triggers: torch.Ten
                  xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
 
 
-def fit_feature_member(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
+def fit_pool_model(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
                        pool: torch.Tensor, triggers: torch.Tensor, config: ClassifierConfig,
                        generator: torch.Generator, batch_size: int = 512) -> nn.Linear:
-    """Logistic regression ``D → 2`` on the encoder's L2-normalised features: ``feature_samples``
-    pool rows drawn with replacement, the first half with a pasted trigger (label 1, encoded
-    here), the rest as they are (label 0, rows of ``features``, float ``N×D``)."""
+    """Pool cleaning's model: logistic regression ``D → 2`` on the encoder's L2-normalised
+    features of ``feature_samples`` pool rows drawn with replacement, the first half with a
+    pasted trigger (label 1, encoded here), the rest as they are (label 0, rows of
+    ``features``, float ``N×D``)."""
     rows = pool[torch.randint(pool.numel(), (config.feature_samples,), generator=generator)]
     half = config.feature_samples // 2
     pasted = []
@@ -149,22 +152,38 @@ def fit_feature_member(encoder: Encoder, images: torch.Tensor, features: torch.T
 
 def clean_pool(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
                pool: torch.Tensor, triggers: torch.Tensor, config: ClassifierConfig,
-               generator: torch.Generator) -> tuple[torch.Tensor, nn.Linear]:
-    """``pool_cleaning_rounds`` times: fit the feature member on the pool and drop the
-    ``pool_cleaning_fraction`` of the pool it rates most poisonous (ties kept). Returns the
-    cleaned pool (sorted int64 bank rows) and the member refitted on it."""
+               generator: torch.Generator) -> torch.Tensor:
+    """``pool_cleaning_rounds`` times: fit the pool model on the pool and drop the
+    ``pool_cleaning_fraction`` of the pool it rates most poisonous. Returns the cleaned pool
+    (sorted int64 bank rows)."""
     for _ in range(config.pool_cleaning_rounds):
-        member = fit_feature_member(encoder, images, features, pool, triggers, config,
-                                    generator)
-        with torch.no_grad():
-            logit = member(features[pool.to(features.device)])
-            margin = (logit[:, 1] - logit[:, 0]).cpu()
         n_drop = int(config.pool_cleaning_fraction * pool.numel())
-        if n_drop == 0 or n_drop >= pool.numel():
+        if n_drop == 0:
             break
+        model = fit_pool_model(encoder, images, features, pool, triggers, config, generator)
+        with torch.no_grad():
+            logit = model(features[pool.to(features.device)])
+            margin = (logit[:, 1] - logit[:, 0]).cpu()
         keep = torch.argsort(margin, stable=True)[:pool.numel() - n_drop]
         pool = pool[keep].sort().values
-    return pool, fit_feature_member(encoder, images, features, pool, triggers, config, generator)
+    return pool
+
+
+def otsu_threshold(values: torch.Tensor) -> float:
+    """Otsu's threshold of float ``N`` values (at least two distinct): the midpoint between
+    the sorted neighbours whose split maximises the between-group variance
+    ``w0·w1·(mean0 − mean1)²`` (counts and means below / above); ties go to the lowest split."""
+    ordered = torch.sort(values.detach().double().flatten().cpu()).values
+    if ordered.numel() < 2 or bool(ordered[0] == ordered[-1]):
+        raise ValueError("Otsu's threshold needs at least two distinct values")
+    n = ordered.numel()
+    below = torch.arange(1, n, dtype=torch.float64)
+    cumulative = ordered.cumsum(0)[:-1]
+    spread = below * (n - below) * (cumulative / below
+                                    - (ordered.sum() - cumulative) / (n - below)) ** 2
+    spread[ordered[1:] == ordered[:-1]] = -1.0  # a split falls between distinct values
+    i = int(torch.argmax(spread))
+    return float((ordered[i] + ordered[i + 1]) / 2)
 
 
 def generator_on(generator: torch.Generator, device: torch.device) -> torch.Generator:

@@ -14,13 +14,14 @@ class ClassifierConfig:
     %) are equal. Pasted triggers are ``paste_size`` px at the 224-px reference size, placed at
     least ``paste_margin`` px from the border, with probability ``paste_p``.
 
-    fastbd's two additions (README, "The poison classifier"; ``feature_member=False,
-    pool_cleaning_rounds=0`` is the papers' recipe): a *feature member*, logistic regression
-    (L-BFGS, ``feature_steps``, ``feature_weight_decay``) on the threat encoder's own normalised
-    features of ``feature_samples`` pool images, half of them with a pasted trigger; it first
-    cleans the training pool — ``pool_cleaning_rounds`` times, the ``pool_cleaning_fraction`` of
-    the pool it rates most poisonous is dropped and it is refitted — and then votes: the
-    classification averages its logits with the ResNets' mean logits.
+    fastbd's two additions (README, "The poison classifier"; ``pool_cleaning_rounds=0,
+    threshold="argmax"`` is the papers' recipe): *pool cleaning* — ``pool_cleaning_rounds``
+    times, a logistic regression (L-BFGS, ``feature_steps``, ``feature_weight_decay``) on the
+    threat encoder's own normalised features of ``feature_samples`` pool images, half of them
+    with a pasted trigger, rates the pool and the ``pool_cleaning_fraction`` it rates most
+    poisonous is dropped; and the *threshold* — ``otsu`` removes the images whose ensemble
+    margin (poison logit − clean logit) lies above Otsu's threshold of all N margins,
+    ``argmax`` those with a positive margin.
     """
 
     n_models: int = 5
@@ -36,17 +37,18 @@ class ClassifierConfig:
     paste_margin: int = 10
     crop_scale: tuple[float, float] = (0.2, 1.0)
     width: int = 64
-    feature_member: bool = True
     feature_samples: int = 4000
     feature_steps: int = 100
     feature_weight_decay: float = 1e-4
     pool_cleaning_rounds: int = 1
     pool_cleaning_fraction: float = 0.1
+    threshold: str = "otsu"
 
     def __post_init__(self) -> None:
-        if self.n_models < 0 or (self.n_models == 0 and not self.feature_member):
-            raise ValueError("the poison classifier needs at least one member: n_models ≥ 1 "
-                             f"or feature_member=True (got n_models={self.n_models})")
+        if self.n_models < 1:
+            raise ValueError(f"n_models must be ≥ 1, got {self.n_models}")
+        if self.threshold not in ("otsu", "argmax"):
+            raise ValueError(f"threshold must be 'otsu' or 'argmax', got {self.threshold!r}")
         if self.pool_cleaning_rounds < 0:
             raise ValueError(f"pool_cleaning_rounds must be ≥ 0, got {self.pool_cleaning_rounds}")
         if not 0 <= self.pool_cleaning_fraction < 1:

@@ -20,7 +20,12 @@ import torch
 from fastbd.data.bank import ImageBank
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, embed_images
-from fastbd.poisoncam.classifier import clean_pool, ensemble_logits, train_poison_classifier
+from fastbd.poisoncam.classifier import (
+    clean_pool,
+    ensemble_logits,
+    otsu_threshold,
+    train_poison_classifier,
+)
 from fastbd.poisoncam.clustering import ClusteringModel
 from fastbd.poisoncam.config import Config
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
@@ -182,22 +187,21 @@ class Detector:
             raise ValueError("no image left to train the poison classifier on")
         classifier = config.classifier
         classifier_info: dict[str, object] = {"pool_size": int(pool.numel())}
-        member_logits = None
-        if classifier.feature_member:
-            cleaned, member = clean_pool(encoder, bank, features, pool, triggers.to(device),
-                                         classifier, torch.Generator().manual_seed(config.seed))
-            with torch.no_grad():
-                member_logits = member(features).float().cpu()
-            classifier_info.update(pool_dropped=int(pool.numel() - cleaned.numel()))
+        if classifier.pool_cleaning_rounds:
+            cleaned = clean_pool(encoder, bank, features, pool, triggers, classifier,
+                                 torch.Generator().manual_seed(config.seed))
+            classifier_info["pool_dropped"] = int(pool.numel() - cleaned.numel())
             pool = cleaned
         models, report = train_poison_classifier(bank, pool, triggers, topk, bottom, classifier,
                                                  mean, std, seed=config.seed, verbose=verbose)
-        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu() \
-            if models else None
-        if member_logits is not None:
-            logits = member_logits if logits is None else (logits + member_logits) / 2
-        removed = logits.argmax(1) == 1
+        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
+        margin = logits[:, 1] - logits[:, 0]
+        threshold = 0.0
+        if classifier.threshold == "otsu" and bool(margin.max() > margin.min()):
+            threshold = otsu_threshold(margin)
+        removed = margin > threshold
         timer.add("classifier", time.perf_counter() - start, n)
+        classifier_info["threshold"] = threshold
         classifier_info.update(iterations=report.iterations, best_f1=report.best_f1)
 
         result = DetectionResult(
