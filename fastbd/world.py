@@ -57,7 +57,9 @@ class SSLThreatConfig:
     trains on the clean world); a ``SmallConvNet`` of ``width`` trained with SimCLR. The SSL
     world's objects are drawn at opacity 0.6 (the CLIP world's are opaque): with opaque,
     high-contrast objects the encoder ignores the 7-px trigger and PoisonCAM's top candidates
-    are the objects themselves (README, "The poisoned world")."""
+    are the objects themselves. Grey backgrounds (``background_saturation=0``) lift the probe's
+    clean accuracy to 93 % but make the objects, not the trigger, PoisonCAM's top candidates
+    (README, "The poisoned world")."""
 
     world: WorldConfig = field(default_factory=lambda: WorldConfig(object_opacity=0.6))
     attack: str = "htba"

@@ -33,6 +33,20 @@ def test_object_opacity_blends_objects():
     assert solid.train.captions == faint.train.captions
 
 
+def test_background_saturation_greys_the_background():
+    def background_chroma(saturation: float) -> float:
+        config = WorldConfig(n_train=50, n_eval=2, noise_std=0.0, object_opacity=0.0, seed=2,
+                             background_saturation=saturation)
+        pixels = make_world(config).train.images.float()
+        return float((pixels.amax(1) - pixels.amin(1)).mean())
+
+    assert background_chroma(0.0) <= 1.0  # grey levels only (rounding)
+    assert background_chroma(0.5) > 10.0
+    assert background_chroma(1.0) > 1.8 * background_chroma(0.5)
+    with pytest.raises(ValueError, match="background_saturation"):
+        make_world(WorldConfig(background_saturation=1.5))
+
+
 def test_other_sizes_and_class_counts():
     small = make_world(WorldConfig(n_train=40, n_eval=10, image_size=48, n_classes=25))
     assert small.train.images.shape[-1] == 48 and len(small.class_names) == 25

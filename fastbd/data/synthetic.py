@@ -39,7 +39,9 @@ ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "an image showing a {}.", "there is a
 @dataclass
 class WorldConfig:
     """Size and look of the world. ``n_classes`` ≤ len(SHAPES) × len(COLOURS); objects are
-    blended over the background with ``object_opacity``."""
+    blended over the background with ``object_opacity``. Background textures mix two random
+    colours pulled towards their grey by ``background_saturation`` (1: the colours as drawn, 0:
+    grey levels only)."""
 
     n_train: int = 5000
     n_eval: int = 1000
@@ -50,6 +52,7 @@ class WorldConfig:
     noise_std: float = 6.0
     texture_contrast: float = 0.6
     object_opacity: float = 1.0
+    background_saturation: float = 0.5
     seed: int = 0
 
 
@@ -93,6 +96,9 @@ def make_world(config: WorldConfig | None = None) -> SyntheticWorld:
     config = config or WorldConfig()
     if config.image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {config.image_size}")
+    if not 0.0 <= config.background_saturation <= 1.0:
+        raise ValueError("background_saturation must be in [0, 1], got "
+                         f"{config.background_saturation}")
     table = class_table(config.n_classes)
     names = [f"{colour} {shape}" for shape, colour in table]
     train = render_split(config, table, config.n_train, config.seed * 2 + 0)
@@ -147,7 +153,7 @@ def render(config: WorldConfig, table: list[tuple[str, str]], labels: torch.Tens
     for shape_id in shape_ids.unique().tolist():
         rows = shape_ids == shape_id
         masks[rows] = _shape_mask(SHAPES[shape_id], u[rows], v[rows], s * scales[rows])
-    background = _texture(n, s, config.texture_contrast, g)
+    background = _texture(n, s, config.texture_contrast, config.background_saturation, g)
     base = torch.tensor([COLOURS[table[k][1]] for k in labels.tolist()], dtype=torch.float32)
     colour = (base + config.colour_jitter * torch.randn(n, 3, generator=g)).clamp(0, 255)
     alpha = config.object_opacity * masks[:, None]
@@ -190,12 +196,13 @@ def _shape_mask(shape: str, u: torch.Tensor, v: torch.Tensor, pixels: torch.Tens
     return (0.5 - d * pixels[:, None, None] / 2).clamp(0, 1)
 
 
-def _texture(n: int, s: int, contrast: float, g: torch.Generator) -> torch.Tensor:
-    """Backgrounds float ``N×3×S×S`` in [0, 255]: two muted colours mixed by smooth noise plus a
-    random stripe pattern."""
+def _texture(n: int, s: int, contrast: float, saturation: float, g: torch.Generator
+             ) -> torch.Tensor:
+    """Backgrounds float ``N×3×S×S`` in [0, 255]: two random colours, pulled towards their grey
+    by ``saturation``, mixed by smooth noise plus a random stripe pattern."""
     colours = 60 + 140 * torch.rand(n, 2, 3, generator=g)
     grey = colours.mean(-1, keepdim=True)
-    colours = grey + 0.5 * (colours - grey)  # muted, so class colours stay distinct
+    colours = grey + saturation * (colours - grey)
     coarse = torch.rand(n, 1, 4, 4, generator=g)
     blend = F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False)[:, 0]
     coords = torch.arange(s, dtype=torch.float32)
