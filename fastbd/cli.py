@@ -88,11 +88,17 @@ def _write_json(out: str, name: str, payload: dict) -> Path:
     return target
 
 
-def _world_config(args: argparse.Namespace):
-    from fastbd.data.synthetic import WorldConfig
+def _world_config(args: argparse.Namespace, ssl: bool = False):
+    """The world the command's flags ask for: the SSL threat world's look (``ssl``) or the
+    CLIP world's, with the flags' sizes and seed."""
+    from dataclasses import replace
 
-    return WorldConfig(n_train=args.n_train, n_eval=args.n_eval, image_size=args.image_size,
-                       seed=args.seed)
+    from fastbd.data.synthetic import WorldConfig
+    from fastbd.world import SSLThreatConfig
+
+    base = SSLThreatConfig().world if ssl else WorldConfig()
+    return replace(base, n_train=args.n_train, n_eval=args.n_eval, image_size=args.image_size,
+                   seed=args.seed)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -139,7 +145,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     else:
         from fastbd.data.synthetic import make_world
 
-        world = make_world(_world_config(args))
+        world = make_world(_world_config(args, ssl=not clip_attack))
         poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
                     if clip_attack else
                     poison_world_images(world, args.attack, args.target, args.fraction,
@@ -159,9 +165,11 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     from fastbd.ssl import SSLConfig
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
-    config = SSLThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
-                             fraction=args.fraction, width=args.width, seed=args.seed)
-    config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": args.epochs, "seed": args.seed})
+    config = SSLThreatConfig(world=_world_config(args, ssl=True), attack=args.attack,
+                             target=args.target, fraction=args.fraction, width=args.width,
+                             seed=args.seed)
+    epochs = config.ssl.epochs if args.epochs is None else args.epochs
+    config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": epochs, "seed": args.seed})
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
                               retrain=args.retrain, verbose=not args.quiet)
     import torch
@@ -199,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fastbd.data.synthetic import make_world
 
-    world = make_world(_world_config(args))
+    world = make_world(_world_config(args, ssl=args.kind == "ssl"))
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     if args.kind == "ssl":
         from fastbd.attacks import make_attack
@@ -428,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssl.add_argument("--attack", choices=("htba", "none"), default="htba")
     ssl.add_argument("--fraction", type=float, default=0.5)
     ssl.add_argument("--width", type=int, default=16)
-    ssl.add_argument("--epochs", type=int, default=40)
+    ssl.add_argument("--epochs", type=int, default=None,
+                     help="SimCLR epochs (default: SSLThreatConfig's)")
     ssl.add_argument("--cache", default="fastbd-out/cache")
     ssl.add_argument("--retrain", action="store_true", help="ignore cached weights")
     ssl.add_argument("--out", default="fastbd-out/train-ssl")

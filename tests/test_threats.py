@@ -69,3 +69,15 @@ def test_cli_attack_file_list_htba(tmp_path):
     listing = read_file_list(out / "train.txt")
     poisoned = ["HTBA_trigger" in str(p) for p in listing.paths]
     assert sum(poisoned) == sum(1 for label in listing.labels if label == 1)
+
+
+def test_cli_worlds_are_the_threat_models_worlds():
+    from argparse import Namespace
+    from dataclasses import replace
+
+    from fastbd.cli import _world_config
+
+    args = Namespace(n_train=10, n_eval=2, image_size=32, seed=4)
+    sizes = dict(n_train=10, n_eval=2, image_size=32, seed=4)
+    assert _world_config(args, ssl=True) == replace(SSLThreatConfig().world, **sizes)
+    assert _world_config(args) == replace(CLIPThreatConfig().world, **sizes)
