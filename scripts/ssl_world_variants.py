@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="fastbd-out/cache")
     parser.add_argument("--out", default="fastbd-out/ssl-world-variants.jsonl")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar while training")
     args = parser.parse_args()
 
     world = WorldConfig(background_saturation=args.saturation, object_opacity=args.opacity,
@@ -48,7 +49,7 @@ def main() -> None:
                              seed=args.seed,
                              ssl=SSLConfig(method=args.method, epochs=args.epochs,
                                            augment=AugmentConfig(crop_scale=tuple(args.crop))))
-    threat = build_ssl_threat(config, cache_dir=args.cache, verbose=False)
+    threat = build_ssl_threat(config, cache_dir=args.cache, verbose=not args.quiet)
     encoder, labels, target = threat.encoder, threat.world.train.labels, config.target
     n_classes = len(threat.world.class_names)
     subset = stratified_subset(labels, config.probe.labelled_fraction, config.probe.seed)
