@@ -14,6 +14,7 @@ from fastbd.models import (
 )
 from fastbd.models.clip import TinyCLIPConfig, clip_loss, clip_tokenizer, tiny_clip, tokenize
 from fastbd.ssl import AugmentConfig, SSLConfig, augment, byol_loss, nt_xent, train_ssl
+from fastbd.ssl.augment import crop_windows, random_resized_crop
 
 
 def test_small_encoder_and_embedding(gen):
@@ -75,6 +76,49 @@ def test_augment_shapes_ranges_and_identity(gen):
                              jitter_p=0.0, grayscale_p=0.0)
     torch.testing.assert_close(augment(images, identity, mean, std, gen), images.float() / 255,
                                atol=1e-5, rtol=0)
+
+
+def test_crop_windows_are_the_crops_random_resized_crop_takes():
+    # A coordinate image: after the crop, corner pixels read where the window lies.
+    size, n = 64, 50
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    coords = torch.stack([ys, xs])[None].expand(n, -1, -1, -1).contiguous() / size * 2 - 1
+    scale, ratio = (0.1, 0.6), (3 / 4, 4 / 3)
+    theta = crop_windows(n, scale, ratio, 0.5, torch.Generator().manual_seed(3))
+    cropped = random_resized_crop(coords, scale, ratio, 0.5, torch.Generator().manual_seed(3))
+    width, height = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    area = width * height  # half-extents in [−1, 1] units = side fractions
+    assert bool((area >= scale[0] - 1e-6).all()) and bool((area <= scale[1] + 1e-6).all())
+    assert bool((theta[:, 0, 2].abs() + width <= 1 + 1e-6).all())
+    assert bool((theta[:, 1, 2].abs() + height <= 1 + 1e-6).all())
+    flipped = theta[:, 0, 0] < 0
+    assert 0 < int(flipped.sum()) < n
+    step = 1 / size  # pixel centres sit half a pixel in from the window's edges
+    top = theta[:, 1, 2] - height * (1 - step)
+    left = torch.where(flipped, theta[:, 0, 2] + width * (1 - step),
+                       theta[:, 0, 2] - width * (1 - step))
+    # Within a pixel: reflection padding bends the reading where a window touches the border.
+    torch.testing.assert_close(cropped[:, 0, 0, 0], top, atol=step, rtol=0)
+    torch.testing.assert_close(cropped[:, 1, 0, 0], left, atol=step, rtol=0)
+    assert crop_windows(0, scale, ratio, 0.5, torch.Generator()).shape == (0, 2, 3)
+
+
+def test_ssl_view_hook_sees_every_image_and_sets_the_views(gen):
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    seen = []
+
+    def same_view(index, v1, v2):
+        assert v1.shape == v2.shape == (index.numel(), 3, 16, 16)
+        seen.append(index.clone())
+        return v1, v1.clone()
+
+    history = train_ssl(small_encoder(4, 16), images, SSLConfig(epochs=2, batch_size=16,
+                        warmup_epochs=1), verbose=False, view_hook=same_view)
+    assert len(seen) == 6 and sorted(torch.cat(seen[:3]).tolist()) == list(range(48))
+    plain = train_ssl(small_encoder(4, 16), images, SSLConfig(epochs=2, batch_size=16,
+                      warmup_epochs=1), verbose=False)
+    # Identical views are the easiest positive pairs: the hook's views were trained on.
+    assert history.losses[-1] < plain.losses[-1]
 
 
 def test_losses():

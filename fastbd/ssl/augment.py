@@ -23,12 +23,12 @@ class AugmentConfig:
     grayscale_p: float = 0.2
 
 
-def random_resized_crop(images: torch.Tensor, scale: tuple[float, float],
-                        ratio: tuple[float, float], flip_p: float, g: torch.Generator
-                        ) -> torch.Tensor:
-    """float ``N×C×S×S`` in, same shape out: each image cropped (area fraction in ``scale``,
-    aspect in ``ratio``), optionally flipped, and resized back, via one ``grid_sample``."""
-    n, device = images.shape[0], images.device
+def crop_windows(n: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float,
+                 g: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``N×2×3`` affine ``theta`` of random resized crops (area fraction in ``scale``, aspect in
+    ``ratio``, horizontal flip with probability ``flip_p``) in ``affine_grid``'s normalised
+    coordinates: crop ``i`` spans ``theta[i, 0, 2] ± |theta[i, 0, 0]|`` across and
+    ``theta[i, 1, 2] ± theta[i, 1, 1]`` down, in [−1, 1] units of the image."""
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=g, device=device)
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
         n, generator=g, device=device)
@@ -43,6 +43,15 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float],
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = height
     theta[:, 1, 2] = cy
+    return theta
+
+
+def random_resized_crop(images: torch.Tensor, scale: tuple[float, float],
+                        ratio: tuple[float, float], flip_p: float, g: torch.Generator
+                        ) -> torch.Tensor:
+    """float ``N×C×S×S`` in, same shape out: each image cropped by ``crop_windows`` and resized
+    back, via one ``grid_sample``."""
+    theta = crop_windows(images.shape[0], scale, ratio, flip_p, g, images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)

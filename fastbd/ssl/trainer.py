@@ -9,6 +9,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -69,9 +70,17 @@ def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
                          nn.Linear(hidden, dim_out))
 
 
+ViewHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None = None, *,
-              device: torch.device | str = "cpu", verbose: bool = True) -> SSLHistory:
-    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR or BYOL)."""
+              device: torch.device | str = "cpu", verbose: bool = True,
+              view_hook: ViewHook | None = None) -> SSLHistory:
+    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR or BYOL).
+
+    ``view_hook(index, v1, v2)``, if given, sees each batch's image indices (int64 ``B``) and its
+    two augmented, normalised views (float ``B×3×S×S``) and returns the views to train on —
+    for experiments that choose some positive pairs themselves."""
     config = config or SSLConfig()
     if config.method not in ("simclr", "byol"):
         raise ValueError(f"method must be 'simclr' or 'byol', got {config.method!r}")
@@ -108,9 +117,12 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
-            rows = bank[order[step * batch:(step + 1) * batch].to(device)]
+            index = order[step * batch:(step + 1) * batch].to(device)
+            rows = bank[index]
             v1 = augment(rows, config.augment, mean, std, g)
             v2 = augment(rows, config.augment, mean, std, g)
+            if view_hook is not None:
+                v1, v2 = view_hook(index, v1, v2)
             if config.method == "simclr":
                 loss = nt_xent(head(encoder(v1)), head(encoder(v2)), config.temperature)
             else:
