@@ -13,7 +13,8 @@ trigger (CorruptEncoder, Zhang et al., CVPR 2024; Noisy Alignment, Chen et al., 
   images' positive pairs are replaced by exactly that pair at the image's own scale (view 1: the
   image with the object painted over in its mean colour; view 2: with the trigger painted over;
   both then augmented as usual), and reports the linear probe's CA and ASR. ``--share 0`` is
-  plain HTBA on the same world.
+  plain HTBA on the same world. ``--detect`` then runs PoisonCAM (the demo config) on the
+  trained encoder: how it fares once the encoder really carries the backdoor.
 
 One JSON line per run (stdout, and appended to ``--out``).
 
@@ -28,8 +29,10 @@ import torch
 
 from fastbd.attacks import make_attack
 from fastbd.data.synthetic import WorldConfig, make_world
+from fastbd.demo.poisoncam import demo_config
 from fastbd.eval.probe import ProbeConfig, linear_probe
 from fastbd.models.encoders import small_encoder
+from fastbd.poisoncam import detect
 from fastbd.ssl.augment import AugmentConfig, augment, crop_windows
 from fastbd.ssl.trainer import SSLConfig, train_ssl
 from fastbd.world import poison_world_images
@@ -81,7 +84,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200, help="crop pairs per poisoned image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fastbd-out/ssl-htba-bounds.jsonl")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar while training")
+    parser.add_argument("--detect", action="store_true",
+                        help="also run PoisonCAM (demo config) on the trained encoder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if not 0 <= args.share <= 1:
         parser.error("--share must be in [0, 1]")
@@ -133,6 +138,15 @@ def main() -> None:
                          ProbeConfig(), "cpu")
     row.update(ca=probe.clean_accuracy, patched_accuracy=probe.patched_accuracy, asr=probe.asr,
                train_s=history.seconds)
+    if args.detect:
+        result = detect(encoder, poisoned.images, demo_config(args.seed),
+                        ground_truth=poisoned.poison_mask, true_boxes=poisoned.boxes,
+                        verbose=not args.quiet)
+        metrics = result.metrics
+        row["poisoncam"] = {
+            "precision": metrics.precision, "recall": metrics.recall,
+            "removed": int(result.removed.sum()), "top20": result.topk_accuracy,
+            "trigger_overlap": result.trigger_scores.get("topk_trigger_overlap", 0.0)}
     line = json.dumps(row)
     print(line)
     out = Path(args.out)
