@@ -22,10 +22,9 @@ One JSON line per run (stdout, and appended to ``--out``).
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from jsonl import emit
 
 from fastbd.attacks import make_attack
 from fastbd.data.synthetic import WorldConfig, make_world
@@ -126,7 +125,6 @@ def main() -> None:
         chosen = poisoned.poison_mask[index] & (torch.rand(len(index), generator=g) < args.share)
         if bool(chosen.any()):
             picked = index[chosen]
-            v1, v2 = v1.clone(), v2.clone()
             v1[chosen] = augment(trigger_only[picked], ssl.augment, mean, std, g)
             v2[chosen] = augment(object_only[picked], ssl.augment, mean, std, g)
         return v1, v2
@@ -147,12 +145,7 @@ def main() -> None:
             "precision": metrics.precision, "recall": metrics.recall,
             "removed": int(result.removed.sum()), "top20": result.topk_accuracy,
             "trigger_overlap": result.trigger_scores.get("topk_trigger_overlap", 0.0)}
-    line = json.dumps(row)
-    print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as handle:
-        handle.write(line + "\n")
+    emit(row, args.out)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ images' mean feature, to the clean target images' and to their own clean feature
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jsonl import emit
 
 from fastbd.attacks import make_attack
 from fastbd.data.synthetic import WorldConfig
@@ -90,12 +89,7 @@ def main() -> None:
                    patched_to_poisoned=float((patched_features[other] @ poisoned_mean).mean()))
         if bool(clean_target.any()):
             row["poisoned_to_target"] = float(poisoned_mean @ target_mean)
-    line = json.dumps(row)
-    print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as handle:
-        handle.write(line + "\n")
+    emit(row, args.out)
 
 
 if __name__ == "__main__":
