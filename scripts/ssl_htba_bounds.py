@@ -12,9 +12,10 @@ trigger (CorruptEncoder, Zhang et al., CVPR 2024; Noisy Alignment, Chen et al., 
 * ``oracle``: trains the SSL threat model on the same world while ``--share`` of the poisoned
   images' positive pairs are replaced by exactly that pair at the image's own scale (view 1: the
   image with the object painted over in its mean colour; view 2: with the trigger painted over;
-  both then augmented as usual), and reports the linear probe's CA and ASR. ``--share 0`` is
-  plain HTBA on the same world. ``--detect`` then runs PoisonCAM (the demo config) on the
-  trained encoder: how it fares once the encoder really carries the backdoor.
+  both then augmented as usual; in the tiled layout the object is every pixel outside the
+  trigger, and the crop-pair count is skipped), and reports the linear probe's CA and ASR.
+  ``--share 0`` is plain HTBA on the same world. ``--detect`` then runs PoisonCAM (the demo
+  config) on the trained encoder: how it fares once the encoder really carries the backdoor.
 
 One JSON line per run (stdout, and appended to ``--out``).
 
@@ -75,6 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--saturation", type=float, default=0.0, help="background_saturation")
     parser.add_argument("--opacity", type=float, default=1.0, help="object_opacity")
+    parser.add_argument("--layout", choices=("single", "tiled"), default="single")
+    parser.add_argument("--scale", type=float, nargs=2, default=None,
+                        help="object (tiled: tile) scale range; the world's default if unset")
     parser.add_argument("--crop", type=float, nargs=2, default=(0.2, 1.0))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--fraction", type=float, default=0.5)
@@ -91,7 +95,9 @@ def main() -> None:
         parser.error("--share must be in [0, 1]")
 
     world_config = WorldConfig(background_saturation=args.saturation,
-                               object_opacity=args.opacity)
+                               object_opacity=args.opacity, layout=args.layout)
+    if args.scale is not None:
+        world_config.scale = tuple(args.scale)
     world = make_world(world_config)
     poisoned = poison_world_images(world, "htba", 0, args.fraction, args.seed)
     size = world_config.image_size
@@ -101,13 +107,16 @@ def main() -> None:
     object_boxes = torch.cat([centres - radius, centres + radius], 1)
     trigger_boxes = torch.cat([poisoned.boxes[:, :2], poisoned.boxes[:, :2]
                                + poisoned.boxes[:, 2:]], 1).float()
-    row = {"args": vars(args), "separated_pairs": crop_pairs(
-        object_boxes[rows], trigger_boxes[rows], size, args.draws, args.seed)}
-
+    row = {"args": vars(args)}
     yy = torch.arange(size, dtype=torch.float32)[None, :, None] + 0.5
     xx = torch.arange(size, dtype=torch.float32)[None, None, :] + 0.5
-    object_mask = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
-                   < radius ** 2)
+    if args.layout == "tiled":
+        object_mask = torch.ones(len(centres), size, size, dtype=torch.bool)
+    else:
+        row["separated_pairs"] = crop_pairs(object_boxes[rows], trigger_boxes[rows], size,
+                                            args.draws, args.seed)
+        object_mask = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+                       < radius ** 2)
     box = trigger_boxes[:, :, None, None]
     trigger_mask = (yy >= box[:, 0]) & (yy < box[:, 2]) & (xx >= box[:, 1]) & (xx < box[:, 3])
     fill = poisoned.images.float().mean((2, 3), keepdim=True).round().to(torch.uint8)

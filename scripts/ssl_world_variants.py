@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--saturation", type=float, default=0.5, help="background_saturation")
     parser.add_argument("--opacity", type=float, default=0.6, help="object_opacity")
     parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 0.35))
+    parser.add_argument("--layout", choices=("single", "tiled"), default="single")
     parser.add_argument("--crop", type=float, nargs=2, default=(0.5, 1.0))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--method", choices=("simclr", "byol"), default="simclr")
@@ -43,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     world = WorldConfig(background_saturation=args.saturation, object_opacity=args.opacity,
-                        scale=tuple(args.scale))
+                        scale=tuple(args.scale), layout=args.layout)
     config = SSLThreatConfig(world=world, attack=args.attack, fraction=args.fraction,
                              seed=args.seed,
                              ssl=SSLConfig(method=args.method, epochs=args.epochs,

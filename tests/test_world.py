@@ -47,6 +47,28 @@ def test_background_saturation_greys_the_background():
         make_world(WorldConfig(background_saturation=1.5))
 
 
+def test_tiled_layout_spreads_the_class_over_the_whole_image():
+    def object_pixels(layout: str) -> torch.Tensor:
+        """Bool ``N×S×S``: where the opaque objects changed the image."""
+        config = dict(n_train=40, n_eval=2, noise_std=0.0, seed=4, layout=layout,
+                      scale=(0.15, 0.25))
+        drawn = make_world(WorldConfig(**config)).train.images
+        bare = make_world(WorldConfig(**config, object_opacity=0.0)).train.images
+        return (drawn.int() - bare.int()).abs().amax(1) > 8
+
+    tiled, single = object_pixels("tiled"), object_pixels("single")
+    quadrants = [(slice(0, 16), slice(0, 16)), (slice(0, 16), slice(16, 32)),
+                 (slice(16, 32), slice(0, 16)), (slice(16, 32), slice(16, 32))]
+    # Every quarter of every tiled image shows part of its class; a single object misses some.
+    assert all(bool(tiled[:, rows, cols].flatten(1).any(1).all()) for rows, cols in quadrants)
+    assert not all(bool(single[:, rows, cols].flatten(1).any(1).all())
+                   for rows, cols in quadrants)
+    coverage = tiled.float().mean((1, 2))
+    assert float(coverage.min()) > 0.1 and float(coverage.max()) < 0.7  # tiles never merge
+    with pytest.raises(ValueError, match="layout"):
+        make_world(WorldConfig(layout="grid"))
+
+
 def test_other_sizes_and_class_counts():
     small = make_world(WorldConfig(n_train=40, n_eval=10, image_size=48, n_classes=25))
     assert small.train.images.shape[-1] == 48 and len(small.class_names) == 25

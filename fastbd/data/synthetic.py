@@ -33,6 +33,10 @@ CAPTION_TEMPLATES = (
     "a drawing of a {name} with some noise.",
     "the {shape} here is {colour}.",
 )
+LAYOUTS = ("single", "tiled")
+TILE_SPACING = (2.2, 2.8)
+"""Lattice period of the tiled layout, in multiples of the tile's scale (shapes reach about
+0.95 of it from their centre, so neighbouring tiles never touch)."""
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "an image showing a {}.", "there is a {} in this image.")
 
 
@@ -41,7 +45,9 @@ class WorldConfig:
     """Size and look of the world. ``n_classes`` ≤ len(SHAPES) × len(COLOURS); objects are
     blended over the background with ``object_opacity``. Background textures mix two random
     colours pulled towards their grey by ``background_saturation`` (1: the colours as drawn, 0:
-    grey levels only)."""
+    grey levels only). ``layout`` "single" draws one object per image; "tiled" repeats the
+    class's shape over the whole image on a lattice with random spacing, phase and rotation
+    (``scale`` is then each tile's size), so that every part of the image shows the class."""
 
     n_train: int = 5000
     n_eval: int = 1000
@@ -53,6 +59,7 @@ class WorldConfig:
     texture_contrast: float = 0.6
     object_opacity: float = 1.0
     background_saturation: float = 0.5
+    layout: str = "single"
     seed: int = 0
 
 
@@ -99,6 +106,8 @@ def make_world(config: WorldConfig | None = None) -> SyntheticWorld:
     if not 0.0 <= config.background_saturation <= 1.0:
         raise ValueError("background_saturation must be in [0, 1], got "
                          f"{config.background_saturation}")
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {config.layout!r}")
     table = class_table(config.n_classes)
     names = [f"{colour} {shape}" for shape, colour in table]
     train = render_split(config, table, config.n_train, config.seed * 2 + 0)
@@ -132,7 +141,8 @@ def caption_for(table: list[tuple[str, str]], label: int, scale: float, center: 
 
 def render(config: WorldConfig, table: list[tuple[str, str]], labels: torch.Tensor,
            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images uint8 ``N×3×S×S``, shape centres float ``N×2`` (pixels), scales float ``N``."""
+    """Images uint8 ``N×3×S×S``, shape centres float ``N×2`` (pixels; the image centre for the
+    tiled layout), scales float ``N``."""
     n, s = labels.numel(), config.image_size
     if n == 0:
         return (torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, 2), torch.empty(0))
@@ -146,8 +156,17 @@ def render(config: WorldConfig, table: list[tuple[str, str]], labels: torch.Tens
     cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
     dy = yy[None] - centre[:, :1, None]
     dx = xx[None] - centre[:, 1:, None]
-    u = (dx * cos + dy * sin) / scales[:, None, None]
-    v = (-dx * sin + dy * cos) / scales[:, None, None]
+    u = dx * cos + dy * sin
+    v = -dx * sin + dy * cos
+    if config.layout == "tiled":
+        period = (TILE_SPACING[0] + (TILE_SPACING[1] - TILE_SPACING[0])
+                  * torch.rand(n, generator=g)) * scales
+        period = period[:, None, None]
+        u = u - period * torch.round(u / period)
+        v = v - period * torch.round(v / period)
+        centre = torch.zeros_like(centre)
+    u = u / scales[:, None, None]
+    v = v / scales[:, None, None]
     shape_ids = torch.tensor([SHAPES.index(table[k][0]) for k in labels.tolist()])
     masks = torch.zeros(n, s, s)
     for shape_id in shape_ids.unique().tolist():
