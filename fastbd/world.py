@@ -107,7 +107,7 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     world = make_world(config.world)
     poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
                                    config.seed)
-    encoder = small_encoder(config.width, config.world.image_size)
+    encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
     path = Path(cache_dir) / f"ssl-{config_hash(config)}.pt" if cache_dir is not None else None
     cached = path is not None and path.is_file() and not retrain
     if cached:

@@ -125,7 +125,7 @@ def main() -> None:
 
     ssl = SSLConfig(epochs=args.epochs, augment=AugmentConfig(crop_scale=tuple(args.crop)),
                     seed=args.seed)
-    encoder = small_encoder(16, size)
+    encoder = small_encoder(16, size, seed=args.seed)
     mean = torch.tensor(encoder.mean)[:, None, None]
     std = torch.tensor(encoder.std)[:, None, None]
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -66,3 +66,25 @@ def test_boxes():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_linear_probe_fit_matches_sklearn_and_ignores_the_global_rng(gen):
+    from sklearn.linear_model import LogisticRegression
+
+    from fastbd.eval.probe import fit_linear
+
+    n, dim, classes, weight_decay = 300, 6, 4, 1e-3
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    centres = 1.5 * torch.randn(classes, dim, generator=gen)
+    features = centres[labels] + torch.randn(n, dim, generator=gen)
+    torch.manual_seed(1)
+    layer = fit_linear(features, labels, classes, steps=200, weight_decay=weight_decay)
+    torch.manual_seed(2)
+    again = fit_linear(features, labels, classes, steps=200, weight_decay=weight_decay)
+    assert torch.equal(layer.weight, again.weight) and torch.equal(layer.bias, again.bias)
+    # Same objective: mean cross-entropy + wd·‖W‖² ⇔ sklearn's C = 1 / (2·N·wd).
+    reference = LogisticRegression(C=1 / (2 * n * weight_decay), tol=1e-10, max_iter=10_000)
+    reference.fit(features.double().numpy(), labels.numpy())
+    with torch.no_grad():
+        ours = layer(features).softmax(1).double().numpy()
+    assert abs(ours - reference.predict_proba(features.double().numpy())).max() < 2e-3

@@ -26,6 +26,28 @@ def test_small_encoder_and_embedding(gen):
     assert embed_images(encoder, images[:0]).shape == (0, 32)
 
 
+def test_small_encoder_weights_follow_from_the_seed_alone():
+    def weights(seed: int) -> torch.Tensor:
+        torch.rand(17)  # whatever ran before must not matter (torch seeds each process anew)
+        return torch.cat([p.flatten() for p in small_encoder(4, seed=seed).parameters()])
+
+    state = torch.random.get_rng_state()
+    first = weights(3)
+    assert torch.equal(torch.random.get_rng_state(), _after_draw(state, 17))
+    assert torch.equal(first, weights(3))
+    assert not torch.equal(first, weights(4))
+
+
+def _after_draw(state: torch.Tensor, n: int) -> torch.Tensor:
+    """The global RNG state after ``n`` uniform draws from ``state``."""
+    saved = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    torch.rand(n)
+    after = torch.random.get_rng_state()
+    torch.random.set_rng_state(saved)
+    return after
+
+
 def test_embed_rejects_nan_encoder():
     encoder = small_encoder(4)
     torch.nn.init.constant_(encoder.backbone.features[0].weight, float("nan"))

@@ -86,7 +86,8 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         report.rows.append(_row(method, detector.result_, seconds))
     if retrain:
         kept = ~results["poisoncam"].removed
-        encoder = small_encoder(threat_config.width, threat_config.world.image_size)
+        encoder = small_encoder(threat_config.width, threat_config.world.image_size,
+                                seed=threat_config.seed)
         train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose)
         attack = make_attack(threat_config.attack, threat_config.world.image_size, seed=seed)
         world = threat.world

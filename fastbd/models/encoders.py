@@ -85,8 +85,12 @@ class SmallConvNet(nn.Module):
         return self.features(x)
 
 
-def small_encoder(width: int = 16, image_size: int = 32) -> Encoder:
-    net = SmallConvNet(width)
+def small_encoder(width: int = 16, image_size: int = 32, seed: int = 0) -> Encoder:
+    """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone (the global RNG is
+    left as it was; torch seeds it differently in every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = SmallConvNet(width)
     return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}")
 
 
