@@ -100,6 +100,11 @@ def poison_world_images(world: SyntheticWorld, attack: str, target: int, fractio
                         fraction, seed=seed)
 
 
+SSL_CACHE_VERSION = "seeded"
+"""Part of the cached encoder's file name: encoders cached before the initial weights followed
+from ``SSLThreatConfig.seed`` (README, "Reproducibility") are not loaded."""
+
+
 def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | Path | None =
                      DEFAULT_CACHE, device: str | torch.device = "cpu", retrain: bool = False,
                      verbose: bool = True) -> SSLThreat:
@@ -108,7 +113,8 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
                                    config.seed)
     encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
-    path = Path(cache_dir) / f"ssl-{config_hash(config)}.pt" if cache_dir is not None else None
+    path = (Path(cache_dir) / f"ssl-{SSL_CACHE_VERSION}-{config_hash(config)}.pt"
+            if cache_dir is not None else None)
     cached = path is not None and path.is_file() and not retrain
     if cached:
         saved = torch.load(path, map_location="cpu", weights_only=True)
