@@ -28,7 +28,7 @@ import torch
 from jsonl import emit
 
 from fastbd.attacks import make_attack
-from fastbd.data.synthetic import WorldConfig, make_world
+from fastbd.data.synthetic import LAYOUTS, WorldConfig, make_world
 from fastbd.demo.poisoncam import demo_config
 from fastbd.eval.probe import ProbeConfig, linear_probe
 from fastbd.models.encoders import small_encoder
@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--saturation", type=float, default=0.0, help="background_saturation")
     parser.add_argument("--opacity", type=float, default=1.0, help="object_opacity")
-    parser.add_argument("--layout", choices=("single", "tiled"), default="single")
+    parser.add_argument("--layout", choices=LAYOUTS, default="single")
     parser.add_argument("--scale", type=float, nargs=2, default=None,
                         help="object (tiled: tile) scale range; the world's default if unset")
     parser.add_argument("--crop", type=float, nargs=2, default=(0.2, 1.0))
@@ -102,9 +102,7 @@ def main() -> None:
     poisoned = poison_world_images(world, "htba", 0, args.fraction, args.seed)
     size = world_config.image_size
     rows = poisoned.poison_mask.nonzero().squeeze(1)
-    radius = 0.5 * world_config.scale[1] * size  # bounds every shape's extent
     centres = world.train.centers
-    object_boxes = torch.cat([centres - radius, centres + radius], 1)
     trigger_boxes = torch.cat([poisoned.boxes[:, :2], poisoned.boxes[:, :2]
                                + poisoned.boxes[:, 2:]], 1).float()
     row = {"args": vars(args)}
@@ -113,6 +111,8 @@ def main() -> None:
     if args.layout == "tiled":
         object_mask = torch.ones(len(centres), size, size, dtype=torch.bool)
     else:
+        radius = 0.5 * world_config.scale[1] * size  # bounds every shape's extent
+        object_boxes = torch.cat([centres - radius, centres + radius], 1)
         row["separated_pairs"] = crop_pairs(object_boxes[rows], trigger_boxes[rows], size,
                                             args.draws, args.seed)
         object_mask = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2

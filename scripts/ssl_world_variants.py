@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jsonl import emit
 
 from fastbd.attacks import make_attack
-from fastbd.data.synthetic import WorldConfig
+from fastbd.data.synthetic import LAYOUTS, WorldConfig
 from fastbd.eval.probe import fit_linear, stratified_subset
 from fastbd.models.encoders import embed_images
 from fastbd.ssl.augment import AugmentConfig
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--saturation", type=float, default=0.5, help="background_saturation")
     parser.add_argument("--opacity", type=float, default=0.6, help="object_opacity")
     parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 0.35))
-    parser.add_argument("--layout", choices=("single", "tiled"), default="single")
+    parser.add_argument("--layout", choices=LAYOUTS, default="single")
     parser.add_argument("--crop", type=float, nargs=2, default=(0.5, 1.0))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--method", choices=("simclr", "byol"), default="simclr")

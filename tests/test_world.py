@@ -67,6 +67,8 @@ def test_tiled_layout_spreads_the_class_over_the_whole_image():
     assert float(coverage.min()) > 0.1 and float(coverage.max()) < 0.7  # tiles never merge
     with pytest.raises(ValueError, match="layout"):
         make_world(WorldConfig(layout="grid"))
+    with pytest.raises(ValueError, match="scale"):
+        make_world(WorldConfig(layout="tiled", scale=(0.3, 0.2)))
 
 
 def test_other_sizes_and_class_counts():

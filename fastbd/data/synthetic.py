@@ -106,6 +106,8 @@ def make_world(config: WorldConfig | None = None) -> SyntheticWorld:
     if not 0.0 <= config.background_saturation <= 1.0:
         raise ValueError("background_saturation must be in [0, 1], got "
                          f"{config.background_saturation}")
+    if not 0.0 < config.scale[0] <= config.scale[1]:
+        raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {config.scale}")
     if config.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {config.layout!r}")
     table = class_table(config.n_classes)
