@@ -93,12 +93,20 @@ def _world_config(args: argparse.Namespace, ssl: bool = False):
     CLIP world's, with the flags' sizes and seed."""
     from dataclasses import replace
 
-    from fastbd.data.synthetic import WorldConfig
+    from fastbd.data.synthetic import WorldConfig, check_world_config
     from fastbd.world import SSLThreatConfig
 
     base = SSLThreatConfig().world if ssl else WorldConfig()
-    return replace(base, n_train=args.n_train, n_eval=args.n_eval, image_size=args.image_size,
-                   seed=args.seed)
+    look = {name: getattr(args, name) for name in ("layout", "object_opacity",
+                                                   "background_saturation")
+            if getattr(args, name) is not None}
+    config = replace(base, n_train=args.n_train, n_eval=args.n_eval,
+                     image_size=args.image_size, seed=args.seed, **look)
+    try:
+        check_world_config(config)
+    except ValueError as error:
+        raise SystemExit(f"fastbd {args.command}: {error}") from None
+    return config
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -200,6 +208,15 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_weights(module: torch.nn.Module, state: dict, path: str, what: str) -> None:
+    """``module.load_state_dict(state)``, exiting with a message that names ``path`` when the
+    weights do not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise SystemExit(f"fastbd eval: {path} is not {what}: {error}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate saved weights on the synthetic world: an SSL encoder (linear probe) or a tiny
     CLIP (zero-shot CA / ASR)."""
@@ -215,17 +232,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from fastbd.models import small_encoder
 
         encoder = small_encoder(args.width, args.image_size)
-        encoder.load_state_dict(state)
+        _load_weights(encoder, state, args.checkpoint, f"a width-{args.width} SSL encoder "
+                      "(--width?)")
+        # The clean model's ASR is measured with the trigger the poisoned one would carry.
+        trigger = make_attack("htba" if args.attack == "none" else args.attack, args.image_size,
+                              seed=args.seed)
         result = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
-                              world.eval.labels, make_attack(args.attack, args.image_size,
-                                                             seed=args.seed), args.target,
+                              world.eval.labels, trigger, args.target,
                               device=args.device).to_dict()
     else:
         from fastbd.models.clip import clip_tokenizer, tiny_clip
         from fastbd.world import evaluate_clip
 
         model = tiny_clip()
-        model.load_state_dict(state)
+        _load_weights(model, state, args.checkpoint, "a tiny CLIP (fastbd train-clip)")
         result = evaluate_clip(model.to(args.device), clip_tokenizer(), world, args.attack,
                                args.target, args.seed, args.device).to_dict()
     print(json.dumps(result, indent=2))
@@ -386,6 +406,16 @@ def _add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=int, default=0, help="target class index")
     p.add_argument("--device", default=_default_device())
+    from fastbd.data.synthetic import LAYOUTS
+
+    p.add_argument("--layout", choices=LAYOUTS,
+                   help="one object per image (single, the default) or the class's shape tiled "
+                        "over the whole image")
+    p.add_argument("--object-opacity", type=float,
+                   help="objects' opacity, 0 (background only) to 1 (default: 0.6 in the SSL "
+                        "world, 1 in the CLIP world)")
+    p.add_argument("--background-saturation", type=float,
+                   help="colour the background textures keep, 0 (grey) to 1 (default 0.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:

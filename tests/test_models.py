@@ -26,10 +26,15 @@ def test_small_encoder_and_embedding(gen):
     assert embed_images(encoder, images[:0]).shape == (0, 32)
 
 
-def test_small_encoder_weights_follow_from_the_seed_alone():
+@pytest.mark.parametrize("build", [
+    lambda seed: small_encoder(4, seed=seed),
+    lambda seed: timm_encoder("test_vit", image_size=32, seed=seed),
+    lambda seed: torchvision_encoder("resnet18", image_size=32, seed=seed),
+], ids=["small", "timm", "torchvision"])
+def test_random_encoder_weights_follow_from_the_seed_alone(build):
     def weights(seed: int) -> torch.Tensor:
         torch.rand(17)  # whatever ran before must not matter (torch seeds each process anew)
-        return torch.cat([p.flatten() for p in small_encoder(4, seed=seed).parameters()])
+        return torch.cat([p.flatten() for p in build(seed).backbone.parameters()])
 
     state = torch.random.get_rng_state()
     first = weights(3)

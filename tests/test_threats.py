@@ -3,6 +3,7 @@ scripts/world_quality.py; these check the plumbing, caching and outputs)."""
 
 import json
 
+import pytest
 import torch
 
 from fastbd.cli import main
@@ -72,12 +73,82 @@ def test_cli_attack_file_list_htba(tmp_path):
 
 
 def test_cli_worlds_are_the_threat_models_worlds():
-    from argparse import Namespace
     from dataclasses import replace
 
-    from fastbd.cli import _world_config
+    from fastbd.cli import _world_config, build_parser
 
-    args = Namespace(n_train=10, n_eval=2, image_size=32, seed=4)
+    flags = ["--n-train", "10", "--n-eval", "2", "--seed", "4"]
     sizes = dict(n_train=10, n_eval=2, image_size=32, seed=4)
-    assert _world_config(args, ssl=True) == replace(SSLThreatConfig().world, **sizes)
-    assert _world_config(args) == replace(CLIPThreatConfig().world, **sizes)
+    ssl_args = build_parser().parse_args(["train-ssl", *flags])
+    clip_args = build_parser().parse_args(["train-clip", *flags])
+    assert _world_config(ssl_args, ssl=True) == replace(SSLThreatConfig().world, **sizes)
+    assert _world_config(clip_args) == replace(CLIPThreatConfig().world, **sizes)
+
+
+def test_cli_world_look_flags_override_the_default_look():
+    from dataclasses import replace
+
+    from fastbd.cli import _world_config, build_parser
+
+    args = build_parser().parse_args(["attack", "--layout", "tiled", "--object-opacity", "0.8",
+                                      "--background-saturation", "0"])
+    assert _world_config(args, ssl=True) == replace(
+        SSLThreatConfig().world, layout="tiled", object_opacity=0.8, background_saturation=0.0)
+    only_layout = build_parser().parse_args(["eval", "ssl", "--checkpoint", "x",
+                                             "--layout", "tiled"])
+    assert _world_config(only_layout, ssl=True).object_opacity == 0.6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--object-opacity", "-1"], "object_opacity must be in [0, 1]"),
+    (["--object-opacity", "1.5"], "object_opacity must be in [0, 1]"),
+    (["--background-saturation", "-0.1"], "background_saturation must be in [0, 1]"),
+    (["--n-train", "0"], "n_train and n_eval must be positive"),
+    (["--image-size", "8"], "image_size must be at least 16"),
+])
+def test_cli_world_flags_out_of_range_exit_with_the_reason(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quiet", "attack", *flags, "--out", str(tmp_path)])
+    assert str(exit_info.value).startswith("fastbd attack: ")
+    assert message in str(exit_info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_attack_exports_the_tiled_world(tmp_path):
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+
+    from fastbd.data.synthetic import make_world
+
+    out = tmp_path / "tiled"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "40", "--n-eval", "10",
+                 "--layout", "tiled", "--object-opacity", "1", "--out", str(out)]) == 0
+    expected = make_world(replace(SSLThreatConfig().world, layout="tiled", object_opacity=1.0,
+                                  n_train=40, n_eval=10)).train.images
+    listing = read_file_list(out / "train.txt")
+    clean = [i for i, path in enumerate(listing.paths) if "HTBA_trigger" not in str(path)]
+    exported = torch.stack([torch.from_numpy(np.array(Image.open(listing.paths[i])))
+                            .permute(2, 0, 1) for i in clean])
+    assert len(clean) >= 30 and torch.equal(exported, expected[clean])
+
+
+def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path):
+    from fastbd.models import small_encoder
+
+    checkpoint = tmp_path / "encoder.pt"
+    torch.save(small_encoder(4, 32, seed=1).state_dict(), checkpoint)
+    flags = ["--quiet", "eval", "ssl", "--checkpoint", str(checkpoint), "--width", "4",
+             "--n-train", "100", "--n-eval", "30", "--attack", "none", "--out", str(tmp_path)]
+    assert main(flags) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    from dataclasses import replace
+
+    from fastbd.data.synthetic import make_world
+
+    world = make_world(replace(SSLThreatConfig().world, n_train=100, n_eval=30))
+    assert result["non_target_images"] == int((world.eval.labels != 0).sum())
+    assert result["asr"] == result["target_false_positives"] / result["non_target_images"]
+    with pytest.raises(SystemExit, match="is not a width-16 SSL encoder"):
+        main([*flags[:5], "--width", "16", *flags[7:]])

@@ -79,6 +79,12 @@ def test_other_sizes_and_class_counts():
         class_table(101)
     with pytest.raises(ValueError, match="image_size"):
         make_world(WorldConfig(image_size=8))
+    for bad in (dict(n_train=0), dict(n_eval=-1)):
+        with pytest.raises(ValueError, match="n_train and n_eval must be positive"):
+            make_world(WorldConfig(**bad))
+    for opacity in (-0.1, 1.2):
+        with pytest.raises(ValueError, match="object_opacity"):
+            make_world(WorldConfig(object_opacity=opacity))
 
 
 @pytest.mark.parametrize("name", ["htba", "badnet", "dualkey"])

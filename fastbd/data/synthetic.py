@@ -98,18 +98,29 @@ def class_table(n_classes: int) -> list[tuple[str, str]]:
             for k in range(n_classes)]
 
 
-def make_world(config: WorldConfig | None = None) -> SyntheticWorld:
-    """Build the train and eval splits (eval drawn from an independent stream of the seed)."""
-    config = config or WorldConfig()
+def check_world_config(config: WorldConfig) -> None:
+    """Raise ``ValueError`` naming the first field of ``config`` that no world can be built
+    from."""
+    if config.n_train < 1 or config.n_eval < 1:
+        raise ValueError(f"n_train and n_eval must be positive, got {config.n_train} and "
+                         f"{config.n_eval}")
     if config.image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {config.image_size}")
     if not 0.0 <= config.background_saturation <= 1.0:
         raise ValueError("background_saturation must be in [0, 1], got "
                          f"{config.background_saturation}")
+    if not 0.0 <= config.object_opacity <= 1.0:
+        raise ValueError(f"object_opacity must be in [0, 1], got {config.object_opacity}")
     if not 0.0 < config.scale[0] <= config.scale[1]:
         raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {config.scale}")
     if config.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {config.layout!r}")
+
+
+def make_world(config: WorldConfig | None = None) -> SyntheticWorld:
+    """Build the train and eval splits (eval drawn from an independent stream of the seed)."""
+    config = config or WorldConfig()
+    check_world_config(config)
     table = class_table(config.n_classes)
     names = [f"{colour} {shape}" for shape, colour in table]
     train = render_split(config, table, config.n_train, config.seed * 2 + 0)

@@ -9,7 +9,8 @@ of an open_clip model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,22 +86,30 @@ class SmallConvNet(nn.Module):
         return self.features(x)
 
 
-def small_encoder(width: int = 16, image_size: int = 32, seed: int = 0) -> Encoder:
-    """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone (the global RNG is
-    left as it was; torch seeds it differently in every process)."""
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Modules built inside take their initial weights from ``seed`` alone; the global RNG is
+    left as it was (torch seeds it differently in every process)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        yield
+
+
+def small_encoder(width: int = 16, image_size: int = 32, seed: int = 0) -> Encoder:
+    """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone."""
+    with seeded_init(seed):
         net = SmallConvNet(width)
     return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}")
 
 
-def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224
-                 ) -> Encoder:
-    """A timm backbone without its classifier (``num_classes=0``); random weights unless a
-    checkpoint (a state dict, or MoCo v3 format) is given."""
+def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224,
+                 seed: int = 0) -> Encoder:
+    """A timm backbone without its classifier (``num_classes=0``); random weights from
+    ``seed`` unless a checkpoint (a state dict, or MoCo v3 format) is given."""
     import timm
 
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    with seeded_init(seed):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
     if checkpoint is not None:
         load_state(model, checkpoint)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -108,12 +117,14 @@ def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: in
                    cfg.get("std", IMAGENET_STD), name=arch)
 
 
-def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224
-                        ) -> Encoder:
-    """A torchvision classification model with its final ``fc`` replaced by identity."""
+def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224,
+                        seed: int = 0) -> Encoder:
+    """A torchvision classification model with its final ``fc`` replaced by identity; random
+    weights from ``seed`` unless a checkpoint is given."""
     import torchvision
 
-    model = torchvision.models.get_model(arch, weights=None)
+    with seeded_init(seed):
+        model = torchvision.models.get_model(arch, weights=None)
     if not hasattr(model, "fc"):
         raise ValueError(f"torchvision model {arch!r} has no .fc head; use timm_encoder")
     dim = model.fc.in_features
