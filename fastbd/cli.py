@@ -290,7 +290,17 @@ def _encoder_from_args(args: argparse.Namespace):
     arch = args.arch
     if arch.startswith("torchvision:"):
         return torchvision_encoder(arch.split(":", 1)[1], args.checkpoint, args.image_size)
-    return timm_encoder(arch.removeprefix("timm:"), args.checkpoint, args.image_size)
+    from difflib import get_close_matches
+
+    import timm
+
+    name = arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        near = get_close_matches(name, timm.list_models(), n=6, cutoff=0.75)
+        raise ValueError(f"timm has no architecture {name!r}"
+                         + (f"; similar names: {', '.join(near)}" if near else "")
+                         + " (torchvision models: --arch torchvision:<name>)")
+    return timm_encoder(name, args.checkpoint, args.image_size)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -538,11 +548,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_VARIABLE = "FASTBD_DEBUG"
+"""Set (to anything) in the environment, the command shows the traceback of a failure instead of
+its one-line message."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command: 0 on success, 1 on failed checks, 2 when the input was unusable (missing
+    or unreadable file, bad value: one line on stderr), 130 when interrupted."""
+    import os
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as error:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"fastbd {args.command}: error: {error} (set {DEBUG_VARIABLE}=1 for the "
+              "traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (f"; rerun with --resume to continue from the last completed search round "
+                f"saved in {args.out}" if getattr(args, "resume", None) is not None else "")
+        print(f"fastbd {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -85,16 +85,61 @@ def test_clip_defense_commands(clip_pairs_csv, tmp_path, capsys, defense):
     tiny_clip().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
 
 
-def test_clip_defense_command_errors(clip_pairs_csv, tmp_path):
+def test_clip_defense_command_errors(clip_pairs_csv, tmp_path, capsys):
     root, csv_path = clip_pairs_csv
     with pytest.raises(SystemExit, match="reference-checkpoint"):
         main(["--quiet", "ubt", "--csv", str(csv_path), "--checkpoint",
               str(root / "poisoned.pt"), "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
-              str(root / "missing.pt"), "--reference-checkpoint", str(root / "clean.pt"),
-              "--out", str(tmp_path)])
+    assert main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
+                 str(root / "missing.pt"), "--reference-checkpoint", str(root / "clean.pt"),
+                 "--out", str(tmp_path)]) == 2
+    assert "fastbd abl: error: " in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown config keys"):
         main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
               str(root / "poisoned.pt"), "--reference-checkpoint", str(root / "clean.pt"),
               "--config", str(root / "ubt.json"), "--out", str(tmp_path)])
+    assert main(["--quiet", "ubt", "--csv", str(csv_path), "--arch", "RN50", "--checkpoint",
+                 str(root / "poisoned.pt"), "--reference-checkpoint", str(root / "clean.pt"),
+                 "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {root / 'poisoned.pt'} does not fit the 'RN50' CLIP" in error
+
+
+@pytest.fixture(scope="module")
+def small_file_list(tmp_path_factory):
+    root = tmp_path_factory.mktemp("list")
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "20", "--n-eval", "2",
+                 "--out", str(root)]) == 0
+    return root / "train.txt"
+
+
+def test_unusable_input_gives_one_line_and_exit_code_2(small_file_list, tmp_path, capsys,
+                                                       monkeypatch):
+    monkeypatch.delenv("FASTBD_DEBUG", raising=False)
+    detect = ["--quiet", "poisoncam", "--image-size", "32", "--out", str(tmp_path)]
+    assert main([*detect, "--file-list", str(tmp_path / "nope.txt"), "--arch", "resnet18"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fastbd poisoncam: error: file list not found") and "nope.txt" in error
+    assert "Traceback" not in error and error.count("\n") == 1
+    assert main([*detect, "--file-list", str(small_file_list), "--arch", "resnet1800"]) == 2
+    error = capsys.readouterr().err
+    assert "timm has no architecture 'resnet1800'; similar names: " in error
+    assert "resnet18" in error.split("similar names: ")[1]
+    monkeypatch.setenv("FASTBD_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        main([*detect, "--file-list", str(tmp_path / "nope.txt"), "--arch", "resnet18"])
+
+
+def test_interrupted_detection_says_how_to_resume(small_file_list, tmp_path, capsys,
+                                                  monkeypatch):
+    from fastbd.poisoncam import Detector
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "fit", interrupted)
+    assert main(["--quiet", "patchsearch", "--file-list", str(small_file_list), "--arch",
+                 "torchvision:resnet18", "--image-size", "32", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == (
+        f"fastbd patchsearch: interrupted; rerun with --resume to continue from the last "
+        f"completed search round saved in {tmp_path}\n")

@@ -84,7 +84,11 @@ def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint {path} does not fit the {arch!r} CLIP: {error}"
+                             ) from error
     return model.eval()
 
 
