@@ -70,6 +70,15 @@ class SSLThreatConfig:
         epochs=40, augment=AugmentConfig(crop_scale=(0.5, 1.0))))
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = 0
+    trigger_options: dict = field(default_factory=dict)
+    """``make_attack`` overrides for the HTBA trigger (e.g. ``{"side_fraction": 0.3}``); empty:
+    the published settings."""
+
+    def trigger(self) -> Attack:
+        """The attack that poisons the world and that the probe's ASR is measured with (HTBA's
+        trigger for the clean world too)."""
+        return make_attack("htba" if self.attack == "none" else self.attack,
+                           self.world.image_size, seed=self.seed, **self.trigger_options)
 
 
 @dataclass
@@ -89,15 +98,17 @@ class SSLThreat:
 
 
 def poison_world_images(world: SyntheticWorld, attack: str, target: int, fraction: float,
-                        seed: int) -> PoisonedImages:
+                        seed: int, trigger_options: dict | None = None) -> PoisonedImages:
+    """``fraction`` of class ``target`` of the world's training split poisoned with ``attack``
+    (``make_attack`` overrides in ``trigger_options``); ``none``: the clean images."""
     if attack == "none":
         n = len(world.train)
         return PoisonedImages(world.train.images, world.train.labels,
                               torch.zeros(n, dtype=torch.bool),
                               torch.full((n, 4), -1, dtype=torch.long), target, "none")
     return poison_class(world.train.images, world.train.labels,
-                        make_attack(attack, world.config.image_size, seed=seed), target,
-                        fraction, seed=seed)
+                        make_attack(attack, world.config.image_size, seed=seed,
+                                    **(trigger_options or {})), target, fraction, seed=seed)
 
 
 SSL_CACHE_VERSION = "seeded"
@@ -111,7 +122,7 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     config = config or SSLThreatConfig()
     world = make_world(config.world)
     poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
-                                   config.seed)
+                                   config.seed, config.trigger_options)
     encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
     path = (Path(cache_dir) / f"ssl-{SSL_CACHE_VERSION}-{config_hash(config)}.pt"
             if cache_dir is not None else None)
@@ -129,10 +140,9 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
     encoder.to(device).eval()
-    probe_attack = make_attack("htba" if config.attack == "none" else config.attack,
-                               config.world.image_size, seed=config.seed)
     probe = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
-                         world.eval.labels, probe_attack, config.target, config.probe, device)
+                         world.eval.labels, config.trigger(), config.target, config.probe,
+                         device)
     return SSLThreat(config, world, poisoned, encoder, probe, seconds, cached)
 
 

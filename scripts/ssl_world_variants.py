@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from jsonl import emit
 
-from fastbd.attacks import make_attack
 from fastbd.data.synthetic import LAYOUTS, WorldConfig
 from fastbd.eval.probe import fit_linear, stratified_subset
 from fastbd.models.encoders import embed_images
@@ -37,6 +36,8 @@ def main() -> None:
     parser.add_argument("--method", choices=("simclr", "byol"), default="simclr")
     parser.add_argument("--attack", choices=("htba", "none"), default="htba")
     parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--trigger-side", type=float, default=None,
+                        help="HTBA trigger side as a fraction of the image's (default 50/224)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="fastbd-out/cache")
     parser.add_argument("--out", default="fastbd-out/ssl-world-variants.jsonl")
@@ -45,8 +46,9 @@ def main() -> None:
 
     world = WorldConfig(background_saturation=args.saturation, object_opacity=args.opacity,
                         scale=tuple(args.scale), layout=args.layout)
+    trigger_options = {} if args.trigger_side is None else {"side_fraction": args.trigger_side}
     config = SSLThreatConfig(world=world, attack=args.attack, fraction=args.fraction,
-                             seed=args.seed,
+                             seed=args.seed, trigger_options=trigger_options,
                              ssl=SSLConfig(method=args.method, epochs=args.epochs,
                                            augment=AugmentConfig(crop_scale=tuple(args.crop))))
     threat = build_ssl_threat(config, cache_dir=args.cache, verbose=not args.quiet)
@@ -55,7 +57,7 @@ def main() -> None:
     subset = stratified_subset(labels, config.probe.labelled_fraction, config.probe.seed)
     probe = fit_linear(embed_images(encoder, threat.world.train.images[subset]), labels[subset],
                        n_classes, config.probe.steps, config.probe.weight_decay)
-    trigger = make_attack("htba", world.image_size, seed=args.seed)
+    trigger = config.trigger()
     size = world.image_size
     blank = (128 + 6 * torch.randn(200, 3, size, size, generator=torch.Generator()
                                    .manual_seed(args.seed))).round().clamp(0, 255)

@@ -30,6 +30,21 @@ def test_ssl_threat_trains_caches_and_reloads(tmp_path):
     assert second.probe.clean_accuracy == first.probe.clean_accuracy
 
 
+def test_ssl_threat_trigger_options_reach_poisoning_probe_and_cache_key(tmp_path):
+    config = SSLThreatConfig(world=TINY_WORLD, width=4, ssl=SSLConfig(epochs=1, batch_size=64),
+                             trigger_options={"side_fraction": 0.3})
+    assert config.trigger().side == 10 and SSLThreatConfig().trigger().side == 7
+    assert SSLThreatConfig(attack="none").trigger().name == "htba"
+    threat = build_ssl_threat(config, cache_dir=tmp_path, verbose=False)
+    poisoned = threat.poisoned.poison_mask
+    assert bool((threat.poisoned.boxes[poisoned, 2:] == 10).all())
+    published = build_ssl_threat(SSLThreatConfig(world=TINY_WORLD, width=4,
+                                                 ssl=SSLConfig(epochs=1, batch_size=64)),
+                                 cache_dir=tmp_path, verbose=False)
+    assert not published.cached and len(list(tmp_path.glob("ssl-*.pt"))) == 2
+    assert bool((published.poisoned.boxes[poisoned, 2:] == 7).all())
+
+
 def test_clip_threat_trains_and_evaluates(tmp_path):
     config = CLIPThreatConfig(world=TINY_WORLD, attack="dualkey", rate=0.05,
                               model=TinyCLIPConfig(vision_layers=1, text_layers=1),

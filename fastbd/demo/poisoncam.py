@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from fastbd.attacks import make_attack
 from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
 from fastbd.poisoncam import ClassifierConfig, Config, DetectionResult, Detector
@@ -89,10 +88,9 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         encoder = small_encoder(threat_config.width, threat_config.world.image_size,
                                 seed=threat_config.seed)
         train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose)
-        attack = make_attack(threat_config.attack, threat_config.world.image_size, seed=seed)
         world = threat.world
         after = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
-                             world.eval.labels, attack, threat_config.target,
+                             world.eval.labels, threat_config.trigger(), threat_config.target,
                              threat_config.probe, device)
         report.retrain = {"before": threat.probe.to_dict(), "after": after.to_dict(),
                           "kept_images": int(kept.sum())}
