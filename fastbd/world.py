@@ -41,6 +41,7 @@ from fastbd.models.clip import (
 from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.ssl.augment import AugmentConfig
 from fastbd.ssl.trainer import SSLConfig, train_ssl
+from fastbd.storage import save_atomically
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("fastbd-out/cache")
@@ -134,11 +135,11 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
         log.info("loaded SSL threat model from %s", path)
     else:
         history = train_ssl(encoder, poisoned.images, config.ssl, device=device,
-                               verbose=verbose)
+                            verbose=verbose, checkpoint=None if path is None else
+                            path.with_name(path.stem + ".partial.pt"))
         seconds = history.seconds
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
+            save_atomically({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
     encoder.to(device).eval()
     probe = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
                          world.eval.labels, config.trigger(), config.target, config.probe,
@@ -278,8 +279,7 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
                              verbose=verbose)
         seconds = history.seconds
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "train_seconds": seconds}, path)
+            save_atomically({"model": model.state_dict(), "train_seconds": seconds}, path)
     model.to(device).eval()
     evaluation = evaluate_clip(model, tokenizer, world, config.attack, config.target,
                                config.seed, device, config.attack_options)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from fastbd.eval.zeroshot import retrieval_recall, zero_shot_predict, zero_shot_weights
 from fastbd.models import (
+    Encoder,
     embed_images,
     open_clip_image_encoder,
     small_encoder,
@@ -171,6 +172,53 @@ def test_ssl_training_reduces_loss(gen, method):
         train_ssl(encoder, images, SSLConfig(method="moco"), verbose=False)
     with pytest.raises(ValueError, match="uint8"):
         train_ssl(encoder, images.float(), verbose=False)
+
+
+def _small_encoder_with_dropout(seed: int) -> Encoder:
+    """A small encoder whose forward draws from the global RNG (dropout)."""
+    small = small_encoder(4, 16, seed=seed)
+    return Encoder(torch.nn.Sequential(small.backbone, torch.nn.Dropout(0.3)),
+                   small.feature_dim, 16)
+
+
+@pytest.mark.parametrize("method, build", [
+    ("simclr", lambda seed: small_encoder(4, 16, seed=seed)),
+    ("byol", lambda seed: small_encoder(4, 16, seed=seed)),
+    ("simclr", _small_encoder_with_dropout),
+], ids=["simclr", "byol", "simclr-dropout"])
+def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_path, method,
+                                                                      build):
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    config = SSLConfig(method=method, epochs=3, batch_size=16, warmup_epochs=1, seed=5)
+
+    def weights(encoder):
+        return torch.cat([p.detach().flatten() for p in encoder.parameters()])
+
+    uninterrupted = build(2)
+    reference = train_ssl(uninterrupted, images, config, verbose=False)
+    checkpoint = tmp_path / "ssl.ckpt"
+    calls = []
+
+    def interrupt_in_epoch_three(index, v1, v2):
+        calls.append(1)
+        if len(calls) == 5:  # the first step of the third epoch (two steps per epoch)
+            raise KeyboardInterrupt
+        return v1, v2
+
+    global_rng = torch.random.get_rng_state()
+    interrupted = build(2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ssl(interrupted, images, config, verbose=False, checkpoint=checkpoint,
+                  view_hook=interrupt_in_epoch_three)
+    assert checkpoint.is_file() and not checkpoint.with_name("ssl.ckpt.tmp").exists()
+    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    assert torch.equal(torch.random.get_rng_state(), global_rng)  # the caller's RNG untouched
+    with pytest.raises(ValueError, match="belongs to another training run"):
+        train_ssl(build(2), images[:32], config, verbose=False, checkpoint=checkpoint)
+    resumed_encoder = build(7)  # the checkpoint's weights replace these
+    resumed = train_ssl(resumed_encoder, images, config, verbose=False, checkpoint=checkpoint)
+    assert torch.equal(weights(resumed_encoder), weights(uninterrupted))
+    assert resumed.losses == reference.losses and not checkpoint.exists()
 
 
 def test_tokenize_rejects_overlong_captions():

@@ -87,7 +87,8 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         kept = ~results["poisoncam"].removed
         encoder = small_encoder(threat_config.width, threat_config.world.image_size,
                                 seed=threat_config.seed)
-        train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose)
+        train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose,
+                  checkpoint=out / "retrain.partial.pt")
         world = threat.world
         after = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
                              world.eval.labels, threat_config.trigger(), threat_config.target,

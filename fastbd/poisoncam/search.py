@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastbd.storage import save_atomically
+
 log = logging.getLogger(__name__)
 
 # score_batch(image indices int64 B, generator) -> (scores float B, windows int64 B×2)
@@ -58,11 +60,7 @@ class SearchState:
                    cluster_scores=torch.zeros(n_clusters, dtype=torch.float64))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.__dict__, tmp)
-        tmp.replace(path)  # atomic: an interruption never leaves a half-written state
+        save_atomically(self.__dict__, path)
 
     @classmethod
     def load(cls, path: str | Path) -> SearchState:

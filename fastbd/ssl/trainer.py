@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.models.encoders import Encoder
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
+from fastbd.storage import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,20 @@ ViewHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tens
 
 def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None = None, *,
               device: torch.device | str = "cpu", verbose: bool = True,
-              view_hook: ViewHook | None = None) -> SSLHistory:
+              view_hook: ViewHook | None = None,
+              checkpoint: str | Path | None = None) -> SSLHistory:
     """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR or BYOL).
 
     ``view_hook(index, v1, v2)``, if given, sees each batch's image indices (int64 ``B``) and its
     two augmented, normalised views (float ``B×3×S×S``) and returns the views to train on —
-    for experiments that choose some positive pairs themselves."""
+    for experiments that choose some positive pairs themselves.
+
+    ``checkpoint``: a file the whole training state (weights, optimizer, schedule, random
+    streams, losses) is written to after every epoch, atomically. If it exists when training
+    starts, training continues after its last epoch, and an interrupted run resumed this way ends
+    with the weights of an uninterrupted one; a checkpoint of another run (other config or image
+    count) is an error. The file is removed when training ends. Randomness follows
+    ``config.seed`` alone; the caller's global RNG is left as it was."""
     config = config or SSLConfig()
     if config.method not in ("simclr", "byol"):
         raise ValueError(f"method must be 'simclr' or 'byol', got {config.method!r}")
@@ -91,15 +101,25 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     if n < 2:
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
-    torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        return _train(encoder, images, config, device, verbose, view_hook,
+                      Path(checkpoint) if checkpoint is not None else None)
+
+
+def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: torch.device,
+           verbose: bool, view_hook: ViewHook | None, checkpoint: Path | None) -> SSLHistory:
+    n = images.shape[0]
     encoder.to(device).train()
     dim = encoder.feature_dim
     head = _mlp(dim, dim, config.projection_dim).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
+    modules = {"encoder": encoder, "head": head}
     if config.method == "byol":
         predictor = _mlp(config.projection_dim, dim, config.projection_dim).to(device)
         params += list(predictor.parameters())
         target_net = copy.deepcopy(nn.Sequential(encoder, head)).requires_grad_(False)
+        modules.update(predictor=predictor, target=target_net)
     optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
@@ -108,13 +128,33 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
+    run = {"config": asdict(config), "images": n}
+    losses: list[float] = []
+    first_epoch, seconds_before = 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["run"] != run:
+            raise ValueError(f"checkpoint {checkpoint} belongs to another training run "
+                             f"({state['run']['images']} images, config "
+                             f"{state['run']['config']}); remove it to start afresh")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        g.set_state(state["augment_rng"].cpu())
+        order_gen.set_state(state["order_rng"].cpu())
+        _set_global_rng(state["global_rng"], device)
+        losses, first_epoch = state["losses"], state["epochs_done"]
+        seconds_before = state["seconds"]
+        log.info("resuming %s from %s after epoch %d of %d", config.method, checkpoint,
+                 first_epoch, config.epochs)
     mean = torch.tensor(encoder.mean, device=device)[:, None, None]
     std = torch.tensor(encoder.std, device=device)[:, None, None]
     bank = images.to(device)
-    losses = []
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=config.method, disable=not verbose, unit="step")
-    for _ in range(config.epochs):
+    bar = tqdm(total=total, initial=len(losses), desc=config.method, disable=not verbose,
+               unit="step")
+    for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             index = order[step * batch:(step + 1) * batch].to(device)
@@ -141,14 +181,38 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
             losses.append(float(loss.detach()))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint is not None and epoch + 1 < config.epochs:
+            state = {name: module.state_dict() for name, module in modules.items()}
+            state.update(run=run, optimizer=optimizer.state_dict(),
+                         schedule=schedule.state_dict(), augment_rng=g.get_state(),
+                         order_rng=order_gen.get_state(), global_rng=_global_rng(device),
+                         losses=losses, epochs_done=epoch + 1,
+                         seconds=seconds_before + time.perf_counter() - start)
+            save_atomically(state, checkpoint)
     bar.close()
-    seconds = time.perf_counter() - start
+    steps_now = total - first_epoch * steps_per_epoch
+    seconds_now = time.perf_counter() - start
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     encoder.eval()
-    log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total, seconds,
-             losses[-1] if losses else float("nan"))
-    return SSLHistory(losses=losses, seconds=seconds,
-                      images_per_second=2 * total * batch / max(seconds, 1e-9),
+    log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total,
+             seconds_before + seconds_now, losses[-1] if losses else float("nan"))
+    return SSLHistory(losses=losses, seconds=seconds_before + seconds_now,
+                      images_per_second=2 * steps_now * batch / max(seconds_now, 1e-9),
                       config=asdict(config))
+
+
+def _global_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_global_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.random.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 @torch.no_grad()
