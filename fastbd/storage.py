@@ -1,11 +1,14 @@
-"""Writing files so that an interruption never leaves a torn one."""
+"""Writing files so that an interruption never leaves a torn one, and training state that
+an interrupted run continues from."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def save_atomically(obj: object, path: str | Path) -> None:
@@ -16,3 +19,59 @@ def save_atomically(obj: object, path: str | Path) -> None:
     partial = path.with_name(path.name + ".tmp")
     torch.save(obj, partial)
     os.replace(partial, path)
+
+
+@dataclass
+class EpochCheckpoint:
+    """A training loop's whole state in one file at ``path`` (None: no checkpointing), written
+    after each epoch so that an interrupted run can continue exactly where it stopped.
+
+    ``run`` identifies the training run (its config, data size); a file written by another run
+    is refused. ``generators`` are the loop's own random streams; the global CPU (and, on a
+    CUDA ``device``, GPU) RNG is saved too, for modules that draw from it (dropout)."""
+
+    path: Path | None
+    run: dict
+    modules: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generators: dict[str, torch.Generator]
+    device: torch.device
+
+    def restore(self) -> tuple[list[float], int, float]:
+        """Load the file if there is one: (losses so far, epochs done, seconds spent); else
+        ``([], 0, 0.0)``."""
+        if self.path is None or not self.path.is_file():
+            return [], 0, 0.0
+        state = torch.load(self.path, map_location=self.device, weights_only=True)
+        if state["run"] != self.run:
+            raise ValueError(f"checkpoint {self.path} belongs to another training run "
+                             f"({state['run']}); remove it to start afresh")
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for name, generator in self.generators.items():
+            generator.set_state(state["generators"][name].cpu())
+        torch.random.set_rng_state(state["global_rng"]["cpu"].cpu())
+        if self.device.type == "cuda" and "cuda" in state["global_rng"]:
+            torch.cuda.set_rng_state(state["global_rng"]["cuda"].cpu(), self.device)
+        return state["losses"], state["epochs_done"], state["seconds"]
+
+    def save(self, losses: list[float], epochs_done: int, seconds: float) -> None:
+        if self.path is None:
+            return
+        global_rng = {"cpu": torch.random.get_rng_state()}
+        if self.device.type == "cuda":
+            global_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        save_atomically({
+            "run": self.run, "losses": losses, "epochs_done": epochs_done, "seconds": seconds,
+            "modules": {name: module.state_dict() for name, module in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            "global_rng": global_rng}, self.path)
+
+    def remove(self) -> None:
+        """Delete the file (training finished)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -276,7 +276,8 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
     else:
         tokens = tokenize(tokenizer, poisoned.captions, config.model.context_length)
         history = train_clip(model, poisoned.images, tokens, config.train, device=device,
-                             verbose=verbose)
+                             verbose=verbose, checkpoint=None if path is None else
+                             path.with_name(path.stem + ".partial.pt"))
         seconds = history.seconds
         if path is not None:
             save_atomically({"model": model.state_dict(), "train_seconds": seconds}, path)

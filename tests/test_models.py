@@ -221,6 +221,46 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
     assert resumed.losses == reference.losses and not checkpoint.exists()
 
 
+def test_interrupted_clip_training_resumes_to_the_uninterrupted_weights(gen, tmp_path,
+                                                                       monkeypatch):
+    import fastbd.models.clip as clip_module
+    from fastbd.models.clip import CLIPTrainConfig, train_clip
+
+    config = TinyCLIPConfig(vision_layers=1, text_layers=1, resnet_layers=(1, 1, 1, 1))
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    tokens = tokenize(clip_tokenizer(), [f"a photo of thing {i}." for i in range(20)],
+                      config.context_length)
+    train = CLIPTrainConfig(epochs=3, batch_size=8, warmup_steps=1, seed=3)
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    uninterrupted = tiny_clip(config, seed=1)
+    reference = train_clip(uninterrupted, images, tokens, train, verbose=False)
+    checkpoint = tmp_path / "clip.ckpt"
+    calls, loss = [], clip_module.clip_loss
+
+    def interrupt_in_epoch_three(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the first step of the third epoch (two steps per epoch)
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    global_rng = torch.random.get_rng_state()
+    monkeypatch.setattr(clip_module, "clip_loss", interrupt_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(tiny_clip(config, seed=1), images, tokens, train, verbose=False,
+                   checkpoint=checkpoint)
+    monkeypatch.setattr(clip_module, "clip_loss", loss)
+    assert torch.equal(torch.random.get_rng_state(), global_rng)
+    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    resumed_model = tiny_clip(config, seed=9)
+    resumed = train_clip(resumed_model, images, tokens, train, verbose=False,
+                         checkpoint=checkpoint)
+    assert torch.equal(weights(resumed_model), weights(uninterrupted))
+    assert resumed.losses == reference.losses and not checkpoint.exists()
+
+
 def test_tokenize_rejects_overlong_captions():
     tokenizer = clip_tokenizer()
     tokens = tokenize(tokenizer, ["a red circle."], 32)

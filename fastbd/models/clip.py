@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.models.encoders import seeded_init
 from fastbd.schedules import adamw, warmup_cosine
+from fastbd.storage import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +45,24 @@ class TinyCLIPConfig:
 
 
 def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
-    """A randomly initialised open_clip ``CLIP`` of the given size."""
+    """A randomly initialised open_clip ``CLIP`` of the given size, its weights from ``seed``
+    alone (the global RNG is left as it was)."""
     import open_clip
 
     config = config or TinyCLIPConfig()
     if config.vision_type not in ("resnet", "vit"):
         raise ValueError(f"vision_type must be 'resnet' or 'vit', got {config.vision_type!r}")
-    torch.manual_seed(seed)
     layers = (tuple(config.resnet_layers) if config.vision_type == "resnet"
               else config.vision_layers)
-    return open_clip.CLIP(
-        embed_dim=config.embed_dim,
-        vision_cfg=dict(image_size=config.image_size, layers=layers,
-                        width=config.vision_width, patch_size=config.patch_size,
-                        head_width=config.vision_head_width),
-        text_cfg=dict(context_length=config.context_length, vocab_size=49408,
-                      width=config.text_width, heads=config.text_heads,
-                      layers=config.text_layers))
+    with seeded_init(seed):
+        return open_clip.CLIP(
+            embed_dim=config.embed_dim,
+            vision_cfg=dict(image_size=config.image_size, layers=layers,
+                            width=config.vision_width, patch_size=config.patch_size,
+                            head_width=config.vision_head_width),
+            text_cfg=dict(context_length=config.context_length, vocab_size=49408,
+                          width=config.text_width, heads=config.text_heads,
+                          layers=config.text_layers))
 
 
 def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
@@ -236,8 +239,11 @@ class CLIPHistory:
 
 def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                config: CLIPTrainConfig | None = None, *, device: torch.device | str = "cpu",
-               verbose: bool = True) -> CLIPHistory:
-    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``."""
+               verbose: bool = True, checkpoint: str | Path | None = None) -> CLIPHistory:
+    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``.
+
+    ``checkpoint``: as in ``fastbd.ssl.train_ssl`` — the state after every epoch, continued
+    from when present, removed at the end. The caller's global RNG is left as it was."""
     config = config or CLIPTrainConfig()
     n = images.shape[0]
     if tokens.shape[0] != n:
@@ -245,18 +251,29 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     if n < 2:
         raise ValueError("contrastive training needs at least 2 pairs")
     device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        return _train_clip(model, images, tokens, config, device, verbose,
+                           Path(checkpoint) if checkpoint is not None else None)
+
+
+def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                config: CLIPTrainConfig, device: torch.device, verbose: bool,
+                checkpoint: Path | None) -> CLIPHistory:
+    n = images.shape[0]
     model.to(device).train()
-    torch.manual_seed(config.seed)
     optimizer = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch
     total = steps_per_epoch * config.epochs
     schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
-    losses = []
+    saved = EpochCheckpoint(checkpoint, {"config": asdict(config), "pairs": n},
+                            {"model": model}, optimizer, schedule, {"order": order_gen}, device)
+    losses, first_epoch, seconds_before = saved.restore()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="CLIP", disable=not verbose, unit="step")
-    for _ in range(config.epochs):
+    bar = tqdm(total=total, initial=len(losses), desc="CLIP", disable=not verbose, unit="step")
+    for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             rows = order[step * batch:(step + 1) * batch]
@@ -270,8 +287,13 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             losses.append(float(loss.detach()))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if epoch + 1 < config.epochs:
+            saved.save(losses, epoch + 1, seconds_before + time.perf_counter() - start)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds_now = time.perf_counter() - start
+    saved.remove()
     model.eval()
-    return CLIPHistory(losses=losses, seconds=seconds,
-                       pairs_per_second=total * batch / max(seconds, 1e-9), config=asdict(config))
+    steps_now = total - first_epoch * steps_per_epoch
+    return CLIPHistory(losses=losses, seconds=seconds_before + seconds_now,
+                       pairs_per_second=steps_now * batch / max(seconds_now, 1e-9),
+                       config=asdict(config))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.models.encoders import Encoder
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
-from fastbd.storage import save_atomically
+from fastbd.storage import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +128,10 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
-    run = {"config": asdict(config), "images": n}
-    losses: list[float] = []
-    first_epoch, seconds_before = 0, 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["run"] != run:
-            raise ValueError(f"checkpoint {checkpoint} belongs to another training run "
-                             f"({state['run']['images']} images, config "
-                             f"{state['run']['config']}); remove it to start afresh")
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        g.set_state(state["augment_rng"].cpu())
-        order_gen.set_state(state["order_rng"].cpu())
-        _set_global_rng(state["global_rng"], device)
-        losses, first_epoch = state["losses"], state["epochs_done"]
-        seconds_before = state["seconds"]
+    saved = EpochCheckpoint(checkpoint, {"config": asdict(config), "images": n}, modules,
+                            optimizer, schedule, {"augment": g, "order": order_gen}, device)
+    losses, first_epoch, seconds_before = saved.restore()
+    if first_epoch:
         log.info("resuming %s from %s after epoch %d of %d", config.method, checkpoint,
                  first_epoch, config.epochs)
     mean = torch.tensor(encoder.mean, device=device)[:, None, None]
@@ -181,38 +167,18 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
             losses.append(float(loss.detach()))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None and epoch + 1 < config.epochs:
-            state = {name: module.state_dict() for name, module in modules.items()}
-            state.update(run=run, optimizer=optimizer.state_dict(),
-                         schedule=schedule.state_dict(), augment_rng=g.get_state(),
-                         order_rng=order_gen.get_state(), global_rng=_global_rng(device),
-                         losses=losses, epochs_done=epoch + 1,
-                         seconds=seconds_before + time.perf_counter() - start)
-            save_atomically(state, checkpoint)
+        if epoch + 1 < config.epochs:
+            saved.save(losses, epoch + 1, seconds_before + time.perf_counter() - start)
     bar.close()
     steps_now = total - first_epoch * steps_per_epoch
     seconds_now = time.perf_counter() - start
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+    saved.remove()
     encoder.eval()
     log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total,
              seconds_before + seconds_now, losses[-1] if losses else float("nan"))
     return SSLHistory(losses=losses, seconds=seconds_before + seconds_now,
                       images_per_second=2 * steps_now * batch / max(seconds_now, 1e-9),
                       config=asdict(config))
-
-
-def _global_rng(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.random.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_global_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.random.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 @torch.no_grad()
