@@ -570,8 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = (f"; rerun with --resume to continue from the last completed search round "
-                f"saved in {args.out}" if getattr(args, "resume", None) is not None else "")
+        if getattr(args, "resume", None) is not None:
+            hint = (f"; rerun with --resume to continue from the last completed search round "
+                    f"saved in {args.out}")
+        elif getattr(args, "cache", None) is not None:
+            hint = "; rerun the same command to continue training from its last completed epoch"
+        else:
+            hint = ""
         print(f"fastbd {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -3,6 +3,7 @@ an interrupted run continues from."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,18 @@ def save_atomically(obj: object, path: str | Path) -> None:
     partial = path.with_name(path.name + ".tmp")
     torch.save(obj, partial)
     os.replace(partial, path)
+
+
+def fingerprint(*tensors: torch.Tensor, samples: int = 256) -> str:
+    """A short hash of the tensors' shapes, dtypes and up to ``samples`` evenly spaced rows each
+    — enough to tell one training set from another without reading a large one whole."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+        if tensor.shape[0]:
+            rows = tensor[::max(1, tensor.shape[0] // samples)]
+            digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -44,9 +57,11 @@ class EpochCheckpoint:
         if self.path is None or not self.path.is_file():
             return [], 0, 0.0
         state = torch.load(self.path, map_location=self.device, weights_only=True)
-        if state["run"] != self.run:
-            raise ValueError(f"checkpoint {self.path} belongs to another training run "
-                             f"({state['run']}); remove it to start afresh")
+        differ = [key for key in self.run if state["run"].get(key) != self.run[key]]
+        if differ or state["run"].keys() != self.run.keys():
+            raise ValueError(f"checkpoint {self.path} belongs to another training run (its "
+                             f"{', '.join(differ) or 'fields'} differ); remove it to start "
+                             "afresh")
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -143,3 +143,16 @@ def test_interrupted_detection_says_how_to_resume(small_file_list, tmp_path, cap
     assert capsys.readouterr().err == (
         f"fastbd patchsearch: interrupted; rerun with --resume to continue from the last "
         f"completed search round saved in {tmp_path}\n")
+
+
+def test_interrupted_training_says_a_rerun_continues(tmp_path, capsys, monkeypatch):
+    import fastbd.world
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastbd.world, "train_ssl", interrupted)
+    assert main(["--quiet", "train-ssl", "--n-train", "40", "--n-eval", "10", "--cache",
+                 str(tmp_path / "cache"), "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("fastbd train-ssl: interrupted; rerun the same command "
+                                       "to continue training from its last completed epoch\n")

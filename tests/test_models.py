@@ -213,8 +213,13 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
     assert checkpoint.is_file() and not checkpoint.with_name("ssl.ckpt.tmp").exists()
     assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
     assert torch.equal(torch.random.get_rng_state(), global_rng)  # the caller's RNG untouched
-    with pytest.raises(ValueError, match="belongs to another training run"):
-        train_ssl(build(2), images[:32], config, verbose=False, checkpoint=checkpoint)
+    for other_images, other_config, differ in [
+            (images.flip(0), config, "images"),
+            (images, SSLConfig(method=method, epochs=4, batch_size=16, warmup_epochs=1, seed=5),
+             "config")]:
+        with pytest.raises(ValueError, match=f"another training run \\(its {differ} differ"):
+            train_ssl(build(2), other_images, other_config, verbose=False,
+                      checkpoint=checkpoint)
     resumed_encoder = build(7)  # the checkpoint's weights replace these
     resumed = train_ssl(resumed_encoder, images, config, verbose=False, checkpoint=checkpoint)
     assert torch.equal(weights(resumed_encoder), weights(uninterrupted))

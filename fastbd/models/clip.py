@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fastbd.models.encoders import seeded_init
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import EpochCheckpoint, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     total = steps_per_epoch * config.epochs
     schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = EpochCheckpoint(checkpoint, {"config": asdict(config), "pairs": n},
+    saved = EpochCheckpoint(checkpoint, {"config": asdict(config),
+                                         "pairs": fingerprint(images, tokens)},
                             {"model": model}, optimizer, schedule, {"order": order_gen}, device)
     losses, first_epoch, seconds_before = saved.restore()
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.models.encoders import Encoder
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import EpochCheckpoint, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = EpochCheckpoint(checkpoint, {"config": asdict(config), "images": n}, modules,
+    run = {"config": asdict(config), "images": fingerprint(images)}
+    saved = EpochCheckpoint(checkpoint, run, modules,
                             optimizer, schedule, {"augment": g, "order": order_gen}, device)
     losses, first_epoch, seconds_before = saved.restore()
     if first_epoch:
