@@ -102,10 +102,7 @@ def _world_config(args: argparse.Namespace, ssl: bool = False):
             if getattr(args, name) is not None}
     config = replace(base, n_train=args.n_train, n_eval=args.n_eval,
                      image_size=args.image_size, seed=args.seed, **look)
-    try:
-        check_world_config(config)
-    except ValueError as error:
-        raise SystemExit(f"fastbd {args.command}: {error}") from None
+    check_world_config(config)
     return config
 
 
@@ -140,7 +137,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         attack = make_attack(args.attack, args.image_size, seed=args.seed)
         if clip_attack:
             if captions is None:
-                raise SystemExit("CLIP attacks need captions: give --csv")
+                raise ValueError("CLIP attacks need captions: give --csv")
             names = args.class_names.split(",") if args.class_names else [
                 str(i) for i in range(int(labels.max()) + 1)]
             captions = [captions[i] for i in report.kept]
@@ -209,12 +206,12 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
 
 def _load_weights(module: torch.nn.Module, state: dict, path: str, what: str) -> None:
-    """``module.load_state_dict(state)``, exiting with a message that names ``path`` when the
-    weights do not fit."""
+    """``module.load_state_dict(state)``; ``ValueError`` naming ``path`` when the weights do not
+    fit."""
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        raise SystemExit(f"fastbd eval: {path} is not {what}: {error}") from None
+        raise ValueError(f"{path} is not {what}: {error}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -270,7 +267,7 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None):
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
-        raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
     for name, inner in (nested or {}).items():
         if name in raw:
             raw[name] = inner(**raw[name])
@@ -312,7 +309,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from fastbd.poisoncam import Detector
 
     if bool(args.file_list) == bool(args.image_folder):
-        raise SystemExit("give exactly one of --file-list and --image-folder")
+        raise ValueError("give exactly one of --file-list and --image-folder")
     if args.file_list:
         listing = read_file_list(args.file_list)
         paths, lines = listing.paths, listing.lines
@@ -385,7 +382,7 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
                            verbose=not args.quiet)
     else:
         if args.reference_checkpoint is None:
-            raise SystemExit(f"{args.command} needs --reference-checkpoint (a clean model)")
+            raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
         reference = load_clip(args.reference_arch or args.arch,
                               args.reference_checkpoint).to(args.device)
         images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,

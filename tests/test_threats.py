@@ -121,11 +121,9 @@ def test_cli_world_look_flags_override_the_default_look():
     (["--n-train", "0"], "n_train and n_eval must be positive"),
     (["--image-size", "8"], "image_size must be at least 16"),
 ])
-def test_cli_world_flags_out_of_range_exit_with_the_reason(tmp_path, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", "attack", *flags, "--out", str(tmp_path)])
-    assert str(exit_info.value).startswith("fastbd attack: ")
-    assert message in str(exit_info.value)
+def test_cli_world_flags_out_of_range_exit_with_the_reason(tmp_path, capsys, flags, message):
+    assert main(["--quiet", "attack", *flags, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"fastbd attack: error: {message}")
     assert not any(tmp_path.iterdir())
 
 
@@ -149,7 +147,7 @@ def test_cli_attack_exports_the_tiled_world(tmp_path):
     assert len(clean) >= 30 and torch.equal(exported, expected[clean])
 
 
-def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path):
+def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, capsys):
     from fastbd.models import small_encoder
 
     checkpoint = tmp_path / "encoder.pt"
@@ -165,5 +163,6 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path):
     world = make_world(replace(SSLThreatConfig().world, n_train=100, n_eval=30))
     assert result["non_target_images"] == int((world.eval.labels != 0).sum())
     assert result["asr"] == result["target_false_positives"] / result["non_target_images"]
-    with pytest.raises(SystemExit, match="is not a width-16 SSL encoder"):
-        main([*flags[:5], "--width", "16", *flags[7:]])
+    capsys.readouterr()
+    assert main([*flags[:5], "--width", "16", *flags[7:]]) == 2
+    assert f"{checkpoint} is not a width-16 SSL encoder (--width?)" in capsys.readouterr().err
