@@ -39,8 +39,8 @@ class EpochCheckpoint:
     """A training loop's whole state in one file at ``path`` (None: no checkpointing), written
     after each epoch so that an interrupted run can continue exactly where it stopped.
 
-    ``run`` identifies the training run (its config, data size); a file written by another run
-    is refused. ``generators`` are the loop's own random streams; the global CPU (and, on a
+    ``run`` identifies the training run (its config and ``fingerprint`` of its data); a file
+    written by another run is refused, naming what differs. ``generators`` are the loop's own random streams; the global CPU (and, on a
     CUDA ``device``, GPU) RNG is saved too, for modules that draw from it (dropout)."""
 
     path: Path | None
