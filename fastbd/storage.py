@@ -40,8 +40,9 @@ class EpochCheckpoint:
     after each epoch so that an interrupted run can continue exactly where it stopped.
 
     ``run`` identifies the training run (its config and ``fingerprint`` of its data); a file
-    written by another run is refused, naming what differs. ``generators`` are the loop's own random streams; the global CPU (and, on a
-    CUDA ``device``, GPU) RNG is saved too, for modules that draw from it (dropout)."""
+    written by another run is refused, naming what differs. ``generators`` are the loop's own
+    random streams; the global CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for
+    modules that draw from it (dropout)."""
 
     path: Path | None
     run: dict
