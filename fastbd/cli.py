@@ -379,7 +379,7 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
                                                                    "clean_pairs")
         config = _load_dataclass(args.config, CleanCLIPConfig, {"augment": AugmentConfig})
         result = cleanclip(model, images, tokens, config, device=args.device,
-                           verbose=not args.quiet)
+                           verbose=not args.quiet, checkpoint=out / "cleanclip.partial.pt")
     else:
         if args.reference_checkpoint is None:
             raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
@@ -545,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONTINUED_BY_RERUN = ("demo", "train-ssl", "train-clip", "cleanclip")
+"""Commands whose training checkpoints each epoch and continues when run again."""
+
 DEBUG_VARIABLE = "FASTBD_DEBUG"
 """Set (to anything) in the environment, the command shows the traceback of a failure instead of
 its one-line message."""
@@ -570,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "resume", None) is not None:
             hint = (f"; rerun with --resume to continue from the last completed search round "
                     f"saved in {args.out}")
-        elif getattr(args, "cache", None) is not None:
+        elif args.command in CONTINUED_BY_RERUN:
             hint = "; rerun the same command to continue training from its last completed epoch"
         else:
             hint = ""

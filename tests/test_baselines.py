@@ -57,6 +57,37 @@ def test_cleanclip_finetunes_a_copy(pairs, models):
         assert torch.equal(value, before[key]), key
 
 
+def test_interrupted_cleanclip_resumes_to_the_uninterrupted_weights(pairs, models, tmp_path,
+                                                                   monkeypatch):
+    import importlib
+
+    cleanclip_module = importlib.import_module("fastbd.baselines.cleanclip")
+    images, tokens = pairs
+    model, _ = models
+    config = CleanCLIPConfig(epochs=3, lr=1e-3, batch_size=48, warmup_steps=0, seed=4)
+
+    def weights(result):
+        return torch.cat([v.flatten().float() for v in result.model.state_dict().values()])
+
+    reference = cleanclip(model, images, tokens, config, verbose=False)
+    checkpoint = tmp_path / "cleanclip.ckpt"
+    calls, loss = [], cleanclip_module.clip_loss
+
+    def interrupt_in_epoch_three(*args):
+        calls.append(1)
+        if len(calls) == 13:  # the first step of epoch 3 (two steps, three losses each)
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(cleanclip_module, "clip_loss", interrupt_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
+    monkeypatch.setattr(cleanclip_module, "clip_loss", loss)
+    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    resumed = cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
+    assert torch.equal(weights(resumed), weights(reference)) and not checkpoint.exists()
+
+
 def test_abl_ascends_the_loss_of_the_suspicious_pairs(pairs, models):
     images, tokens = pairs
     model, reference = models

@@ -13,6 +13,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from fastbd.models.clip import (
 )
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
+from fastbd.storage import EpochCheckpoint, fingerprint
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
 from fastbd.ubt.result import DefenseResult
@@ -65,9 +67,10 @@ def augment_tokens(tokens: torch.Tensor, drop: float, g: torch.Generator) -> tor
 
 def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
               config: CleanCLIPConfig | None = None, *, device: torch.device | str = "cpu",
-              verbose: bool = True) -> DefenseResult:
+              verbose: bool = True, checkpoint: str | Path | None = None) -> DefenseResult:
     """Fine-tune a copy of ``model`` on clean pairs (uint8 images ``N×3×S×S``, token ids
-    ``N×L``); ``model`` is left as it is."""
+    ``N×L``); ``model`` is left as it is. ``checkpoint``: as in ``fastbd.ssl.train_ssl`` — the
+    fine-tuning state after every epoch, continued from when present, removed at the end."""
     config = config or CleanCLIPConfig()
     check_pairs(images, tokens, model)
     if images.shape[0] < 2:
@@ -82,8 +85,13 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
     schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     mean, std = _clip_mean_std(device)
-    bar = tqdm(total=steps_per_epoch * config.epochs, desc="CleanCLIP", disable=not verbose)
-    for _ in range(config.epochs):
+    saved = EpochCheckpoint(None if checkpoint is None else Path(checkpoint),
+                            {"config": asdict(config), "pairs": fingerprint(images, tokens)},
+                            {"model": tuned}, optimizer, schedule, {"batches": g}, device)
+    _, first_epoch, seconds_before = saved.restore()
+    bar = tqdm(total=steps_per_epoch * config.epochs, initial=first_epoch * steps_per_epoch,
+               desc="CleanCLIP", disable=not verbose)
+    for epoch in range(first_epoch, config.epochs):
         for rows in shuffled_batches(n, config.batch_size, g):
             if rows.numel() < 2:
                 continue
@@ -102,10 +110,13 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.step()
             schedule.step()
             bar.update()
+        if epoch + 1 < config.epochs:
+            saved.save([], epoch + 1, seconds_before + time.perf_counter() - start)
     bar.close()
+    saved.remove()
     tuned.eval()
     return DefenseResult(model=tuned, method="cleanclip",
-                         timings={"finetune": time.perf_counter() - start},
+                         timings={"finetune": seconds_before + time.perf_counter() - start},
                          config=asdict(config))
 
 
