@@ -106,6 +106,18 @@ def _world_config(args: argparse.Namespace, ssl: bool = False):
     return config
 
 
+def _trigger_options(args: argparse.Namespace) -> dict:
+    """``make_attack`` overrides from ``--trigger-side`` (HTBA's patch only)."""
+    if args.trigger_side is None:
+        return {}
+    if args.attack not in ("htba", "none"):
+        raise ValueError(f"--trigger-side sets HTBA's patch; attack {args.attack!r} has its own "
+                         "size")
+    if not 0.0 < args.trigger_side <= 1.0:
+        raise ValueError(f"--trigger-side must be in (0, 1], got {args.trigger_side}")
+    return {"side_fraction": args.trigger_side}
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     """Poison the synthetic world, a file list or a CSV of pairs, and export it."""
     import torch
@@ -122,6 +134,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     clip_attack = args.attack != "htba"
+    trigger_options = _trigger_options(args)
     if args.file_list or args.csv:
         if args.csv:
             pairs = read_csv_pairs(args.csv, image_key=args.image_key,
@@ -134,7 +147,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         bank, report = ImageBank.from_files(paths, args.image_size, skip_bad=args.skip_bad,
                                             verbose=not args.quiet)
         labels = labels[report.kept]
-        attack = make_attack(args.attack, args.image_size, seed=args.seed)
+        attack = make_attack(args.attack, args.image_size, seed=args.seed, **trigger_options)
         if clip_attack:
             if captions is None:
                 raise ValueError("CLIP attacks need captions: give --csv")
@@ -154,7 +167,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
                     if clip_attack else
                     poison_world_images(world, args.attack, args.target, args.fraction,
-                                        args.seed))
+                                        args.seed, trigger_options))
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None))
     torch.save({"poison_mask": poisoned.poison_mask, "boxes": poisoned.boxes},
@@ -172,7 +185,7 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
 
     config = SSLThreatConfig(world=_world_config(args, ssl=True), attack=args.attack,
                              target=args.target, fraction=args.fraction, width=args.width,
-                             seed=args.seed)
+                             seed=args.seed, trigger_options=_trigger_options(args))
     epochs = config.ssl.epochs if args.epochs is None else args.epochs
     config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": epochs, "seed": args.seed})
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
@@ -233,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       "(--width?)")
         # The clean model's ASR is measured with the trigger the poisoned one would carry.
         trigger = make_attack("htba" if args.attack == "none" else args.attack, args.image_size,
-                              seed=args.seed)
+                              seed=args.seed, **_trigger_options(args))
         result = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
                               world.eval.labels, trigger, args.target,
                               device=args.device).to_dict()
@@ -455,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--attack", choices=ATTACKS, default="htba")
     attack.add_argument("--fraction", type=float, default=0.5,
                         help="HTBA: fraction of the target class poisoned")
+    attack.add_argument("--trigger-side", type=float,
+                        help="HTBA trigger side as a fraction of the image side (default 50/224)")
     attack.add_argument("--rate", type=float,
                         help="CLIP attacks: poisoned share (default 0.01; the synthetic world "
                              "poisons 0.10 with WaNet)")
@@ -472,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_world_args(ssl)
     ssl.add_argument("--attack", choices=("htba", "none"), default="htba")
     ssl.add_argument("--fraction", type=float, default=0.5)
+    ssl.add_argument("--trigger-side", type=float,
+                     help="HTBA trigger side as a fraction of the image side (default 50/224)")
     ssl.add_argument("--width", type=int, default=16)
     ssl.add_argument("--epochs", type=int, default=None,
                      help="SimCLR epochs (default: SSLThreatConfig's)")
@@ -497,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba")
     evaluate.add_argument("--width", type=int, default=16)
+    evaluate.add_argument("--trigger-side", type=float,
+                          help="HTBA trigger side as a fraction of the image side (default 50/224)")
     evaluate.add_argument("--out", default="fastbd-out/eval")
     evaluate.set_defaults(run=cmd_eval)
 

@@ -166,3 +166,28 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, c
     capsys.readouterr()
     assert main([*flags[:5], "--width", "16", *flags[7:]]) == 2
     assert f"{checkpoint} is not a width-16 SSL encoder (--width?)" in capsys.readouterr().err
+
+
+def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "big"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "60", "--n-eval", "10",
+                 "--trigger-side", "0.3", "--out", str(out)]) == 0
+    truth = torch.load(out / "ground_truth.pt")
+    assert bool((truth["boxes"][truth["poison_mask"], 2:] == 10).all())
+    assert main(["--quiet", "attack", "--attack", "badnet", "--trigger-side", "0.3",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--trigger-side sets HTBA's patch; attack 'badnet'" in capsys.readouterr().err
+    assert main(["--quiet", "attack", "--trigger-side", "1.5", "--out", str(tmp_path / "y")]) == 2
+    assert "--trigger-side must be in (0, 1]" in capsys.readouterr().err
+
+    import fastbd.world
+
+    seen = []
+
+    def record(config, **kwargs):
+        seen.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastbd.world, "build_ssl_threat", record)
+    assert main(["--quiet", "train-ssl", "--trigger-side", "0.3", "--out", str(tmp_path)]) == 130
+    assert seen[0].trigger_options == {"side_fraction": 0.3} and seen[0].trigger().side == 10
