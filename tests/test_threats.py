@@ -165,7 +165,7 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, c
     assert result["asr"] == result["target_false_positives"] / result["non_target_images"]
     capsys.readouterr()
     assert main([*flags[:5], "--width", "16", *flags[7:]]) == 2
-    assert f"{checkpoint} is not a width-16 SSL encoder (--width?)" in capsys.readouterr().err
+    assert f"checkpoint {checkpoint} does not fit Encoder: " in capsys.readouterr().err
 
 
 def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monkeypatch):
@@ -178,7 +178,8 @@ def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monke
                  "--out", str(tmp_path / "x")]) == 2
     assert "--trigger-side sets HTBA's patch; attack 'badnet'" in capsys.readouterr().err
     assert main(["--quiet", "attack", "--trigger-side", "1.5", "--out", str(tmp_path / "y")]) == 2
-    assert "--trigger-side must be in (0, 1]" in capsys.readouterr().err
+    assert "htba: side_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
     import fastbd.world
 
@@ -191,3 +192,20 @@ def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monke
     monkeypatch.setattr(fastbd.world, "build_ssl_threat", record)
     assert main(["--quiet", "train-ssl", "--trigger-side", "0.3", "--out", str(tmp_path)]) == 130
     assert seen[0].trigger_options == {"side_fraction": 0.3} and seen[0].trigger().side == 10
+
+
+def test_cli_eval_clip_loads_a_train_clip_checkpoint_and_names_one_that_does_not_fit(
+        tmp_path, capsys):
+    from fastbd.models import small_encoder
+    from fastbd.models.clip import tiny_clip
+
+    checkpoint, wrong = tmp_path / "clip.pt", tmp_path / "encoder.pt"
+    torch.save(tiny_clip(seed=3).state_dict(), checkpoint)
+    torch.save(small_encoder(4, 32).state_dict(), wrong)
+    flags = ["--quiet", "eval", "clip", "--n-train", "40", "--n-eval", "20", "--out",
+             str(tmp_path)]
+    assert main([*flags, "--checkpoint", str(checkpoint)]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= result["clean_accuracy"] <= 1.0 and result["attack"] == "htba"
+    assert main([*flags, "--checkpoint", str(wrong)]) == 2
+    assert f"checkpoint {wrong} does not fit the 'tiny' CLIP" in capsys.readouterr().err

@@ -122,6 +122,10 @@ def test_global_attacks(world, gen):
     assert int(sig.max()) == 188 and int(sig.min()) == 68  # 128 ± 60
     with pytest.raises(ValueError, match="WaNet"):
         make_attack("wanet", 32).apply(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), gen)
+    for side in (0.0, 1.01):
+        with pytest.raises(ValueError, match="badnet: side_fraction must be in"):
+            make_attack("badnet", 32, side_fraction=side)
+    assert make_attack("htba", 32, side_fraction=1.0).side == 32
     with pytest.raises(ValueError, match="unknown attack"):
         make_attack("ssba", 32)
 

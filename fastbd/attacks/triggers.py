@@ -84,6 +84,11 @@ class PatchAttack(Attack):
     eval_region: tuple[float, float] = (0.0, 1.0)
     text_trigger: str = ""
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.side_fraction <= 1.0:
+            raise ValueError(f"{self.name}: side_fraction must be in (0, 1], got "
+                             f"{self.side_fraction}")
+
     @property
     def side(self) -> int:
         return max(self.min_side, round(self.side_fraction * self.image_size))

@@ -157,7 +157,11 @@ def load_state(model: nn.Module, checkpoint: str | Path) -> None:
         if key.startswith(("fc.", "head.")) or "momentum_encoder" in key or "predictor" in key:
             continue
         cleaned[key] = value
-    result = model.load_state_dict(cleaned, strict=False)
+    try:
+        result = model.load_state_dict(cleaned, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {error}"
+                         ) from error
     missing = [k for k in result.missing_keys if not k.startswith(("fc.", "head."))]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} backbone weights, e.g. "
