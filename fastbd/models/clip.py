@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.encoders import seeded_init
+from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import EpochCheckpoint, fingerprint
 
@@ -54,7 +54,7 @@ def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
         raise ValueError(f"vision_type must be 'resnet' or 'vit', got {config.vision_type!r}")
     layers = (tuple(config.resnet_layers) if config.vision_type == "resnet"
               else config.vision_layers)
-    with seeded_init(seed):
+    with seeded_rng(seed):
         return open_clip.CLIP(
             embed_dim=config.embed_dim,
             vision_cfg=dict(image_size=config.image_size, layers=layers,
@@ -251,8 +251,7 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     if n < 2:
         raise ValueError("contrastive training needs at least 2 pairs")
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed, device):
         return _train_clip(model, images, tokens, config, device, verbose,
                            Path(checkpoint) if checkpoint is not None else None)
 

@@ -87,17 +87,19 @@ class SmallConvNet(nn.Module):
 
 
 @contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Modules built inside take their initial weights from ``seed`` alone; the global RNG is
-    left as it was (torch seeds it differently in every process)."""
-    with torch.random.fork_rng(devices=[]):
+def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Inside, the global RNG (and a CUDA ``device``'s) starts from ``seed`` — modules built or
+    trained there follow from it alone; afterwards the caller's RNG is as it was (torch seeds it
+    differently in every process)."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
 
 def small_encoder(width: int = 16, image_size: int = 32, seed: int = 0) -> Encoder:
     """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone."""
-    with seeded_init(seed):
+    with seeded_rng(seed):
         net = SmallConvNet(width)
     return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}")
 
@@ -108,7 +110,7 @@ def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: in
     ``seed`` unless a checkpoint (a state dict, or MoCo v3 format) is given."""
     import timm
 
-    with seeded_init(seed):
+    with seeded_rng(seed):
         model = timm.create_model(arch, pretrained=False, num_classes=0)
     if checkpoint is not None:
         load_state(model, checkpoint)
@@ -123,7 +125,7 @@ def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_s
     weights from ``seed`` unless a checkpoint is given."""
     import torchvision
 
-    with seeded_init(seed):
+    with seeded_rng(seed):
         model = torchvision.models.get_model(arch, weights=None)
     if not hasattr(model, "fc"):
         raise ValueError(f"torchvision model {arch!r} has no .fc head; use timm_encoder")

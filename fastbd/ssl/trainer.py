@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.encoders import Encoder
+from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
 from fastbd.storage import EpochCheckpoint, fingerprint
@@ -101,8 +101,7 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     if n < 2:
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed, device):
         return _train(encoder, images, config, device, verbose, view_hook,
                       Path(checkpoint) if checkpoint is not None else None)
 
