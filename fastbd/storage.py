@@ -39,18 +39,25 @@ class EpochCheckpoint:
     """A training loop's whole state in one file at ``path`` (None: no checkpointing), written
     after each epoch so that an interrupted run can continue exactly where it stopped.
 
-    ``run`` identifies the training run (its config and ``fingerprint`` of its data); a file
-    written by another run is refused, naming what differs. ``generators`` are the loop's own
-    random streams; the global CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for
-    modules that draw from it (dropout)."""
+    The run is identified by ``config`` (a dict) and the ``fingerprint`` of its ``data``
+    tensors, taken only when there is a file to check; a file written by another run is
+    refused, naming what differs. ``generators`` are the loop's own random streams; the global
+    CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for modules that draw from it
+    (dropout)."""
 
-    path: Path | None
-    run: dict
+    path: str | Path | None
+    config: dict
+    data: tuple[torch.Tensor, ...]
     modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     generators: dict[str, torch.Generator]
     device: torch.device
+
+    def __post_init__(self) -> None:
+        self.path = None if self.path is None else Path(self.path)
+        self.run = ({"config": self.config, "data": fingerprint(*self.data)}
+                    if self.path is not None else {})
 
     def restore(self) -> tuple[list[float], int, float]:
         """Load the file if there is one: (losses so far, epochs done, seconds spent); else

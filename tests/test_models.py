@@ -214,7 +214,7 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
     assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
     assert torch.equal(torch.random.get_rng_state(), global_rng)  # the caller's RNG untouched
     for other_images, other_config, differ in [
-            (images.flip(0), config, "images"),
+            (images.flip(0), config, "data"),
             (images, SSLConfig(method=method, epochs=4, batch_size=16, warmup_epochs=1, seed=5),
              "config")]:
         with pytest.raises(ValueError, match=f"another training run \\(its {differ} differ"):

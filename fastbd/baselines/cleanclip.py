@@ -27,7 +27,7 @@ from fastbd.models.clip import (
 )
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
-from fastbd.storage import EpochCheckpoint, fingerprint
+from fastbd.storage import EpochCheckpoint
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
 from fastbd.ubt.result import DefenseResult
@@ -85,9 +85,8 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
     schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     mean, std = _clip_mean_std(device)
-    saved = EpochCheckpoint(None if checkpoint is None else Path(checkpoint),
-                            {"config": asdict(config), "pairs": fingerprint(images, tokens)},
-                            {"model": tuned}, optimizer, schedule, {"batches": g}, device)
+    saved = EpochCheckpoint(checkpoint, asdict(config), (images, tokens), {"model": tuned},
+                            optimizer, schedule, {"batches": g}, device)
     _, first_epoch, seconds_before = saved.restore()
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=first_epoch * steps_per_epoch,
                desc="CleanCLIP", disable=not verbose)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint, fingerprint
+from fastbd.storage import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +252,12 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
         raise ValueError("contrastive training needs at least 2 pairs")
     device = torch.device(device)
     with seeded_rng(config.seed, device):
-        return _train_clip(model, images, tokens, config, device, verbose,
-                           Path(checkpoint) if checkpoint is not None else None)
+        return _train_clip(model, images, tokens, config, device, verbose, checkpoint)
 
 
 def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                 config: CLIPTrainConfig, device: torch.device, verbose: bool,
-                checkpoint: Path | None) -> CLIPHistory:
+                checkpoint: str | Path | None) -> CLIPHistory:
     n = images.shape[0]
     model.to(device).train()
     optimizer = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -267,9 +266,8 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     total = steps_per_epoch * config.epochs
     schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = EpochCheckpoint(checkpoint, {"config": asdict(config),
-                                         "pairs": fingerprint(images, tokens)},
-                            {"model": model}, optimizer, schedule, {"order": order_gen}, device)
+    saved = EpochCheckpoint(checkpoint, asdict(config), (images, tokens), {"model": model},
+                            optimizer, schedule, {"order": order_gen}, device)
     losses, first_epoch, seconds_before = saved.restore()
     start = time.perf_counter()
     bar = tqdm(total=total, initial=len(losses), desc="CLIP", disable=not verbose, unit="step")

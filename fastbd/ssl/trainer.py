@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
-from fastbd.storage import EpochCheckpoint, fingerprint
+from fastbd.storage import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,12 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
     with seeded_rng(config.seed, device):
-        return _train(encoder, images, config, device, verbose, view_hook,
-                      Path(checkpoint) if checkpoint is not None else None)
+        return _train(encoder, images, config, device, verbose, view_hook, checkpoint)
 
 
 def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: torch.device,
-           verbose: bool, view_hook: ViewHook | None, checkpoint: Path | None) -> SSLHistory:
+           verbose: bool, view_hook: ViewHook | None, checkpoint: str | Path | None
+           ) -> SSLHistory:
     n = images.shape[0]
     encoder.to(device).train()
     dim = encoder.feature_dim
@@ -127,9 +127,8 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
-    run = {"config": asdict(config), "images": fingerprint(images)}
-    saved = EpochCheckpoint(checkpoint, run, modules,
-                            optimizer, schedule, {"augment": g, "order": order_gen}, device)
+    saved = EpochCheckpoint(checkpoint, asdict(config), (images,), modules, optimizer, schedule,
+                            {"augment": g, "order": order_gen}, device)
     losses, first_epoch, seconds_before = saved.restore()
     if first_epoch:
         log.info("resuming %s from %s after epoch %d of %d", config.method, checkpoint,
