@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -94,9 +96,44 @@ def test_bank_save_load_mmap_and_chunks(tmp_path, images):
     assert torch.equal(mapped.batch([4, 0]), images[[4, 0]])
     starts = [start for start, chunk in mapped.chunks(2)]
     assert starts == [0, 2, 4]
-    cached, report = ImageBank.from_files(["unused"] * 5, 16, cache=path, verbose=False)
-    assert torch.equal(cached.images, images) and report.kept == list(range(5))
     with pytest.raises(ValueError, match="uint8 N×3×S×S"):
         ImageBank(torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="captions"):
         PairSet(bank, ["only one"])
+
+
+def test_bank_cache_is_reused_only_for_the_files_it_was_built_from(tmp_path, images,
+                                                                    monkeypatch):
+    import fastbd.data.bank as bank_module
+
+    export_images(tmp_path, images, torch.zeros(5, dtype=torch.long))
+    paths = sorted((tmp_path / "train").glob("*.png"))
+    (tmp_path / "train" / "broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "bank.npy"
+    with_bad = [*paths[:2], tmp_path / "train" / "broken.png", *paths[2:]]
+    built, report = ImageBank.from_files(with_bad, 16, crop_ratio=1.0, skip_bad=True,
+                                         cache=cache, verbose=False)
+    assert torch.equal(built.images, images) and report.kept == [0, 1, 3, 4, 5]
+
+    reads = []
+    real_load = bank_module.load_image
+    monkeypatch.setattr(bank_module, "load_image",
+                        lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    cached, again = ImageBank.from_files(with_bad, 16, crop_ratio=1.0, skip_bad=True,
+                                         cache=cache, verbose=False)
+    assert reads == [] and torch.equal(cached.images, images)
+    assert again.kept == report.kept and again.skipped == report.skipped
+    with pytest.raises(ImageReadError, match="broken.png"):  # as an uncached read would
+        ImageBank.from_files(with_bad, 16, crop_ratio=1.0, cache=cache, verbose=False)
+    reads.clear()
+    ImageBank.from_files(paths, 16, crop_ratio=1.0, cache=cache, verbose=False)
+    assert len(reads) == 5  # another list: rebuilt
+    reads.clear()
+    ImageBank.from_files(paths, 8, crop_ratio=1.0, cache=cache, verbose=False)
+    assert len(reads) == 5  # another size
+    flipped = images[0].flip(-1).permute(1, 2, 0).numpy()
+    Image.fromarray(flipped).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # a changed image, whatever the clock's resolution
+    reads.clear()
+    rebuilt, _ = ImageBank.from_files(paths, 16, crop_ratio=1.0, cache=cache, verbose=False)
+    assert len(reads) == 5 and torch.equal(rebuilt.images[0], images[0].flip(-1))

@@ -8,6 +8,8 @@ host→device copies).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,16 +126,17 @@ class ImageBank:
         """Read image files through the eval transform. A bad file raises ``ImageReadError``
         naming it, unless ``skip_bad`` (then it is left out and listed in the report, and a
         warning says how many). With ``cache``, the bank is written to / memory-mapped from that
-        ``.npy`` (reused when it exists and matches the file count)."""
-        report = LoadReport()
-        if cache is not None and Path(cache).is_file():
-            bank = cls.load(cache)
-            if len(bank) == len(paths) and bank.size == size:
-                report.kept = list(range(len(paths)))
-                return bank, report
-            log.warning("cache %s does not match the input list; rebuilding", cache)
+        ``.npy``, beside a ``.json`` manifest of what it was built from (the files' paths, sizes
+        and modification times, ``size``, ``crop_ratio``, the report); it is reused only when
+        the manifest matches, so a changed file list or image rebuilds it."""
         if not paths:
             raise ValueError("no image paths given")
+        manifest = {"size": size, "crop_ratio": crop_ratio, "files": _files_key(paths)}
+        if cache is not None:
+            reused = _reuse_cache(Path(cache), manifest, skip_bad)
+            if reused is not None:
+                return reused
+        report = LoadReport()
         images = []
         for i, path in enumerate(tqdm(paths, desc="reading images", disable=not verbose)):
             try:
@@ -150,9 +153,51 @@ class ImageBank:
             raise ValueError("none of the images could be read")
         bank = cls(torch.stack(images))
         if cache is not None:
+            _manifest_path(cache).unlink(missing_ok=True)  # no manifest for a half-written bank
             bank.save(cache)
+            manifest.update(kept=report.kept, skipped=report.skipped)
+            _manifest_path(cache).write_text(json.dumps(manifest))
             bank = cls.load(cache)
         return bank, report
+
+
+def _manifest_path(cache: str | Path) -> Path:
+    return Path(cache).with_suffix(".json")
+
+
+def _files_key(paths: Sequence[str | Path]) -> str:
+    """A hash of each file's absolute path, byte size and modification time (missing files
+    count as such)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        path = Path(path).absolute()
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def _reuse_cache(cache: Path, manifest: dict, skip_bad: bool
+                 ) -> tuple[ImageBank, LoadReport] | None:
+    """The cached bank and its report when ``cache`` was built from what ``manifest`` says
+    (and, if it skipped files, ``skip_bad`` allows that); otherwise None, logged."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = json.loads(_manifest_path(cache).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    same = all(saved.get(key) == value for key, value in manifest.items())
+    if not same or (saved.get("skipped") and not skip_bad):
+        log.warning("image cache %s was built from other files or settings; rebuilding", cache)
+        return None
+    report = LoadReport(kept=saved["kept"], skipped=[tuple(s) for s in saved["skipped"]])
+    if report.skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s (cached)", len(report.skipped),
+                    report.skipped[0][0])
+    return ImageBank.load(cache), report
 
 
 @dataclass
