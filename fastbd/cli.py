@@ -188,10 +188,10 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": epochs, "seed": args.seed})
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
                               retrain=args.retrain, verbose=not args.quiet)
-    import torch
+    from fastbd.storage import save_atomically
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save(threat.encoder.state_dict(), Path(args.out) / "encoder.pt")
+    save_atomically(threat.encoder.state_dict(), Path(args.out) / "encoder.pt")
     print(json.dumps(threat.probe.to_dict(), indent=2))
     print(_write_json(args.out, "train_ssl.json", threat.to_dict()))
     return 0
@@ -207,10 +207,10 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                                   {} if args.epochs is None else {"epochs": args.epochs})))
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
-    import torch
+    from fastbd.storage import save_atomically
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save(threat.model.state_dict(), Path(args.out) / "clip.pt")
+    save_atomically(threat.model.state_dict(), Path(args.out) / "clip.pt")
     print(json.dumps(threat.evaluation.to_dict(), indent=2))
     print(_write_json(args.out, "train_clip.json", threat.to_dict()))
     return 0
@@ -247,13 +247,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_dataclass(path: str | None, cls, nested: dict | None = None):
-    """An instance of the dataclass ``cls`` from a JSON or YAML file (keys as its fields;
-    ``nested`` maps a field name to the dataclass its value is built into)."""
+def _refuse_unknown_keys(raw: object, cls, where: str) -> None:
     from dataclasses import fields
 
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+    unknown = set(raw) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown config keys {sorted(unknown)}")
+
+
+def _load_dataclass(path: str | None, cls, nested: dict | None = None, base=None):
+    """An instance of the dataclass ``cls`` — ``base`` (default ``cls()``) with the fields a JSON
+    or YAML file sets (``nested`` maps a field name to the dataclass its value updates)."""
+    from dataclasses import replace
+
+    base = cls() if base is None else base
     if path is None:
-        return cls()
+        return base
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -261,40 +272,24 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None):
         raw = yaml.safe_load(text) or {}
     else:
         raw = json.loads(text)
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+    _refuse_unknown_keys(raw, cls, path)
     for name, inner in (nested or {}).items():
         if name in raw:
-            raw[name] = inner(**raw[name])
-    return cls(**raw)
+            _refuse_unknown_keys(raw[name], inner, f"{path}: {name}")
+            raw[name] = replace(getattr(base, name), **raw[name])
+    return replace(base, **raw)
 
 
-def _load_config(path: str | None):
-    """A ``poisoncam.Config`` from a JSON or YAML file."""
-    from fastbd.poisoncam import ClassifierConfig, Config
+def _load_config(args: argparse.Namespace):
+    """The detectors' ``poisoncam.Config``: ``--preset`` (default ``paper`` on a CUDA device,
+    ``fast`` otherwise) with the fields of the ``--config`` file on top."""
+    from fastbd.poisoncam import ClassifierConfig, Config, preset
 
-    return _load_dataclass(path, Config, {"classifier": ClassifierConfig})
-
-
-def _encoder_from_args(args: argparse.Namespace):
-    from fastbd.models import timm_encoder, torchvision_encoder
-
-    arch = args.arch
-    if arch.startswith("torchvision:"):
-        return torchvision_encoder(arch.split(":", 1)[1], args.checkpoint, args.image_size)
-    from difflib import get_close_matches
-
-    import timm
-
-    name = arch.removeprefix("timm:")
-    if not timm.is_model(name):
-        near = get_close_matches(name, timm.list_models(), n=6, cutoff=0.75)
-        raise ValueError(f"timm has no architecture {name!r}"
-                         + (f"; similar names: {', '.join(near)}" if near else "")
-                         + " (torchvision models: --arch torchvision:<name>)")
-    return timm_encoder(name, args.checkpoint, args.image_size)
+    name = args.preset or ("paper" if str(args.device).startswith("cuda") else "fast")
+    if args.preset is None:
+        log.info("preset %r for device %s (--preset paper|fast to choose)", name, args.device)
+    return _load_dataclass(args.config, Config, {"classifier": ClassifierConfig},
+                           base=preset(name))
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -303,6 +298,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     from fastbd.data.bank import ImageBank
     from fastbd.data.readers import read_file_list, read_image_folder
+    from fastbd.models import default_image_size, encoder_by_name
     from fastbd.poisoncam import Detector
 
     if bool(args.file_list) == bool(args.image_folder):
@@ -313,14 +309,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
     else:
         paths, labels, _ = read_image_folder(args.image_folder)
         lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
+    size = args.image_size or default_image_size(args.arch)
+    encoder = encoder_by_name(args.arch, args.checkpoint, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bank, report = ImageBank.from_files(paths, args.image_size, skip_bad=args.skip_bad,
+    bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
                                         cache=out / "bank.npy", verbose=not args.quiet)
     lines = [lines[i] for i in report.kept]
     truth = torch.tensor(["HTBA_trigger" in str(paths[i]) for i in report.kept])
-    encoder = _encoder_from_args(args)
-    detector = Detector(_load_config(args.config), args.command)
+    detector = Detector(_load_config(args), args.command)
     detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
                  ground_truth=truth if bool(truth.any()) else None, verbose=not args.quiet)
     result = detector.result_
@@ -534,11 +531,18 @@ def build_parser() -> argparse.ArgumentParser:
         det.add_argument("--file-list", help="'<path> <label>' per line")
         det.add_argument("--image-folder", help="ImageFolder root")
         det.add_argument("--arch", required=True,
-                         help="timm architecture (e.g. resnet18, vit_base_patch16_224) or "
-                              "torchvision:<name>")
+                         help="timm architecture (e.g. resnet18, vit_base_patch16_224), "
+                              "torchvision:<name>, or smallconv<width> (fastbd train-ssl's "
+                              "encoder, e.g. smallconv16)")
         det.add_argument("--checkpoint", help="state dict or MoCo v3 checkpoint")
-        det.add_argument("--image-size", type=int, default=224)
-        det.add_argument("--config", help="JSON/YAML file with Config fields")
+        det.add_argument("--image-size", type=int,
+                         help="encoder input side (default 32 for smallconv, else 224)")
+        det.add_argument("--preset", choices=("paper", "fast"),
+                         help="starting config: the papers' settings (5-ResNet classifier; "
+                              "default on CUDA) or the CPU-sized demo recipe (default "
+                              "otherwise)")
+        det.add_argument("--config", help="JSON/YAML file with Config fields (on top of "
+                                          "--preset)")
         det.add_argument("--out", default=f"fastbd-out/{name}")
         det.add_argument("--resume", action="store_true",
                          help="continue the search saved in --out")

@@ -65,8 +65,49 @@ def test_detector_cli_config_and_resume(tmp_path, capsys):
     assert main(["--quiet", "poisoncam", *common, "--out", str(tmp_path / "poisoncam"),
                  "--resume"]) == 0
     assert np.array_equal(np.load(tmp_path / "poisoncam" / "scores.npy"), scores)
+    result = json.loads((tmp_path / "poisoncam" / "result.json").read_text())["config"]
+    assert result["classifier"]["paste_size"] == [6, 11]  # the fast preset's 40–80 px of 224
+    assert result["classifier"]["width"] == 4  # the file's, on top of the preset
+    # the file sets every search field the presets differ in: only the classifier changes
+    assert main(["--quiet", "poisoncam", *common, "--out", str(tmp_path / "poisoncam"),
+                 "--resume", "--preset", "paper"]) == 0
+    result = json.loads((tmp_path / "poisoncam" / "result.json").read_text())["config"]
+    assert result["classifier"]["paste_size"] == [3, 11]  # the papers' 20–80 px of 224
+    assert np.array_equal(np.load(tmp_path / "poisoncam" / "scores.npy"), scores)
+    without_file = [a for a in common if a not in ("--config", str(config))]
+    assert main(["--quiet", "poisoncam", *without_file, "--out", str(tmp_path / "poisoncam"),
+                 "--resume"]) == 2
+    assert "config.n_clusters, config.n_masks" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    bad.write_text('{"n_maskz": 3}')
-    assert main(["--quiet", "poisoncam", "--file-list", str(src / "train.txt"), "--arch",
-                 "resnet18", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
-    assert "unknown config keys ['n_maskz']" in capsys.readouterr().err
+    for text, message in [('{"n_maskz": 3}', "unknown config keys ['n_maskz']"),
+                          ('{"classifier": {"widht": 3}}',
+                           "bad.json: classifier: unknown config keys ['widht']"),
+                          ('{"classifier": 3}', "expected a mapping of ClassifierConfig")]:
+        bad.write_text(text)
+        assert main(["--quiet", "poisoncam", "--file-list", str(src / "train.txt"), "--arch",
+                     "resnet18", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_ssl_encoder_goes_to_the_detectors(tmp_path, capsys):
+    world = ["--n-train", "60", "--n-eval", "10", "--seed", "3"]
+    assert main(["--quiet", "attack", "--attack", "htba", *world, "--out",
+                 str(tmp_path / "world")]) == 0
+    assert main(["--quiet", "train-ssl", *world, "--epochs", "1", "--width", "4", "--cache",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "ssl")]) == 0
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"n_clusters": 3, "n_masks": 4, "test_set_size": 10,
+                                  "topk_poisons": 5, "classifier": {"iterations": 10}}))
+    detect = ["--quiet", "poisoncam", "--file-list", str(tmp_path / "world" / "train.txt"),
+              "--checkpoint", str(tmp_path / "ssl" / "encoder.pt"), "--config", str(config),
+              "--out", str(tmp_path / "det")]
+    capsys.readouterr()
+    assert main([*detect, "--arch", "smallconv4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 60 and "metrics" in summary
+    assert json.loads((tmp_path / "det" / "result.json").read_text())["n_images"] == 60
+    assert main([*detect, "--arch", "smallconv16"]) == 2  # trained at width 4
+    assert "does not fit" in capsys.readouterr().err
+    assert main([*detect, "--arch", "smallconvx"]) == 2
+    assert "named smallconv<width>" in capsys.readouterr().err

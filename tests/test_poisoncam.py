@@ -15,7 +15,7 @@ from torch import nn
 
 from fastbd.models.encoders import Encoder
 from fastbd.ops import window_masks
-from fastbd.poisoncam import ClassifierConfig, Config, PoisonCAM, detect
+from fastbd.poisoncam import ClassifierConfig, Config, Detector, PoisonCAM, detect, preset
 from fastbd.poisoncam import classifier as classifier_module
 from fastbd.poisoncam.classifier import (
     clean_pool,
@@ -253,6 +253,46 @@ def test_bad_inputs(gen):
         detect(trigger_encoder(nan=True), images, small_config(), verbose=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         PoisonCAM(small_config()).fit(encoder, images, resume=True, verbose=False)
+
+
+def test_detector_resume_equals_uninterrupted_and_refuses_another_search(gen, tmp_path):
+    images, _, _ = world(gen, n=80, poisoned=8)
+    config = small_config(n_clusters=8, test_set_size=20, n_masks=16,
+                          classifier=ClassifierConfig(n_models=1, iterations=20, batch_size=16,
+                                                      width=4, paste_size=(56, 84),
+                                                      paste_margin=0))
+    full = PoisonCAM(config).fit(trigger_encoder(), images, verbose=False).result_
+    PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path, max_rounds=1,
+                          verbose=False)
+    resumed = PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
+                                    resume=True, verbose=False).result_
+    assert torch.equal(full.scores, resumed.scores) and len(full.rounds) > 1
+    assert torch.equal(full.removed, resumed.removed)
+    with pytest.raises(ValueError, match=r"config\.n_masks"):
+        PoisonCAM(replace(config, n_masks=8)).fit(trigger_encoder(), images,
+                                                  checkpoint_dir=tmp_path, resume=True,
+                                                  verbose=False)
+    with pytest.raises(ValueError, match="method"):
+        Detector(config, "patchsearch").fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
+                                            resume=True, verbose=False)
+    shuffled = images[torch.randperm(len(images), generator=gen)]
+    with pytest.raises(ValueError, match="clustering"):
+        PoisonCAM(config).fit(trigger_encoder(), shuffled, checkpoint_dir=tmp_path,
+                              resume=True, verbose=False)
+    other_classifier = replace(config, batch_size=64,
+                               classifier=replace(config.classifier, iterations=10))
+    PoisonCAM(other_classifier).fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
+                                    resume=True, verbose=False)
+
+
+def test_presets():
+    assert preset("paper") == Config()
+    fast = preset("fast")
+    assert fast.classifier.n_models == 1 and fast.n_masks < Config().n_masks
+    fast.classifier.n_models = 7
+    assert preset("fast").classifier.n_models == 1  # a copy, not the registry's instance
+    with pytest.raises(ValueError, match="known: paper, fast"):
+        preset("quick")
 
 
 def feature_world(gen):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
-from fastbd.poisoncam import ClassifierConfig, Config, DetectionResult, Detector
+from fastbd.poisoncam import Config, DetectionResult, Detector, preset
 from fastbd.ssl.trainer import train_ssl
 from fastbd.world import SSLThreatConfig, build_ssl_threat
 
@@ -27,10 +27,7 @@ def demo_config(seed: int = 0) -> Config:
     width-16 ResNet (at most 300 steps of 64) on a cleaned pool, with triggers pasted at 40–80
     px of 224 (6–11 px: the paper's 20-px minimum is 3 px here, a few pixels of colour that clean
     textures match) and Otsu's threshold (README, "The poison classifier")."""
-    return Config(n_clusters=50, n_masks=64, test_set_size=150, candidates_per_batch=16,
-                  batch_size=1024, seed=seed,
-                  classifier=ClassifierConfig(n_models=1, iterations=300, width=16,
-                                              batch_size=64, paste_size=(40, 80)))
+    return replace(preset("fast"), n_clusters=50, batch_size=1024, seed=seed)
 
 
 @dataclass

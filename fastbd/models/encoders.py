@@ -136,6 +136,50 @@ def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_s
     return Encoder(model, dim, image_size, name=arch)
 
 
+SMALL_ENCODER_PREFIX = "smallconv"
+"""``encoder_by_name`` names for ``SmallConvNet``: ``smallconv`` (width 16) or ``smallconv<W>``
+— what ``fastbd train-ssl`` trains (and its ``Encoder.name``)."""
+
+
+def default_image_size(arch: str) -> int:
+    """The input side ``encoder_by_name`` uses when none is given: the synthetic world's 32 px
+    for ``SmallConvNet``, 224 px for timm and torchvision backbones."""
+    return 32 if arch.startswith(SMALL_ENCODER_PREFIX) else 224
+
+
+def encoder_by_name(arch: str, checkpoint: str | Path | None = None,
+                    image_size: int | None = None, seed: int = 0) -> Encoder:
+    """An ``Encoder`` named the way the CLI's ``--arch`` names it: ``smallconv[<width>]``
+    (``fastbd train-ssl``'s encoder), ``torchvision:<name>``, or a timm architecture
+    (``timm:<name>`` or the bare name). Weights from ``checkpoint`` (any format ``load_state``
+    reads), else random from ``seed``; ``image_size`` defaults to ``default_image_size(arch)``.
+    An unknown name raises ``ValueError`` listing close timm names."""
+    size = image_size or default_image_size(arch)
+    if arch.startswith(SMALL_ENCODER_PREFIX):
+        width = arch[len(SMALL_ENCODER_PREFIX):] or "16"
+        if not width.isdigit() or int(width) < 1:
+            raise ValueError(f"{arch!r}: a SmallConvNet is named smallconv<width>, e.g. "
+                             f"smallconv16")
+        encoder = small_encoder(int(width), size, seed)
+        if checkpoint is not None:
+            load_state(encoder, checkpoint)
+        return encoder
+    if arch.startswith("torchvision:"):
+        return torchvision_encoder(arch.split(":", 1)[1], checkpoint, size, seed)
+    import timm
+
+    name = arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        from difflib import get_close_matches
+
+        near = get_close_matches(name, timm.list_models(), n=6, cutoff=0.75)
+        raise ValueError(f"timm has no architecture {name!r}"
+                         + (f"; similar names: {', '.join(near)}" if near else "")
+                         + f" (torchvision models: torchvision:<name>; fastbd's own: "
+                         f"{SMALL_ENCODER_PREFIX}<width>)")
+    return timm_encoder(name, checkpoint, size, seed)
+
+
 def load_state(model: nn.Module, checkpoint: str | Path) -> None:
     """Load a checkpoint into a backbone: plain state dicts, ``{'state_dict': …}`` or
     ``{'model': …}`` wrappers, MoCo v3 ``module.base_encoder.*`` keys; heads (``fc``/``head``)

@@ -32,6 +32,7 @@ from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.result import DetectionResult
 from fastbd.poisoncam.search import SearchState, run_search
+from fastbd.storage import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,29 @@ def _as_images(images: torch.Tensor | ImageBank) -> torch.Tensor:
     if tensor.shape[0] == 0:
         raise ValueError("the dataset is empty")
     return tensor
+
+
+def search_settings(config: Config) -> dict[str, object]:
+    """The fields of a (scaled) config that shape the search — all but the classifier's and
+    the encoding batch size, which a resumed run may change."""
+    settings = config.to_dict()
+    del settings["classifier"], settings["batch_size"]
+    return settings
+
+
+def _check_same_search(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume a search state saved by another search (method, settings, or the
+    encoder / data behind the clustering)."""
+    if not saved:
+        log.warning("%s does not record which search saved it; resuming unchecked", path)
+        return
+    differ = [key for key in current if key != "config" and saved.get(key) != current[key]]
+    differ += [f"config.{key}" for key, value in current["config"].items()
+               if saved.get("config", {}).get(key) != value]
+    if differ:
+        raise ValueError(f"{path} was saved by another search ({', '.join(differ)} differ: "
+                         "another encoder, dataset, method or config); run without --resume "
+                         "or with the original settings")
 
 
 class Detector:
@@ -123,6 +147,8 @@ class Detector:
                                       device)
         state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
         state = None
+        run = {"method": self.method, "config": search_settings(config),
+               "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
         if resume:
             if state_path is None or not state_path.is_file():
                 raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
@@ -130,9 +156,10 @@ class Detector:
             if state.scores.numel() != n:
                 raise ValueError(f"the saved search covers {state.scores.numel()} images, "
                                  f"this dataset has {n}")
+            _check_same_search(state.run, run, state_path)
             log.info("resuming the search at round %d", state.round)
         if state is None:
-            state = SearchState.start(labels, config.n_clusters, config.seed)
+            state = SearchState.start(labels, config.n_clusters, config.seed, run)
         top_maps = state.top_maps
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator

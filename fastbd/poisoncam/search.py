@@ -31,8 +31,10 @@ ScoreFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Te
 class SearchState:
     """Everything a resumed search needs. ``scores`` float64 ``N``, ``scored`` bool ``N``,
     ``windows`` int64 ``N×2`` (−1 for unscored), ``members`` per cluster (shuffled),
-    ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log, and
-    ``top_maps``: the attention maps of the best-scored images so far (row → (score, map))."""
+    ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log,
+    ``top_maps``: the attention maps of the best-scored images so far (row → (score, map)), and
+    ``run``: what identifies the search (``Detector`` stores the method, the search's config and
+    a fingerprint of the clustering, and refuses to resume another search's state)."""
 
     scores: torch.Tensor
     scored: torch.Tensor
@@ -43,9 +45,11 @@ class SearchState:
     round: int = 0
     rounds: list[dict] = field(default_factory=list)
     top_maps: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
 
     @classmethod
-    def start(cls, labels: torch.Tensor, n_clusters: int, seed: int) -> SearchState:
+    def start(cls, labels: torch.Tensor, n_clusters: int, seed: int,
+              run: dict | None = None) -> SearchState:
         labels = labels.cpu()
         g = torch.Generator().manual_seed(seed)
         members = []
@@ -57,7 +61,8 @@ class SearchState:
                    scored=torch.zeros(n, dtype=torch.bool),
                    windows=torch.full((n, 2), -1, dtype=torch.long), members=members,
                    remaining=[c for c in range(n_clusters) if members[c].numel()],
-                   cluster_scores=torch.zeros(n_clusters, dtype=torch.float64))
+                   cluster_scores=torch.zeros(n_clusters, dtype=torch.float64),
+                   run=run or {})
 
     def save(self, path: str | Path) -> None:
         save_atomically(self.__dict__, path)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbd.storage import save_atomically
+
 
 @dataclass
 class DefenseResult:
@@ -43,7 +45,7 @@ class DefenseResult:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if weights:
-            torch.save(self.model.state_dict(), directory / "model.pt")
+            save_atomically(self.model.state_dict(), directory / "model.pt")
         (directory / "result.json").write_text(json.dumps(self.summary(truth), indent=2))
         if self.reference_similarity is not None:
             save_score_histogram(self.reference_similarity, directory / "similarity.png",
