@@ -38,11 +38,19 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def normalise(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 ``N×3×S×S`` → normalised ``dtype`` encoder input."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights: the input dtype the encoder takes."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
+    def normalise(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 ``N×3×S×S`` → normalised encoder input in ``dtype`` (default: the weights')."""
         mean = torch.tensor(self.mean, device=images.device)[:, None, None]
         std = torch.tensor(self.std, device=images.device)[:, None, None]
-        return ((images.float() / 255 - mean) / std).to(dtype)
+        return ((images.float() / 255 - mean) / std).to(dtype or self.dtype)
 
 
 @torch.no_grad()

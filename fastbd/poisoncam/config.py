@@ -5,6 +5,10 @@ from __future__ import annotations
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass
 class ClassifierConfig:
@@ -72,7 +76,10 @@ class Config:
       pass;
     * search: ``samples_per_cluster`` new images per remaining cluster per round, the lowest
       ``prune_fraction`` of clusters dropped per round (at least one), ``topk_poisons``;
-    * classifier: the top ``drop_top_fraction`` by score are left out of its training pool.
+    * classifier: the top ``drop_top_fraction`` by score are left out of its training pool;
+    * ``precision`` of the clustering features, masked views and flip tests: ``fp32``, ``bf16``
+      (a bfloat16 copy of the encoder, and ``mask_fill`` / ``paste`` write bfloat16 input), or
+      ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used.
     """
 
     n_clusters: int = 1000
@@ -92,7 +99,19 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     reference_size: int = 224
     batch_size: int = 512
+    precision: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        """The encoder dtype ``precision`` means on ``device``."""
+        if self.precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return PRECISIONS[self.precision]
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -10,9 +10,11 @@ search; the poison classifier trained on the top-k triggers; classification of e
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,13 +121,16 @@ class Detector:
             encoder.parameters()).device
         n, size = bank.shape[0], bank.shape[-1]
         config = self.config.scaled(n, size)
+        dtype = config.dtype(device)
+        config = replace(config, precision={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
         encoder = encoder.to(device).eval()
+        infer = encoder if encoder.dtype == dtype else copy.deepcopy(encoder).to(dtype)
         bank = bank.to(device)
         timer = _Timer()
         mean, std = encoder.mean, encoder.std
 
         start = time.perf_counter()
-        features = embed_images(encoder, bank, batch_size=config.batch_size, device=device)
+        features = embed_images(infer, bank, batch_size=config.batch_size, device=device)
         _sync(device)
         timer.add("features", time.perf_counter() - start, n)
         start = time.perf_counter()
@@ -138,13 +143,13 @@ class Detector:
 
         def encode_assign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                out = encoder(x).float()
+                out = infer(x).float()
             if not bool(torch.isfinite(out).all()):
                 raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
             return clustering.assign(out)
 
         find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, timer,
-                                      device)
+                                      device, dtype)
         state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
         state = None
         run = {"method": self.method, "config": search_settings(config),
@@ -174,7 +179,7 @@ class Detector:
             source = labels[rows.to(labels.device)] if self.method == "patchsearch" else None
             scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers, mean,
                                  std, candidates_per_batch=config.candidates_per_batch,
-                                 generator=gen, source_clusters=source)
+                                 generator=gen, source_clusters=source, dtype=dtype)
             _sync(device)
             timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
             for row, score, amap in zip(rows.tolist(), scores.tolist(), maps.cpu(), strict=True):
@@ -215,7 +220,7 @@ class Detector:
         classifier = config.classifier
         classifier_info: dict[str, object] = {"pool_size": int(pool.numel())}
         if classifier.pool_cleaning_rounds:
-            cleaned = clean_pool(encoder, bank, features, pool, triggers, classifier,
+            cleaned = clean_pool(infer, bank, features, pool, triggers, classifier,
                                  torch.Generator().manual_seed(config.seed))
             classifier_info["pool_dropped"] = int(pool.numel() - cleaned.numel())
             pool = cleaned
@@ -243,7 +248,7 @@ class Detector:
         return self
 
     def _candidate_finder(self, encoder, bank, clustering, encode_assign, config, timer,
-                          device) -> CandidateFn:
+                          device, dtype) -> CandidateFn:
         if self.method == "patchsearch":
             from fastbd.patchsearch.gradcam import gradcam_windows
 
@@ -257,7 +262,7 @@ class Detector:
                                     encoder.std, n_masks=config.n_masks, window=config.window,
                                     strategy=config.mask_strategy, block=config.mask_block,
                                     fill=config.fill, batch_size=config.batch_size,
-                                    generator=gen)
+                                    generator=gen, dtype=dtype)
             return out.windows, out.maps
         return find
 
