@@ -18,8 +18,12 @@ def test_scale_harness_tiny(tmp_path, capsys):
     projection = result["poisoncam"]
     assert 0 < projection["scored"] <= projection["full_search_scored"] <= 300
     assert projection["projected_search_s"] >= projection["predicted_search_s"]
+    ubt = result["ubt"]
+    assert ubt["pairs"] == 400 and set(ubt["timings_s"]) == {
+        "suspicious_split", "overfit", "rank", "attribution", "unlearn"}
     path = tmp_path / "scale.json"
     path.write_text(json.dumps(result))
     assert main(["--page", str(path)]) == 0
     page = capsys.readouterr().out
     assert "| smallconv16 |" in page and "| resnet18 |" in page and "PatchSearch-structured" in page
+    assert "UBT, tiny at 32 px, 400 random pairs" in page

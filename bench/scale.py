@@ -21,12 +21,13 @@ Measured, each beside its reference in the same run:
   search's own pruning run on the reduced run's clusters with random scores) times the
   per-image cost implied by the masking and flip throughputs, plus the measured features,
   clustering and classifier times. The projection's own check is the reduced run: the same
-  formula applied to the images it scored, against its measured candidate + flip time.
+  formula applied to the images it scored, against its measured candidate + flip time;
+* ``ubt``: ``fastbd.ubt.defend`` on random pairs (500,000 for ViT-B-32 at the GPU size), each
+  stage timed.
 
-UBT at CC3M-subset scale and the streaming of banks larger than device memory are not here yet
-(README, "Performance"). Correctness is the test suite's: every fast path used here is
-compared with its torch reference there (``bench/bench_scale.py`` runs this script at the tiny
-size in CI).
+The streaming of image banks larger than device memory is not here yet (README, "Performance").
+Correctness is the test suite's: every fast path used here is compared with its torch reference
+there (``bench/bench_scale.py`` runs this script at the tiny size in CI).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +58,10 @@ class ScaleSize:
     """One set of sizes. ``encoders``: ``encoder_by_name`` names; ``batch``: images per
     encoder call; ``masking_images`` × ``n_masks`` and ``flip_candidates`` × ``test_images``
     views per stage measurement; ``kmeans``: (N, D, K); ``detector_images`` random images for
-    the reduced PoisonCAM run, ``n_clusters`` clusters, ``rounds`` search rounds."""
+    the reduced PoisonCAM run, ``n_clusters`` clusters, ``rounds`` search rounds; UBT on
+    ``ubt_pairs`` random pairs for an open_clip ``ubt_arch`` (``tiny``: fastbd's tiny CLIP),
+    its overfit and unlearning stages cut to ``ubt_epochs`` epochs when set (UBT's schedule
+    otherwise)."""
 
     device: str
     dtype: str
@@ -76,6 +80,10 @@ class ScaleSize:
     n_clusters: int
     rounds: int
     repeats: int
+    ubt_arch: str
+    ubt_image_size: int
+    ubt_pairs: int
+    ubt_epochs: int | None = None
 
 
 SIZES = {
@@ -83,18 +91,20 @@ SIZES = {
                       encoders=("smallconv16", "resnet18"), batch=64, n_masks=16,
                       masking_images=4, window=9, test_images=32, flip_candidates=2,
                       reference_candidates=2, kmeans=(2000, 64, 20), peak_n=1024,
-                      detector_images=300, n_clusters=15, rounds=1, repeats=2),
+                      detector_images=300, n_clusters=15, rounds=1, repeats=2,
+                      ubt_arch="tiny", ubt_image_size=32, ubt_pairs=400, ubt_epochs=1),
     "cpu": ScaleSize(device="cpu", dtype="fp32", image_size=224,
                      encoders=("resnet18", "vit_base_patch16_224"), batch=16, n_masks=16,
                      masking_images=2, window=60, test_images=16, flip_candidates=2,
                      reference_candidates=1, kmeans=(20_000, 768, 100), peak_n=1024,
-                     detector_images=120, n_clusters=12, rounds=1, repeats=1),
+                     detector_images=120, n_clusters=12, rounds=1, repeats=1,
+                     ubt_arch="tiny", ubt_image_size=32, ubt_pairs=20_000),
     "gpu": ScaleSize(device="cuda", dtype="bf16", image_size=224,
                      encoders=("resnet18", "resnet50", "vit_base_patch16_224"), batch=1024,
                      n_masks=256, masking_images=8, window=60, test_images=1000,
                      flip_candidates=2, reference_candidates=4, kmeans=(127_000, 768, 1000),
                      peak_n=8192, detector_images=20_000, n_clusters=1000, rounds=1,
-                     repeats=5),
+                     repeats=5, ubt_arch="ViT-B-32", ubt_image_size=224, ubt_pairs=500_000),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -340,6 +350,49 @@ def poisoncam_projection(arch: str, s: ScaleSize, device: torch.device, dtype: t
             "timings_s": result.timings}
 
 
+def ubt_stages(s: ScaleSize, device: torch.device) -> dict[str, object]:
+    """``fastbd.ubt.defend`` end to end on random pairs with random-weight models, every stage
+    timed (the check is skipped so that attribution and unlearning always run). Images are
+    generated in chunks into one host tensor (500,000 at 224 px: 75 GB) and the split streams
+    them to the device."""
+    from fastbd.models.clip import TinyCLIPConfig, context_length_of, tiny_clip
+    from fastbd.ubt import Config as UBTConfig
+    from fastbd.ubt import defend
+
+    def model():
+        if s.ubt_arch == "tiny":
+            return tiny_clip(TinyCLIPConfig())
+        import open_clip
+
+        return open_clip.create_model(s.ubt_arch, pretrained=None)
+
+    poisoned, reference = model().to(device).eval(), model().to(device).eval()
+    g = torch.Generator().manual_seed(6)
+    n, size = s.ubt_pairs, s.ubt_image_size
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    for start in range(0, n, 8192):
+        stop = min(n, start + 8192)
+        images[start:stop] = torch.randint(0, 256, (stop - start, 3, size, size),
+                                           dtype=torch.uint8, generator=g)
+    tokens = torch.zeros(n, context_length_of(poisoned), dtype=torch.long)
+    tokens[:, 0] = 49406  # start of text, 8 random words, end of text
+    tokens[:, 1:9] = torch.randint(300, 40000, (n, 8), generator=g)
+    tokens[:, 9] = 49407
+    config = UBTConfig(skip_check=True)
+    if s.ubt_epochs is not None:
+        config = replace(config, overfit_epochs=s.ubt_epochs, unlearn_epochs=s.ubt_epochs,
+                         overfit_min_steps=0, unlearn_min_steps=0)
+    start = time.perf_counter()
+    result = defend(poisoned, images, tokens, reference=reference, config=config, device=device,
+                    verbose=False)
+    _sync(device)
+    total = time.perf_counter() - start
+    return {"arch": s.ubt_arch, "pairs": n, "image_size": size, "total_s": total,
+            "overfit_epochs": config.overfit_epochs, "unlearn_epochs": config.unlearn_epochs,
+            "timings_s": result.timings,
+            "split_pairs_per_s": n / result.timings["suspicious_split"]}
+
+
 def run(size: str) -> dict[str, object]:
     s = SIZES[size]
     device = torch.device(s.device)
@@ -355,6 +408,7 @@ def run(size: str) -> dict[str, object]:
     out["kmeans"] = kmeans_bench(s, device)
     out["flip_reference"] = flip_reference(last, s, device, dtype)
     out["poisoncam"] = poisoncam_projection(last, s, device, dtype, out["encoders"][last])
+    out["ubt"] = ubt_stages(s, device)
     return out
 
 
@@ -378,7 +432,7 @@ def page(results: list[dict]) -> str:
                          f"{e['gflop_per_image']:.2f} | {e['encoder_tflop_per_s']:.2f} | "
                          f"{100 * e['fraction_of_peak']:.1f} % | "
                          f"{e['masking_over_encoder']:.2f} | {e['flip_over_encoder']:.2f} |")
-        k, f, p = r["kmeans"], r["flip_reference"], r["poisoncam"]
+        k, f, p, u = r["kmeans"], r["flip_reference"], r["poisoncam"], r["ubt"]
         lines += ["", f"* k-means {k['n']:,} × {k['d']} → {k['k']:,} ({k['backend']}): "
                   f"k-means++ + {k['n_iter']} Lloyd iterations {k['fit_s']:.3f} s "
                   f"({k['lloyd_tflop_per_s']:.2f} TFLOP/s counting the iterations' matmuls).",
@@ -392,7 +446,11 @@ def page(results: list[dict]) -> str:
                   f"throughputs ({100 * p['prediction_error']:+.0f} %); a full search scores "
                   f"{p['full_search_scored']:,} images: projected "
                   f"{p['projected_search_s'] / 60:.1f} min search, "
-                  f"{p['projected_total_s'] / 60:.1f} min in all.", ""]
+                  f"{p['projected_total_s'] / 60:.1f} min in all.",
+                  f"* UBT, {u['arch']} at {u['image_size']} px, {u['pairs']:,} random pairs: "
+                  f"{u['total_s']:.1f} s end to end (" + ", ".join(
+                      f"{stage} {sec:.1f} s" for stage, sec in u["timings_s"].items())
+                  + f"; the split at {u['split_pairs_per_s']:,.0f} pairs/s).", ""]
     return "\n".join(lines)
 
 
