@@ -269,7 +269,10 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None, base=None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     else:
         raw = json.loads(text)
     _refuse_unknown_keys(raw, cls, path)

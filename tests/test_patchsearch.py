@@ -82,11 +82,18 @@ def test_detector_cli_config_and_resume(tmp_path, capsys):
     for text, message in [('{"n_maskz": 3}', "unknown config keys ['n_maskz']"),
                           ('{"classifier": {"widht": 3}}',
                            "bad.json: classifier: unknown config keys ['widht']"),
-                          ('{"classifier": 3}', "expected a mapping of ClassifierConfig")]:
+                          ('{"classifier": 3}', "expected a mapping of ClassifierConfig"),
+                          ('{"n_masks": 3', "Expecting ',' delimiter")]:
         bad.write_text(text)
         assert main(["--quiet", "poisoncam", "--file-list", str(src / "train.txt"), "--arch",
                      "resnet18", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("n_masks: [3\n")
+    assert main(["--quiet", "poisoncam", "--file-list", str(src / "train.txt"), "--arch",
+                 "resnet18", "--config", str(bad_yaml), "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "bad.yaml: not valid YAML" in error and error.count("\n") == 1
 
 
 @pytest.mark.slow
