@@ -48,6 +48,7 @@ from fastbd.models import encoder_by_name
 from fastbd.ops import KMeans
 from fastbd.poisoncam import ClassifierConfig, Config, Detector
 from fastbd.poisoncam.clustering import ClusteringModel
+from fastbd.poisoncam.config import PRECISIONS
 from fastbd.poisoncam.flip import flip_counts
 from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.search import SearchState, run_search
@@ -106,7 +107,6 @@ SIZES = {
                      peak_n=8192, detector_images=20_000, n_clusters=1000, rounds=1,
                      repeats=5, ubt_arch="ViT-B-32", ubt_image_size=224, ubt_pairs=500_000),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _sync(device: torch.device) -> None:
@@ -398,7 +398,7 @@ def run(size: str) -> dict[str, object]:
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--size gpu needs a CUDA device")
-    dtype = DTYPES[s.dtype]
+    dtype = PRECISIONS[s.dtype]
     peak = matmul_peak(s.peak_n, dtype, device, s.repeats)
     out: dict[str, object] = {"size": size, "sizes": asdict(s), "machine": machine(),
                               "peak_tflop_per_s": peak / 1e12, "encoders": {}}

@@ -290,9 +290,10 @@ def test_detector_resume_equals_uninterrupted_and_refuses_another_search(gen, tm
 
 
 def test_precision_setting():
-    assert Config().dtype(torch.device("cpu")) == torch.float32
-    assert Config().dtype(torch.device("cuda")) == torch.bfloat16
-    assert Config(precision="bf16").dtype(torch.device("cpu")) == torch.bfloat16
+    assert Config().for_device(torch.device("cpu")).precision == "fp32"
+    assert Config().for_device(torch.device("cuda")).precision == "bf16"
+    assert Config(precision="bf16").for_device(torch.device("cpu")).precision == "bf16"
+    assert Config(precision="fp32").for_device(torch.device("cuda")).precision == "fp32"
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         Config(precision="fp16")
     encoder = trigger_encoder()

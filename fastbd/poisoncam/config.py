@@ -107,11 +107,12 @@ class Config:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")
 
-    def dtype(self, device: torch.device) -> torch.dtype:
-        """The encoder dtype ``precision`` means on ``device``."""
-        if self.precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return PRECISIONS[self.precision]
+    def for_device(self, device: torch.device) -> Config:
+        """This config with an ``auto`` precision resolved for ``device`` (bf16 on CUDA, fp32
+        elsewhere); ``PRECISIONS[config.precision]`` is then the encoder dtype."""
+        if self.precision != "auto":
+            return self
+        return replace(self, precision="bf16" if device.type == "cuda" else "fp32")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

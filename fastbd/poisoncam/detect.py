@@ -14,7 +14,6 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from fastbd.poisoncam.classifier import (
     train_poison_classifier,
 )
 from fastbd.poisoncam.clustering import ClusteringModel
-from fastbd.poisoncam.config import Config
+from fastbd.poisoncam.config import PRECISIONS, Config
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.result import DetectionResult
@@ -120,9 +119,8 @@ class Detector:
         device = torch.device(device) if device is not None else next(
             encoder.parameters()).device
         n, size = bank.shape[0], bank.shape[-1]
-        config = self.config.scaled(n, size)
-        dtype = config.dtype(device)
-        config = replace(config, precision={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+        config = self.config.scaled(n, size).for_device(device)
+        dtype = PRECISIONS[config.precision]
         encoder = encoder.to(device).eval()
         infer = encoder if encoder.dtype == dtype else copy.deepcopy(encoder).to(dtype)
         bank = bank.to(device)
