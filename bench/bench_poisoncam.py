@@ -10,15 +10,13 @@ stage ÷ encoder-only is the figure: the kernels should make input generation ne
 import pytest
 import torch
 
-from fastbd.models import small_encoder, timm_encoder
-from fastbd.poisoncam.clustering import ClusteringModel
 from fastbd.poisoncam.flip import flip_counts
 from fastbd.poisoncam.masking import candidate_windows
 
-from benchutil import HAS_CUDA, cuda, record_rates, run
+from benchutil import HAS_CUDA, cuda, record_rates, run, stage_setup
 
 SIZES = {
-    "cpu": dict(arch="small", size=32, images=4, masks=64, window=9, test=64, candidates=4,
+    "cpu": dict(arch="smallconv16", size=32, images=4, masks=64, window=9, test=64, candidates=4,
                 batch=256, dtype=torch.float32, device="cpu"),
     "gpu-resnet18": dict(arch="resnet18", size=224, images=8, masks=256, window=60, test=1000,
                          candidates=2, batch=2048, dtype=torch.bfloat16, device="cuda"),
@@ -26,25 +24,6 @@ SIZES = {
                         test=1000, candidates=1, batch=1024, dtype=torch.bfloat16,
                         device="cuda"),
 }
-
-
-def setup(arch, size, images, masks, window, test, candidates, batch, dtype, device):
-    encoder = small_encoder(16, size) if arch == "small" else timm_encoder(arch, image_size=size)
-    encoder = encoder.to(device).eval()
-    if dtype != torch.float32:
-        encoder = encoder.to(dtype)
-    g = torch.Generator().manual_seed(0)
-    bank = torch.randint(0, 256, (max(images, test) + 8, 3, size, size), dtype=torch.uint8,
-                         generator=g).to(device)
-    with torch.no_grad():
-        feats = encoder(encoder.normalise(bank[:64], dtype)).float()
-    clustering = ClusteringModel(torch.nn.functional.normalize(feats[:16], dim=1))
-
-    def encode_assign(x):
-        with torch.no_grad():
-            return clustering.assign(encoder(x).float())
-
-    return encoder, bank, clustering, encode_assign
 
 
 @pytest.mark.parametrize("stage", ["masking", "flip", "encoder_only"])
@@ -62,8 +41,8 @@ def test_poisoncam_stages_gpu(benchmark, model, stage):
 
 def _bench(benchmark, stage, arch, size, images, masks, window, test, candidates, batch, dtype,
            device):
-    encoder, bank, clustering, encode_assign = setup(arch, size, images, masks, window, test,
-                                                     candidates, batch, dtype, device)
+    encoder, bank, _, encode_assign = stage_setup(arch, size, max(images, test) + 8, dtype,
+                                                  device)
     g = torch.Generator().manual_seed(1)
     rows = torch.arange(images, device=device)
     if stage == "masking":

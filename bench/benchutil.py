@@ -9,6 +9,10 @@ JSON written with ``--benchmark-json`` carries the GPU, versions and sizes.
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from fastbd.models import encoder_by_name
+from fastbd.poisoncam.clustering import ClusteringModel
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -58,3 +62,22 @@ def copy_bandwidth_bytes_per_s(n_bytes: int = 2**30, repeats: int = 10) -> float
     end.record()
     torch.cuda.synchronize()
     return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def stage_setup(arch: str, size: int, n_images: int, dtype: torch.dtype, device):
+    """A random-weight ``encoder_by_name(arch)`` in ``dtype`` on ``device``, ``n_images`` random
+    uint8 images there, a 16-cluster model on their features, and ``encode_assign`` (normalised
+    input → cluster ids, distances) — what the PoisonCAM stage benchmarks run."""
+    encoder = encoder_by_name(arch, image_size=size).to(device).eval().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8,
+                         generator=g).to(device)
+    with torch.no_grad():
+        feats = encoder(encoder.normalise(bank[:64])).float()
+    clustering = ClusteringModel(F.normalize(feats[:16], dim=1))
+
+    def encode_assign(x):
+        with torch.no_grad():
+            return clustering.assign(encoder(x).float())
+
+    return encoder, bank, clustering, encode_assign

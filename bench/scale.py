@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from fastbd.models import encoder_by_name
 from fastbd.ops import KMeans
 from fastbd.poisoncam import ClassifierConfig, Config, Detector
-from fastbd.poisoncam.clustering import ClusteringModel
 from fastbd.poisoncam.config import PRECISIONS
 from fastbd.poisoncam.flip import flip_counts
 from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.search import SearchState, run_search
+
+from benchutil import stage_setup
 
 
 @dataclass
@@ -85,6 +86,11 @@ class ScaleSize:
     ubt_image_size: int
     ubt_pairs: int
     ubt_epochs: int | None = None
+
+    @property
+    def bank_images(self) -> int:
+        """Random images the stage measurements draw from."""
+        return max(self.masking_images, self.test_images) + 8
 
 
 SIZES = {
@@ -177,26 +183,11 @@ def flops_per_image(encoder, size: int, dtype: torch.dtype, device: torch.device
     return float(counter.get_total_flops())
 
 
-def _encoder_setup(arch: str, s: ScaleSize, device: torch.device, dtype: torch.dtype):
-    encoder = encoder_by_name(arch, image_size=s.image_size).to(device).eval().to(dtype)
-    g = torch.Generator().manual_seed(0)
-    bank = torch.randint(0, 256, (max(s.masking_images, s.test_images) + 8, 3, s.image_size,
-                                  s.image_size), dtype=torch.uint8, generator=g).to(device)
-    with torch.no_grad():
-        feats = encoder(encoder.normalise(bank[:64])).float()
-    clustering = ClusteringModel(F.normalize(feats[:16], dim=1))
-
-    def encode_assign(x):
-        with torch.no_grad():
-            return clustering.assign(encoder(x).float())
-
-    return encoder, bank, clustering, encode_assign
-
-
 def encoder_stages(arch: str, s: ScaleSize, device: torch.device, dtype: torch.dtype,
                    peak: float) -> dict[str, float]:
     """Encoder-only, masking-stage and flip-stage throughput of one architecture."""
-    encoder, bank, clustering, encode_assign = _encoder_setup(arch, s, device, dtype)
+    encoder, bank, _, encode_assign = stage_setup(arch, s.image_size, s.bank_images, dtype,
+                                                  device)
     ready = encoder.normalise(bank[:1].expand(s.batch, -1, -1, -1)).contiguous()
 
     def encoder_only():
@@ -264,7 +255,8 @@ def flip_reference(arch: str, s: ScaleSize, device: torch.device, dtype: torch.d
                    ) -> dict[str, float]:
     """``flip_counts`` (run dtype, candidates batched) against the PatchSearch-structured
     reference (fp32, one candidate at a time, host-side work) on the same candidates."""
-    fast_encoder, bank, clustering, encode_assign = _encoder_setup(arch, s, device, dtype)
+    fast_encoder, bank, clustering, encode_assign = stage_setup(arch, s.image_size,
+                                                                s.bank_images, dtype, device)
     reference_encoder = encoder_by_name(arch, image_size=s.image_size).to(device).eval()
     window = min(s.window, s.image_size)
     n_cand = s.reference_candidates
