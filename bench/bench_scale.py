@@ -3,8 +3,15 @@ lands in the JSON and the Markdown page (the GPU size runs on a GPU machine, not
 
 import json
 import math
+import secrets
 
-from scale import main, run
+import pytest
+import torch
+
+from fastbd.poisoncam.flip import flip_counts
+
+from benchutil import stage_setup
+from scale import main, reference_flip, run
 
 
 def test_scale_harness_tiny(tmp_path, capsys):
@@ -27,3 +34,24 @@ def test_scale_harness_tiny(tmp_path, capsys):
     page = capsys.readouterr().out
     assert "| smallconv16 |" in page and "| resnet18 |" in page and "PatchSearch-structured" in page
     assert "UBT, tiny at 32 px, 400 random pairs" in page
+
+
+@pytest.mark.parametrize("n_test,window", [(7, 5), (16, 9), (0, 3)])
+def test_reference_flip_counts_what_flip_counts_counts(n_test, window):
+    """Same encoder (fp32), same paste corners — flip_counts with one candidate per batch draws
+    ``n_test × 2`` corners per candidate from its generator, which the reference replays."""
+    seed = secrets.randbits(31)
+    encoder, bank, clustering, encode_assign = stage_setup("smallconv4", 20, 24, torch.float32,
+                                                           "cpu")
+    g = torch.Generator().manual_seed(seed)
+    triggers = torch.randint(0, 256, (3, 3, window, window), dtype=torch.uint8, generator=g)
+    tests = torch.randperm(24, generator=g)[:n_test]
+    labels, _ = encode_assign(encoder.normalise(bank[tests]))
+    replay = torch.Generator().manual_seed(seed + 1)
+    corners = torch.stack([torch.randint(0, 20 - window + 1, (n_test, 2), generator=replay)
+                           for _ in range(3)])
+    expected = reference_flip(encoder, bank, tests, labels, triggers, clustering, corners,
+                              torch.device("cpu"), batch=5)
+    got = flip_counts(encode_assign, bank, tests, labels, triggers, encoder.mean, encoder.std,
+                      candidates_per_batch=1, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(got.long(), expected), f"seed {seed}"
