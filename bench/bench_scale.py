@@ -10,12 +10,16 @@ import torch
 
 from fastbd.poisoncam.flip import flip_counts
 
+import scale
 from benchutil import stage_setup
 from scale import main, reference_flip, run
 
 
 def test_scale_harness_tiny(tmp_path, capsys):
-    result = run("tiny")
+    path = tmp_path / "scale.json"
+    result = run("tiny", out=path, quiet=True)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert not path.with_suffix(".partial").exists()
     assert result["peak_tflop_per_s"] > 0
     for arch, stages in result["encoders"].items():
         assert all(math.isfinite(v) and v > 0 for v in stages.values()), arch
@@ -28,8 +32,6 @@ def test_scale_harness_tiny(tmp_path, capsys):
     ubt = result["ubt"]
     assert ubt["pairs"] == 400 and set(ubt["timings_s"]) == {
         "suspicious_split", "overfit", "rank", "attribution", "unlearn"}
-    path = tmp_path / "scale.json"
-    path.write_text(json.dumps(result))
     assert main(["--page", str(path)]) == 0
     page = capsys.readouterr().out
     assert "| smallconv16 |" in page and "| resnet18 |" in page and "PatchSearch-structured" in page
@@ -55,3 +57,21 @@ def test_reference_flip_counts_what_flip_counts_counts(n_test, window):
     got = flip_counts(encode_assign, bank, tests, labels, triggers, encoder.mean, encoder.std,
                       candidates_per_batch=1, generator=torch.Generator().manual_seed(seed + 1))
     assert torch.equal(got.long(), expected), f"seed {seed}"
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    for name in ("encoder_stages", "kmeans_bench", "flip_reference", "poisoncam_projection"):
+        monkeypatch.setattr(scale, name, lambda *args, name=name: {"measured": name})
+    monkeypatch.setattr(scale, "matmul_peak", lambda *args: 2e12)
+
+    def out_of_memory(*args):
+        raise MemoryError("75 GB of pairs")
+
+    monkeypatch.setattr(scale, "ubt_stages", out_of_memory)
+    path = tmp_path / "scale.json"
+    with pytest.raises(MemoryError):
+        run("tiny", out=path, quiet=True)
+    saved = json.loads(path.read_text())
+    assert saved["peak_tflop_per_s"] == 2.0 and "ubt" not in saved
+    assert saved["poisoncam"] == {"measured": "poisoncam_projection"}
+    assert set(saved["encoders"]) == {"smallconv16", "resnet18"}

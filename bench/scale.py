@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -53,6 +54,8 @@ from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.search import SearchState, run_search
 
 from benchutil import stage_setup
+
+log = logging.getLogger("fastbd.bench.scale")
 
 
 @dataclass
@@ -385,23 +388,43 @@ def ubt_stages(s: ScaleSize, device: torch.device) -> dict[str, object]:
             "split_pairs_per_s": n / result.timings["suspicious_split"]}
 
 
-def run(size: str) -> dict[str, object]:
+def run(size: str, out: str | Path | None = None, quiet: bool = False) -> dict[str, object]:
+    """Every measurement at ``size``. With ``out``, the JSON is rewritten (atomically) after
+    each one, so a run cut short — a GPU lease ending, a memory error in the last step — keeps
+    what it measured; a log line per step unless ``quiet``."""
     s = SIZES[size]
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--size gpu needs a CUDA device")
     dtype = PRECISIONS[s.dtype]
-    peak = matmul_peak(s.peak_n, dtype, device, s.repeats)
-    out: dict[str, object] = {"size": size, "sizes": asdict(s), "machine": machine(),
-                              "peak_tflop_per_s": peak / 1e12, "encoders": {}}
-    for arch in s.encoders:
-        out["encoders"][arch] = encoder_stages(arch, s, device, dtype, peak)
     last = s.encoders[-1]
-    out["kmeans"] = kmeans_bench(s, device)
-    out["flip_reference"] = flip_reference(last, s, device, dtype)
-    out["poisoncam"] = poisoncam_projection(last, s, device, dtype, out["encoders"][last])
-    out["ubt"] = ubt_stages(s, device)
-    return out
+    result: dict[str, object] = {"size": size, "sizes": asdict(s), "machine": machine(),
+                                 "encoders": {}}
+    steps = [("peak_tflop_per_s", lambda: matmul_peak(s.peak_n, dtype, device, s.repeats) / 1e12)]
+    steps += [(f"encoders.{arch}", lambda arch=arch: encoder_stages(
+        arch, s, device, dtype, result["peak_tflop_per_s"] * 1e12)) for arch in s.encoders]
+    steps += [("kmeans", lambda: kmeans_bench(s, device)),
+              ("flip_reference", lambda: flip_reference(last, s, device, dtype)),
+              ("poisoncam", lambda: poisoncam_projection(last, s, device, dtype,
+                                                         result["encoders"][last])),
+              ("ubt", lambda: ubt_stages(s, device))]
+    for number, (name, measure) in enumerate(steps, 1):
+        if not quiet:
+            log.info("[%d/%d] %s", number, len(steps), name)
+        start = time.perf_counter()
+        value = measure()
+        if name.startswith("encoders."):
+            result["encoders"][name.split(".", 1)[1]] = value
+        else:
+            result[name] = value
+        if not quiet:
+            log.info("[%d/%d] %s done in %.1f s", number, len(steps), name,
+                     time.perf_counter() - start)
+        if out is not None:
+            partial = Path(out).with_suffix(".partial")
+            partial.write_text(json.dumps(result, indent=2))
+            partial.replace(out)
+    return result
 
 
 def page(results: list[dict]) -> str:
@@ -449,7 +472,9 @@ def page(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--out", help="write the JSON here (default: stdout)")
+    parser.add_argument("--out", help="write the JSON here, after every measurement (default: "
+                                      "stdout, at the end)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--page", nargs="+", metavar="RESULT",
                         help="print the Markdown page for these result files instead")
     args = parser.parse_args(argv)
@@ -461,13 +486,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
         sys.stdout.write(page(results))
         return 0
-    result = run(args.size)
-    text = json.dumps(result, indent=2)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text + "\n")
+    result = run(args.size, args.out, args.quiet)
+    if not args.out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 
 
