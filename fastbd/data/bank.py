@@ -131,8 +131,9 @@ class ImageBank:
         the manifest matches, so a changed file list or image rebuilds it."""
         if not paths:
             raise ValueError("no image paths given")
-        manifest = {"size": size, "crop_ratio": crop_ratio, "files": _files_key(paths)}
+        manifest = None
         if cache is not None:
+            manifest = {"size": size, "crop_ratio": crop_ratio, "files": _files_key(paths)}
             reused = _reuse_cache(Path(cache), manifest, skip_bad)
             if reused is not None:
                 return reused
