@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "--preset)")
         det.add_argument("--out", default=f"fastbd-out/{name}")
         det.add_argument("--resume", action="store_true",
-                         help="continue the search saved in --out")
+                         help="continue the search and the poison classifier's training "
+                              "saved in --out")
         det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
         det.add_argument("--device", default=_default_device())
         det.set_defaults(run=cmd_detect)
@@ -582,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if getattr(args, "resume", None) is not None:
             hint = (f"; rerun with --resume to continue from the last completed search round "
-                    f"saved in {args.out}")
+                    f"and the poison classifier's last saved state in {args.out}")
         elif args.command in CONTINUED_BY_RERUN:
             hint = "; rerun the same command to continue training from its last completed epoch"
         else:

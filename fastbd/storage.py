@@ -4,12 +4,15 @@ an interrupted run continues from."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def save_atomically(obj: object, path: str | Path) -> None:
@@ -43,7 +46,8 @@ class EpochCheckpoint:
     tensors, taken only when there is a file to check; a file written by another run is
     refused, naming what differs. ``generators`` are the loop's own random streams; the global
     CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for modules that draw from it
-    (dropout)."""
+    (dropout). ``extra`` holds the caller's own state (a dict of plain values): saved with
+    ``save(..., extra=)``, set by ``restore`` (empty on a fresh start)."""
 
     path: str | Path | None
     config: dict
@@ -58,18 +62,24 @@ class EpochCheckpoint:
         self.path = None if self.path is None else Path(self.path)
         self.run = ({"config": self.config, "data": fingerprint(*self.data)}
                     if self.path is not None else {})
+        self.extra: dict = {}
 
-    def restore(self) -> tuple[list[float], int, float]:
+    def restore(self, *, refuse_other: bool = True) -> tuple[list[float], int, float]:
         """Load the file if there is one: (losses so far, epochs done, seconds spent); else
-        ``([], 0, 0.0)``."""
+        ``([], 0, 0.0)``. A file written by another run is refused, naming what differs — or,
+        with ``refuse_other=False``, logged and ignored (a fresh start)."""
         if self.path is None or not self.path.is_file():
             return [], 0, 0.0
         state = torch.load(self.path, map_location=self.device, weights_only=True)
         differ = [key for key in self.run if state["run"].get(key) != self.run[key]]
         if differ or state["run"].keys() != self.run.keys():
+            what = ", ".join(differ) or "fields"
+            if not refuse_other:
+                log.info("%s belongs to another training run (its %s differ); starting afresh",
+                         self.path, what)
+                return [], 0, 0.0
             raise ValueError(f"checkpoint {self.path} belongs to another training run (its "
-                             f"{', '.join(differ) or 'fields'} differ); remove it to start "
-                             "afresh")
+                             f"{what} differ); remove it to start afresh")
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -79,9 +89,11 @@ class EpochCheckpoint:
         torch.random.set_rng_state(state["global_rng"]["cpu"].cpu())
         if self.device.type == "cuda" and "cuda" in state["global_rng"]:
             torch.cuda.set_rng_state(state["global_rng"]["cuda"].cpu(), self.device)
+        self.extra = state.get("extra", {})
         return state["losses"], state["epochs_done"], state["seconds"]
 
-    def save(self, losses: list[float], epochs_done: int, seconds: float) -> None:
+    def save(self, losses: list[float], epochs_done: int, seconds: float, *,
+             extra: dict | None = None) -> None:
         if self.path is None:
             return
         global_rng = {"cpu": torch.random.get_rng_state()}
@@ -92,7 +104,7 @@ class EpochCheckpoint:
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "generators": {name: g.get_state() for name, g in self.generators.items()},
-            "global_rng": global_rng}, self.path)
+            "global_rng": global_rng, "extra": extra or {}}, self.path)
 
     def remove(self) -> None:
         """Delete the file (training finished)."""

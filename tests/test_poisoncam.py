@@ -289,6 +289,35 @@ def test_detector_resume_equals_uninterrupted_and_refuses_another_search(gen, tm
                                     resume=True, verbose=False)
 
 
+def test_detector_resumes_an_interrupted_classifier(gen, monkeypatch, tmp_path):
+    images, _, _ = world(gen, n=80, poisoned=8)
+    config = small_config(n_clusters=8, test_set_size=20, n_masks=16,
+                          classifier=ClassifierConfig(n_models=2, iterations=20, batch_size=16,
+                                                      width=4, paste_size=(56, 84),
+                                                      paste_margin=0, patience=50))
+    full = PoisonCAM(config).fit(trigger_encoder(), images, verbose=False).result_
+    drawn = []
+
+    def interrupted(*args):
+        if len(drawn) == 25:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return MAKE_BATCH(*args)
+
+    monkeypatch.setattr(classifier_module, "make_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path, verbose=False,
+                              save_every_s=0.0)
+    assert (tmp_path / "classifier-member1.pt").is_file()
+    drawn.clear()
+    resumed = PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
+                                    resume=True, verbose=False).result_
+    assert len(drawn) == 15  # member 1 was finished, member 2 continues after 5 steps
+    assert torch.equal(full.removed, resumed.removed)
+    assert torch.equal(full.poison_probability, resumed.poison_probability)
+    assert not list(tmp_path.glob("classifier-*"))  # removed once the result is built
+
+
 def test_precision_setting():
     assert Config().for_device(torch.device("cpu")).precision == "fp32"
     assert Config().for_device(torch.device("cuda")).precision == "bf16"
@@ -398,6 +427,74 @@ def test_classifier_early_stopping(gen, monkeypatch, history, expected):
         images, clean, MAGENTA[None, :, None, None].expand(1, 3, 4, 4).contiguous(), pois,
         clean[:6], config, MEAN, STD, verbose=False)
     assert report.iterations == [expected]
+
+
+MAKE_BATCH = classifier_module.make_batch
+
+
+def _classifier_run(gen, config, monkeypatch, *, stop_after=None, **kwargs):
+    """Train on a fixed small world; ``stop_after`` batches, raise KeyboardInterrupt. Returns
+    (models, report, batches drawn)."""
+    images, truth, _ = world(torch.Generator().manual_seed(5), n=60, poisoned=6)
+    pois, clean = torch.nonzero(truth).flatten(), torch.nonzero(~truth).flatten()
+    drawn = []
+
+    def counted(*args):
+        if stop_after is not None and len(drawn) == stop_after:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return MAKE_BATCH(*args)
+
+    monkeypatch.setattr(classifier_module, "make_batch", counted)
+    models, report = classifier_module.train_poison_classifier(
+        images, clean, MAGENTA[None, :, None, None].expand(1, 3, 4, 4).contiguous(), pois,
+        clean[:6], config, MEAN, STD, verbose=False, seed=3, **kwargs)
+    return models, report, len(drawn)
+
+
+def _same_weights(a, b):
+    return len(a) == len(b) and all(
+        all(torch.equal(x, y) for x, y in zip(m.state_dict().values(), n.state_dict().values(),
+                                              strict=True))
+        for m, n in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("stop_after", [7, 30, 33])
+def test_classifier_resume_equals_uninterrupted(gen, monkeypatch, tmp_path, stop_after):
+    # members of 30 steps: interrupted inside member 1, right after it, and inside member 2
+    config = ClassifierConfig(n_models=2, iterations=30, batch_size=8, width=4, val_every=5,
+                              patience=50, paste_size=(4, 6), paste_margin=0)
+    full, full_report, _ = _classifier_run(gen, config, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _classifier_run(gen, config, monkeypatch, stop_after=stop_after, checkpoint_dir=tmp_path,
+                        save_every_s=0.0)
+    resumed, report, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path,
+                                             resume=True)
+    assert drawn == 60 - stop_after  # a finished member is loaded, not retrained
+    assert _same_weights(full, resumed) and report == full_report
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "classifier-member0.pt", "classifier-member1.pt"]
+    _, _, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path)
+    assert drawn == 60  # without resume every member starts afresh
+    other = replace(config, lr=0.02)
+    fresh, _, _ = _classifier_run(gen, other, monkeypatch)
+    changed, _, drawn = _classifier_run(gen, other, monkeypatch, checkpoint_dir=tmp_path,
+                                        resume=True)
+    assert drawn == 60 and _same_weights(fresh, changed)  # other settings: states ignored
+
+
+def test_classifier_resume_keeps_early_stopped_members(gen, monkeypatch, tmp_path):
+    monkeypatch.setattr(classifier_module, "_f1", lambda logits, labels: 0.5)
+    config = ClassifierConfig(n_models=2, iterations=30, batch_size=8, width=4, val_every=5,
+                              patience=3, paste_size=(4, 6), paste_margin=0)
+    full, full_report, _ = _classifier_run(gen, config, monkeypatch)
+    assert full_report.iterations == [15, 15]
+    with pytest.raises(KeyboardInterrupt):
+        _classifier_run(gen, config, monkeypatch, stop_after=17, checkpoint_dir=tmp_path,
+                        save_every_s=0.0)
+    resumed, report, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path,
+                                             resume=True)
+    assert drawn == 13 and report == full_report and _same_weights(full, resumed)
 
 
 def test_classifier_config_validation():

@@ -25,6 +25,7 @@ from fastbd.poisoncam.classifier import (
     clean_pool,
     ensemble_logits,
     otsu_threshold,
+    remove_checkpoints,
     train_poison_classifier,
 )
 from fastbd.poisoncam.clustering import ClusteringModel
@@ -110,11 +111,13 @@ class Detector:
     def fit(self, encoder: Encoder, images: torch.Tensor | ImageBank, *,
             device: torch.device | str | None = None, ground_truth: torch.Tensor | None = None,
             true_boxes: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, verbose: bool = True,
-            max_rounds: int | None = None) -> Detector:
+            resume: bool = False, verbose: bool = True, max_rounds: int | None = None,
+            save_every_s: float = 60.0) -> Detector:
         """Run the detector; the result is ``self.result_``. With ``checkpoint_dir`` the search
-        state is saved after every round; ``resume`` continues from it. ``max_rounds`` stops the
-        search early (the classifier then runs on what was scored)."""
+        state is saved after every round and the poison classifier's training state every
+        ``save_every_s`` seconds (deleted once the result is built); ``resume`` continues from
+        them. ``max_rounds`` stops the search early (the classifier then runs on what was
+        scored)."""
         bank = _as_images(images)
         device = torch.device(device) if device is not None else next(
             encoder.parameters()).device
@@ -223,7 +226,9 @@ class Detector:
             classifier_info["pool_dropped"] = int(pool.numel() - cleaned.numel())
             pool = cleaned
         models, report = train_poison_classifier(bank, pool, triggers, topk, bottom, classifier,
-                                                 mean, std, seed=config.seed, verbose=verbose)
+                                                 mean, std, seed=config.seed, verbose=verbose,
+                                                 checkpoint_dir=checkpoint_dir, resume=resume,
+                                                 save_every_s=save_every_s)
         logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
         margin = logits[:, 1] - logits[:, 0]
         threshold = 0.0
@@ -242,6 +247,7 @@ class Detector:
             classifier=classifier_info)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
+        remove_checkpoints(checkpoint_dir)
         self.result_ = result
         return self
 
