@@ -389,13 +389,13 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
 
             result = defend(model, images, tokens, reference=reference,
                             config=_load_dataclass(args.config, Config), device=args.device,
-                            verbose=not args.quiet)
+                            verbose=not args.quiet, checkpoint_dir=out)
         else:
             from fastbd.baselines import ABLConfig, abl
 
             result = abl(model, images, tokens, reference=reference,
                          config=_load_dataclass(args.config, ABLConfig), device=args.device,
-                         verbose=not args.quiet)
+                         verbose=not args.quiet, checkpoint_dir=out)
     result.save(out, truth=truth, tokens=tokens, tokenizer=tokenizer)
     summary = {**result.summary(truth), "pairs": int(tokens.shape[0]),
                "skipped": report.skipped, "out": str(out)}
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONTINUED_BY_RERUN = ("demo", "train-ssl", "train-clip", "cleanclip")
+CONTINUED_BY_RERUN = ("demo", "train-ssl", "train-clip", "cleanclip", "ubt", "abl")
 """Commands whose training checkpoints each epoch and continues when run again."""
 
 DEBUG_VARIABLE = "FASTBD_DEBUG"

@@ -44,7 +44,8 @@ class EpochCheckpoint:
 
     The run is identified by ``config`` (a dict) and the ``fingerprint`` of its ``data``
     tensors, taken only when there is a file to check; a file written by another run is
-    refused, naming what differs. ``generators`` are the loop's own random streams; the global
+    refused, naming what differs. ``schedule`` may be None (a constant learning rate).
+    ``generators`` are the loop's own random streams; the global
     CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for modules that draw from it
     (dropout). ``extra`` holds the caller's own state (a dict of plain values): saved with
     ``save(..., extra=)``, set by ``restore`` (empty on a fresh start)."""
@@ -54,7 +55,7 @@ class EpochCheckpoint:
     data: tuple[torch.Tensor, ...]
     modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
+    schedule: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator]
     device: torch.device
 
@@ -83,7 +84,8 @@ class EpochCheckpoint:
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
         for name, generator in self.generators.items():
             generator.set_state(state["generators"][name].cpu())
         torch.random.set_rng_state(state["global_rng"]["cpu"].cpu())
@@ -102,7 +104,8 @@ class EpochCheckpoint:
         save_atomically({
             "run": self.run, "losses": losses, "epochs_done": epochs_done, "seconds": seconds,
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "global_rng": global_rng, "extra": extra or {}}, self.path)
 
@@ -110,3 +113,47 @@ class EpochCheckpoint:
         """Delete the file (training finished)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """``fingerprint`` of a module's parameters and buffers (which weights a run started from)."""
+    return fingerprint(*(t.detach().reshape(-1) for t in module.state_dict().values()))
+
+
+@dataclass
+class StageFiles:
+    """A multi-stage run's saved work in ``directory`` (None: nothing is kept): one file per
+    stage, ``<prefix>-<stage>.pt``, tagged with ``run`` (a dict naming the settings and inputs).
+    ``load`` returns what a run with the same tag saved and None otherwise (a file from another
+    run is logged and later overwritten); ``path`` gives a training stage's ``EpochCheckpoint``
+    file; ``clear`` deletes them all once the run's result is saved."""
+
+    directory: str | Path | None
+    prefix: str
+    run: dict
+
+    def path(self, stage: str) -> Path | None:
+        if self.directory is None:
+            return None
+        return Path(self.directory) / f"{self.prefix}-{stage}.pt"
+
+    def load(self, stage: str) -> dict | None:
+        path = self.path(stage)
+        if path is None or not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("run") != self.run:
+            log.info("%s was saved by another run; computing it afresh", path)
+            return None
+        log.info("loaded the %s stage from %s", stage, path)
+        return saved["payload"]
+
+    def save(self, stage: str, payload: dict) -> None:
+        path = self.path(stage)
+        if path is not None:
+            save_atomically({"run": self.run, "payload": payload}, path)
+
+    def clear(self) -> None:
+        if self.directory is not None:
+            for path in Path(self.directory).glob(f"{self.prefix}-*.pt"):
+                path.unlink(missing_ok=True)

@@ -101,6 +101,37 @@ def test_abl_ascends_the_loss_of_the_suspicious_pairs(pairs, models):
     assert float(after) > float(before)
 
 
+def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp_path,
+                                                             monkeypatch):
+    import importlib
+
+    abl_module = importlib.import_module("fastbd.baselines.abl")
+    images, tokens = pairs
+    model, reference = models
+    config = ABLConfig(susp_fraction=0.25, epochs=3, lr=1e-3, batch_size=12, min_steps=0)
+    full = abl(model, images, tokens, reference=reference, config=config, verbose=False)
+    calls, loss = [], abl_module.batch_clip_loss
+
+    def interrupt_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == len(full.suspicious) // 12 + 1:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(abl_module, "batch_clip_loss", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        abl(model, images, tokens, reference=reference, config=config, verbose=False,
+            checkpoint_dir=tmp_path)
+    monkeypatch.setattr(abl_module, "batch_clip_loss", loss)
+    assert torch.load(tmp_path / "abl-ascent.pt", weights_only=True)["epochs_done"] == 1
+    resumed = abl(model, images, tokens, reference=reference, config=config, verbose=False,
+                  checkpoint_dir=tmp_path)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.iterdir())
+
+
 def test_baseline_bad_inputs(pairs, models):
     images, tokens = pairs
     model, reference = models

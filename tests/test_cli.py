@@ -142,7 +142,7 @@ def test_interrupted_detection_says_how_to_resume(small_file_list, tmp_path, cap
                  "torchvision:resnet18", "--image-size", "32", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == (
         f"fastbd patchsearch: interrupted; rerun with --resume to continue from the last "
-        f"completed search round saved in {tmp_path}\n")
+        f"completed search round and the poison classifier's last saved state in {tmp_path}\n")
 
 
 def test_interrupted_training_says_a_rerun_continues(tmp_path, capsys, monkeypatch):

@@ -204,3 +204,70 @@ def test_indexed_pair_cosines_equal_the_gathered_pairs(pairs, models, gen, batch
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for fast_grad, plain_grad in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage, calls", [("trained_pair_cosines", 2),
+                                          ("indexed_pair_cosines", 4)])
+def test_interrupted_defense_resumes_to_the_uninterrupted_model(pairs, models, tmp_path,
+                                                                monkeypatch, stage, calls):
+    import importlib
+
+    defend_module = importlib.import_module("fastbd.ubt.defend")
+    images, tokens = pairs
+    model, reference = models
+    settings = config(overfit_epochs=3, unlearn_epochs=3)  # 1 and 2 steps per epoch
+    full = defend(model, images, tokens, reference=reference, config=settings, verbose=False)
+    real, drawn = getattr(defend_module, stage), []
+
+    def interrupt(*args):
+        drawn.append(1)
+        if len(drawn) == calls:  # in the second epoch of the stage
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(defend_module, stage, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        defend(model, images, tokens, reference=reference, config=settings, verbose=False,
+               checkpoint_dir=tmp_path)
+    monkeypatch.setattr(defend_module, stage, real)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == (["ubt-overfit.pt", "ubt-split.pt"] if stage == "trained_pair_cosines"
+                     else ["ubt-overfit.pt", "ubt-split.pt", "ubt-unlearn.pt"])
+    split_calls, real_split = [], defend_module.suspicious_split
+    monkeypatch.setattr(defend_module, "suspicious_split",
+                        lambda *a: split_calls.append(1) or real_split(*a))
+    resumed = defend(model, images, tokens, reference=reference, config=settings,
+                     verbose=False, checkpoint_dir=tmp_path)
+    assert not split_calls  # the split was loaded
+    assert torch.equal(resumed.suspicious, full.suspicious)
+    assert torch.equal(resumed.overfit_similarity, full.overfit_similarity)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.iterdir())  # deleted once the result is built
+
+
+def test_defense_ignores_the_stages_of_another_run(pairs, models, tmp_path, monkeypatch):
+    import importlib
+
+    defend_module = importlib.import_module("fastbd.ubt.defend")
+    images, tokens = pairs
+    model, reference = models
+    real = defend_module.indexed_pair_cosines
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(defend_module, "indexed_pair_cosines", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        defend(model, images, tokens, reference=reference, config=config(), verbose=False,
+               checkpoint_dir=tmp_path)
+    monkeypatch.setattr(defend_module, "indexed_pair_cosines", real)
+    other = config(overfit_lr=2e-4)
+    fresh = defend(model, images, tokens, reference=reference, config=other, verbose=False)
+    rerun = defend(model, images, tokens, reference=reference, config=other, verbose=False,
+                   checkpoint_dir=tmp_path)
+    assert torch.equal(fresh.overfit_similarity, rerun.overfit_similarity)
+    for a, b in zip(fresh.model.state_dict().values(), rerun.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)

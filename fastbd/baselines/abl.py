@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,8 +18,10 @@ from fastbd.schedules import adamw
 from fastbd.ubt.defend import (
     check_pairs,
     check_split_settings,
+    defense_stages,
+    epoch_checkpoint,
+    saved_split,
     stage_epochs,
-    suspicious_split,
 )
 from fastbd.ubt.result import DefenseResult
 
@@ -43,17 +46,19 @@ class ABLConfig:
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,
         config: ABLConfig | None = None, device: torch.device | str = "cpu",
-        verbose: bool = True) -> DefenseResult:
+        verbose: bool = True, checkpoint_dir: str | Path | None = None) -> DefenseResult:
     """Gradient ascent on InfoNCE over D_susp batches, on a copy of ``model`` (pairs: uint8
-    images ``N×3×S×S``, token ids ``N×L``)."""
+    images ``N×3×S×S``, token ids ``N×L``). ``checkpoint_dir``: as ``fastbd.ubt.defend`` (the
+    split and the ascent's state after each epoch, ``abl-*.pt``)."""
     config = config or ABLConfig()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
     device = torch.device(device)
+    stages = defense_stages(checkpoint_dir, "abl", config, images, tokens, model, reference)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    reference_sim, suspicious, _ = suspicious_split(reference, images, tokens,
-                                                    config.susp_fraction, device)
+    reference_sim, suspicious, _ = saved_split(stages, reference, images, tokens,
+                                               config.susp_fraction, device)
     timings["suspicious_split"] = time.perf_counter() - start
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device)
@@ -62,7 +67,9 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.epochs,
                           config.min_steps)
-    for _ in tqdm(range(epochs), desc="ABL ascent", disable=not verbose):
+    saved, done = epoch_checkpoint(stages, "ascent", tuned, optimizer, g, device)
+    for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="ABL ascent",
+                      disable=not verbose):
         for rows in shuffled_batches(suspicious.numel(), config.batch_size, g):
             if rows.numel() < 2:
                 continue
@@ -71,8 +78,10 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        saved.save([], epoch + 1, 0.0)
     tuned.eval()
     timings["unlearn"] = time.perf_counter() - start
+    stages.clear()
     return DefenseResult(model=tuned, method="abl", suspicious=suspicious,
                          reference_similarity=reference_sim, timings=timings,
                          config=asdict(config))

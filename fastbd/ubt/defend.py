@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ from fastbd.models.clip import (
 )
 from fastbd.ops import pair_cosine
 from fastbd.schedules import adamw
+from fastbd.storage import EpochCheckpoint, StageFiles, fingerprint, module_fingerprint
 from fastbd.ubt.relevance import masked_tokens, token_relevance
 from fastbd.ubt.result import UBTResult
 
@@ -148,6 +150,10 @@ def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: flo
     return normal[order[:keep]]
 
 
+NO_STAGES = StageFiles(None, "", {})
+"""Nothing kept: the stage files of a run without a checkpoint directory."""
+
+
 def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     """Epochs over ``n`` items for a stage of ``epochs`` epochs raised to ≥ ``min_steps``
     steps (``Config.*_min_steps``); a stage of 0 epochs stays off."""
@@ -157,18 +163,34 @@ def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     return max(epochs, math.ceil(min_steps / per_epoch))
 
 
+def epoch_checkpoint(stages: StageFiles, stage: str, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                     device: torch.device) -> tuple[EpochCheckpoint, int]:
+    """The ``EpochCheckpoint`` of a training stage kept in ``stages`` and the epochs it had
+    done (its state is loaded into ``model``, ``optimizer``, ``generator``)."""
+    saved = EpochCheckpoint(stages.path(stage), stages.run, (), {"model": model}, optimizer,
+                            None, {"batches": generator}, device)
+    epochs_done = saved.restore(refuse_other=False)[1]
+    if epochs_done:
+        log.info("%s: continuing after epoch %d", stage, epochs_done)
+    return saved, epochs_done
+
+
 def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             suspicious: torch.Tensor, normal: torch.Tensor, config: Config,
-            device: torch.device, verbose: bool) -> nn.Module:
+            device: torch.device, verbose: bool, stages: StageFiles = NO_STAGES) -> nn.Module:
     """A copy of ``model`` trained to sharpen the backdoor (step 2): each step
-    ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch."""
+    ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch. With ``stages`` the
+    training state is saved after each epoch (the last included) and continued from."""
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
     optimizer = adamw(tuned.parameters(), lr=config.overfit_lr)
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
                           config.overfit_min_steps)
-    for _ in tqdm(range(epochs), desc="UBT overfit", disable=not verbose):
+    saved, done = epoch_checkpoint(stages, "overfit", tuned, optimizer, g, device)
+    for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT overfit",
+                      disable=not verbose):
         normal_batches = shuffled_batches(normal.numel(), config.batch_size, g)
         for step, rows in enumerate(shuffled_batches(suspicious.numel(), config.batch_size, g)):
             susp = suspicious[rows]
@@ -181,16 +203,19 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        saved.save([], epoch + 1, 0.0)
     return tuned.eval()
 
 
 def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, config: Config,
             device: torch.device, verbose: bool,
-            retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+            retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            stages: StageFiles = NO_STAGES) -> None:
     """Minimise the mean cosine of every image with every caption (step 6), in place; each
     batch encodes its distinct images and captions once.
     ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``:
-    (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term."""
+    (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term. With
+    ``stages`` the training state is saved after each epoch and continued from."""
     k, c = images.shape[0], captions.shape[0]
     pairs = torch.cartesian_prod(torch.arange(k), torch.arange(c))
     optimizer = adamw(model.parameters(), lr=config.unlearn_lr)
@@ -199,7 +224,9 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
                           config.unlearn_min_steps)
     use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
     finetune_mode(model)
-    for _ in tqdm(range(epochs), desc="UBT unlearn", disable=not verbose):
+    saved, done = epoch_checkpoint(stages, "unlearn", model, optimizer, g, device)
+    for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT unlearn",
+                      disable=not verbose):
         for rows in shuffled_batches(pairs.shape[0], config.batch_size, g):
             loss = indexed_pair_cosines(model, images, captions, pairs[rows, 0],
                                         pairs[rows, 1], device).mean()
@@ -212,6 +239,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        saved.save([], epoch + 1, 0.0)
     model.eval()
 
 
@@ -235,25 +263,56 @@ def check_statistic(tuned: nn.Module, images: torch.Tensor, tokens: torch.Tensor
     return difference / spread
 
 
+def defense_stages(checkpoint_dir: str | Path | None, prefix: str, config: object,
+                   images: torch.Tensor, tokens: torch.Tensor, model: nn.Module,
+                   reference: nn.Module) -> StageFiles:
+    """The stage files of a defense run in ``checkpoint_dir`` (None: none kept), tagged with
+    its config and fingerprints of the pairs, the model and the reference model."""
+    if checkpoint_dir is None:
+        return NO_STAGES
+    return StageFiles(checkpoint_dir, prefix, {
+        "config": asdict(config), "pairs": fingerprint(images, tokens),
+        "model": module_fingerprint(model), "reference": module_fingerprint(reference)})
+
+
+def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
+                tokens: torch.Tensor, susp_fraction: float, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``suspicious_split``, loaded from ``stages`` when a run with the same tag saved it."""
+    saved = stages.load("split")
+    if saved is not None:
+        return saved["reference_similarity"], saved["suspicious"], saved["normal"]
+    reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
+                                                         susp_fraction, device)
+    stages.save("split", {"reference_similarity": reference_sim.cpu(),
+                          "suspicious": suspicious.cpu(), "normal": normal.cpu()})
+    return reference_sim, suspicious, normal
+
+
 def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
            reference: nn.Module, config: Config | None = None,
-           device: torch.device | str = "cpu", verbose: bool = True) -> UBTResult:
+           device: torch.device | str = "cpu", verbose: bool = True,
+           checkpoint_dir: str | Path | None = None) -> UBTResult:
     """Run UBT on pairs (uint8 images ``N×3×S×S``, token ids ``N×L``). ``model`` is left as it
-    is; the purified copy is ``result.model``."""
+    is; the purified copy is ``result.model``. With ``checkpoint_dir`` the suspicious split
+    and the overfit and unlearning stages' training state (after each epoch) are kept there
+    (``ubt-*.pt``), a rerun with the same config, pairs and models continues from them to the
+    result of an uninterrupted run, and they are deleted once the result is built."""
     config = config or Config()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
     device = torch.device(device)
     n = images.shape[0]
+    stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
-                                                         config.susp_fraction, device)
+    reference_sim, suspicious, normal = saved_split(stages, reference, images, tokens,
+                                                    config.susp_fraction, device)
     n_susp = suspicious.numel()
     timings["suspicious_split"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    tuned = overfit(model, images, tokens, suspicious, normal, config, device, verbose)
+    tuned = overfit(model, images, tokens, suspicious, normal, config, device, verbose, stages)
     timings["overfit"] = time.perf_counter() - start
     start = time.perf_counter()
     overfit_sim = similarities(tuned, images[suspicious], tokens[suspicious], device)
@@ -273,6 +332,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     if not poisoned:
         log.info("UBT check: statistic %.2f below %.2f; model left unchanged", statistic,
                  config.check_threshold)
+        stages.clear()
         return result
     start = time.perf_counter()
     top_images, top_tokens = images[topk], tokens[topk].to(device)
@@ -283,7 +343,9 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     start = time.perf_counter()
     captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
     unlearn(purified, top_images, captions.cpu(), config, device, verbose,
-            retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)))
+            retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)),
+            stages=stages)
     timings["unlearn"] = time.perf_counter() - start
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
+    stages.clear()
     return result
