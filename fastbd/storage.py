@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,9 @@ class EpochCheckpoint:
     ``generators`` are the loop's own random streams; the global
     CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for modules that draw from it
     (dropout). ``extra`` holds the caller's own state (a dict of plain values): saved with
-    ``save(..., extra=)``, set by ``restore`` (empty on a fresh start)."""
+    ``save(..., extra=)``, set by ``restore`` (empty on a fresh start). ``min_interval_s``: a
+    ``save`` sooner than that after the previous one is skipped unless it is ``final`` (for
+    loops whose epochs or steps are short)."""
 
     path: str | Path | None
     config: dict
@@ -58,9 +61,11 @@ class EpochCheckpoint:
     schedule: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator]
     device: torch.device
+    min_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.path = None if self.path is None else Path(self.path)
+        self.last_save = time.perf_counter()
         self.run = ({"config": self.config, "data": fingerprint(*self.data)}
                     if self.path is not None else {})
         self.extra: dict = {}
@@ -95,8 +100,9 @@ class EpochCheckpoint:
         return state["losses"], state["epochs_done"], state["seconds"]
 
     def save(self, losses: list[float], epochs_done: int, seconds: float, *,
-             extra: dict | None = None) -> None:
-        if self.path is None:
+             extra: dict | None = None, final: bool = False) -> None:
+        if self.path is None or (
+                not final and time.perf_counter() - self.last_save < self.min_interval_s):
             return
         global_rng = {"cpu": torch.random.get_rng_state()}
         if self.device.type == "cuda":
@@ -108,6 +114,7 @@ class EpochCheckpoint:
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "global_rng": global_rng, "extra": extra or {}}, self.path)
+        self.last_save = time.perf_counter()
 
     def remove(self) -> None:
         """Delete the file (training finished)."""
@@ -126,11 +133,13 @@ class StageFiles:
     stage, ``<prefix>-<stage>.pt``, tagged with ``run`` (a dict naming the settings and inputs).
     ``load`` returns what a run with the same tag saved and None otherwise (a file from another
     run is logged and later overwritten); ``path`` gives a training stage's ``EpochCheckpoint``
-    file; ``clear`` deletes them all once the run's result is saved."""
+    file, saved at most every ``save_every_s`` seconds and when the stage ends; ``clear``
+    deletes them all once the run's result is saved."""
 
     directory: str | Path | None
     prefix: str
     run: dict
+    save_every_s: float = 60.0
 
     def path(self, stage: str) -> Path | None:
         if self.directory is None:

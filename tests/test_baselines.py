@@ -121,7 +121,7 @@ def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp
     monkeypatch.setattr(abl_module, "batch_clip_loss", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         abl(model, images, tokens, reference=reference, config=config, verbose=False,
-            checkpoint_dir=tmp_path)
+            checkpoint_dir=tmp_path, save_every_s=0.0)
     monkeypatch.setattr(abl_module, "batch_clip_loss", loss)
     assert torch.load(tmp_path / "abl-ascent.pt", weights_only=True)["epochs_done"] == 1
     resumed = abl(model, images, tokens, reference=reference, config=config, verbose=False,

@@ -137,3 +137,69 @@ def test_bank_cache_is_reused_only_for_the_files_it_was_built_from(tmp_path, ima
     reads.clear()
     rebuilt, _ = ImageBank.from_files(paths, 16, crop_ratio=1.0, cache=cache, verbose=False)
     assert len(reads) == 5 and torch.equal(rebuilt.images[0], images[0].flip(-1))
+
+
+def test_host_rows_read_like_a_device_tensor(gen):
+    from fastbd.data.bank import HostRows
+
+    images = torch.randint(0, 256, (7, 3, 5, 5), dtype=torch.uint8, generator=gen)
+    rows = HostRows(images, "cpu")
+    assert rows.shape == images.shape and rows.dtype == torch.uint8 and len(rows) == 7
+    index = torch.tensor([6, 0, 0, 3])
+    assert torch.equal(rows[index], images[index])
+    assert torch.equal(rows[2:5], images[2:5]) and torch.equal(rows[::3], images[::3])
+    assert rows[torch.zeros(0, dtype=torch.long)].shape == (0, 3, 5, 5)
+    with pytest.raises(AttributeError):
+        rows.float()  # nothing reads the whole bank at once
+
+
+def test_place_images_keeps_large_banks_in_host_memory():
+    from fastbd.data.bank import HostRows, place_images
+
+    images = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)  # 480 bytes
+    assert isinstance(place_images(images, "cpu", "auto", free_bytes=959), HostRows)
+    assert place_images(images, "cpu", "auto", free_bytes=960) is images
+    assert place_images(images, "cpu") is images  # no free-memory figure on a CPU
+    assert isinstance(place_images(images, "cpu", "host"), HostRows)
+    assert place_images(images, "cpu", "device") is images
+    with pytest.raises(ValueError, match="placement"):
+        place_images(images, "cpu", "disk")
+
+
+def test_epoch_checkpoint_skips_saves_within_its_interval(tmp_path):
+    from torch import nn
+
+    from fastbd.storage import EpochCheckpoint
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = EpochCheckpoint(tmp_path / "state.pt", {"a": 1}, (), {"model": model}, optimizer,
+                            None, {}, torch.device("cpu"), min_interval_s=1e9)
+    saved.save([], 1, 0.0)
+    assert not (tmp_path / "state.pt").exists()
+    saved.save([], 2, 0.0, extra={"k": [3]}, final=True)
+    again = EpochCheckpoint(tmp_path / "state.pt", {"a": 1}, (), {"model": nn.Linear(2, 2)},
+                            torch.optim.SGD(model.parameters(), lr=0.1), None, {},
+                            torch.device("cpu"))
+    assert again.restore()[1] == 2 and again.extra == {"k": [3]}
+    other = EpochCheckpoint(tmp_path / "state.pt", {"a": 2}, (), {"model": model}, optimizer,
+                            None, {}, torch.device("cpu"))
+    assert other.restore(refuse_other=False) == ([], 0, 0.0) and other.extra == {}
+    with pytest.raises(ValueError, match="another training run"):
+        other.restore()
+
+
+def test_stage_files_load_only_their_own_run(tmp_path):
+    from fastbd.storage import StageFiles
+
+    mine = StageFiles(tmp_path, "ubt", {"config": 1})
+    assert mine.load("split") is None
+    mine.save("split", {"x": torch.arange(3)})
+    assert torch.equal(mine.load("split")["x"], torch.arange(3))
+    assert StageFiles(tmp_path, "ubt", {"config": 2}).load("split") is None
+    StageFiles(tmp_path, "abl", {"config": 1}).save("split", {})
+    mine.clear()
+    assert [p.name for p in tmp_path.iterdir()] == ["abl-split.pt"]
+    nowhere = StageFiles(None, "ubt", {})
+    nowhere.save("split", {"x": 1})
+    assert nowhere.load("split") is None and nowhere.path("split") is None

@@ -318,6 +318,26 @@ def test_detector_resumes_an_interrupted_classifier(gen, monkeypatch, tmp_path):
     assert not list(tmp_path.glob("classifier-*"))  # removed once the result is built
 
 
+@pytest.mark.parametrize("method", ["poisoncam", "patchsearch"])
+def test_images_left_in_host_memory_give_the_same_result(gen, method):
+    from fastbd.models import small_encoder
+
+    images, truth, _ = world(gen, n=80, poisoned=8)
+    # PatchSearch needs a Grad-CAM layer: a small random CNN
+    encoder = trigger_encoder() if method == "poisoncam" else small_encoder(4, 16, seed=1)
+    config = small_config(n_clusters=8, test_set_size=20, n_masks=16,
+                          classifier=ClassifierConfig(n_models=1, iterations=20, batch_size=16,
+                                                      width=4, paste_size=(56, 84),
+                                                      paste_margin=0))
+    results = [Detector(replace(config, bank_placement=placement), method).fit(
+        encoder, images, ground_truth=truth, verbose=False).result_
+        for placement in ("device", "host")]
+    resident, streamed = results
+    for name in ("scores", "removed", "windows", "triggers", "poison_probability"):
+        assert torch.equal(getattr(resident, name), getattr(streamed, name)), name
+    assert streamed.config["bank_placement"] == "host"
+
+
 def test_precision_setting():
     assert Config().for_device(torch.device("cpu")).precision == "fp32"
     assert Config().for_device(torch.device("cuda")).precision == "bf16"

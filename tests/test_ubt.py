@@ -228,7 +228,7 @@ def test_interrupted_defense_resumes_to_the_uninterrupted_model(pairs, models, t
     monkeypatch.setattr(defend_module, stage, interrupt)
     with pytest.raises(KeyboardInterrupt):
         defend(model, images, tokens, reference=reference, config=settings, verbose=False,
-               checkpoint_dir=tmp_path)
+               checkpoint_dir=tmp_path, save_every_s=0.0)
     monkeypatch.setattr(defend_module, stage, real)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == (["ubt-overfit.pt", "ubt-split.pt"] if stage == "trained_pair_cosines"

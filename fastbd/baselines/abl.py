@@ -46,15 +46,18 @@ class ABLConfig:
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,
         config: ABLConfig | None = None, device: torch.device | str = "cpu",
-        verbose: bool = True, checkpoint_dir: str | Path | None = None) -> DefenseResult:
+        verbose: bool = True, checkpoint_dir: str | Path | None = None,
+        save_every_s: float = 60.0) -> DefenseResult:
     """Gradient ascent on InfoNCE over D_susp batches, on a copy of ``model`` (pairs: uint8
     images ``N×3×S×S``, token ids ``N×L``). ``checkpoint_dir``: as ``fastbd.ubt.defend`` (the
-    split and the ascent's state after each epoch, ``abl-*.pt``)."""
+    split and the ascent's state after epochs, at most every ``save_every_s`` seconds,
+    ``abl-*.pt``)."""
     config = config or ABLConfig()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
     device = torch.device(device)
-    stages = defense_stages(checkpoint_dir, "abl", config, images, tokens, model, reference)
+    stages = defense_stages(checkpoint_dir, "abl", config, images, tokens, model, reference,
+                            save_every_s)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reference_sim, suspicious, _ = saved_split(stages, reference, images, tokens,
@@ -78,7 +81,7 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0)
+        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
     tuned.eval()
     timings["unlearn"] = time.perf_counter() - start
     stages.clear()

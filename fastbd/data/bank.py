@@ -162,6 +162,58 @@ class ImageBank:
         return bank, report
 
 
+class HostRows:
+    """uint8 images ``N×3×S×S`` left in host memory (e.g. a memory-mapped bank larger than the
+    device's memory) and read like a device tensor: indexing with a slice, an int64 index
+    tensor (on any device) or an int returns those rows copied to ``device``. It has ``shape``,
+    ``dtype``, ``ndim`` and ``device`` (the compute device), and nothing else of a tensor, so
+    code that would read the whole bank at once fails instead of copying it."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device | str) -> None:
+        self.images = images
+        self.device = torch.device(device)
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu()
+        rows = self.images[index]
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+
+BANK_PLACEMENTS = ("auto", "device", "host")
+
+
+def place_images(images: torch.Tensor, device: torch.device | str, placement: str = "auto",
+                 free_bytes: int | None = None, max_fraction: float = 0.5
+                 ) -> torch.Tensor | HostRows:
+    """uint8 ``N×3×S×S`` images where a detector reads them: moved to ``device``
+    (``placement="device"``), or left in host memory behind ``HostRows`` (``"host"``);
+    ``"auto"`` moves them when they take at most ``max_fraction`` of the device's free memory
+    (``free_bytes``, default: what CUDA reports; on a CPU the images stay where they are)."""
+    if placement not in BANK_PLACEMENTS:
+        raise ValueError(f"bank placement must be one of {', '.join(BANK_PLACEMENTS)}, got "
+                         f"{placement!r}")
+    device = torch.device(device)
+    if placement == "auto":
+        if free_bytes is None:
+            free_bytes = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                          else None)
+        nbytes = images.numel() * images.element_size()
+        placement = ("device" if free_bytes is None or nbytes <= max_fraction * free_bytes
+                     else "host")
+        if placement == "host":
+            log.info("the images (%.1f GB) exceed %.0f %% of the device's free memory "
+                     "(%.1f GB): they stay in host memory and are copied in per batch",
+                     nbytes / 1e9, 100 * max_fraction, free_bytes / 1e9)
+    return images.to(device) if placement == "device" else HostRows(images, device)
+
+
 def _manifest_path(cache: str | Path) -> Path:
     return Path(cache).with_suffix(".json")
 

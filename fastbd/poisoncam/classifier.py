@@ -21,7 +21,6 @@ gap in the ensemble's margins instead of the argmax (``ClassifierConfig.threshol
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,8 +128,9 @@ def paste_triggers(images: torch.Tensor, rows: torch.Tensor, triggers: torch.Ten
     xs = config.paste_margin + (torch.rand(k, generator=generator)
                                 * (limit - config.paste_margin + 1)).long()
     which = torch.randint(triggers.shape[0], (k,), generator=generator)
-    return paste(images, triggers.to(device), rows.to(device), which.to(device), ys.to(device),
-                 xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
+    picked = images[rows.to(device)]  # gathered: the bank may be a HostRows view
+    return paste(picked, triggers.to(device), torch.arange(k, device=device), which.to(device),
+                 ys.to(device), xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
 
 
 def fit_pool_model(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
@@ -244,7 +244,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         saved = EpochCheckpoint(path, {"classifier": asdict(config), "seed": seed,
                                        "member": member, "mean": list(mean), "std": list(std)},
                                 (images, pool, triggers, val_pos, val_neg), {"model": model},
-                                optimizer, schedule, {"batches": g}, device)
+                                optimizer, schedule, {"batches": g}, device, save_every_s)
         steps = saved.restore(refuse_other=False)[1] if resume else 0
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
@@ -253,7 +253,6 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         bar = tqdm(total=config.iterations, initial=steps,
                    desc=f"classifier {member + 1}/{config.n_models}", disable=not verbose,
                    unit="it")
-        last_save = time.perf_counter()
         done = bool(saved.extra.get("done")) if steps else False
         for step in range(steps + 1, (steps if done else config.iterations) + 1):
             model.train()
@@ -274,11 +273,10 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                 bar.set_postfix(f1=f"{f1:.2f}")
                 if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
                     break
-            if time.perf_counter() - last_save >= save_every_s:
-                saved.save([], steps, 0.0, extra={"history": history, "best": best})
-                last_save = time.perf_counter()
+            saved.save([], steps, 0.0, extra={"history": history, "best": best})
         if not done:
-            saved.save([], steps, 0.0, extra={"history": history, "best": best, "done": True})
+            saved.save([], steps, 0.0, extra={"history": history, "best": best, "done": True},
+                       final=True)
         bar.close()
         model.eval()
         models.append(model)

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from fastbd.data.bank import BANK_PLACEMENTS
+
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -79,7 +81,10 @@ class Config:
     * classifier: the top ``drop_top_fraction`` by score are left out of its training pool;
     * ``precision`` of the clustering features, masked views and flip tests: ``fp32``, ``bf16``
       (a bfloat16 copy of the encoder, and ``mask_fill`` / ``paste`` write bfloat16 input), or
-      ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used.
+      ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used;
+    * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host
+      memory, e.g. memory-mapped, and copied in per batch) or ``auto`` — on the device when
+      they take at most half its free memory (``fastbd.data.bank.place_images``).
     """
 
     n_clusters: int = 1000
@@ -100,12 +105,16 @@ class Config:
     reference_size: int = 224
     batch_size: int = 512
     precision: str = "auto"
+    bank_placement: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")
+        if self.bank_placement not in BANK_PLACEMENTS:
+            raise ValueError(f"bank_placement must be one of {', '.join(BANK_PLACEMENTS)}, got "
+                             f"{self.bank_placement!r}")
 
     def for_device(self, device: torch.device) -> Config:
         """This config with an ``auto`` precision resolved for ``device`` (bf16 on CUDA, fp32

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastbd.data.bank import ImageBank
+from fastbd.data.bank import ImageBank, place_images
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, embed_images
 from fastbd.poisoncam.classifier import (
@@ -72,10 +72,10 @@ def _as_images(images: torch.Tensor | ImageBank) -> torch.Tensor:
 
 
 def search_settings(config: Config) -> dict[str, object]:
-    """The fields of a (scaled) config that shape the search — all but the classifier's and
-    the encoding batch size, which a resumed run may change."""
+    """The fields of a (scaled) config that shape the search — all but the classifier's, the
+    encoding batch size and where the images are kept, which a resumed run may change."""
     settings = config.to_dict()
-    del settings["classifier"], settings["batch_size"]
+    del settings["classifier"], settings["batch_size"], settings["bank_placement"]
     return settings
 
 
@@ -126,7 +126,7 @@ class Detector:
         dtype = PRECISIONS[config.precision]
         encoder = encoder.to(device).eval()
         infer = encoder if encoder.dtype == dtype else copy.deepcopy(encoder).to(dtype)
-        bank = bank.to(device)
+        bank = place_images(bank, device, config.bank_placement)
         timer = _Timer()
         mean, std = encoder.mean, encoder.std
 

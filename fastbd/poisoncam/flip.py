@@ -73,7 +73,8 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
         return scores
     per_batch = max(1, candidates_per_batch)
     buffer = torch.empty(per_batch * n_test, 3, size, size, dtype=dtype, device=device)
-    test_index = test_index.to(device)
+    test_images = images[test_index.to(device)]  # gathered once: the bank may be HostRows
+    test_index = torch.arange(n_test, device=device)
     for start in range(0, n_cand, per_batch):
         count = min(per_batch, n_cand - start)
         jobs = count * n_test
@@ -81,7 +82,7 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
                                 device=generator.device).to(device)
         patch_index = torch.arange(count, device=device).repeat_interleave(n_test)
         view = buffer[:jobs]
-        paste(images, triggers[start:start + count].to(device), test_index.repeat(count),
+        paste(test_images, triggers[start:start + count].to(device), test_index.repeat(count),
               patch_index, corners[:, 0], corners[:, 1], mean=mean, std=std, out=view)
         after, _ = encode_assign(view)
         after = after.view(count, n_test)

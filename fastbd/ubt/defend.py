@@ -169,7 +169,7 @@ def epoch_checkpoint(stages: StageFiles, stage: str, model: nn.Module,
     """The ``EpochCheckpoint`` of a training stage kept in ``stages`` and the epochs it had
     done (its state is loaded into ``model``, ``optimizer``, ``generator``)."""
     saved = EpochCheckpoint(stages.path(stage), stages.run, (), {"model": model}, optimizer,
-                            None, {"batches": generator}, device)
+                            None, {"batches": generator}, device, stages.save_every_s)
     epochs_done = saved.restore(refuse_other=False)[1]
     if epochs_done:
         log.info("%s: continuing after epoch %d", stage, epochs_done)
@@ -181,7 +181,8 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             device: torch.device, verbose: bool, stages: StageFiles = NO_STAGES) -> nn.Module:
     """A copy of ``model`` trained to sharpen the backdoor (step 2): each step
     ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch. With ``stages`` the
-    training state is saved after each epoch (the last included) and continued from."""
+    training state is saved after epochs (at most every ``stages.save_every_s`` seconds, and
+    after the last) and continued from."""
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
     optimizer = adamw(tuned.parameters(), lr=config.overfit_lr)
@@ -203,7 +204,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0)
+        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
     return tuned.eval()
 
 
@@ -215,7 +216,8 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     batch encodes its distinct images and captions once.
     ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``:
     (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term. With
-    ``stages`` the training state is saved after each epoch and continued from."""
+    ``stages`` the training state is saved after epochs (as in ``overfit``) and continued
+    from."""
     k, c = images.shape[0], captions.shape[0]
     pairs = torch.cartesian_prod(torch.arange(k), torch.arange(c))
     optimizer = adamw(model.parameters(), lr=config.unlearn_lr)
@@ -239,7 +241,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0)
+        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
     model.eval()
 
 
@@ -265,14 +267,15 @@ def check_statistic(tuned: nn.Module, images: torch.Tensor, tokens: torch.Tensor
 
 def defense_stages(checkpoint_dir: str | Path | None, prefix: str, config: object,
                    images: torch.Tensor, tokens: torch.Tensor, model: nn.Module,
-                   reference: nn.Module) -> StageFiles:
+                   reference: nn.Module, save_every_s: float = 60.0) -> StageFiles:
     """The stage files of a defense run in ``checkpoint_dir`` (None: none kept), tagged with
     its config and fingerprints of the pairs, the model and the reference model."""
     if checkpoint_dir is None:
         return NO_STAGES
     return StageFiles(checkpoint_dir, prefix, {
         "config": asdict(config), "pairs": fingerprint(images, tokens),
-        "model": module_fingerprint(model), "reference": module_fingerprint(reference)})
+        "model": module_fingerprint(model), "reference": module_fingerprint(reference)},
+        save_every_s)
 
 
 def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
@@ -292,10 +295,11 @@ def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
 def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
            reference: nn.Module, config: Config | None = None,
            device: torch.device | str = "cpu", verbose: bool = True,
-           checkpoint_dir: str | Path | None = None) -> UBTResult:
+           checkpoint_dir: str | Path | None = None, save_every_s: float = 60.0) -> UBTResult:
     """Run UBT on pairs (uint8 images ``N×3×S×S``, token ids ``N×L``). ``model`` is left as it
     is; the purified copy is ``result.model``. With ``checkpoint_dir`` the suspicious split
-    and the overfit and unlearning stages' training state (after each epoch) are kept there
+    and the overfit and unlearning stages' training state (after an epoch, at most every
+    ``save_every_s`` seconds, and after the last) are kept there
     (``ubt-*.pt``), a rerun with the same config, pairs and models continues from them to the
     result of an uninterrupted run, and they are deleted once the result is built."""
     config = config or Config()
@@ -303,7 +307,8 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     check_pairs(images, tokens, reference)
     device = torch.device(device)
     n = images.shape[0]
-    stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference)
+    stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference,
+                            save_every_s)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reference_sim, suspicious, normal = saved_split(stages, reference, images, tokens,
