@@ -114,6 +114,9 @@ def test_bank_cache_is_reused_only_for_the_files_it_was_built_from(tmp_path, ima
     built, report = ImageBank.from_files(with_bad, 16, crop_ratio=1.0, skip_bad=True,
                                          cache=cache, verbose=False)
     assert torch.equal(built.images, images) and report.kept == [0, 1, 3, 4, 5]
+    # written row by row into the file and compacted past the bad one; no temporary left
+    assert torch.equal(torch.from_numpy(np.load(cache)), images)
+    assert sorted(p.name for p in tmp_path.glob("bank*")) == ["bank.json", "bank.npy"]
 
     reads = []
     real_load = bank_module.load_image
@@ -137,6 +140,15 @@ def test_bank_cache_is_reused_only_for_the_files_it_was_built_from(tmp_path, ima
     reads.clear()
     rebuilt, _ = ImageBank.from_files(paths, 16, crop_ratio=1.0, cache=cache, verbose=False)
     assert len(reads) == 5 and torch.equal(rebuilt.images[0], images[0].flip(-1))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bank_module, "load_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ImageBank.from_files(with_bad, 16, crop_ratio=1.0, skip_bad=True, cache=cache,
+                             verbose=False)
+    assert not (tmp_path / "bank.json").exists()  # a half-built bank is never reused
 
 
 def test_host_rows_read_like_a_device_tensor(gen):

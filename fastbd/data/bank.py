@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,11 +108,16 @@ class ImageBank:
                 part = part.pin_memory()
             yield start, part if device is None else part.to(device, non_blocking=True)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a ``.npy`` file (reload with ``ImageBank.load(path, mmap=True)``)."""
+    def save(self, path: str | Path, chunk: int = 4096) -> Path:
+        """Write a ``.npy`` file, ``chunk`` images at a time (reload with
+        ``ImageBank.load(path, mmap=True)``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, self.images.cpu().numpy())
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                        shape=tuple(self.images.shape))
+        for start, part in self.chunks(chunk):
+            out[start:start + part.shape[0]] = part.cpu().numpy()
+        out.flush()
         return path
 
     @classmethod
@@ -138,10 +144,19 @@ class ImageBank:
             if reused is not None:
                 return reused
         report = LoadReport()
-        images = []
+        shape = (len(paths), 3, size, size)
+        if cache is not None:  # written straight to disk: the bank need not fit in memory
+            cache = Path(cache)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            _manifest_path(cache).unlink(missing_ok=True)  # no manifest for a half-written bank
+            partial = cache.with_name(cache.name + ".partial")
+            target = torch.from_numpy(np.lib.format.open_memmap(partial, mode="w+",
+                                                                dtype=np.uint8, shape=shape))
+        else:
+            target = torch.empty(shape, dtype=torch.uint8)
         for i, path in enumerate(tqdm(paths, desc="reading images", disable=not verbose)):
             try:
-                images.append(load_image(path, size, crop_ratio))
+                target[len(report.kept)] = load_image(path, size, crop_ratio)
                 report.kept.append(i)
             except ImageReadError as exc:
                 if not skip_bad:
@@ -150,16 +165,23 @@ class ImageBank:
         if report.skipped:
             log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
                         report.skipped[0][0])
-        if not images:
+        if not report.kept:
             raise ValueError("none of the images could be read")
-        bank = cls(torch.stack(images))
-        if cache is not None:
-            _manifest_path(cache).unlink(missing_ok=True)  # no manifest for a half-written bank
-            bank.save(cache)
-            manifest.update(kept=report.kept, skipped=report.skipped)
-            _manifest_path(cache).write_text(json.dumps(manifest))
-            bank = cls.load(cache)
-        return bank, report
+        images = target[:len(report.kept)]
+        if cache is None:
+            return cls(images), report
+        if report.skipped:  # the kept rows, compacted into a file of their own
+            compact = cache.with_name(cache.name + ".compact")
+            cls(images).save(compact)
+            del images, target
+            os.replace(compact, cache)
+            partial.unlink()
+        else:
+            del images, target
+            os.replace(partial, cache)
+        manifest.update(kept=report.kept, skipped=report.skipped)
+        _manifest_path(cache).write_text(json.dumps(manifest))
+        return cls.load(cache), report
 
 
 class HostRows:
