@@ -215,3 +215,31 @@ def test_stage_files_load_only_their_own_run(tmp_path):
     nowhere = StageFiles(None, "ubt", {})
     nowhere.save("split", {"x": 1})
     assert nowhere.load("split") is None and nowhere.path("split") is None
+
+
+def test_threaded_reads_keep_the_list_order(tmp_path, gen):
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    export_images(tmp_path, images, torch.zeros(40, dtype=torch.long))
+    paths = sorted((tmp_path / "train").glob("*.png"))
+    (tmp_path / "train" / "broken.png").write_bytes(b"not a png")
+    mixed = [*paths[:7], tmp_path / "train" / "broken.png", *paths[7:30],
+             tmp_path / "train" / "gone.png", *paths[30:]]
+    serial, serial_report = ImageBank.from_files(mixed, 8, crop_ratio=1.0, skip_bad=True,
+                                                 verbose=False, workers=1)
+    threaded, report = ImageBank.from_files(mixed, 8, crop_ratio=1.0, skip_bad=True,
+                                            verbose=False, workers=3)
+    assert torch.equal(threaded.images, images) and torch.equal(serial.images, images)
+    assert report.kept == serial_report.kept and report.skipped == serial_report.skipped
+    assert [p for p, _ in report.skipped] == [str(mixed[7]), str(mixed[31])]
+    # small files are read in this thread; force the thread pool (tasks of 4, in flight 3·64)
+    from fastbd.data.bank import _ordered_reads
+
+    pooled = list(_ordered_reads(mixed, 8, 1.0, 3, per_task=4, parallel_above_s=0.0))
+    assert [str(p) for p, _ in pooled] == [str(p) for p in mixed]
+    kept = [image for _, image in pooled if not isinstance(image, ImageReadError)]
+    assert torch.equal(torch.stack(kept), images)
+    assert [i for i, (_, image) in enumerate(pooled) if isinstance(image, ImageReadError)] \
+        == [7, 31]
+    for listed, first_bad in ((mixed, "broken.png"), (mixed[::-1], "gone.png")):
+        with pytest.raises(ImageReadError, match=first_bad):  # the first bad file listed
+            ImageBank.from_files(listed, 8, crop_ratio=1.0, verbose=False, workers=3)

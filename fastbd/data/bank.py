@@ -12,8 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -128,13 +132,15 @@ class ImageBank:
     @classmethod
     def from_files(cls, paths: Sequence[str | Path], size: int, *, crop_ratio: float = 224 / 256,
                    skip_bad: bool = False, cache: str | Path | None = None,
-                   verbose: bool = True) -> tuple[ImageBank, LoadReport]:
+                   verbose: bool = True, workers: int | None = None
+                   ) -> tuple[ImageBank, LoadReport]:
         """Read image files through the eval transform. A bad file raises ``ImageReadError``
         naming it, unless ``skip_bad`` (then it is left out and listed in the report, and a
         warning says how many). With ``cache``, the bank is written to / memory-mapped from that
         ``.npy``, beside a ``.json`` manifest of what it was built from (the files' paths, sizes
         and modification times, ``size``, ``crop_ratio``, the report); it is reused only when
-        the manifest matches, so a changed file list or image rebuilds it."""
+        the manifest matches, so a changed file list or image rebuilds it. ``workers`` threads
+        decode the files (default: the CPU count, at most 8); the bank keeps the list's order."""
         if not paths:
             raise ValueError("no image paths given")
         manifest = None
@@ -154,14 +160,17 @@ class ImageBank:
                                                                 dtype=np.uint8, shape=shape))
         else:
             target = torch.empty(shape, dtype=torch.uint8)
-        for i, path in enumerate(tqdm(paths, desc="reading images", disable=not verbose)):
-            try:
-                target[len(report.kept)] = load_image(path, size, crop_ratio)
-                report.kept.append(i)
-            except ImageReadError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((str(path), str(exc)))
+        workers = workers or min(8, os.cpu_count() or 1)
+        with closing(_ordered_reads(list(paths), size, crop_ratio, workers)) as reads:
+            for i, (path, image) in enumerate(tqdm(reads, total=len(paths),
+                                                   desc="reading images", disable=not verbose)):
+                if isinstance(image, ImageReadError):
+                    if not skip_bad:
+                        raise image
+                    report.skipped.append((str(path), str(image)))
+                else:
+                    target[len(report.kept)] = image
+                    report.kept.append(i)
         if report.skipped:
             log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
                         report.skipped[0][0])
@@ -182,6 +191,46 @@ class ImageBank:
         manifest.update(kept=report.kept, skipped=report.skipped)
         _manifest_path(cache).write_text(json.dumps(manifest))
         return cls.load(cache), report
+
+
+def _read(paths: list[str | Path], size: int, crop_ratio: float
+          ) -> list[torch.Tensor | ImageReadError]:
+    out: list[torch.Tensor | ImageReadError] = []
+    for path in paths:
+        try:
+            out.append(load_image(path, size, crop_ratio))
+        except ImageReadError as exc:
+            out.append(exc)
+    return out
+
+
+def _ordered_reads(paths: list[str | Path], size: int, crop_ratio: float, workers: int,
+                   per_task: int = 16, parallel_above_s: float = 1e-3
+                   ) -> Iterator[tuple[str | Path, torch.Tensor | ImageReadError]]:
+    """``(path, image or its ImageReadError)`` in the list's order, ``per_task`` files per task.
+    The first task is timed: when a file takes longer than ``parallel_above_s`` (decoding
+    dominates, and PIL releases the GIL for it) the rest go to ``workers`` threads, at most
+    ``64·workers`` tasks in flight; otherwise they are read in this thread (measured on two
+    cores: 800 ImageNet-sized JPEGs 2.8 → 1.3–1.6 s with two threads, but 5,000 32-px PNGs
+    0.6 → 1.3 s, the threads fighting over the GIL)."""
+    tasks = [paths[i:i + per_task] for i in range(0, len(paths), per_task)]
+    if not tasks:
+        return
+    start = time.perf_counter()
+    first = _read(tasks[0], size, crop_ratio)
+    yield from zip(tasks[0], first, strict=True)
+    slow = (time.perf_counter() - start) / len(tasks[0]) > parallel_above_s
+    if workers == 1 or not slow:
+        for task in tasks[1:]:
+            yield from zip(task, _read(task, size, crop_ratio), strict=True)
+        return
+    window = 64 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        for begin in range(1, len(tasks), window):
+            part = tasks[begin:begin + window]
+            for names, images in zip(part, pool.map(_read, part, repeat(size),
+                                                    repeat(crop_ratio)), strict=True):
+                yield from zip(names, images, strict=True)
 
 
 class HostRows:
