@@ -166,3 +166,19 @@ class StageFiles:
         if self.directory is not None:
             for path in Path(self.directory).glob(f"{self.prefix}-*.pt"):
                 path.unlink(missing_ok=True)
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """One line saying how ``state`` fails to fit ``model`` (empty when it fits): how many keys
+    are missing, unexpected or of another shape, with up to three examples of each — torch's
+    own message lists every key, hundreds for a wrong architecture."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    reshaped = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in own
+                if key in state and isinstance(state[key], torch.Tensor)
+                and state[key].shape != own[key].shape]
+    parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}" for what, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("keys of another shape (checkpoint vs model)", reshaped)) if keys]
+    return "; ".join(parts)

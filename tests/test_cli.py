@@ -103,6 +103,8 @@ def test_clip_defense_command_errors(clip_pairs_csv, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert f"checkpoint {root / 'poisoned.pt'} does not fit the 'RN50' CLIP" in error
+    assert error.count("\n") == 1 and len(error) < 800  # counts and examples, not every key
+    assert "missing keys, e.g." in error and "keys of another shape" in error
 
 
 @pytest.fixture(scope="module")

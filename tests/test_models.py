@@ -287,3 +287,18 @@ def test_zero_shot_and_retrieval():
     assert recall["image_to_text_R@1"] == 1.0 and recall["text_to_image_R@2"] == 1.0
     with pytest.raises(ValueError, match="at least one"):
         zero_shot_weights(model, clip_tokenizer(), [], ("{}",))
+
+
+def test_state_dict_mismatch_counts_and_names_examples():
+    from torch import nn
+
+    from fastbd.storage import state_dict_mismatch
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = model.state_dict()
+    assert state_dict_mismatch(model, state) == ""
+    state = {**state, "0.weight": torch.zeros(5, 3), "extra": torch.zeros(1)}
+    del state["1.bias"]
+    assert state_dict_mismatch(model, state) == (
+        "1 missing keys, e.g. 1.bias; 1 unexpected keys, e.g. extra; "
+        "1 keys of another shape (checkpoint vs model), e.g. 0.weight (5, 3) vs (4, 3)")

@@ -115,6 +115,7 @@ def test_train_ssl_encoder_goes_to_the_detectors(tmp_path, capsys):
     assert summary["images"] == 60 and "metrics" in summary
     assert json.loads((tmp_path / "det" / "result.json").read_text())["n_images"] == 60
     assert main([*detect, "--arch", "smallconv16"]) == 2  # trained at width 4
-    assert "does not fit" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "does not fit" in error and "(4, 3, 3, 3) vs (16, 3, 3, 3)" in error
     assert main([*detect, "--arch", "smallconvx"]) == 2
     assert "named smallconv<width>" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import EpochCheckpoint, state_dict_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,10 @@ def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"checkpoint {path} does not fit the {arch!r} CLIP: {error}"
-                             ) from error
+        mismatch = state_dict_mismatch(model, state)
+        if mismatch:
+            raise ValueError(f"checkpoint {path} does not fit the {arch!r} CLIP: {mismatch}")
+        model.load_state_dict(state)
     return model.eval()
 
 

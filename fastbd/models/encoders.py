@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbd.storage import state_dict_mismatch
+
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,8 +216,8 @@ def load_state(model: nn.Module, checkpoint: str | Path) -> None:
     try:
         result = model.load_state_dict(cleaned, strict=False)
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {error}"
-                         ) from error
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                         f"{state_dict_mismatch(model, cleaned) or error}") from error
     missing = [k for k in result.missing_keys if not k.startswith(("fc.", "head."))]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} backbone weights, e.g. "
