@@ -165,13 +165,15 @@ def test_host_rows_read_like_a_device_tensor(gen):
         rows.float()  # nothing reads the whole bank at once
 
 
-def test_place_images_keeps_large_banks_in_host_memory():
-    from fastbd.data.bank import HostRows, place_images
+def test_large_banks_stay_in_host_memory():
+    from fastbd.data.bank import HostRows, bank_placement, place_images
 
     images = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)  # 480 bytes
-    assert isinstance(place_images(images, "cpu", "auto", free_bytes=959), HostRows)
-    assert place_images(images, "cpu", "auto", free_bytes=960) is images
-    assert place_images(images, "cpu") is images  # no free-memory figure on a CPU
+    assert bank_placement(images, "cuda", "auto", free_bytes=959) == "host"
+    assert bank_placement(images, "cuda", "auto", free_bytes=960) == "device"
+    assert bank_placement(images, "cpu", "auto", free_bytes=1) == "device"  # already there
+    assert bank_placement(images, "cuda", "host") == "host"
+    assert place_images(images, "cpu") is images
     assert isinstance(place_images(images, "cpu", "host"), HostRows)
     assert place_images(images, "cpu", "device") is images
     with pytest.raises(ValueError, match="placement"):

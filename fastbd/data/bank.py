@@ -260,29 +260,39 @@ class HostRows:
 BANK_PLACEMENTS = ("auto", "device", "host")
 
 
-def place_images(images: torch.Tensor, device: torch.device | str, placement: str = "auto",
-                 free_bytes: int | None = None, max_fraction: float = 0.5
-                 ) -> torch.Tensor | HostRows:
-    """uint8 ``N×3×S×S`` images where a detector reads them: moved to ``device``
-    (``placement="device"``), or left in host memory behind ``HostRows`` (``"host"``);
-    ``"auto"`` moves them when they take at most ``max_fraction`` of the device's free memory
-    (``free_bytes``, default: what CUDA reports; on a CPU the images stay where they are)."""
+def bank_placement(images: torch.Tensor, device: torch.device | str, placement: str = "auto",
+                   free_bytes: int | None = None, max_fraction: float = 0.5) -> str:
+    """Where ``place_images`` keeps uint8 ``N×3×S×S`` images: ``"device"`` or ``"host"``.
+    ``"auto"``: on the device when they are already there, or take at most ``max_fraction`` of
+    its free memory (``free_bytes``, default: what CUDA reports; a CPU has no limit)."""
     if placement not in BANK_PLACEMENTS:
         raise ValueError(f"bank placement must be one of {', '.join(BANK_PLACEMENTS)}, got "
                          f"{placement!r}")
     device = torch.device(device)
-    if placement == "auto":
-        if free_bytes is None:
-            free_bytes = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
-                          else None)
-        nbytes = images.numel() * images.element_size()
-        placement = ("device" if free_bytes is None or nbytes <= max_fraction * free_bytes
-                     else "host")
-        if placement == "host":
-            log.info("the images (%.1f GB) exceed %.0f %% of the device's free memory "
-                     "(%.1f GB): they stay in host memory and are copied in per batch",
-                     nbytes / 1e9, 100 * max_fraction, free_bytes / 1e9)
-    return images.to(device) if placement == "device" else HostRows(images, device)
+    if placement != "auto":
+        return placement
+    if images.device == device:
+        return "device"
+    if free_bytes is None:
+        if device.type != "cuda":
+            return "device"
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    nbytes = images.numel() * images.element_size()
+    if nbytes <= max_fraction * free_bytes:
+        return "device"
+    log.info("the images (%.1f GB) exceed %.0f %% of the device's free memory (%.1f GB): they "
+             "stay in host memory and are copied in per batch", nbytes / 1e9,
+             100 * max_fraction, free_bytes / 1e9)
+    return "host"
+
+
+def place_images(images: torch.Tensor, device: torch.device | str, placement: str = "auto"
+                 ) -> torch.Tensor | HostRows:
+    """uint8 ``N×3×S×S`` images where a detector reads them (``bank_placement``): moved to
+    ``device``, or left in host memory behind ``HostRows``."""
+    if bank_placement(images, device, placement) == "device":
+        return images.to(device)
+    return HostRows(images.cpu(), device)
 
 
 def _manifest_path(cache: str | Path) -> Path:
