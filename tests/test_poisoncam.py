@@ -27,6 +27,8 @@ from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
 from fastbd.poisoncam.search import SearchState, drop_count, run_search
 
+from testutil import cuda
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 MAGENTA = torch.tensor([255, 0, 255], dtype=torch.uint8)
 
@@ -318,8 +320,9 @@ def test_detector_resumes_an_interrupted_classifier(gen, monkeypatch, tmp_path):
     assert not list(tmp_path.glob("classifier-*"))  # removed once the result is built
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
 @pytest.mark.parametrize("method", ["poisoncam", "patchsearch"])
-def test_images_left_in_host_memory_give_the_same_result(gen, method):
+def test_images_left_in_host_memory_give_the_same_result(gen, method, device):
     from fastbd.models import small_encoder
 
     images, truth, _ = world(gen, n=80, poisoned=8)
@@ -330,7 +333,7 @@ def test_images_left_in_host_memory_give_the_same_result(gen, method):
                                                       width=4, paste_size=(56, 84),
                                                       paste_margin=0))
     results = [Detector(replace(config, bank_placement=placement), method).fit(
-        encoder, images, ground_truth=truth, verbose=False).result_
+        encoder, images, device=device, ground_truth=truth, verbose=False).result_
         for placement in ("device", "host")]
     resident, streamed = results
     for name in ("scores", "removed", "windows", "triggers", "poison_probability"):
