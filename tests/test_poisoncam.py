@@ -270,6 +270,10 @@ def test_detector_resume_equals_uninterrupted_and_refuses_another_search(gen, tm
     full = PoisonCAM(config).fit(trigger_encoder(), images, verbose=False).result_
     PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path, max_rounds=1,
                           verbose=False)
+    saved = (tmp_path / "search_state.pt").read_bytes()
+    with pytest.raises(ValueError, match="unfinished search.*--resume"):
+        PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path, verbose=False)
+    assert (tmp_path / "search_state.pt").read_bytes() == saved  # not overwritten
     resumed = PoisonCAM(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
                                     resume=True, verbose=False).result_
     assert torch.equal(full.scores, resumed.scores) and len(full.rounds) > 1

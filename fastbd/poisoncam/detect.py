@@ -119,6 +119,15 @@ class Detector:
         them. ``max_rounds`` stops the search early (the classifier then runs on what was
         scored)."""
         bank = _as_images(images)
+        state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
+        if not resume and state_path is not None and state_path.is_file():
+            saved = SearchState.load(state_path)
+            if saved.remaining:  # refused before any work: a rerun must not overwrite it
+                raise ValueError(
+                    f"{state_path} holds an unfinished search ({saved.round} rounds, "
+                    f"{int(saved.scored.sum())} images scored); continue it with --resume "
+                    "(resume=True), or delete it or choose another output directory to start "
+                    "afresh")
         device = torch.device(device) if device is not None else next(
             encoder.parameters()).device
         n, size = bank.shape[0], bank.shape[-1]
@@ -151,7 +160,6 @@ class Detector:
 
         find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, timer,
                                       device, dtype)
-        state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
         state = None
         run = {"method": self.method, "config": search_settings(config),
                "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
