@@ -235,7 +235,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     for member in range(config.n_models):
         torch.manual_seed(seed * 101 + member)
         g = torch.Generator().manual_seed(seed * 7919 + member)
-        model = PoisonNet(config.width, size).to(device)
+        model = PoisonNet(config.width, size).to(device, memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         schedule = warmup_cosine(optimizer, 0, config.iterations)
