@@ -168,6 +168,10 @@ class StageFiles:
                 path.unlink(missing_ok=True)
 
 
+NO_STAGES = StageFiles(None, "", {})
+"""Nothing kept: the stage files of a run without a checkpoint directory."""
+
+
 def state_dict_mismatch(model: nn.Module, state: dict) -> str:
     """One line saying how ``state`` fails to fit ``model`` (empty when it fits): how many keys
     are missing, unexpected or of another shape, with up to three examples of each — torch's

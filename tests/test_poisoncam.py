@@ -26,6 +26,7 @@ from fastbd.poisoncam.classifier import (
 from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
 from fastbd.poisoncam.search import SearchState, drop_count, run_search
+from fastbd.storage import StageFiles
 
 from testutil import cuda
 
@@ -493,19 +494,22 @@ def test_classifier_resume_equals_uninterrupted(gen, monkeypatch, tmp_path, stop
                               patience=50, paste_size=(4, 6), paste_margin=0)
     full, full_report, _ = _classifier_run(gen, config, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        _classifier_run(gen, config, monkeypatch, stop_after=stop_after, checkpoint_dir=tmp_path,
-                        save_every_s=0.0)
-    resumed, report, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path,
+        _classifier_run(gen, config, monkeypatch, stop_after=stop_after,
+                        stages=StageFiles(tmp_path, "classifier", {}, 0.0))
+    resumed, report, drawn = _classifier_run(gen, config, monkeypatch,
+                                             stages=StageFiles(tmp_path, "classifier", {}),
                                              resume=True)
     assert drawn == 60 - stop_after  # a finished member is loaded, not retrained
     assert _same_weights(full, resumed) and report == full_report
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "classifier-member0.pt", "classifier-member1.pt"]
-    _, _, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path)
+    _, _, drawn = _classifier_run(gen, config, monkeypatch,
+                                  stages=StageFiles(tmp_path, "classifier", {}))
     assert drawn == 60  # without resume every member starts afresh
     other = replace(config, lr=0.02)
     fresh, _, _ = _classifier_run(gen, other, monkeypatch)
-    changed, _, drawn = _classifier_run(gen, other, monkeypatch, checkpoint_dir=tmp_path,
+    changed, _, drawn = _classifier_run(gen, other, monkeypatch,
+                                        stages=StageFiles(tmp_path, "classifier", {}),
                                         resume=True)
     assert drawn == 60 and _same_weights(fresh, changed)  # other settings: states ignored
 
@@ -517,9 +521,10 @@ def test_classifier_resume_keeps_early_stopped_members(gen, monkeypatch, tmp_pat
     full, full_report, _ = _classifier_run(gen, config, monkeypatch)
     assert full_report.iterations == [15, 15]
     with pytest.raises(KeyboardInterrupt):
-        _classifier_run(gen, config, monkeypatch, stop_after=17, checkpoint_dir=tmp_path,
-                        save_every_s=0.0)
-    resumed, report, drawn = _classifier_run(gen, config, monkeypatch, checkpoint_dir=tmp_path,
+        _classifier_run(gen, config, monkeypatch, stop_after=17,
+                        stages=StageFiles(tmp_path, "classifier", {}, 0.0))
+    resumed, report, drawn = _classifier_run(gen, config, monkeypatch,
+                                             stages=StageFiles(tmp_path, "classifier", {}),
                                              resume=True)
     assert drawn == 13 and report == full_report and _same_weights(full, resumed)
 

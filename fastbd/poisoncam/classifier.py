@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from fastbd.ops import paste
 from fastbd.poisoncam.config import ClassifierConfig
 from fastbd.schedules import warmup_cosine
 from fastbd.ssl.augment import colour_jitter, random_resized_crop
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import NO_STAGES, EpochCheckpoint, StageFiles
 
 log = logging.getLogger(__name__)
 
@@ -197,33 +196,20 @@ def generator_on(generator: torch.Generator, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(seed)
 
 
-CHECKPOINT_PATTERN = "classifier-member*.pt"
-"""Names of the per-member training states ``train_poison_classifier`` keeps in its
-``checkpoint_dir`` (``classifier-member0.pt``, …)."""
-
-
-def remove_checkpoints(checkpoint_dir: str | Path | None) -> None:
-    """Delete the classifier's training states in ``checkpoint_dir`` (its result is saved)."""
-    if checkpoint_dir is not None:
-        for path in Path(checkpoint_dir).glob(CHECKPOINT_PATTERN):
-            path.unlink(missing_ok=True)
-
-
 def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
                             val_pos: torch.Tensor, val_neg: torch.Tensor,
                             config: ClassifierConfig, mean, std, *, seed: int = 0,
-                            verbose: bool = True, checkpoint_dir: str | Path | None = None,
-                            resume: bool = False, save_every_s: float = 60.0,
-                            ) -> tuple[list[nn.Module], ClassifierReport]:
+                            verbose: bool = True, stages: StageFiles = NO_STAGES,
+                            resume: bool = False) -> tuple[list[nn.Module], ClassifierReport]:
     """Train the ensemble on uint8 bank ``images`` (indices ``pool``) with ``triggers`` (uint8
     ``k×3×w×w``); validate on bank rows ``val_pos`` (label 1) and ``val_neg`` (label 0).
 
-    With ``checkpoint_dir`` each member's whole training state (weights, optimizer, schedule,
-    batch stream, early-stopping history) is written atomically every ``save_every_s`` seconds
-    and when it finishes; with ``resume`` a member continues from its state — a finished one is
-    loaded, not retrained — and the ensemble ends with the very weights of an uninterrupted
-    run. A state saved for other settings or data is ignored (that member starts afresh);
-    without ``resume`` every member starts afresh."""
+    With ``stages`` each member's whole training state (weights, optimizer, schedule, batch
+    stream, early-stopping history) is written atomically to ``stages.path("member<i>")`` every
+    ``stages.save_every_s`` seconds and when it finishes; with ``resume`` a member continues
+    from its state — a finished one is loaded, not retrained — and the ensemble ends with the
+    very weights of an uninterrupted run. A state saved for other settings or data is ignored
+    (that member starts afresh); without ``resume`` every member starts afresh."""
     device = images.device
     size = images.shape[-1]
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
@@ -239,12 +225,12 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         schedule = warmup_cosine(optimizer, 0, config.iterations)
-        path = (None if checkpoint_dir is None
-                else Path(checkpoint_dir) / CHECKPOINT_PATTERN.replace("*", str(member)))
-        saved = EpochCheckpoint(path, {"classifier": asdict(config), "seed": seed,
-                                       "member": member, "mean": list(mean), "std": list(std)},
+        run = {"classifier": asdict(config), "seed": seed, "member": member,
+               "mean": list(mean), "std": list(std)}
+        saved = EpochCheckpoint(stages.path(f"member{member}"), run,
                                 (images, pool, triggers, val_pos, val_neg), {"model": model},
-                                optimizer, schedule, {"batches": g}, device, save_every_s)
+                                optimizer, schedule, {"batches": g}, device,
+                                stages.save_every_s)
         steps = saved.restore(refuse_other=False)[1] if resume else 0
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0

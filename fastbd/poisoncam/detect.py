@@ -25,7 +25,6 @@ from fastbd.poisoncam.classifier import (
     clean_pool,
     ensemble_logits,
     otsu_threshold,
-    remove_checkpoints,
     train_poison_classifier,
 )
 from fastbd.poisoncam.clustering import ClusteringModel
@@ -34,7 +33,7 @@ from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
 from fastbd.poisoncam.masking import candidate_windows
 from fastbd.poisoncam.result import DetectionResult
 from fastbd.poisoncam.search import SearchState, run_search
-from fastbd.storage import fingerprint
+from fastbd.storage import StageFiles, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +232,10 @@ class Detector:
                                  torch.Generator().manual_seed(config.seed))
             classifier_info["pool_dropped"] = int(pool.numel() - cleaned.numel())
             pool = cleaned
+        classifier_stages = StageFiles(checkpoint_dir, "classifier", {}, save_every_s)
         models, report = train_poison_classifier(bank, pool, triggers, topk, bottom, classifier,
                                                  mean, std, seed=config.seed, verbose=verbose,
-                                                 checkpoint_dir=checkpoint_dir, resume=resume,
-                                                 save_every_s=save_every_s)
+                                                 stages=classifier_stages, resume=resume)
         logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
         margin = logits[:, 1] - logits[:, 0]
         threshold = 0.0
@@ -255,7 +254,7 @@ class Detector:
             classifier=classifier_info)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
-        remove_checkpoints(checkpoint_dir)
+        classifier_stages.clear()
         self.result_ = result
         return self
 

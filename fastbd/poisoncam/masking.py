@@ -114,8 +114,7 @@ def candidate_windows(encode_assign, images: torch.Tensor, image_index: torch.Te
         count = rows.stop - rows.start
         view = buffer[: count * n_masks]
         picked = images[image_index[rows]]  # gathered: the bank may be a HostRows view
-        mask_fill(picked, positions[rows], window, mean, std,
-                  image_index=torch.arange(count, device=device), strategy=strategy, block=block,
+        mask_fill(picked, positions[rows], window, mean, std, strategy=strategy, block=block,
                   pattern=None if pattern is None else pattern[rows], fill=fill, out=view)
         ids, dist = encode_assign(view)
         labels[rows] = ids.view(count, n_masks)

@@ -42,7 +42,13 @@ from fastbd.models.clip import (
 )
 from fastbd.ops import pair_cosine
 from fastbd.schedules import adamw
-from fastbd.storage import EpochCheckpoint, StageFiles, fingerprint, module_fingerprint
+from fastbd.storage import (
+    NO_STAGES,
+    EpochCheckpoint,
+    StageFiles,
+    fingerprint,
+    module_fingerprint,
+)
 from fastbd.ubt.relevance import masked_tokens, token_relevance
 from fastbd.ubt.result import UBTResult
 
@@ -148,10 +154,6 @@ def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: flo
     keep = min(normal.numel(), max(2, math.ceil(fraction * normal.numel())))
     order = torch.argsort(reference_sim[normal], descending=True, stable=True)
     return normal[order[:keep]]
-
-
-NO_STAGES = StageFiles(None, "", {})
-"""Nothing kept: the stage files of a run without a checkpoint directory."""
 
 
 def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
