@@ -5,11 +5,15 @@ attention maps, window search) and the flip stage (``flip_counts``: ``paste`` in
 buffer, encode, assign, count) are timed per image encoded, next to the same encoder run on a
 pre-built batch of the same size (input generation and assignment excluded). The ratio
 stage ÷ encoder-only is the figure: the kernels should make input generation nearly free.
+Both stages also run with the bank left in host memory (``HostRows``, as ``Config
+.bank_placement="host"`` does for banks larger than the device): beside the resident bank, the
+cost of copying each batch's rows in (nothing on a CPU, where both are one memory).
 """
 
 import pytest
 import torch
 
+from fastbd.data.bank import HostRows
 from fastbd.poisoncam.flip import flip_counts
 from fastbd.poisoncam.masking import candidate_windows
 
@@ -26,7 +30,10 @@ SIZES = {
 }
 
 
-@pytest.mark.parametrize("stage", ["masking", "flip", "encoder_only"])
+STAGES = ["masking", "flip", "encoder_only", "masking-host", "flip-host"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_poisoncam_stages_cpu(benchmark, stage):
     _bench(benchmark, stage, **SIZES["cpu"])
 
@@ -34,7 +41,7 @@ def test_poisoncam_stages_cpu(benchmark, stage):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("model", ["gpu-resnet18", "gpu-vit_b16"])
-@pytest.mark.parametrize("stage", ["masking", "flip", "encoder_only"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_poisoncam_stages_gpu(benchmark, model, stage):
     _bench(benchmark, stage, **SIZES[model])
 
@@ -45,9 +52,11 @@ def _bench(benchmark, stage, arch, size, images, masks, window, test, candidates
                                                   device)
     g = torch.Generator().manual_seed(1)
     rows = torch.arange(images, device=device)
+    stage, _, placement = stage.partition("-")
+    source = HostRows(bank.cpu(), device) if placement == "host" else bank
     if stage == "masking":
         encoded = images * masks
-        fn = lambda: candidate_windows(encode_assign, bank, rows, encoder.mean, encoder.std,
+        fn = lambda: candidate_windows(encode_assign, source, rows, encoder.mean, encoder.std,
                                        n_masks=masks, window=window, strategy="full", block=1,
                                        fill=0.0, batch_size=batch, generator=g, dtype=dtype)
     elif stage == "flip":
@@ -55,7 +64,7 @@ def _bench(benchmark, stage, arch, size, images, masks, window, test, candidates
         triggers = bank[:candidates, :, :window, :window].contiguous()
         tests = torch.arange(test, device=device)
         labels, _ = encode_assign(encoder.normalise(bank[:test], dtype))
-        fn = lambda: flip_counts(encode_assign, bank, tests, labels, triggers, encoder.mean,
+        fn = lambda: flip_counts(encode_assign, source, tests, labels, triggers, encoder.mean,
                                  encoder.std, candidates_per_batch=candidates, generator=g,
                                  dtype=dtype)
     else:
@@ -65,6 +74,6 @@ def _bench(benchmark, stage, arch, size, images, masks, window, test, candidates
         def fn():
             with torch.no_grad():
                 return encoder(ready)
-    run(benchmark, fn, rounds=3, stage=stage, arch=arch, size=size, batch=batch,
-        dtype=str(dtype), gpu=HAS_CUDA)
+    run(benchmark, fn, rounds=3, stage=stage, placement=placement or "device", arch=arch,
+        size=size, batch=batch, dtype=str(dtype), gpu=HAS_CUDA)
     record_rates(benchmark, images=encoded)

@@ -242,6 +242,7 @@ def test_threaded_reads_keep_the_list_order(tmp_path, gen):
     assert torch.equal(torch.stack(kept), images)
     assert [i for i, (_, image) in enumerate(pooled) if isinstance(image, ImageReadError)] \
         == [7, 31]
+    assert list(_ordered_reads([], 8, 1.0, 3, parallel_above_s=0.0)) == []
     for listed, first_bad in ((mixed, "broken.png"), (mixed[::-1], "gone.png")):
         with pytest.raises(ImageReadError, match=first_bad):  # the first bad file listed
             ImageBank.from_files(listed, 8, crop_ratio=1.0, verbose=False, workers=3)

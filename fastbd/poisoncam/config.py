@@ -84,7 +84,8 @@ class Config:
       ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used;
     * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host
       memory, e.g. memory-mapped, and copied in per batch) or ``auto`` — on the device when
-      they take at most half its free memory (``fastbd.data.bank.place_images``).
+      they are already there or take at most half its free memory
+      (``fastbd.data.bank.bank_placement``).
     """
 
     n_clusters: int = 1000
