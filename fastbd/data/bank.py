@@ -251,10 +251,7 @@ class HostRows:
     def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
         if isinstance(index, torch.Tensor):
             index = index.cpu()
-        rows = self.images[index]
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()
-        return rows.to(self.device, non_blocking=True)
+        return self.images[index].to(self.device)  # used at once: pinning would buy no overlap
 
 
 BANK_PLACEMENTS = ("auto", "device", "host")
