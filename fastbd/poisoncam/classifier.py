@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.devices import conv_memory_format
 from fastbd.eval.probe import fit_linear
 from fastbd.models.encoders import Encoder
 from fastbd.ops import paste
@@ -221,7 +222,8 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     for member in range(config.n_models):
         torch.manual_seed(seed * 101 + member)
         g = torch.Generator().manual_seed(seed * 7919 + member)
-        model = PoisonNet(config.width, size).to(device, memory_format=torch.channels_last)
+        model = PoisonNet(config.width, size).to(device,
+                                                  memory_format=conv_memory_format(device))
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         schedule = warmup_cosine(optimizer, 0, config.iterations)
