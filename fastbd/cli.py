@@ -80,12 +80,19 @@ def _ops_smoke(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _write_json(out: str, name: str, payload: dict) -> Path:
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    target = path / name
-    target.write_text(json.dumps(payload, indent=2, default=str))
-    return target
+def _prepare_out(out: str | Path) -> Path:
+    """The command's output folder, checked before any work: created, writable, and emptied of
+    the result an earlier run left there (so it never looks like this run's)."""
+    from fastbd.storage import check_writable_dir, remove_result
+
+    folder = check_writable_dir(out)
+    remove_result(folder)
+    return folder
+
+
+def _duplicates(args: argparse.Namespace) -> str:
+    """The readers' duplicate policy: ``refuse`` with ``--refuse-duplicates``, else ``warn``."""
+    return "refuse" if getattr(args, "refuse_duplicates", False) else "warn"
 
 
 def _world_config(args: argparse.Namespace, ssl: bool = False):
@@ -127,20 +134,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
         poison_target_class,
     )
     from fastbd.data.bank import ImageBank
-    from fastbd.data.readers import export_images, read_csv_pairs, read_file_list
+    from fastbd.data.readers import csv_labels, export_images, read_csv_pairs, read_file_list
+    from fastbd.storage import ResultFiles
     from fastbd.world import poison_world_images, poison_world_pairs
 
-    out = Path(args.out)
+    out = _prepare_out(args.out)
     clip_attack = args.attack != "htba"
     trigger_options = _trigger_options(args)
     if args.file_list or args.csv:
         if args.csv:
             pairs = read_csv_pairs(args.csv, image_key=args.image_key,
-                                   caption_key=args.caption_key, separator=args.separator)
+                                   caption_key=args.caption_key, separator=args.separator,
+                                   duplicates=_duplicates(args))
             paths, captions = pairs.paths, pairs.captions
-            labels = torch.tensor([int(x) for x in pairs.columns.get("label", [0] * len(paths))])
+            labels = torch.tensor(csv_labels(args.csv, pairs))
         else:
-            listing = read_file_list(args.file_list)
+            listing = read_file_list(args.file_list, duplicates=_duplicates(args))
             paths, captions, labels = listing.paths, None, torch.tensor(listing.labels)
         bank, report = ImageBank.from_files(paths, args.image_size, skip_bad=args.skip_bad,
                                             verbose=not args.quiet)
@@ -166,19 +175,25 @@ def cmd_attack(args: argparse.Namespace) -> int:
                     if clip_attack else
                     poison_world_images(world, args.attack, args.target, args.fraction,
                                         args.seed, trigger_options))
+    files = ResultFiles(out)
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None))
-    torch.save({"poison_mask": poisoned.poison_mask, "boxes": poisoned.boxes},
-               out / "ground_truth.pt")
+    files.record(str(Path(p).relative_to(out)) for p in written["images"])
+    files.record(str(Path(written[k]).relative_to(out)) for k in ("file_list", "csv")
+                 if k in written)
+    files.torch("ground_truth.pt", {"poison_mask": poisoned.poison_mask,
+                                    "boxes": poisoned.boxes})
     summary = {"attack": args.attack, "target": args.target, "images": len(poisoned.labels),
                "poisoned": int(poisoned.poison_mask.sum()),
-               "files": {k: str(v) for k, v in written.items()}}
-    print(_write_json(args.out, "attack.json", summary))
+               "files": {k: str(v) for k, v in written.items() if k != "images"}}
+    print(files.json("attack.json", summary))
+    files.close()
     return 0
 
 
 def cmd_train_ssl(args: argparse.Namespace) -> int:
     from fastbd.ssl import SSLConfig
+    from fastbd.storage import ResultFiles
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
     config = SSLThreatConfig(world=_world_config(args, ssl=True), attack=args.attack,
@@ -186,33 +201,34 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
                              seed=args.seed, trigger_options=_trigger_options(args))
     epochs = config.ssl.epochs if args.epochs is None else args.epochs
     config.ssl = SSLConfig(**{**config.ssl.__dict__, "epochs": epochs, "seed": args.seed})
+    out = _prepare_out(args.out)
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
                               retrain=args.retrain, verbose=not args.quiet)
-    from fastbd.storage import save_atomically
-
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    save_atomically(threat.encoder.state_dict(), Path(args.out) / "encoder.pt")
+    files = ResultFiles(out)
+    files.torch("encoder.pt", threat.encoder.state_dict())
     print(json.dumps(threat.probe.to_dict(), indent=2))
-    print(_write_json(args.out, "train_ssl.json", threat.to_dict()))
+    print(files.json("train_ssl.json", threat.to_dict()))
+    files.close()
     return 0
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from fastbd.models.clip import CLIPTrainConfig
+    from fastbd.storage import ResultFiles
     from fastbd.world import CLIPThreatConfig, build_clip_threat
 
     config = CLIPThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
                               rate=args.rate, seed=args.seed,
                               train=CLIPTrainConfig(seed=args.seed, **(
                                   {} if args.epochs is None else {"epochs": args.epochs})))
+    out = _prepare_out(args.out)
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
-    from fastbd.storage import save_atomically
-
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    save_atomically(threat.model.state_dict(), Path(args.out) / "clip.pt")
+    files = ResultFiles(out)
+    files.torch("clip.pt", threat.model.state_dict())
     print(json.dumps(threat.evaluation.to_dict(), indent=2))
-    print(_write_json(args.out, "train_clip.json", threat.to_dict()))
+    print(files.json("train_clip.json", threat.to_dict()))
+    files.close()
     return 0
 
 
@@ -220,7 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate saved weights on the synthetic world: an SSL encoder (linear probe) or a tiny
     CLIP (zero-shot CA / ASR)."""
     from fastbd.data.synthetic import make_world
+    from fastbd.storage import ResultFiles
 
+    out = _prepare_out(args.out)
     world = make_world(_world_config(args, ssl=args.kind == "ssl"))
     if args.kind == "ssl":
         from fastbd.attacks import make_attack
@@ -243,7 +261,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_clip(model.to(args.device), clip_tokenizer(), world, args.attack,
                                args.target, args.seed, args.device).to_dict()
     print(json.dumps(result, indent=2))
-    print(_write_json(args.out, "eval.json", result))
+    files = ResultFiles(out)
+    print(files.json("eval.json", result))
+    files.close()
     return 0
 
 
@@ -262,10 +282,12 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None, base=None
     or YAML file sets (``nested`` maps a field name to the dataclass its value updates)."""
     from dataclasses import replace
 
+    from fastbd.data.readers import read_text_file
+
     base = cls() if base is None else base
     if path is None:
         return base
-    text = Path(path).read_text()
+    text = read_text_file(path, "config")
     if path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -274,13 +296,20 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None, base=None
         except yaml.YAMLError as error:
             raise ValueError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     else:
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column "
+                             f"{error.colno})") from None
     _refuse_unknown_keys(raw, cls, path)
-    for name, inner in (nested or {}).items():
-        if name in raw:
-            _refuse_unknown_keys(raw[name], inner, f"{path}: {name}")
-            raw[name] = replace(getattr(base, name), **raw[name])
-    return replace(base, **raw)
+    try:
+        for name, inner in (nested or {}).items():
+            if name in raw:
+                _refuse_unknown_keys(raw[name], inner, f"{path}: {name}")
+                raw[name] = replace(getattr(base, name), **raw[name])
+        return replace(base, **raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _load_config(args: argparse.Namespace):
@@ -306,21 +335,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     if bool(args.file_list) == bool(args.image_folder):
         raise ValueError("give exactly one of --file-list and --image-folder")
+    config = _load_config(args)
+    out = _prepare_out(args.out)
     if args.file_list:
-        listing = read_file_list(args.file_list)
+        listing = read_file_list(args.file_list, duplicates=_duplicates(args))
         paths, lines = listing.paths, listing.lines
     else:
         paths, labels, _ = read_image_folder(args.image_folder)
         lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
     size = args.image_size or default_image_size(args.arch)
     encoder = encoder_by_name(args.arch, args.checkpoint, size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
                                         cache=out / "bank.npy", verbose=not args.quiet)
     lines = [lines[i] for i in report.kept]
     truth = torch.tensor(["HTBA_trigger" in str(paths[i]) for i in report.kept])
-    detector = Detector(_load_config(args), args.command)
+    detector = Detector(config, args.command)
     detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
                  ground_truth=truth if bool(truth.any()) else None, verbose=not args.quiet)
     result = detector.result_
@@ -343,7 +372,7 @@ def _read_clip_pairs(args: argparse.Namespace, csv_path: str, model, out: Path, 
     from fastbd.models.clip import clip_tokenizer, context_length_of, tokenize
 
     pairs = read_csv_pairs(csv_path, image_key=args.image_key, caption_key=args.caption_key,
-                           separator=args.separator)
+                           separator=args.separator, duplicates=_duplicates(args))
     size = args.image_size or _clip_image_size(model)
     bank, report = ImageBank.from_files(pairs.paths, size, skip_bad=args.skip_bad,
                                         cache=out / f"{name}.npy", verbose=not args.quiet)
@@ -365,16 +394,15 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
     """UBT, CleanCLIP or ABL on an open_clip model over a CSV of pairs."""
     from fastbd.models.clip import load_clip
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out(args.out)
     model = load_clip(args.arch, args.checkpoint).to(args.device)
     if args.command == "cleanclip":
         from fastbd.baselines import CleanCLIPConfig, cleanclip
         from fastbd.ssl.augment import AugmentConfig
 
+        config = _load_dataclass(args.config, CleanCLIPConfig, {"augment": AugmentConfig})
         images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,
                                                                    "clean_pairs")
-        config = _load_dataclass(args.config, CleanCLIPConfig, {"augment": AugmentConfig})
         result = cleanclip(model, images, tokens, config, device=args.device,
                            verbose=not args.quiet, checkpoint=out / "cleanclip.partial.pt")
     else:
@@ -382,20 +410,22 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
         reference = load_clip(args.reference_arch or args.arch,
                               args.reference_checkpoint).to(args.device)
-        images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,
-                                                                   "pairs")
         if args.command == "ubt":
             from fastbd.ubt import Config, defend
 
-            result = defend(model, images, tokens, reference=reference,
-                            config=_load_dataclass(args.config, Config), device=args.device,
-                            verbose=not args.quiet, checkpoint_dir=out)
+            config = _load_dataclass(args.config, Config)
+            images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model,
+                                                                       out, "pairs")
+            result = defend(model, images, tokens, reference=reference, config=config,
+                            device=args.device, verbose=not args.quiet, checkpoint_dir=out)
         else:
             from fastbd.baselines import ABLConfig, abl
 
-            result = abl(model, images, tokens, reference=reference,
-                         config=_load_dataclass(args.config, ABLConfig), device=args.device,
-                         verbose=not args.quiet, checkpoint_dir=out)
+            config = _load_dataclass(args.config, ABLConfig)
+            images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model,
+                                                                       out, "pairs")
+            result = abl(model, images, tokens, reference=reference, config=config,
+                         device=args.device, verbose=not args.quiet, checkpoint_dir=out)
     result.save(out, truth=truth, tokens=tokens, tokenizer=tokenizer)
     summary = {**result.summary(truth), "pairs": int(tokens.shape[0]),
                "skipped": report.skipped, "out": str(out)}
@@ -420,6 +450,12 @@ def _add_world_args(p: argparse.ArgumentParser) -> None:
                         "world, 1 in the CLIP world)")
     p.add_argument("--background-saturation", type=float,
                    help="colour the background textures keep, 0 (grey) to 1 (default 0.5)")
+
+
+def _add_duplicates_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refuse-duplicates", action="store_true",
+                   help="stop when the file list names an image twice (or the CSV repeats an "
+                        "image-caption pair); by default a warning says how many")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--separator", default=",")
     attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
     attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    _add_duplicates_flag(attack)
     attack.add_argument("--out", default="fastbd-out/attack")
     attack.set_defaults(run=cmd_attack)
 
@@ -525,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="default: the model's input size")
         defense.add_argument("--config", help="JSON/YAML file with the defense's Config fields")
         defense.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        _add_duplicates_flag(defense)
         defense.add_argument("--out", default=f"fastbd-out/{name}")
         defense.add_argument("--device", default=_default_device())
         defense.set_defaults(run=cmd_defend_clip)
@@ -551,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue the search and the poison classifier's training "
                               "saved in --out")
         det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        _add_duplicates_flag(det)
         det.add_argument("--device", default=_default_device())
         det.set_defaults(run=cmd_detect)
     return parser
@@ -564,23 +603,47 @@ DEBUG_VARIABLE = "FASTBD_DEBUG"
 its one-line message."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, ``kill`` and job schedulers send), raised in the main thread
+    like Ctrl-C so that every ``finally`` and checkpoint runs the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) \
+            and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    return str(error).replace("\n", " ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command: 0 on success, 1 on failed checks, 2 when the input was unusable (missing
-    or unreadable file, bad value: one line on stderr), 130 when interrupted."""
+    """Run a command: 0 on success, 1 on failed checks, 2 when the input was unusable (a
+    missing, unreadable or malformed file, a bad value, an output folder that cannot be
+    written: one line on stderr naming it), 130 when interrupted by Ctrl-C (SIGINT) and 143 by
+    SIGTERM — both after saving what a rerun continues from, with a line saying how."""
     import os
+    import signal
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         if os.environ.get(DEBUG_VARIABLE):
             raise
-        print(f"fastbd {args.command}: error: {error} (set {DEBUG_VARIABLE}=1 for the "
-              "traceback)", file=sys.stderr)
+        print(f"fastbd {args.command}: error: {_error_line(error)} (set {DEBUG_VARIABLE}=1 for "
+              "the traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if getattr(args, "resume", None) is not None:
             hint = (f"; rerun with --resume to continue from the last completed search round "
                     f"and the poison classifier's last saved state in {args.out}")
@@ -588,8 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "; rerun the same command to continue training from its last completed epoch"
         else:
             hint = ""
-        print(f"fastbd {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(interrupt, Terminated)
+        print(f"fastbd {args.command}: {'terminated' if terminated else 'interrupted'}{hint}",
+              file=sys.stderr)
+        return 128 + interrupt.signum if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

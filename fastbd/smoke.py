@@ -21,6 +21,7 @@ from fastbd.ops import (
     paste,
     window_argmax,
 )
+from fastbd.storage import output_dir, write_text_atomically
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,11 +64,8 @@ class SmokeResult:
         return {"device": self.device, "ok": self.ok, "checks": [asdict(c) for c in self.checks]}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        target = path / "smoke.json"
-        target.write_text(json.dumps(self.to_dict(), indent=2))
-        return target
+        return write_text_atomically(json.dumps(self.to_dict(), indent=2),
+                                     output_dir(directory) / "smoke.json")
 
 
 def _timed(fn: Callable[[str], torch.Tensor], backend: str, device: torch.device

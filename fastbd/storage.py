@@ -1,29 +1,278 @@
-"""Writing files so that an interruption never leaves a torn one, and training state that
-an interrupted run continues from."""
+"""Reading and writing fastbd's files safely.
+
+* Every write goes to a fresh temporary name in the target's folder (created exclusively, so it
+  never writes through an existing file or a planted symbolic link) and is renamed over the
+  target when complete: an interruption leaves the previous file or the new one, never half of
+  one.
+* ``output_dir`` creates a folder below an output root, refusing a symbolic link below the root
+  (a link planted in ``--out`` would redirect fastbd's writes out of it).
+* ``ResultFiles`` writes a result's files and a ``manifest.json`` last; a new result in the same
+  folder first removes the files the previous manifest lists, so an older result never sits
+  beside a newer one looking current.
+* ``load_torch`` reads any ``.pt`` file with ``weights_only=True`` (tensors, numbers, strings
+  and containers only: a pickle planted in an output folder cannot run code) and turns every
+  failure into a ``ValueError`` naming the file.
+* ``EpochCheckpoint`` / ``StageFiles``: training state an interrupted run continues from.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import pickle
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def save_atomically(obj: object, path: str | Path) -> None:
-    """``torch.save(obj)`` to a sibling temporary file, then rename it over ``path``: an
-    interruption leaves either the previous file or the new one, never half of one."""
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+"""Permissions of the files fastbd writes: what ``open`` would give under this process's umask
+(temporary files are created 0600)."""
+
+
+def scratch_file(path: str | Path) -> Path:
+    """A fresh, empty temporary file beside ``path`` (its folder created if missing), created
+    exclusively — never an existing file or link — with the permissions ``open`` would give.
+    The caller renames it over ``path`` or deletes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(descriptor, FILE_MODE)
+    finally:
+        os.close(descriptor)
+    return Path(name)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A ``scratch_file`` to be written by name (e.g. as a memory map); when the block ends
+    without an error it is renamed over ``path`` — replacing a file or a symbolic link at
+    ``path``, never writing through it. On an error it is deleted and ``path`` is untouched."""
+    temporary = scratch_file(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object that becomes ``path`` when the block ends without an error
+    (``atomic_path``)."""
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:
+        yield handle
+
+
+def save_atomically(obj: object, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` through ``atomic_output``."""
+    with atomic_output(path) as handle:
+        torch.save(obj, handle)
+
+
+def write_text_atomically(text: str, path: str | Path) -> Path:
+    """UTF-8 ``text`` to ``path`` through ``atomic_output``."""
+    with atomic_output(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return Path(path)
+
+
+def save_array_atomically(array: np.ndarray, path: str | Path) -> Path:
+    """``np.save(array)`` to ``path`` through ``atomic_output``."""
+    with atomic_output(path) as handle:
+        np.save(handle, array)
+    return Path(path)
+
+
+def output_dir(root: str | Path, *parts: str) -> Path:
+    """The folder ``root/parts…``, created where missing. ``root`` must be (or become) a writable
+    folder; a symbolic link at any of ``parts`` is refused (``ValueError``): fastbd writes only
+    inside the output folder it was given."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"output folder {root} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output folder {root}: {error.strerror}") from None
+    folder = root
+    for part in parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symbolic link; fastbd writes only inside {root} "
+                             "(remove the link)")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a folder")
+        folder.mkdir(exist_ok=True)
+    return folder
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """Check, before any long work, that the folder ``path`` can be written into — so that hours
+    of training do not end in a failed save — without creating it: an existing folder must take
+    a file, a missing one must have a writable folder as its nearest existing ancestor.
+    Raises ``ValueError`` naming the folder."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {folder} is a file, not a folder")
+    if folder.is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ValueError(f"output folder {folder} is not writable: {error.strerror}"
+                             ) from None
+        return folder
+    ancestor = folder.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot create output folder {folder}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create output folder {folder}: {ancestor} is not writable")
+    return folder
+
+
+MANIFEST = "manifest.json"
+
+
+class ResultFiles:
+    """Writes one result's files into ``directory`` (the output root): each one atomically, and
+    ``manifest.json`` last, listing them with a run id — a folder holds a complete result exactly
+    when its manifest exists. Opening a ``ResultFiles`` first removes the files of the result
+    the folder held before (``remove_result``)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = output_dir(directory)
+        remove_result(self.directory)
+        self.files: list[str] = []
+
+    def path(self, name: str) -> Path:
+        """``directory/name`` (``name`` may hold sub-folders), recorded in the manifest; write it
+        through ``atomic_output`` or the helpers below."""
+        *folders, _ = Path(name).parts
+        output_dir(self.directory, *folders)
+        self.files.append(name)
+        return self.directory / name
+
+    def record(self, names) -> None:
+        """Add files written by other code (names relative to the folder) to the manifest."""
+        self.files.extend(names)
+
+    def text(self, name: str, text: str) -> Path:
+        return write_text_atomically(text, self.path(name))
+
+    def json(self, name: str, payload: object) -> Path:
+        return self.text(name, json.dumps(payload, indent=2, default=str))
+
+    def array(self, name: str, array: np.ndarray) -> Path:
+        return save_array_atomically(array, self.path(name))
+
+    def torch(self, name: str, obj: object) -> Path:
+        path = self.path(name)
+        save_atomically(obj, path)
+        return path
+
+    def close(self) -> Path:
+        """Write the manifest (the result is complete)."""
+        manifest = {"files": self.files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return write_text_atomically(json.dumps(manifest, indent=2), self.directory / MANIFEST)
+
+
+def remove_result(directory: str | Path) -> list[str]:
+    """Delete the files a previous result's ``manifest.json`` in ``directory`` lists, then the
+    manifest (first, so a half-removed result never looks complete). Names that would leave the
+    folder are ignored. Returns the names removed."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file() or manifest.is_symlink():
+        return []
+    try:
+        names = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        names = []
+    manifest.unlink()
+    removed = []
+    for name in names if isinstance(names, list) else []:
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            continue
+        target = directory / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+            removed.append(name)
+    if removed:
+        log.info("removed the %d files of the previous result in %s", len(removed), directory)
+    return removed
+
+
+def load_torch(path: str | Path, what: str = "file", map_location: str | torch.device = "cpu"
+               ) -> object:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only —
+    a file holding any other Python object is refused, so loading never runs code. Every
+    failure (missing, a folder, empty, truncated, not a torch file, other objects) raises
+    ``ValueError`` (``FileNotFoundError`` when missing) naming ``what`` and the file."""
+    import argparse
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty")
+    try:
+        # argparse.Namespace: the training arguments some published checkpoints carry
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise ValueError(f"{what} {path} holds Python objects other than tensors and "
+                         f"containers; refused, since loading it could run code ({first})"
+                         ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError,
+            UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(
+            error).__name__
+        raise ValueError(f"{what} {path} is not a readable torch file (truncated or another "
+                         f"format: {reason[:160]})") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A model's state dict from a checkpoint file (``load_torch``): a plain state dict, or a
+    dict holding one under ``state_dict`` or ``model``; ``module.`` prefixes (DataParallel) are
+    kept for the caller to map. Raises ``ValueError`` naming the file when it holds no state
+    dict (a list, a bare tensor, a dict without tensors)."""
+    state = load_torch(path, "checkpoint")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        kind = (f"a dict with keys {sorted(map(str, state))[:5]}" if isinstance(state, dict)
+                else f"a {type(state).__name__}")
+        raise ValueError(f"checkpoint {path} holds {kind}, not a state dict of named tensors "
+                         "(expected {name: tensor}, or one under 'state_dict' or 'model')")
+    return state
 
 
 def fingerprint(*tensors: torch.Tensor, samples: int = 256) -> str:
@@ -76,9 +325,13 @@ class EpochCheckpoint:
         with ``refuse_other=False``, logged and ignored (a fresh start)."""
         if self.path is None or not self.path.is_file():
             return [], 0, 0.0
-        state = torch.load(self.path, map_location=self.device, weights_only=True)
-        differ = [key for key in self.run if state["run"].get(key) != self.run[key]]
-        if differ or state["run"].keys() != self.run.keys():
+        state = load_torch(self.path, "training checkpoint", self.device)
+        saved_run = state.get("run") if isinstance(state, dict) else None
+        if not isinstance(saved_run, dict):
+            raise ValueError(f"{self.path} is not a fastbd training checkpoint; remove it to "
+                             "start afresh")
+        differ = [key for key in self.run if saved_run.get(key) != self.run[key]]
+        if differ or saved_run.keys() != self.run.keys():
             what = ", ".join(differ) or "fields"
             if not refuse_other:
                 log.info("%s belongs to another training run (its %s differ); starting afresh",
@@ -133,13 +386,17 @@ class StageFiles:
     stage, ``<prefix>-<stage>.pt``, tagged with ``run`` (a dict naming the settings and inputs).
     ``load`` returns what a run with the same tag saved and None otherwise (a file from another
     run is logged and later overwritten); ``path`` gives a training stage's ``EpochCheckpoint``
-    file, saved at most every ``save_every_s`` seconds and when the stage ends; ``clear``
-    deletes them all once the run's result is saved."""
+    file, saved at most every ``save_every_s`` seconds and when the stage ends; ``existing``
+    lists them (a run's result takes the list and deletes the files once it is saved: until
+    then an interrupted run can still continue from them); ``clear`` deletes them."""
 
     directory: str | Path | None
     prefix: str
     run: dict
     save_every_s: float = 60.0
+    resumed_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds earlier runs spent on the stages this run loaded or continued (set by the
+    stages' code, added to the result's timings)."""
 
     def path(self, stage: str) -> Path | None:
         if self.directory is None:
@@ -150,8 +407,8 @@ class StageFiles:
         path = self.path(stage)
         if path is None or not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("run") != self.run:
+        saved = load_torch(path, "saved stage")
+        if not isinstance(saved, dict) or saved.get("run") != self.run:
             log.info("%s was saved by another run; computing it afresh", path)
             return None
         log.info("loaded the %s stage from %s", stage, path)
@@ -162,10 +419,20 @@ class StageFiles:
         if path is not None:
             save_atomically({"run": self.run, "payload": payload}, path)
 
+    def existing(self) -> list[Path]:
+        """The stage files present now."""
+        if self.directory is None:
+            return []
+        return sorted(Path(self.directory).glob(f"{self.prefix}-*.pt"))
+
     def clear(self) -> None:
-        if self.directory is not None:
-            for path in Path(self.directory).glob(f"{self.prefix}-*.pt"):
-                path.unlink(missing_ok=True)
+        remove_files(self.existing())
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Delete ``paths`` (those already gone are skipped)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 NO_STAGES = StageFiles(None, "", {})

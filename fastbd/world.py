@@ -41,7 +41,7 @@ from fastbd.models.clip import (
 from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.ssl.augment import AugmentConfig
 from fastbd.ssl.trainer import SSLConfig, train_ssl
-from fastbd.storage import save_atomically
+from fastbd.storage import load_torch, save_atomically
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("fastbd-out/cache")
@@ -112,6 +112,22 @@ def poison_world_images(world: SyntheticWorld, attack: str, target: int, fractio
                                     **(trigger_options or {})), target, fraction, seed=seed)
 
 
+def load_cached(path: Path, key: str, model: torch.nn.Module) -> float | None:
+    """Load the cached weights ``path[key]`` into ``model`` and return their training seconds;
+    None when there is no usable cache file (missing, unreadable or for another model: logged,
+    and the caller trains afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = load_torch(path, "cached threat model")
+        model.load_state_dict(saved[key])
+        return float(saved["train_seconds"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        log.warning("ignoring the unusable cache file %s (%s); training afresh", path,
+                    str(error).splitlines()[0][:200])
+        return None
+
+
 SSL_CACHE_VERSION = "seeded"
 """Part of the cached encoder's file name: encoders cached before the initial weights followed
 from ``SSLThreatConfig.seed`` (README, "Reproducibility") are not loaded."""
@@ -127,11 +143,10 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
     path = (Path(cache_dir) / f"ssl-{SSL_CACHE_VERSION}-{config_hash(config)}.pt"
             if cache_dir is not None else None)
-    cached = path is not None and path.is_file() and not retrain
+    saved = None if path is None or retrain else load_cached(path, "encoder", encoder)
+    cached = saved is not None
     if cached:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        encoder.load_state_dict(saved["encoder"])
-        seconds = float(saved["train_seconds"])
+        seconds = saved
         log.info("loaded SSL threat model from %s", path)
     else:
         history = train_ssl(encoder, poisoned.images, config.ssl, device=device,
@@ -267,11 +282,10 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
     tokenizer = clip_tokenizer()
     model = tiny_clip(config.model, seed=config.seed)
     path = Path(cache_dir) / f"clip-{config_hash(config)}.pt" if cache_dir is not None else None
-    cached = path is not None and path.is_file() and not retrain
+    saved = None if path is None or retrain else load_cached(path, "model", model)
+    cached = saved is not None
     if cached:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        seconds = float(saved["train_seconds"])
+        seconds = saved
         log.info("loaded CLIP threat model from %s", path)
     else:
         tokens = tokenize(tokenizer, poisoned.captions, config.model.context_length)

@@ -85,7 +85,10 @@ def test_interrupted_cleanclip_resumes_to_the_uninterrupted_weights(pairs, model
     monkeypatch.setattr(cleanclip_module, "clip_loss", loss)
     assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
     resumed = cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
-    assert torch.equal(weights(resumed), weights(reference)) and not checkpoint.exists()
+    assert torch.equal(weights(resumed), weights(reference))
+    assert resumed.checkpoint_files == [checkpoint] and checkpoint.exists()  # until saved
+    resumed.save(tmp_path / "result", weights=False)
+    assert not checkpoint.exists()
 
 
 def test_abl_ascends_the_loss_of_the_suspicious_pairs(pairs, models):
@@ -129,7 +132,10 @@ def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abl-ascent.pt", "abl-split.pt"]
+    resumed.save(tmp_path, weights=False)  # the saved result supersedes the training state
+    assert not list(tmp_path.glob("abl-*.pt"))
+    assert resumed.timings["unlearn"] >= full.timings["unlearn"] / 3  # the earlier epoch counts
 
 
 def test_baseline_bad_inputs(pairs, models):

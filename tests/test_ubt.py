@@ -244,7 +244,10 @@ def test_interrupted_defense_resumes_to_the_uninterrupted_model(pairs, models, t
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
-    assert not list(tmp_path.iterdir())  # deleted once the result is built
+    assert len(resumed.checkpoint_files) == 3  # kept until the result is saved
+    assert resumed.timings["overfit"] > 0 and resumed.timings["suspicious_split"] > 0
+    resumed.save(tmp_path, weights=False)
+    assert not list(tmp_path.glob("ubt-*.pt"))  # deleted once the result is saved
 
 
 def test_defense_ignores_the_stages_of_another_run(pairs, models, tmp_path, monkeypatch):

@@ -62,7 +62,8 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     start = time.perf_counter()
     reference_sim, suspicious, _ = saved_split(stages, reference, images, tokens,
                                                config.susp_fraction, device)
-    timings["suspicious_split"] = time.perf_counter() - start
+    timings["suspicious_split"] = (time.perf_counter() - start
+                                   + stages.resumed_seconds.get("split", 0.0))
     start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
@@ -70,7 +71,8 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.epochs,
                           config.min_steps)
-    saved, done = epoch_checkpoint(stages, "ascent", tuned, optimizer, g, device)
+    saved, done, seconds_before = epoch_checkpoint(stages, "ascent", tuned, optimizer, g, device)
+    started = time.perf_counter() - seconds_before
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="ABL ascent",
                       disable=not verbose):
         for rows in shuffled_batches(suspicious.numel(), config.batch_size, g):
@@ -81,10 +83,9 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
+        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
     tuned.eval()
-    timings["unlearn"] = time.perf_counter() - start
-    stages.clear()
+    timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("ascent", 0.0)
     return DefenseResult(model=tuned, method="abl", suspicious=suspicious,
                          reference_similarity=reference_sim, timings=timings,
-                         config=asdict(config))
+                         config=asdict(config), checkpoint_files=stages.existing())

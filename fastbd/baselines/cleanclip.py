@@ -69,8 +69,9 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
               config: CleanCLIPConfig | None = None, *, device: torch.device | str = "cpu",
               verbose: bool = True, checkpoint: str | Path | None = None) -> DefenseResult:
     """Fine-tune a copy of ``model`` on clean pairs (uint8 images ``N×3×S×S``, token ids
-    ``N×L``); ``model`` is left as it is. ``checkpoint``: as in ``fastbd.ssl.train_ssl`` — the
-    fine-tuning state after every epoch, continued from when present, removed at the end."""
+    ``N×L``); ``model`` is left as it is. ``checkpoint``: the fine-tuning state after every epoch,
+    continued from when present, deleted when the result is saved
+    (``result.checkpoint_files``)."""
     config = config or CleanCLIPConfig()
     check_pairs(images, tokens, model)
     if images.shape[0] < 2:
@@ -109,14 +110,14 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.step()
             schedule.step()
             bar.update()
-        if epoch + 1 < config.epochs:
-            saved.save([], epoch + 1, seconds_before + time.perf_counter() - start)
+        saved.save([], epoch + 1, seconds_before + time.perf_counter() - start,
+                   final=epoch + 1 == config.epochs)
     bar.close()
-    saved.remove()
     tuned.eval()
     return DefenseResult(model=tuned, method="cleanclip",
                          timings={"finetune": seconds_before + time.perf_counter() - start},
-                         config=asdict(config))
+                         config=asdict(config),
+                         checkpoint_files=[] if checkpoint is None else [Path(checkpoint)])
 
 
 def _clip_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

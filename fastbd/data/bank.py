@@ -25,6 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from fastbd.storage import atomic_path, scratch_file, write_text_atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +38,37 @@ class ImageReadError(ValueError):
         self.path = str(path)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""PIL modes of one-channel images with 16-bit samples (16-bit PNG/TIFF/PGM open as one of
+these; ``I`` is read as 16-bit too). ``convert("RGB")`` would clip their 0–65535 range to
+0–255, so ``to_rgb`` rescales them."""
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
+           ) -> Image.Image:
+    """An 8-bit RGB view of any PIL image: 16-bit samples scaled to 8 bits (``v / 257``,
+    rounded), transparency (RGBA, LA, PA, palette or grey with a transparent colour)
+    composited over ``background``; every other mode through PIL's own conversion."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        samples = np.asarray(img, dtype=np.float64).clip(0, 65535)
+        return Image.fromarray(np.rint(samples / 257).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        canvas = Image.new("RGBA", img.size, (*background, 255))
+        return Image.alpha_composite(canvas, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path, size: int, crop_ratio: float = 224 / 256) -> torch.Tensor:
-    """One file through the eval transform → uint8 ``3×size×size``."""
+    """One file through the eval transform (``to_rgb``, shorter side to ``size / crop_ratio``,
+    centre crop) → uint8 ``3×size×size``. Any failure — missing, corrupt, unsupported, or so
+    large that PIL refuses to decode it (a decompression bomb) — raises ``ImageReadError``
+    naming the file."""
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             short = round(size / crop_ratio)
             w, h = img.size
             scale = short / min(w, h)
@@ -55,7 +81,9 @@ def load_image(path: str | Path, size: int, crop_ratio: float = 224 / 256) -> to
             array = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"corrupt or unsupported ({exc})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -116,12 +144,13 @@ class ImageBank:
         """Write a ``.npy`` file, ``chunk`` images at a time (reload with
         ``ImageBank.load(path, mmap=True)``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                        shape=tuple(self.images.shape))
-        for start, part in self.chunks(chunk):
-            out[start:start + part.shape[0]] = part.cpu().numpy()
-        out.flush()
+        with atomic_path(path) as partial:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                            shape=tuple(self.images.shape))
+            for start, part in self.chunks(chunk):
+                out[start:start + part.shape[0]] = part.cpu().numpy()
+            out.flush()
+            del out
         return path
 
     @classmethod
@@ -149,48 +178,55 @@ class ImageBank:
             reused = _reuse_cache(Path(cache), manifest, skip_bad)
             if reused is not None:
                 return reused
-        report = LoadReport()
         shape = (len(paths), 3, size, size)
-        if cache is not None:  # written straight to disk: the bank need not fit in memory
-            cache = Path(cache)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            _manifest_path(cache).unlink(missing_ok=True)  # no manifest for a half-written bank
-            partial = cache.with_name(cache.name + ".partial")
+        if cache is None:
+            images, report = _read_into(torch.empty(shape, dtype=torch.uint8), paths, size,
+                                        crop_ratio, skip_bad, verbose, workers)
+            return cls(images), report
+        cache = Path(cache)  # written straight to disk: the bank need not fit in memory
+        _manifest_path(cache).unlink(missing_ok=True)  # no manifest for a half-written bank
+        partial = scratch_file(cache)
+        try:
             target = torch.from_numpy(np.lib.format.open_memmap(partial, mode="w+",
                                                                 dtype=np.uint8, shape=shape))
-        else:
-            target = torch.empty(shape, dtype=torch.uint8)
-        workers = workers or min(8, os.cpu_count() or 1)
-        with closing(_ordered_reads(list(paths), size, crop_ratio, workers)) as reads:
-            for i, (path, image) in enumerate(tqdm(reads, total=len(paths),
-                                                   desc="reading images", disable=not verbose)):
-                if isinstance(image, ImageReadError):
-                    if not skip_bad:
-                        raise image
-                    report.skipped.append((str(path), str(image)))
-                else:
-                    target[len(report.kept)] = image
-                    report.kept.append(i)
-        if report.skipped:
-            log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
-                        report.skipped[0][0])
-        if not report.kept:
-            raise ValueError("none of the images could be read")
-        images = target[:len(report.kept)]
-        if cache is None:
-            return cls(images), report
-        if report.skipped:  # the kept rows, compacted into a file of their own
-            compact = cache.with_name(cache.name + ".compact")
-            cls(images).save(compact)
+            images, report = _read_into(target, paths, size, crop_ratio, skip_bad, verbose,
+                                        workers)
+            if report.skipped:  # the kept rows, compacted into a file of their own
+                cls(images).save(cache)
             del images, target
-            os.replace(compact, cache)
-            partial.unlink()
-        else:
-            del images, target
-            os.replace(partial, cache)
+            if not report.skipped:
+                os.replace(partial, cache)
+        finally:
+            partial.unlink(missing_ok=True)
         manifest.update(kept=report.kept, skipped=report.skipped)
-        _manifest_path(cache).write_text(json.dumps(manifest))
+        write_text_atomically(json.dumps(manifest), _manifest_path(cache))
         return cls.load(cache), report
+
+
+def _read_into(target: torch.Tensor, paths: Sequence[str | Path], size: int, crop_ratio: float,
+               skip_bad: bool, verbose: bool, workers: int | None
+               ) -> tuple[torch.Tensor, LoadReport]:
+    """Read ``paths`` into the rows of uint8 ``target`` (``len(paths)×3×size×size``), bad
+    files skipped with ``skip_bad`` (else their ``ImageReadError`` raised). Returns the filled
+    rows and the report."""
+    report = LoadReport()
+    workers = workers or min(8, os.cpu_count() or 1)
+    with closing(_ordered_reads(list(paths), size, crop_ratio, workers)) as reads:
+        for i, (path, image) in enumerate(tqdm(reads, total=len(paths),
+                                               desc="reading images", disable=not verbose)):
+            if isinstance(image, ImageReadError):
+                if not skip_bad:
+                    raise image
+                report.skipped.append((str(path), str(image)))
+            else:
+                target[len(report.kept)] = image
+                report.kept.append(i)
+    if report.skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
+                    report.skipped[0][0])
+    if not report.kept:
+        raise ValueError("none of the images could be read")
+    return target[:len(report.kept)], report
 
 
 def _read(paths: list[str | Path], size: int, crop_ratio: float

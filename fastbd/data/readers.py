@@ -10,12 +10,17 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from fastbd.storage import atomic_output, output_dir, write_text_atomically
+
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -29,13 +34,41 @@ class FileList:
     lines: list[str]
 
 
-def read_file_list(path: str | Path, root: str | Path | None = None) -> FileList:
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped). A missing file raises
+    ``FileNotFoundError``; a folder, an unreadable file or bytes that are not UTF-8 raise
+    ``ValueError`` naming ``what``, the file and (for bad bytes) the line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file list not found: {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: {what} is not UTF-8 text (byte "
+                         f"0x{raw[error.start]:02x})") from None
+
+
+def read_file_list(path: str | Path, root: str | Path | None = None, *,
+                   duplicates: str = "warn") -> FileList:
+    """Parse a ``<path> <label>`` list (labels: non-negative integers; ``#`` comments and blank
+    lines skipped). ``duplicates``: a path listed twice is logged (``warn``), refused
+    (``refuse``: ``ValueError`` naming both lines) or accepted silently (``allow``)."""
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got "
+                         f"{duplicates!r}")
+    path = Path(path)
+    text = read_text_file(path, "file list")
     base = Path(root) if root is not None else path.parent
-    paths, labels, lines = [], [], []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    paths, labels, lines, first_line = [], [], [], {}
+    repeated: list[tuple[int, int, Path]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -43,22 +76,46 @@ def read_file_list(path: str | Path, root: str | Path | None = None) -> FileList
         if not name:
             raise ValueError(f"{path}:{number}: expected '<path> <label>', got {line!r}")
         try:
-            labels.append(int(label))
+            value = int(label)
         except ValueError:
             raise ValueError(f"{path}:{number}: label {label!r} is not an integer") from None
+        if value < 0:
+            raise ValueError(f"{path}:{number}: label {value} is negative (labels are class "
+                             "indices 0, 1, …)")
         file = Path(name)
-        paths.append(file if file.is_absolute() else base / file)
+        file = file if file.is_absolute() else base / file
+        if file in first_line:
+            repeated.append((first_line[file], number, file))
+        else:
+            first_line[file] = number
+        labels.append(value)
+        paths.append(file)
         lines.append(raw)
     if not paths:
         raise ValueError(f"file list {path} has no entries")
+    _report_duplicates(path, repeated, duplicates, "path")
     return FileList(paths, labels, lines)
 
 
+DUPLICATE_POLICIES = ("warn", "refuse", "allow")
+
+
+def _report_duplicates(path: Path, repeated: list[tuple[int, int, object]], policy: str,
+                       what: str) -> None:
+    """Warn about or refuse the ``(first line, repeated line, entry)`` duplicates of ``path``."""
+    if not repeated or policy == "allow":
+        return
+    first, again, entry = repeated[0]
+    message = (f"{path}: {len(repeated)} duplicate {what}(s), e.g. line {again} repeats line "
+               f"{first} ({entry})")
+    if policy == "refuse":
+        raise ValueError(message)
+    log.warning("%s; each copy counts as an image of its own (refuse with --refuse-duplicates)",
+                message)
+
+
 def write_file_list(path: str | Path, entries: list[tuple[str, int]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{p} {label}\n" for p, label in entries))
-    return path
+    return write_text_atomically("".join(f"{p} {label}\n" for p, label in entries), path)
 
 
 def read_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -82,49 +139,100 @@ def read_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
 
 @dataclass
 class CSVPairs:
+    """Image ``paths`` (absolute or relative to the CSV's folder), ``captions``, the other
+    ``columns`` by name, and the CSV ``line`` each row ends on (for messages)."""
+
     paths: list[Path]
     captions: list[str]
     columns: dict[str, list[str]] = field(default_factory=dict)
+    lines: list[int] = field(default_factory=list)
 
 
 def read_csv_pairs(path: str | Path, *, image_key: str = "image", caption_key: str = "caption",
-                   separator: str = ",", root: str | Path | None = None) -> CSVPairs:
-    """Pairs from a CSV/TSV with a header; other columns (e.g. ``is_backdoor``) are kept."""
+                   separator: str = ",", root: str | Path | None = None,
+                   duplicates: str = "warn") -> CSVPairs:
+    """Pairs from a CSV/TSV with a header (UTF-8, a byte-order mark allowed); other columns
+    (e.g. ``is_backdoor``) are kept. A row with fewer or more fields than the header, or an
+    empty image path, raises ``ValueError`` naming the file and line. ``duplicates``: rows
+    with the same image and caption are logged (``warn``), refused (``refuse``) or accepted
+    (``allow``) — the same image with other captions is normal (COCO-style data)."""
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got "
+                         f"{duplicates!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV not found: {path}")
+    text = read_text_file(path, "CSV")
     base = Path(root) if root is not None else path.parent
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=separator)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
         fields = reader.fieldnames or []
         for key in (image_key, caption_key):
             if key not in fields:
                 raise ValueError(f"{path}: no column {key!r} (columns: {fields}); set "
                                  "image_key/caption_key/separator")
-        rows = list(reader)
+        rows, numbers = [], []
+        for row in reader:
+            if None in row:
+                raise ValueError(f"{path}:{reader.line_num}: {len(fields) + len(row[None])} "
+                                 f"fields, the header has {len(fields)} (quote a caption that "
+                                 f"holds the separator {separator!r})")
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                raise ValueError(f"{path}:{reader.line_num}: row lacks the field(s) "
+                                 f"{', '.join(missing)} (the header has {len(fields)})")
+            if not row[image_key].strip():
+                raise ValueError(f"{path}:{reader.line_num}: empty {image_key!r}")
+            rows.append(row)
+            numbers.append(reader.line_num)
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a valid CSV ({error})") from None
     if not rows:
         raise ValueError(f"CSV {path} has no rows")
     paths = [Path(r[image_key]) if Path(r[image_key]).is_absolute() else base / r[image_key]
              for r in rows]
+    seen: dict[tuple[Path, str], int] = {}
+    repeated = []
+    for number, file, row in zip(numbers, paths, rows, strict=True):
+        key = (file, row[caption_key])
+        if key in seen:
+            repeated.append((seen[key], number, file))
+        else:
+            seen[key] = number
+    _report_duplicates(path, repeated, duplicates, "image-caption pair")
     others = {k: [r[k] for r in rows] for k in fields if k not in (image_key, caption_key)}
-    return CSVPairs(paths, [r[caption_key] for r in rows], others)
+    return CSVPairs(paths, [r[caption_key] for r in rows], others, numbers)
+
+
+def csv_labels(path: str | Path, pairs: CSVPairs, column: str = "label") -> list[int]:
+    """The integer class labels of ``pairs`` from its ``column`` (all 0 when the CSV has none);
+    a value that is not a non-negative integer raises ``ValueError`` naming the row."""
+    values = pairs.columns.get(column)
+    if values is None:
+        return [0] * len(pairs.paths)
+    labels = []
+    for line, value in zip(pairs.lines, values, strict=True):
+        try:
+            label = int(value)
+        except ValueError:
+            raise ValueError(f"{path}:{line}: {column} {value!r} is not an integer") from None
+        if label < 0:
+            raise ValueError(f"{path}:{line}: {column} {label} is negative")
+        labels.append(label)
+    return labels
 
 
 def write_csv_pairs(path: str | Path, rows: list[dict[str, object]], *, separator: str = ","
                     ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=separator)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), delimiter=separator)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomically(text.getvalue(), path)
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """uint8 ``3×H×W`` → PNG."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    """uint8 ``3×H×W`` → PNG (through ``atomic_output``)."""
+    with atomic_output(path) as handle:
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(handle, format="PNG")
 
 
 def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Tensor,
@@ -132,8 +240,10 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
                   name: str = "train") -> dict[str, Path]:
     """Write PNGs plus a file list ``<name>.txt`` (relative paths; poisoned files carry
     ``HTBA_trigger`` in their name, the PatchSearch ground-truth convention) and, with
-    captions, a CleanCLIP CSV ``<name>.csv`` (``image,caption,label,is_backdoor``)."""
+    captions, a CleanCLIP CSV ``<name>.csv`` (``image,caption,label,is_backdoor``). Returns the
+    paths written: ``file_list``, ``csv`` (with captions) and ``images`` (a list)."""
     directory = Path(directory)
+    output_dir(directory, name)
     entries, rows = [], []
     for i in range(images.shape[0]):
         poisoned = bool(poison_mask[i]) if poison_mask is not None else False
@@ -143,7 +253,8 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
         if captions is not None:
             rows.append({"image": relative, "caption": captions[i], "label": int(labels[i]),
                          "is_backdoor": int(poisoned)})
-    written = {"file_list": write_file_list(directory / f"{name}.txt", entries)}
+    written = {"file_list": write_file_list(directory / f"{name}.txt", entries),
+               "images": [directory / relative for relative, _ in entries]}
     if captions is not None:
         written["csv"] = write_csv_pairs(directory / f"{name}.csv", rows)
     return written

@@ -16,6 +16,7 @@ from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
 from fastbd.poisoncam import Config, DetectionResult, Detector, preset
 from fastbd.ssl.trainer import train_ssl
+from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.world import SSLThreatConfig, build_ssl_threat
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def _row(name: str, result: DetectionResult, seconds: float) -> dict:
 def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.device = "cpu",
         seed: int = 0, retrain: bool = False, cache_dir: str | Path = "fastbd-out/cache",
         verbose: bool = True, config: Config | None = None) -> DemoReport:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(out)
     threat_config = SSLThreatConfig(seed=seed)
     threat = build_ssl_threat(threat_config, cache_dir=cache_dir, device=device, verbose=verbose)
     log.info("threat model: CA %.3f ASR %.3f (%s)", threat.probe.clean_accuracy,
@@ -78,7 +78,7 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
                                                 verbose=verbose)
         seconds = time.perf_counter() - start
         results[method] = detector.result_
-        detector.result_.save(out / method, truth=truth)
+        detector.result_.save(output_dir(out, method), truth=truth)
         report.rows.append(_row(method, detector.result_, seconds))
     if retrain:
         kept = ~results["poisoncam"].removed
@@ -92,7 +92,7 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
                              threat_config.probe, device)
         report.retrain = {"before": threat.probe.to_dict(), "after": after.to_dict(),
                           "kept_images": int(kept.sum())}
-    (out / "summary.json").write_text(json.dumps(
+    write_text_atomically(json.dumps(
         {"rows": report.rows, "retrain": report.retrain, "threat": report.threat}, indent=2,
-        default=str))
+        default=str), out / "summary.json")
     return report

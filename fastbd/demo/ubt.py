@@ -15,6 +15,7 @@ import torch
 from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
 from fastbd.data.synthetic import make_world
 from fastbd.models.clip import tokenize
+from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.ubt import Config, defend
 from fastbd.world import CLIPThreat, CLIPThreatConfig, build_clip_threat, evaluate_clip
 
@@ -84,8 +85,7 @@ def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device =
     every method, evaluate zero-shot CA/ASR, write ``out/<attack>/<method>/`` and
     ``out/summary.json``. The clean model goes through UBT too: its check must decline."""
     config = config or UBTDemoConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(out)
     base = replace(config.threat, seed=seed)
     reference = build_clip_threat(replace(base, attack="none"), cache_dir=cache_dir,
                                   device=device, verbose=verbose)
@@ -112,7 +112,7 @@ def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device =
             seconds = time.perf_counter() - start
             after = evaluate_clip(result.model, threat.tokenizer, threat.world,
                                   attack, base.target, seed, device, base.attack_options)
-            result.save(out / attack / method, truth=truth, weights=method == "ubt",
+            result.save(output_dir(out, attack, method), truth=truth, weights=method == "ubt",
                         tokens=tokens, tokenizer=threat.tokenizer)
             row = {"attack": attack, "method": method,
                    "ca_before": threat.evaluation.clean_accuracy,
@@ -124,6 +124,6 @@ def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device =
             if method == "ubt":
                 row["topk"] = int(result.topk.numel())
             report.rows.append(row)
-    (out / "summary.json").write_text(json.dumps(
-        {**report.to_dict(), "config": asdict(config)}, indent=2, default=str))
+    write_text_atomically(json.dumps({**report.to_dict(), "config": asdict(config)}, indent=2,
+                                     default=str), out / "summary.json")
     return report

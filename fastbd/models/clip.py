@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fastbd.devices import conv_memory_format
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint, state_dict_mismatch
+from fastbd.storage import EpochCheckpoint, load_state_dict_file, state_dict_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,7 @@ def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
             raise ValueError(f"unknown open_clip architecture {arch!r}: {error}") from error
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k.removeprefix("module."): v for k, v in load_state_dict_file(path).items()}
         mismatch = state_dict_mismatch(model, state)
         if mismatch:
             raise ValueError(f"checkpoint {path} does not fit the {arch!r} CLIP: {mismatch}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastbd.storage import state_dict_mismatch
+from fastbd.storage import load_state_dict_file, state_dict_mismatch
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,12 +195,7 @@ def load_state(model: nn.Module, checkpoint: str | Path) -> None:
     ``{'model': …}`` wrappers, MoCo v3 ``module.base_encoder.*`` keys; heads (``fc``/``head``)
     and MoCo's momentum encoder / predictor are dropped. Missing backbone keys are an error."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+    state = load_state_dict_file(path)
     cleaned = {}
     for key, value in state.items():
         for prefix in ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "module."):

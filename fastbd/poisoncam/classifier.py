@@ -21,6 +21,7 @@ gap in the ensemble's margins instead of the argmax (``ClassifierConfig.threshol
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -82,8 +83,12 @@ class PoisonNet(nn.Module):
 
 @dataclass
 class ClassifierReport:
+    """Per member: training ``iterations`` and ``best_f1``; ``resumed_seconds``: training time
+    earlier (interrupted) runs spent on the members this run continued."""
+
     iterations: list[int]
     best_f1: list[float]
+    resumed_seconds: float = 0.0
 
 
 def _f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -233,7 +238,9 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                                 (images, pool, triggers, val_pos, val_neg), {"model": model},
                                 optimizer, schedule, {"batches": g}, device,
                                 stages.save_every_s)
-        steps = saved.restore(refuse_other=False)[1] if resume else 0
+        _, steps, seconds_before = saved.restore(refuse_other=False) if resume else ([], 0, 0.0)
+        report.resumed_seconds += seconds_before
+        started = time.perf_counter() - seconds_before
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
         if steps:
@@ -261,10 +268,11 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                 bar.set_postfix(f1=f"{f1:.2f}")
                 if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
                     break
-            saved.save([], steps, 0.0, extra={"history": history, "best": best})
+            saved.save([], steps, time.perf_counter() - started,
+                       extra={"history": history, "best": best})
         if not done:
-            saved.save([], steps, 0.0, extra={"history": history, "best": best, "done": True},
-                       final=True)
+            saved.save([], steps, time.perf_counter() - started,
+                       extra={"history": history, "best": best, "done": True}, final=True)
         bar.close()
         model.eval()
         models.append(model)

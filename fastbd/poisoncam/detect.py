@@ -42,9 +42,20 @@ CandidateFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torc
 
 
 class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.images: dict[str, int] = {}
+    """Seconds and images per stage, accumulated into the given dicts (a search state's, so an
+    interrupted run's time stays counted when it is resumed)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None,
+                 images: dict[str, int] | None = None) -> None:
+        self.seconds: dict[str, float] = {} if seconds is None else seconds
+        self.images: dict[str, int] = {} if images is None else images
+
+    def into(self, seconds: dict[str, float], images: dict[str, int]) -> _Timer:
+        """A timer on ``seconds`` / ``images`` holding their counts plus this one's."""
+        merged = _Timer(seconds, images)
+        for stage, value in self.seconds.items():
+            merged.add(stage, value, self.images.get(stage, 0))
+        return merged
 
     def add(self, stage: str, seconds: float, images: int = 0) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -114,9 +125,10 @@ class Detector:
             save_every_s: float = 60.0) -> Detector:
         """Run the detector; the result is ``self.result_``. With ``checkpoint_dir`` the search
         state is saved after every round and the poison classifier's training state every
-        ``save_every_s`` seconds (deleted once the result is built); ``resume`` continues from
-        them. ``max_rounds`` stops the search early (the classifier then runs on what was
-        scored)."""
+        ``save_every_s`` seconds; ``resume`` continues from them. The classifier's files are
+        deleted when the result is saved (``DetectionResult.save``), the search state stays (a
+        ``resume`` then skips the finished search). ``max_rounds`` stops the search early (the
+        classifier then runs on what was scored)."""
         bank = _as_images(images)
         state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
         if not resume and state_path is not None and state_path.is_file():
@@ -157,8 +169,6 @@ class Detector:
                 raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
             return clustering.assign(out)
 
-        find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, timer,
-                                      device, dtype)
         state = None
         run = {"method": self.method, "config": search_settings(config),
                "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
@@ -173,7 +183,10 @@ class Detector:
             log.info("resuming the search at round %d", state.round)
         if state is None:
             state = SearchState.start(labels, config.n_clusters, config.seed, run)
+        timer = timer.into(state.stage_seconds, state.stage_images)
         top_maps = state.top_maps
+        find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, device,
+                                      dtype)
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +210,11 @@ class Detector:
             top_maps.update(keep)
             return scores, windows
 
-        start = time.perf_counter()
         state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
                            prune_fraction=config.prune_fraction,
                            aggregate="sum" if self.method == "poisoncam" else "max",
                            seed=config.seed, checkpoint=state_path, verbose=verbose,
                            max_rounds=max_rounds)
-        timer.add("search", time.perf_counter() - start)
 
         scores = state.scores
         ranking = torch.argsort(scores, descending=True, stable=True)
@@ -242,7 +253,7 @@ class Detector:
         if classifier.threshold == "otsu" and bool(margin.max() > margin.min()):
             threshold = otsu_threshold(margin)
         removed = margin > threshold
-        timer.add("classifier", time.perf_counter() - start, n)
+        timer.add("classifier", time.perf_counter() - start + report.resumed_seconds, n)
         classifier_info["threshold"] = threshold
         classifier_info.update(iterations=report.iterations, best_f1=report.best_f1)
 
@@ -254,12 +265,12 @@ class Detector:
             classifier=classifier_info)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
-        classifier_stages.clear()
+        result.checkpoint_files = classifier_stages.existing()
         self.result_ = result
         return self
 
-    def _candidate_finder(self, encoder, bank, clustering, encode_assign, config, timer,
-                          device, dtype) -> CandidateFn:
+    def _candidate_finder(self, encoder, bank, clustering, encode_assign, config, device,
+                          dtype) -> CandidateFn:
         if self.method == "patchsearch":
             from fastbd.patchsearch.gradcam import gradcam_windows
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastbd.eval.metrics import DetectionMetrics
+from fastbd.storage import ResultFiles, remove_files
 
 
 @dataclass
@@ -19,7 +18,8 @@ class DetectionResult:
     candidate ``windows`` (``k×2``, top-left) and attention ``maps`` (``k×S×S``), the trigger
     ``triggers`` (uint8 ``k×3×w×w``), ``cluster_labels`` (``N``), per-stage ``timings`` (seconds)
     and ``throughput`` (images encoded per second), the ``config``, the search ``rounds``, and
-    with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores."""
+    with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores;
+    ``checkpoint_files``: the run's training-state files, deleted by ``save``."""
 
     method: str
     scores: torch.Tensor
@@ -39,6 +39,7 @@ class DetectionResult:
     metrics: DetectionMetrics | None = None
     topk_accuracy: float | None = None
     trigger_scores: dict[str, float] = field(default_factory=dict)
+    checkpoint_files: list[Path] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -57,24 +58,30 @@ class DetectionResult:
     def save(self, directory: str | Path, file_list_lines: list[str] | None = None,
              truth: torch.Tensor | None = None) -> Path:
         """Write ``result.json``, ``scores.npy``, ``removed.npy``, ``filtered.txt`` (the kept
-        lines of the input file list, when given), and PNGs: top triggers, their attention maps,
-        and the poison-score distribution (poisoned vs clean with ``truth``)."""
+        lines of the input file list, when given), PNGs — top triggers, their attention maps,
+        and the poison-score distribution (poisoned vs clean with ``truth``) — and
+        ``manifest.json`` last (``ResultFiles``: each file atomically; the files of a result
+        saved there before are removed first). Then the run's ``checkpoint_files`` (training
+        state an interrupted run would continue from) are deleted: the result supersedes them.
+        """
         from fastbd.report.plots import save_attention_grid, save_image_grid, save_score_histogram
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "result.json").write_text(json.dumps(self.summary(), indent=2))
-        np.save(directory / "scores.npy", self.scores.cpu().numpy())
-        np.save(directory / "removed.npy", self.removed.cpu().numpy())
+        if file_list_lines is not None and len(file_list_lines) != self.removed.numel():
+            raise ValueError(f"{len(file_list_lines)} file-list lines for "
+                             f"{self.removed.numel()} images")
+        files = ResultFiles(directory)
+        files.json("result.json", self.summary())
+        files.array("scores.npy", self.scores.cpu().numpy())
+        files.array("removed.npy", self.removed.cpu().numpy())
         if file_list_lines is not None:
-            if len(file_list_lines) != self.removed.numel():
-                raise ValueError(f"{len(file_list_lines)} file-list lines for "
-                                 f"{self.removed.numel()} images")
             kept = [line for line, gone in zip(file_list_lines, self.removed.tolist(),
                                                strict=True) if not gone]
-            (directory / "filtered.txt").write_text("".join(f"{line}\n" for line in kept))
+            files.text("filtered.txt", "".join(f"{line}\n" for line in kept))
         if self.triggers.numel():
-            save_image_grid(self.triggers, directory / "top_triggers.png")
-            save_attention_grid(self.maps, directory / "attention_maps.png")
-        save_score_histogram(self.scores, directory / "score_distribution.png", truth)
-        return directory
+            save_image_grid(self.triggers, files.path("top_triggers.png"))
+            save_attention_grid(self.maps, files.path("attention_maps.png"))
+        save_score_histogram(self.scores, files.path("score_distribution.png"), truth)
+        files.close()
+        remove_files(self.checkpoint_files)
+        self.checkpoint_files = []
+        return files.directory

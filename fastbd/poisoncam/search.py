@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fastbd.storage import save_atomically
+from fastbd.storage import load_torch, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ class SearchState:
     ``remaining`` cluster ids, ``cluster_scores`` float64 ``K``, ``round``, ``rounds`` log,
     ``top_maps``: the attention maps of the best-scored images so far (row → (score, map)), and
     ``run``: what identifies the search (``Detector`` stores the method, the search's config and
-    a fingerprint of the clustering, and refuses to resume another search's state)."""
+    a fingerprint of the clustering, and refuses to resume another search's state);
+    ``stage_seconds`` / ``stage_images``: time and images per stage over every run that worked
+    on this search (``search``: the rounds' wall time, kept by ``run_search``)."""
 
     scores: torch.Tensor
     scored: torch.Tensor
@@ -46,6 +49,8 @@ class SearchState:
     rounds: list[dict] = field(default_factory=list)
     top_maps: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)
     run: dict = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_images: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def start(cls, labels: torch.Tensor, n_clusters: int, seed: int,
@@ -69,7 +74,16 @@ class SearchState:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchState:
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        """The state saved at ``path`` (tensors and containers only: ``load_torch``); a file
+        that is not a saved search raises ``ValueError`` naming it."""
+        saved = load_torch(path, "search state")
+        names = {f.name for f in fields(cls)}
+        if not isinstance(saved, dict) or not names >= saved.keys() or not {
+                f.name for f in fields(cls) if f.default is MISSING
+                and f.default_factory is MISSING} <= saved.keys():
+            raise ValueError(f"{path} is not a saved fastbd search; remove it or choose another "
+                             "output folder")
+        return cls(**saved)
 
 
 def drop_count(remaining: int, prune_fraction: float) -> int:
@@ -87,6 +101,7 @@ def run_search(state: SearchState, score_batch: ScoreFn, *, samples_per_cluster:
     bar = tqdm(desc="search", unit="round", disable=not verbose)
     done = 0
     while state.remaining and (max_rounds is None or done < max_rounds):
+        started = time.perf_counter()
         batch = []
         for c in state.remaining:
             fresh = state.members[c][~state.scored[state.members[c]]]
@@ -110,6 +125,8 @@ def run_search(state: SearchState, score_batch: ScoreFn, *, samples_per_cluster:
                              "dropped": len(dropped), "remaining": len(state.remaining)})
         state.round += 1
         done += 1
+        state.stage_seconds["search"] = (state.stage_seconds.get("search", 0.0)
+                                         + time.perf_counter() - started)
         if checkpoint is not None:
             state.save(checkpoint)
         bar.update()

@@ -11,6 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fastbd.storage import atomic_output  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG through ``atomic_output`` and close it."""
+    fig.tight_layout()
+    with atomic_output(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
 
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 10,
                     scale: float = 1.0) -> Path:
@@ -24,10 +35,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 10,
         ax.axis("off")
         if i < k:
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_attention_grid(maps: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
@@ -40,10 +48,7 @@ def save_attention_grid(maps: torch.Tensor, path: str | Path, columns: int = 10)
         ax.axis("off")
         if i < k:
             ax.imshow(maps[i].cpu().numpy(), cmap="inferno")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_score_histogram(scores: torch.Tensor, path: str | Path,
@@ -63,10 +68,7 @@ def save_score_histogram(scores: torch.Tensor, path: str | Path,
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
@@ -87,7 +89,4 @@ def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
     ax.set_yticks(range(tokens.shape[0]))
     ax.set_xticks([])
     ax.set_title("token relevance (Chefer) of the top pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -167,15 +167,17 @@ def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
 
 def epoch_checkpoint(stages: StageFiles, stage: str, model: nn.Module,
                      optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                     device: torch.device) -> tuple[EpochCheckpoint, int]:
-    """The ``EpochCheckpoint`` of a training stage kept in ``stages`` and the epochs it had
-    done (its state is loaded into ``model``, ``optimizer``, ``generator``)."""
+                     device: torch.device) -> tuple[EpochCheckpoint, int, float]:
+    """The ``EpochCheckpoint`` of a training stage kept in ``stages``, the epochs it had done
+    and the seconds earlier runs spent on them (its state is loaded into ``model``,
+    ``optimizer``, ``generator``; the seconds go to ``stages.resumed_seconds[stage]``)."""
     saved = EpochCheckpoint(stages.path(stage), stages.run, (), {"model": model}, optimizer,
                             None, {"batches": generator}, device, stages.save_every_s)
-    epochs_done = saved.restore(refuse_other=False)[1]
+    _, epochs_done, seconds = saved.restore(refuse_other=False)
     if epochs_done:
         log.info("%s: continuing after epoch %d", stage, epochs_done)
-    return saved, epochs_done
+        stages.resumed_seconds[stage] = seconds
+    return saved, epochs_done, seconds
 
 
 def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
@@ -191,7 +193,8 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
                           config.overfit_min_steps)
-    saved, done = epoch_checkpoint(stages, "overfit", tuned, optimizer, g, device)
+    saved, done, seconds_before = epoch_checkpoint(stages, "overfit", tuned, optimizer, g, device)
+    started = time.perf_counter() - seconds_before
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT overfit",
                       disable=not verbose):
         normal_batches = shuffled_batches(normal.numel(), config.batch_size, g)
@@ -206,7 +209,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
+        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
     return tuned.eval()
 
 
@@ -228,7 +231,8 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
                           config.unlearn_min_steps)
     use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
     finetune_mode(model)
-    saved, done = epoch_checkpoint(stages, "unlearn", model, optimizer, g, device)
+    saved, done, seconds_before = epoch_checkpoint(stages, "unlearn", model, optimizer, g, device)
+    started = time.perf_counter() - seconds_before
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT unlearn",
                       disable=not verbose):
         for rows in shuffled_batches(pairs.shape[0], config.batch_size, g):
@@ -243,7 +247,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, 0.0, final=epoch + 1 == epochs)
+        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
     model.eval()
 
 
@@ -286,11 +290,14 @@ def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
     """``suspicious_split``, loaded from ``stages`` when a run with the same tag saved it."""
     saved = stages.load("split")
     if saved is not None:
+        stages.resumed_seconds["split"] = float(saved.get("seconds", 0.0))
         return saved["reference_similarity"], saved["suspicious"], saved["normal"]
+    start = time.perf_counter()
     reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
                                                          susp_fraction, device)
     stages.save("split", {"reference_similarity": reference_sim.cpu(),
-                          "suspicious": suspicious.cpu(), "normal": normal.cpu()})
+                          "suspicious": suspicious.cpu(), "normal": normal.cpu(),
+                          "seconds": time.perf_counter() - start})
     return reference_sim, suspicious, normal
 
 
@@ -303,7 +310,8 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     and the overfit and unlearning stages' training state (after an epoch, at most every
     ``save_every_s`` seconds, and after the last) are kept there
     (``ubt-*.pt``), a rerun with the same config, pairs and models continues from them to the
-    result of an uninterrupted run, and they are deleted once the result is built."""
+    result of an uninterrupted run, and they are deleted once the result is saved
+    (``result.checkpoint_files``)."""
     config = config or Config()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
@@ -316,11 +324,12 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     reference_sim, suspicious, normal = saved_split(stages, reference, images, tokens,
                                                     config.susp_fraction, device)
     n_susp = suspicious.numel()
-    timings["suspicious_split"] = time.perf_counter() - start
+    timings["suspicious_split"] = (time.perf_counter() - start
+                                   + stages.resumed_seconds.get("split", 0.0))
 
     start = time.perf_counter()
     tuned = overfit(model, images, tokens, suspicious, normal, config, device, verbose, stages)
-    timings["overfit"] = time.perf_counter() - start
+    timings["overfit"] = time.perf_counter() - start + stages.resumed_seconds.get("overfit", 0.0)
     start = time.perf_counter()
     overfit_sim = similarities(tuned, images[suspicious], tokens[suspicious], device)
     k = config.topk or math.ceil(math.sqrt(n * config.susp_fraction))
@@ -339,7 +348,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     if not poisoned:
         log.info("UBT check: statistic %.2f below %.2f; model left unchanged", statistic,
                  config.check_threshold)
-        stages.clear()
+        result.checkpoint_files = stages.existing()
         return result
     start = time.perf_counter()
     top_images, top_tokens = images[topk], tokens[topk].to(device)
@@ -352,7 +361,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     unlearn(purified, top_images, captions.cpu(), config, device, verbose,
             retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)),
             stages=stages)
-    timings["unlearn"] = time.perf_counter() - start
+    timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("unlearn", 0.0)
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
-    stages.clear()
+    result.checkpoint_files = stages.existing()
     return result

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastbd.storage import save_atomically
+from fastbd.storage import ResultFiles, remove_files
 
 
 @dataclass
 class DefenseResult:
     """A defended CLIP and what the defense saw. ``suspicious``: indices of D_susp (int64,
     empty when the defense has none); ``reference_similarity``: float32 ``N`` cosine of every
-    pair under the clean reference (None when not computed)."""
+    pair under the clean reference (None when not computed); ``checkpoint_files``: the run's
+    training-state files, deleted by ``save``."""
 
     model: nn.Module
     method: str
@@ -24,6 +24,7 @@ class DefenseResult:
     reference_similarity: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    checkpoint_files: list[Path] = field(default_factory=list)
 
     def summary(self, truth: torch.Tensor | None = None) -> dict[str, object]:
         """JSON-ready summary; with ``truth`` (bool ``N``, True = poisoned pair) the number of
@@ -36,23 +37,33 @@ class DefenseResult:
         return out
 
     def save(self, directory: str | Path, truth: torch.Tensor | None = None, *,
-             weights: bool = True, **_) -> Path:
+             weights: bool = True, **extras) -> Path:
         """Write ``model.pt`` (the defended state dict; skipped with ``weights=False``),
-        ``result.json`` and, when reference similarities exist, ``similarity.png`` (backdoor vs
-        clean with ``truth``)."""
+        ``result.json``, ``similarity.png`` when reference similarities exist (backdoor vs clean
+        with ``truth``), what ``add_files`` adds (``extras`` are its keyword arguments), and
+        ``manifest.json`` last (``ResultFiles``: each file atomically; the files of a result
+        saved there before are removed first). Then the run's ``checkpoint_files`` (training
+        state an interrupted run would continue from) are deleted: the result supersedes them.
+        """
         from fastbd.report.plots import save_score_histogram
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        files = ResultFiles(directory)
         if weights:
-            save_atomically(self.model.state_dict(), directory / "model.pt")
-        (directory / "result.json").write_text(json.dumps(self.summary(truth), indent=2))
+            files.torch("model.pt", self.model.state_dict())
+        files.json("result.json", self.summary(truth))
         if self.reference_similarity is not None:
-            save_score_histogram(self.reference_similarity, directory / "similarity.png",
+            save_score_histogram(self.reference_similarity, files.path("similarity.png"),
                                  None if truth is None else _as_truth(truth),
                                  title="pair similarity under the reference model",
                                  xlabel="cosine")
-        return directory
+        self.add_files(files, **extras)
+        files.close()
+        remove_files(self.checkpoint_files)
+        self.checkpoint_files = []
+        return files.directory
+
+    def add_files(self, files: ResultFiles, **extras) -> None:
+        """A subclass's own report files (none here)."""
 
 
 @dataclass
@@ -78,18 +89,15 @@ class UBTResult(DefenseResult):
             out["topk_poisoned"] = int(_as_truth(truth)[self.topk].sum())
         return out
 
-    def save(self, directory: str | Path, truth: torch.Tensor | None = None, *,
-             weights: bool = True, tokens: torch.Tensor | None = None, tokenizer=None
-             ) -> Path:
-        """Everything ``DefenseResult.save`` writes, plus ``token_relevance.png`` for the top
-        pairs when relevance was computed and ``tokens`` (``N×L``) / ``tokenizer`` are given."""
+    def add_files(self, files: ResultFiles, *, tokens: torch.Tensor | None = None,
+                  tokenizer=None, **_) -> None:
+        """``token_relevance.png`` for the top pairs when relevance was computed and ``tokens``
+        (``N×L``) / ``tokenizer`` are given (``save(..., tokens=, tokenizer=)``)."""
         from fastbd.report.plots import save_token_heatmap
 
-        directory = super().save(directory, truth, weights=weights)
         if self.relevance is not None and tokens is not None and tokenizer is not None:
             save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
-                               directory / "token_relevance.png")
-        return directory
+                               files.path("token_relevance.png"))
 
 
 def _as_truth(truth: torch.Tensor) -> torch.Tensor:
