@@ -128,28 +128,31 @@ def output_dir(root: str | Path, *parts: str) -> Path:
 
 
 def check_writable_dir(path: str | Path) -> Path:
-    """Check, before any long work, that the folder ``path`` can be written into — so that hours
-    of training do not end in a failed save — without creating it: an existing folder must take
-    a file, a missing one must have a writable folder as its nearest existing ancestor.
-    Raises ``ValueError`` naming the folder."""
+    """Check, before any long work, that a file can be written into the folder ``path`` — so
+    that hours of training do not end in a failed save — by creating one there (and the missing
+    folders on the way, which are removed again: a failed check leaves nothing behind). Raises
+    ``ValueError`` naming the folder."""
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"output folder {folder} is a file, not a folder")
-    if folder.is_dir():
-        try:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise ValueError(f"output folder {folder} is not writable: {error.strerror}"
-                             ) from None
-        return folder
-    ancestor = folder.absolute().parent
-    while not ancestor.exists():
+    missing = []
+    ancestor = folder
+    while not ancestor.exists() and not ancestor.is_symlink():
+        missing.append(ancestor)
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"cannot create output folder {folder}: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create output folder {folder}: {ancestor} is not writable")
+        raise ValueError(f"output folder {folder} is a file, not a folder" if ancestor == folder
+                         else f"cannot create output folder {folder}: {ancestor} is a file")
+    created = []
+    try:
+        for part in reversed(missing):
+            part.mkdir()
+            created.append(part)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"output folder {folder} is not writable: {error.strerror}") from None
+    finally:
+        for part in reversed(created):
+            part.rmdir()
     return folder
 
 

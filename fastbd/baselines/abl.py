@@ -16,14 +16,15 @@ from tqdm.auto import tqdm
 from fastbd.models.clip import batch_clip_loss, finetune_mode, shuffled_batches
 from fastbd.schedules import adamw
 from fastbd.ubt.defend import (
+    SPLIT_RULES,
     check_pairs,
-    check_split_settings,
     defense_stages,
     epoch_checkpoint,
     saved_split,
     stage_epochs,
 )
 from fastbd.ubt.result import DefenseResult
+from fastbd.validation import above, at_least, check_fields
 
 
 @dataclass
@@ -39,9 +40,8 @@ class ABLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_split_settings(self.susp_fraction, self.batch_size)
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be ≥ 0, got {self.min_steps}")
+        check_fields(self, **SPLIT_RULES, epochs=at_least(0), lr=above(0),
+                     min_steps=at_least(0))
 
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,

@@ -31,6 +31,7 @@ from fastbd.storage import EpochCheckpoint
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
 from fastbd.ubt.result import DefenseResult
+from fastbd.validation import above, at_least, check_fields, fraction
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,10 @@ class CleanCLIPConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be ≥ 2, got {self.batch_size}")
-        if not 0 <= self.token_drop < 1:
-            raise ValueError(f"token_drop must be in [0, 1), got {self.token_drop}")
+        check_fields(self, epochs=at_least(1), lr=above(0), batch_size=at_least(2),
+                     warmup_steps=at_least(0), cross_modal_weight=at_least(0),
+                     in_modal_weight=at_least(0), token_drop=fraction(high_open=True),
+                     seed=at_least(0))
 
 
 def augment_tokens(tokens: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastbd.attacks.triggers import Attack
 from fastbd.eval.metrics import accuracy, attack_success_rate
 from fastbd.models.encoders import Encoder, embed_images
+from fastbd.validation import at_least, check_fields, fraction
 
 
 @dataclass
@@ -21,6 +22,10 @@ class ProbeConfig:
     steps: int = 100
     weight_decay: float = 1e-4
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, labelled_fraction=fraction(low_open=True), steps=at_least(1),
+                     weight_decay=at_least(0), seed=at_least(0))
 
 
 @dataclass

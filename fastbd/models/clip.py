@@ -20,6 +20,7 @@ from fastbd.devices import conv_memory_format
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import EpochCheckpoint, load_state_dict_file, state_dict_mismatch
+from fastbd.validation import above, at_least, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,10 @@ class CLIPTrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, epochs=at_least(0), batch_size=at_least(2), lr=above(0),
+                     weight_decay=at_least(0), warmup_steps=at_least(0), seed=at_least(0))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -41,6 +42,13 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
+def check_finite_number(name: str, value: object) -> float:
+    """A finite real number (not a bool, not NaN/Inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def check_positive_int(name: str, value: object) -> int:

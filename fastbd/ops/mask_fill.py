@@ -25,6 +25,7 @@ from fastbd.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     channel_affine,
+    check_finite_number,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -111,6 +112,7 @@ def mask_fill(images: torch.Tensor, positions: torch.Tensor, window: int,
     if positions.shape[-1] != 2:
         raise ValueError(f"positions must be n×m×2 (y, x), got shape {tuple(positions.shape)}")
     check_positive_int("window", window)
+    fill = check_finite_number("fill", fill)
     if window > size:
         raise ValueError(f"window {window} is larger than the image side {size}")
     if strategy not in STRATEGIES:

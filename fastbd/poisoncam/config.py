@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from fastbd.data.bank import BANK_PLACEMENTS
+from fastbd.ops.mask_fill import STRATEGIES as MASK_STRATEGIES
+from fastbd.validation import above, at_least, check_fields, fraction, one_of, ordered_range
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -52,17 +54,16 @@ class ClassifierConfig:
     threshold: str = "otsu"
 
     def __post_init__(self) -> None:
-        if self.n_models < 1:
-            raise ValueError(f"n_models must be ≥ 1, got {self.n_models}")
-        if self.threshold not in ("otsu", "argmax"):
-            raise ValueError(f"threshold must be 'otsu' or 'argmax', got {self.threshold!r}")
-        if self.pool_cleaning_rounds < 0:
-            raise ValueError(f"pool_cleaning_rounds must be ≥ 0, got {self.pool_cleaning_rounds}")
-        if not 0 <= self.pool_cleaning_fraction < 1:
-            raise ValueError("pool_cleaning_fraction must be in [0, 1), got "
-                             f"{self.pool_cleaning_fraction}")
-        if self.feature_samples < 2:
-            raise ValueError(f"feature_samples must be ≥ 2, got {self.feature_samples}")
+        check_fields(
+            self, n_models=at_least(1), iterations=at_least(1), batch_size=at_least(2),
+            lr=above(0), momentum=fraction(high_open=True), weight_decay=at_least(0),
+            val_every=at_least(1), patience=at_least(1), paste_p=fraction(),
+            paste_size=ordered_range(1), paste_margin=at_least(0),
+            crop_scale=ordered_range(0, 1, low_open=True), width=at_least(1),
+            feature_samples=at_least(2), feature_steps=at_least(1),
+            feature_weight_decay=at_least(0), pool_cleaning_rounds=at_least(0),
+            pool_cleaning_fraction=fraction(high_open=True),
+            threshold=one_of("otsu", "argmax"))
 
 
 @dataclass
@@ -110,12 +111,15 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
-        if self.bank_placement not in BANK_PLACEMENTS:
-            raise ValueError(f"bank_placement must be one of {', '.join(BANK_PLACEMENTS)}, got "
-                             f"{self.bank_placement!r}")
+        check_fields(
+            self, n_clusters=at_least(2), max_cluster_fraction=fraction(low_open=True),
+            kmeans_iters=at_least(1), n_masks=at_least(1), window=at_least(1),
+            mask_strategy=one_of(*MASK_STRATEGIES), mask_block=at_least(1),
+            test_set_size=at_least(1), candidates_per_batch=at_least(1),
+            samples_per_cluster=at_least(1), prune_fraction=fraction(high_open=True),
+            topk_poisons=at_least(1), drop_top_fraction=fraction(high_open=True),
+            reference_size=at_least(1), batch_size=at_least(1), precision=one_of(*PRECISIONS),
+            bank_placement=one_of(*BANK_PLACEMENTS), seed=at_least(0))
 
     def for_device(self, device: torch.device) -> Config:
         """This config with an ``auto`` precision resolved for ``device`` (bf16 on CUDA, fp32

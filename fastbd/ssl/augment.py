@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastbd.validation import at_least, check_fields, fraction, ordered_range
+
 
 @dataclass
 class AugmentConfig:
@@ -21,6 +23,11 @@ class AugmentConfig:
     jitter_p: float = 0.8
     jitter: float = 0.4
     grayscale_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_fields(self, crop_scale=ordered_range(0, 1, low_open=True),
+                     crop_ratio=ordered_range(0, low_open=True), flip_p=fraction(),
+                     jitter_p=fraction(), jitter=at_least(0), grayscale_p=fraction())
 
 
 def crop_windows(n: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float,

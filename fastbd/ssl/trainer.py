@@ -22,6 +22,7 @@ from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.ssl.augment import AugmentConfig, augment
 from fastbd.storage import EpochCheckpoint
+from fastbd.validation import above, at_least, check_fields, fraction, one_of
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ class SSLConfig:
     projection_dim: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, method=one_of("simclr", "byol"), epochs=at_least(0),
+                     batch_size=at_least(2), lr=above(0), weight_decay=at_least(0),
+                     warmup_epochs=at_least(0), temperature=above(0), momentum=fraction(),
+                     projection_dim=at_least(1), seed=at_least(0))
 
 
 @dataclass
@@ -92,8 +99,6 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     count) is an error. The file is removed when training ends. Randomness follows
     ``config.seed`` alone; the caller's global RNG is left as it was."""
     config = config or SSLConfig()
-    if config.method not in ("simclr", "byol"):
-        raise ValueError(f"method must be 'simclr' or 'byol', got {config.method!r}")
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} "
                          f"{tuple(images.shape)}")

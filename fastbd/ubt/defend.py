@@ -51,16 +51,15 @@ from fastbd.storage import (
 )
 from fastbd.ubt.relevance import masked_tokens, token_relevance
 from fastbd.ubt.result import UBTResult
+from fastbd.validation import above, at_least, check_fields, fraction
 
 log = logging.getLogger(__name__)
 
 
-def check_split_settings(susp_fraction: float, batch_size: int) -> None:
-    """The settings UBT and ABL share: a suspicious fraction in (0, 1), batches of ≥ 2 pairs."""
-    if not 0 < susp_fraction < 1:
-        raise ValueError(f"susp_fraction must be in (0, 1), got {susp_fraction}")
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be ≥ 2, got {batch_size}")
+SPLIT_RULES = {"susp_fraction": fraction(low_open=True, high_open=True),
+               "batch_size": at_least(2), "seed": at_least(0)}
+"""``check_fields`` rules of the settings UBT and ABL share: a suspicious fraction in (0, 1),
+batches of ≥ 2 pairs, a seed ≥ 0."""
 
 
 @dataclass
@@ -103,13 +102,11 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_split_settings(self.susp_fraction, self.batch_size)
-        if min(self.retain_weight, self.overfit_min_steps, self.unlearn_min_steps) < 0:
-            raise ValueError("retain_weight and the min_steps must be ≥ 0")
-        if not 0 < self.retain_fraction <= 1:
-            raise ValueError(f"retain_fraction must be in (0, 1], got {self.retain_fraction}")
-        if self.check_sample < 2:
-            raise ValueError(f"check_sample must be ≥ 2, got {self.check_sample}")
+        check_fields(self, **SPLIT_RULES, topk=at_least(1), overfit_epochs=at_least(0),
+                     overfit_lr=above(0), unlearn_epochs=at_least(0), unlearn_lr=above(0),
+                     token_threshold=fraction(), overfit_min_steps=at_least(0),
+                     unlearn_min_steps=at_least(0), retain_weight=at_least(0),
+                     retain_fraction=fraction(low_open=True), check_sample=at_least(2))
 
 
 def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
