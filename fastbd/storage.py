@@ -205,7 +205,8 @@ class ResultFiles:
 def remove_result(directory: str | Path) -> list[str]:
     """Delete the files a previous result's ``manifest.json`` in ``directory`` lists, then the
     manifest (first, so a half-removed result never looks complete). Names that would leave the
-    folder are ignored. Returns the names removed."""
+    folder (absolute, ``..``, or through a symbolic link) are ignored. Returns the names
+    removed."""
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file() or manifest.is_symlink():
@@ -219,6 +220,10 @@ def remove_result(directory: str | Path) -> list[str]:
     for name in names if isinstance(names, list) else []:
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             continue
+        folders = [directory.joinpath(*Path(name).parts[:i])
+                   for i in range(1, len(Path(name).parts))]
+        if any(folder.is_symlink() for folder in folders):
+            continue  # a planted link: the file behind it is not ours to delete
         target = directory / name
         if target.is_file() or target.is_symlink():
             target.unlink()

@@ -23,7 +23,14 @@ from fastbd.data.bank import ImageBank, ImageReadError, load_image
 from fastbd.data.readers import read_csv_pairs, read_file_list
 from fastbd.ops import mask_fill
 from fastbd.poisoncam import ClassifierConfig, Config
-from fastbd.storage import MANIFEST, ResultFiles, atomic_output, check_writable_dir, load_torch
+from fastbd.storage import (
+    MANIFEST,
+    ResultFiles,
+    atomic_output,
+    check_writable_dir,
+    load_torch,
+    remove_result,
+)
 from fastbd.ubt import Config as UBTConfig
 
 SMALL_DETECTOR = {"n_clusters": 3, "n_masks": 4, "test_set_size": 10, "topk_poisons": 5,
@@ -371,6 +378,21 @@ def test_a_new_run_removes_the_previous_result_first(world, tmp_path, capsys, mo
     left = {p.name for p in out.iterdir()}
     assert not left & {"result.json", "scores.npy", "removed.npy", MANIFEST}
     assert "bank.npy" in left  # the image cache is not a result: it stays for the rerun
+
+
+def test_a_planted_manifest_deletes_nothing_outside_the_folder(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(outside, target_is_directory=True)
+    (out / "mine.txt").write_text("")
+    names = ["../outside/precious.txt", str(outside / "precious.txt"), "link/precious.txt",
+             "mine.txt"]
+    (out / MANIFEST).write_text(json.dumps({"files": names}))
+    assert remove_result(out) == ["mine.txt"]
+    assert (outside / "precious.txt").read_text() == "keep"
 
 
 def test_a_failed_save_leaves_no_manifest_and_no_temporary_files(tmp_path, monkeypatch):
