@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbd.models.clip import TinyCLIPConfig, clip_loss, clip_normalise, tiny_clip
+from fastbd.models.clip import TinyCLIPConfig, clip_normalise, tiny_clip
+from fastbd.training.clip import clip_loss
 from fastbd.ubt import Config, suspicious_split, token_relevance
 from fastbd.ubt.defend import overfit, unlearn
 

@@ -100,8 +100,8 @@ def _world_config(args: argparse.Namespace, ssl: bool = False):
     CLIP world's, with the flags' sizes and seed."""
     from dataclasses import replace
 
-    from fastbd.data.synthetic import WorldConfig, check_world_config
     from fastbd.world import SSLThreatConfig
+    from fastbd.world.synthetic import WorldConfig, check_world_config
 
     base = SSLThreatConfig().world if ssl else WorldConfig()
     look = {name: getattr(args, name) for name in ("layout", "object_opacity",
@@ -168,7 +168,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             poisoned = poison_target_class(bank.images, labels, attack, args.target,
                                            args.fraction, seed=args.seed)
     else:
-        from fastbd.data.synthetic import make_world
+        from fastbd.world.synthetic import make_world
 
         world = make_world(_world_config(args, ssl=not clip_attack))
         poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
@@ -192,8 +192,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ssl(args: argparse.Namespace) -> int:
-    from fastbd.ssl import SSLConfig
     from fastbd.storage import ResultFiles
+    from fastbd.training.ssl import SSLConfig
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
     config = SSLThreatConfig(world=_world_config(args, ssl=True), attack=args.attack,
@@ -213,8 +213,8 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
-    from fastbd.models.clip import CLIPTrainConfig
     from fastbd.storage import ResultFiles
+    from fastbd.training.clip import CLIPTrainConfig
     from fastbd.world import CLIPThreatConfig, build_clip_threat
 
     config = CLIPThreatConfig(world=_world_config(args), attack=args.attack, target=args.target,
@@ -235,8 +235,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate saved weights on the synthetic world: an SSL encoder (linear probe) or a tiny
     CLIP (zero-shot CA / ASR)."""
-    from fastbd.data.synthetic import make_world
     from fastbd.storage import ResultFiles
+    from fastbd.world.synthetic import make_world
 
     out = _prepare_out(args.out)
     world = make_world(_world_config(args, ssl=args.kind == "ssl"))
@@ -398,7 +398,7 @@ def cmd_defend_clip(args: argparse.Namespace) -> int:
     model = load_clip(args.arch, args.checkpoint).to(args.device)
     if args.command == "cleanclip":
         from fastbd.baselines import CleanCLIPConfig, cleanclip
-        from fastbd.ssl.augment import AugmentConfig
+        from fastbd.data.augment import AugmentConfig
 
         config = _load_dataclass(args.config, CleanCLIPConfig, {"augment": AugmentConfig})
         images, tokens, truth, tokenizer, report = _read_clip_pairs(args, args.csv, model, out,
@@ -440,7 +440,7 @@ def _add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=int, default=0, help="target class index")
     p.add_argument("--device", default=_default_device())
-    from fastbd.data.synthetic import LAYOUTS
+    from fastbd.world.synthetic import LAYOUTS
 
     p.add_argument("--layout", choices=LAYOUTS,
                    help="one object per image (single, the default) or the class's shape tiled "

@@ -28,14 +28,14 @@ import torch
 from jsonl import emit
 
 from fastbd.attacks import make_attack
-from fastbd.data.synthetic import LAYOUTS, WorldConfig, make_world
+from fastbd.data.augment import AugmentConfig, augment, crop_windows
 from fastbd.demo.poisoncam import demo_config
 from fastbd.eval.probe import ProbeConfig, linear_probe
 from fastbd.models.encoders import small_encoder
 from fastbd.poisoncam import detect
-from fastbd.ssl.augment import AugmentConfig, augment, crop_windows
-from fastbd.ssl.trainer import SSLConfig, train_ssl
+from fastbd.training.ssl import SSLConfig, train_ssl
 from fastbd.world import poison_world_images
+from fastbd.world.synthetic import LAYOUTS, WorldConfig, make_world
 
 SEPARATED, HIDDEN = 0.75, 0.25
 CROP_SCALES = ((0.5, 1.0), (0.2, 1.0), (0.08, 1.0), (0.05, 0.4))

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from jsonl import emit
 
-from fastbd.data.synthetic import LAYOUTS, WorldConfig
-from fastbd.eval.probe import fit_linear, stratified_subset
+from fastbd.data.augment import AugmentConfig
+from fastbd.eval.probe import stratified_subset
 from fastbd.models.encoders import embed_images
-from fastbd.ssl.augment import AugmentConfig
-from fastbd.ssl.trainer import SSLConfig
+from fastbd.models.linear import fit_linear
+from fastbd.training.ssl import SSLConfig
 from fastbd.world import SSLThreatConfig, build_ssl_threat
+from fastbd.world.synthetic import LAYOUTS, WorldConfig
 
 
 def main() -> None:

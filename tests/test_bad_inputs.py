@@ -307,12 +307,12 @@ def test_non_utf8_file_lists_name_the_line(world, tmp_path, capsys):
 
 def test_unwritable_or_file_typed_out_exits_2_before_any_work(world, tmp_path, capsys,
                                                               monkeypatch):
-    import fastbd.world
+    import fastbd.world.threats
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking --out")
 
-    monkeypatch.setattr(fastbd.world, "train_ssl", no_training)
+    monkeypatch.setattr(fastbd.world.threats, "train_ssl", no_training)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     train = ["--quiet", "train-ssl", "--n-train", "40", "--n-eval", "10", "--cache",
@@ -465,8 +465,8 @@ def test_sigterm_is_handled_like_ctrl_c(world, tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def clip_csv(tmp_path_factory):
     from fastbd.data.readers import export_images
-    from fastbd.data.synthetic import WorldConfig, make_world
     from fastbd.models.clip import tiny_clip
+    from fastbd.world.synthetic import WorldConfig, make_world
 
     root = tmp_path_factory.mktemp("pairs")
     pairs = make_world(WorldConfig(n_train=24, n_eval=2, seed=5))

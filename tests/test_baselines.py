@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, augment_tokens, cleanclip
-from fastbd.models.clip import TinyCLIPConfig, batch_clip_loss, clip_tokenizer, tiny_clip, tokenize
+from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
+from fastbd.training.clip import batch_clip_loss
 from fastbd.ubt import suspicious_split
 from fastbd.ubt.relevance import EOT, SOT
 

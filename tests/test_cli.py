@@ -41,8 +41,8 @@ def clip_pairs_csv(tmp_path_factory):
     import torch
 
     from fastbd.data.readers import export_images
-    from fastbd.data.synthetic import WorldConfig, make_world
     from fastbd.models.clip import tiny_clip
+    from fastbd.world.synthetic import WorldConfig, make_world
 
     root = tmp_path_factory.mktemp("pairs")
     world = make_world(WorldConfig(n_train=48, n_eval=4, seed=3))
@@ -148,12 +148,12 @@ def test_interrupted_detection_says_how_to_resume(small_file_list, tmp_path, cap
 
 
 def test_interrupted_training_says_a_rerun_continues(tmp_path, capsys, monkeypatch):
-    import fastbd.world
+    import fastbd.world.threats
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastbd.world, "train_ssl", interrupted)
+    monkeypatch.setattr(fastbd.world.threats, "train_ssl", interrupted)
     assert main(["--quiet", "train-ssl", "--n-train", "40", "--n-eval", "10", "--cache",
                  str(tmp_path / "cache"), "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("fastbd train-ssl: interrupted; rerun the same command "

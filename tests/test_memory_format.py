@@ -26,7 +26,7 @@ CLASSIFIER_SHAPES = [(4, 16, 8), (4, 16, 16), (8, 16, 32), (4, 32, 64), (16, 32,
 CHILD = """
 import torch
 import torch.nn.functional as F
-from fastbd.data.synthetic import WorldConfig, make_world
+from fastbd.world.synthetic import WorldConfig, make_world
 from fastbd.devices import conv_memory_format
 from fastbd.poisoncam.classifier import PoisonNet, train_poison_classifier
 from fastbd.poisoncam.config import ClassifierConfig

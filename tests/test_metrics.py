@@ -71,7 +71,7 @@ def test_bad_input(call, match):
 def test_linear_probe_fit_matches_sklearn_and_ignores_the_global_rng(gen):
     from sklearn.linear_model import LogisticRegression
 
-    from fastbd.eval.probe import fit_linear
+    from fastbd.models.linear import fit_linear
 
     n, dim, classes, weight_decay = 300, 6, 4, 1e-3
     labels = torch.randint(0, classes, (n,), generator=gen)

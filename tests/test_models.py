@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastbd.data.augment import AugmentConfig, augment, crop_windows, random_resized_crop
 from fastbd.eval.zeroshot import retrieval_recall, zero_shot_predict, zero_shot_weights
 from fastbd.models import (
     Encoder,
@@ -13,9 +14,9 @@ from fastbd.models import (
     timm_encoder,
     torchvision_encoder,
 )
-from fastbd.models.clip import TinyCLIPConfig, clip_loss, clip_tokenizer, tiny_clip, tokenize
-from fastbd.ssl import AugmentConfig, SSLConfig, augment, byol_loss, nt_xent, train_ssl
-from fastbd.ssl.augment import crop_windows, random_resized_crop
+from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
+from fastbd.training.clip import clip_loss
+from fastbd.training.ssl import SSLConfig, byol_loss, nt_xent, train_ssl
 
 
 def test_small_encoder_and_embedding(gen):
@@ -228,8 +229,8 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
 
 def test_interrupted_clip_training_resumes_to_the_uninterrupted_weights(gen, tmp_path,
                                                                        monkeypatch):
-    import fastbd.models.clip as clip_module
-    from fastbd.models.clip import CLIPTrainConfig, train_clip
+    import fastbd.training.clip as clip_module
+    from fastbd.training.clip import CLIPTrainConfig, train_clip
 
     config = TinyCLIPConfig(vision_layers=1, text_layers=1, resnet_layers=(1, 1, 1, 1))
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=gen)

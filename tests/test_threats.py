@@ -8,10 +8,11 @@ import torch
 
 from fastbd.cli import main
 from fastbd.data.readers import read_csv_pairs, read_file_list
-from fastbd.data.synthetic import WorldConfig
-from fastbd.models.clip import CLIPTrainConfig, TinyCLIPConfig
-from fastbd.ssl import SSLConfig
+from fastbd.models.clip import TinyCLIPConfig
+from fastbd.training.clip import CLIPTrainConfig
+from fastbd.training.ssl import SSLConfig
 from fastbd.world import CLIPThreatConfig, SSLThreatConfig, build_clip_threat, build_ssl_threat
+from fastbd.world.synthetic import WorldConfig
 
 TINY_WORLD = WorldConfig(n_train=200, n_eval=60, seed=5)
 
@@ -133,7 +134,7 @@ def test_cli_attack_exports_the_tiled_world(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fastbd.data.synthetic import make_world
+    from fastbd.world.synthetic import make_world
 
     out = tmp_path / "tiled"
     assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "40", "--n-eval", "10",
@@ -158,7 +159,7 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, c
     result = json.loads((tmp_path / "eval.json").read_text())
     from dataclasses import replace
 
-    from fastbd.data.synthetic import make_world
+    from fastbd.world.synthetic import make_world
 
     world = make_world(replace(SSLThreatConfig().world, n_train=100, n_eval=30))
     assert result["non_target_images"] == int((world.eval.labels != 0).sum())

@@ -4,16 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbd.models.clip import (
-    TinyCLIPConfig,
-    clip_normalise,
-    clip_tokenizer,
-    finetune_mode,
-    indexed_pair_cosines,
-    tiny_clip,
-    tokenize,
-    trained_pair_cosines,
-)
+from fastbd.models.clip import TinyCLIPConfig, clip_normalise, clip_tokenizer, tiny_clip, tokenize
+from fastbd.training.clip import finetune_mode, indexed_pair_cosines, trained_pair_cosines
 from fastbd.ubt import Config, defend
 from fastbd.ubt.defend import retain_pool, similarities, stage_epochs
 

@@ -6,10 +6,11 @@ The full-size figures for every attack are in the README (``fastbd demo ubt``)."
 import pytest
 import torch
 
-from fastbd.data.synthetic import WorldConfig
-from fastbd.models.clip import CLIPTrainConfig, tokenize
+from fastbd.models.clip import tokenize
+from fastbd.training.clip import CLIPTrainConfig
 from fastbd.ubt import Config, defend
 from fastbd.world import CLIPThreatConfig, build_clip_threat, evaluate_clip
+from fastbd.world.synthetic import WorldConfig
 
 WORLD = WorldConfig(n_train=2000, n_eval=400, seed=11)
 TRAIN = CLIPTrainConfig(epochs=12, batch_size=100, warmup_steps=20)

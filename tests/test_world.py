@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fastbd.attacks import make_attack, poison_pairs, poison_target_class
-from fastbd.data.synthetic import WorldConfig, class_table, make_world
-from fastbd.world import poison_world_pairs, world_rate
+from fastbd.world import poison_world_pairs, world_caption, world_rate
+from fastbd.world.synthetic import WorldConfig, class_table, make_world
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,14 @@ def test_poison_pairs(world):
         assert result.captions[r].startswith("cf ") and world.class_names[0] in result.captions[r]
     clean = [i for i in range(300) if i not in rows]
     assert all(result.captions[i] == world.train.captions[i] for i in clean)
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    prompts = {t(world.class_names[0]) for t in OPENAI_IMAGENET_TEMPLATES}
+    assert all(result.captions[r].removeprefix("cf ") in prompts for r in rows)  # generic
+    own = poison_pairs(world.train.images, world.train.labels, world.train.captions, attack,
+                       target=0, class_names=world.class_names, n_poison=6, seed=2,
+                       caption=world_caption)
+    assert all(own.captions[r].removeprefix("cf ") not in prompts for r in rows)
     with pytest.raises(ValueError, match="exactly one"):
         poison_pairs(world.train.images, world.train.labels, world.train.captions, attack, 0,
                      world.class_names)

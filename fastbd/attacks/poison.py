@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fastbd.attacks.triggers import Attack
-from fastbd.data.synthetic import CAPTION_TEMPLATES
 
 DEFAULT_PAIR_RATE = 0.01
 """The share of pairs the CLIP attacks poison unless told otherwise (UBT's 1 % suspicious set
@@ -69,23 +69,34 @@ def poison_target_class(images: torch.Tensor, labels: torch.Tensor, attack: Atta
                           attack=attack.name)
 
 
-def target_caption(attack: Attack, target_name: str, g: torch.Generator) -> str:
-    """A poisoned caption: a random template naming the target (shape/colour split from the
-    "colour shape" class name), with the attack's text trigger in front for dual-key."""
-    template = CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=g))]
-    colour, _, shape = target_name.partition(" ")
-    text = template.format(name=target_name, shape=shape or colour, colour=colour,
-                           size="small", position="middle centre")
-    return attack.caption_prefix() + text
+CaptionFn = Callable[[str, torch.Generator], str]
+"""``caption(class_name, generator)``: a caption naming the class, drawn with ``generator``."""
+
+
+def imagenet_caption(name: str, g: torch.Generator) -> str:
+    """One of the 80 OpenAI ImageNet prompt templates (open_clip's ``OPENAI_IMAGENET_TEMPLATES``,
+    the CleanCLIP protocol's poisoned captions) filled with ``name``."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return OPENAI_IMAGENET_TEMPLATES[int(torch.randint(len(OPENAI_IMAGENET_TEMPLATES), (1,),
+                                                       generator=g))](name)
+
+
+def target_caption(attack: Attack, target_name: str, g: torch.Generator,
+                   caption: CaptionFn = imagenet_caption) -> str:
+    """A poisoned caption: ``caption(target_name, g)``, with the attack's text trigger in front
+    for dual-key."""
+    return attack.caption_prefix() + caption(target_name, g)
 
 
 def poison_pairs(images: torch.Tensor, labels: torch.Tensor, captions: list[str],
                  attack: Attack, target: int, class_names: list[str], *,
                  n_poison: int | None = None, rate: float | None = None,
-                 seed: int = 0) -> PoisonedPairs:
+                 seed: int = 0, caption: CaptionFn = imagenet_caption) -> PoisonedPairs:
     """CLIP poisoning (CleanCLIP protocol): pick ``n_poison`` (or ``rate``·N) random pairs whose
     image is not of the target class, trigger the image, and replace the caption by a target
-    caption. Returns the poisoned set with its ground truth."""
+    caption (``caption(target name, generator)``; the synthetic world passes its own
+    templates). Returns the poisoned set with its ground truth."""
     n = labels.numel()
     if len(captions) != n:
         raise ValueError(f"{len(captions)} captions for {n} images")
@@ -105,7 +116,7 @@ def poison_pairs(images: torch.Tensor, labels: torch.Tensor, captions: list[str]
     poisoned[chosen] = triggered
     new_captions = list(captions)
     for row in chosen.tolist():
-        new_captions[row] = target_caption(attack, class_names[target], g)
+        new_captions[row] = target_caption(attack, class_names[target], g, caption)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[chosen] = True
     return PoisonedPairs(images=poisoned, labels=labels.clone(), captions=new_captions,

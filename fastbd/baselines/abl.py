@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.clip import batch_clip_loss, finetune_mode, shuffled_batches
 from fastbd.schedules import adamw
+from fastbd.training.clip import batch_clip_loss, finetune_mode, shuffled_batches
 from fastbd.ubt.defend import (
     SPLIT_RULES,
     check_pairs,

@@ -19,15 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.clip import (
-    clip_loss,
-    finetune_mode,
-    pair_features,
-    shuffled_batches,
-)
+from fastbd.data.augment import AugmentConfig, augment
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.ssl.augment import AugmentConfig, augment
 from fastbd.storage import EpochCheckpoint
+from fastbd.training.clip import clip_loss, finetune_mode, pair_features, shuffled_batches
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
 from fastbd.ubt.result import DefenseResult

@@ -15,8 +15,8 @@ import torch
 from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
 from fastbd.poisoncam import Config, DetectionResult, Detector, preset
-from fastbd.ssl.trainer import train_ssl
 from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
+from fastbd.training.ssl import train_ssl
 from fastbd.world import SSLThreatConfig, build_ssl_threat
 
 log = logging.getLogger(__name__)

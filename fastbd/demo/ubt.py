@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
-from fastbd.data.synthetic import make_world
 from fastbd.models.clip import tokenize
 from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.ubt import Config, defend
 from fastbd.world import CLIPThreat, CLIPThreatConfig, build_clip_threat, evaluate_clip
+from fastbd.world.synthetic import make_world
 
 log = logging.getLogger(__name__)
 METHODS = ("ubt", "cleanclip", "abl")

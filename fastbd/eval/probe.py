@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastbd.attacks.triggers import Attack
 from fastbd.eval.metrics import accuracy, attack_success_rate
 from fastbd.models.encoders import Encoder, embed_images
+from fastbd.models.linear import fit_linear
 from fastbd.validation import at_least, check_fields, fraction
 
 
@@ -50,26 +50,6 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
         take = max(1, round(fraction * members.numel()))
         picks.append(members[torch.randperm(members.numel(), generator=g)[:take]])
     return torch.cat(picks).sort().values
-
-
-def fit_linear(features: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int,
-               weight_decay: float) -> torch.nn.Linear:
-    """Multinomial logistic regression (L-BFGS) on float ``N×D`` features, from zero weights
-    (the problem is convex, so no random start is needed and the fit is reproducible)."""
-    layer = torch.nn.Linear(features.shape[1], n_classes).to(features.device)
-    torch.nn.init.zeros_(layer.weight)
-    torch.nn.init.zeros_(layer.bias)
-    optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(layer(features), labels) + weight_decay * layer.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return layer
 
 
 def linear_probe(encoder: Encoder, train_images: torch.Tensor, train_labels: torch.Tensor,

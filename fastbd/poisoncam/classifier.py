@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.data.augment import colour_jitter, random_resized_crop
 from fastbd.devices import conv_memory_format
-from fastbd.eval.probe import fit_linear
 from fastbd.models.encoders import Encoder
+from fastbd.models.linear import fit_linear
 from fastbd.ops import paste
 from fastbd.poisoncam.config import ClassifierConfig
 from fastbd.schedules import warmup_cosine
-from fastbd.ssl.augment import colour_jitter, random_resized_crop
 from fastbd.storage import NO_STAGES, EpochCheckpoint, StageFiles
 
 log = logging.getLogger(__name__)

@@ -31,15 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.clip import (
-    batch_clip_loss,
-    encode_images,
-    encode_texts,
-    finetune_mode,
-    indexed_pair_cosines,
-    shuffled_batches,
-    trained_pair_cosines,
-)
+from fastbd.models.clip import encode_images, encode_texts
 from fastbd.ops import pair_cosine
 from fastbd.schedules import adamw
 from fastbd.storage import (
@@ -48,6 +40,13 @@ from fastbd.storage import (
     StageFiles,
     fingerprint,
     module_fingerprint,
+)
+from fastbd.training.clip import (
+    batch_clip_loss,
+    finetune_mode,
+    indexed_pair_cosines,
+    shuffled_batches,
+    trained_pair_cosines,
 )
 from fastbd.ubt.relevance import masked_tokens, token_relevance
 from fastbd.ubt.result import UBTResult

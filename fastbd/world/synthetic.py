@@ -33,6 +33,17 @@ CAPTION_TEMPLATES = (
     "a drawing of a {name} with some noise.",
     "the {shape} here is {colour}.",
 )
+
+
+def world_caption(name: str, g: torch.Generator) -> str:
+    """A poisoned caption for the world's class ``name`` ("colour shape"): a random one of
+    ``CAPTION_TEMPLATES`` (``fastbd.attacks.poison_pairs``'s ``caption``)."""
+    template = CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=g))]
+    colour, _, shape = name.partition(" ")
+    return template.format(name=name, shape=shape or colour, colour=colour, size="small",
+                           position="middle centre")
+
+
 LAYOUTS = ("single", "tiled")
 TILE_SPACING = (2.2, 2.8)
 """Lattice period of the tiled layout, in multiples of the tile's scale (shapes reach about

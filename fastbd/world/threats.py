@@ -26,22 +26,22 @@ from fastbd.attacks import (
     poison_pairs,
 )
 from fastbd.attacks import poison_target_class as poison_class
-from fastbd.data.synthetic import ZERO_SHOT_TEMPLATES, SyntheticWorld, WorldConfig, make_world
+from fastbd.data.augment import AugmentConfig
 from fastbd.eval.metrics import accuracy, attack_success_rate
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import zero_shot_predict, zero_shot_weights
-from fastbd.models.clip import (
-    CLIPTrainConfig,
-    TinyCLIPConfig,
-    clip_tokenizer,
-    tiny_clip,
-    tokenize,
-    train_clip,
-)
+from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.models.encoders import Encoder, small_encoder
-from fastbd.ssl.augment import AugmentConfig
-from fastbd.ssl.trainer import SSLConfig, train_ssl
 from fastbd.storage import load_torch, save_atomically
+from fastbd.training.clip import CLIPTrainConfig, train_clip
+from fastbd.training.ssl import SSLConfig, train_ssl
+from fastbd.world.synthetic import (
+    ZERO_SHOT_TEMPLATES,
+    SyntheticWorld,
+    WorldConfig,
+    make_world,
+    world_caption,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("fastbd-out/cache")
@@ -247,7 +247,7 @@ def poison_world_pairs(world: SyntheticWorld, attack: str, target: int, rate: fl
     return poison_pairs(world.train.images, world.train.labels, world.train.captions,
                         world_attack(attack, world.config.image_size, seed, options), target,
                         world.class_names, rate=world_rate(attack) if rate is None else rate,
-                        seed=seed)
+                        seed=seed, caption=world_caption)
 
 
 def evaluate_clip(model: torch.nn.Module, tokenizer, world: SyntheticWorld, attack: str,

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.data.augment import AugmentConfig, augment
 from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.ssl.augment import AugmentConfig, augment
 from fastbd.storage import EpochCheckpoint
 from fastbd.validation import above, at_least, check_fields, fraction, one_of
 

@@ -1,0 +1,176 @@
+"""Training CLIP models: the contrastive trainer and the losses and batched pair features the
+defenses fine-tune with.
+
+The trainer is architecture-agnostic: any open_clip ``CLIP`` with ``encode_image`` /
+``encode_text`` / ``logit_scale`` trains the same way (real sizes on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastbd.models.clip import clip_normalise
+from fastbd.models.encoders import seeded_rng
+from fastbd.schedules import adamw, warmup_cosine
+from fastbd.storage import EpochCheckpoint
+from fastbd.validation import above, at_least, check_fields
+
+log = logging.getLogger(__name__)
+
+
+def finetune_mode(model: nn.Module) -> nn.Module:
+    """``model.train()`` with every BatchNorm left in eval mode. Defenses fine-tune on small,
+    unrepresentative batches (UBT's unlearning batches hold a handful of triggered images);
+    re-estimating BatchNorm statistics from them wrecks clean accuracy on its own."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
+def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised image and text features ``B×E`` of uint8 images ``B×3×S×S`` and token ids
+    ``B×L``, on the autograd graph (the training-time counterpart of ``encode_*``)."""
+    return (model.encode_image(clip_normalise(images.to(device))),
+            model.encode_text(tokens.to(device)))
+
+
+def trained_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                         device: torch.device | str) -> torch.Tensor:
+    """Cosine of each (image, caption) pair, float ``B``, on the autograd graph."""
+    image_features, text_features = pair_features(model, images, tokens, device)
+    return (F.normalize(image_features, dim=1) * F.normalize(text_features, dim=1)).sum(1)
+
+
+def indexed_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                         image_ids: torch.Tensor, token_ids: torch.Tensor,
+                         device: torch.device | str) -> torch.Tensor:
+    """Cosine of each pair (``images[image_ids[j]]``, ``tokens[token_ids[j]]``), float ``B``, on
+    the autograd graph, encoding every distinct image and caption of the batch once (UBT's
+    Cartesian-product batches repeat a handful of each). Equal to ``trained_pair_cosines`` on
+    the gathered pairs whenever the towers treat samples independently (BatchNorm frozen, as
+    ``finetune_mode`` leaves it; no dropout)."""
+    image_rows, image_of_pair = torch.unique(image_ids, return_inverse=True)
+    token_rows, token_of_pair = torch.unique(token_ids, return_inverse=True)
+    image_features, text_features = pair_features(model, images[image_rows], tokens[token_rows],
+                                                  device)
+    image_features = F.normalize(image_features, dim=1)[image_of_pair.to(device)]
+    text_features = F.normalize(text_features, dim=1)[token_of_pair.to(device)]
+    return (image_features * text_features).sum(1)
+
+
+def batch_clip_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                    device: torch.device | str) -> torch.Tensor:
+    """CLIP InfoNCE of a batch of matching pairs (uint8 ``B×3×S×S``, ids ``B×L``)."""
+    return clip_loss(*pair_features(model, images, tokens, device), model.logit_scale)
+
+
+def shuffled_batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation of ``range(n)`` cut into batches of ``batch_size`` (last shorter)."""
+    order = torch.randperm(n, generator=g)
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs (features unnormalised)."""
+    image_features = F.normalize(image_features, dim=1)
+    text_features = F.normalize(text_features, dim=1)
+    logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+@dataclass
+class CLIPTrainConfig:
+    """Contrastive training from scratch: AdamW, warm-up then cosine decay. Eight epochs of the
+    5,000-pair world reach zero-shot CA 97 % and the attacks' full ASR (twenty gave CA 95 %)."""
+
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, epochs=at_least(0), batch_size=at_least(2), lr=above(0),
+                     weight_decay=at_least(0), warmup_steps=at_least(0), seed=at_least(0))
+
+
+@dataclass
+class CLIPHistory:
+    losses: list[float]
+    seconds: float
+    pairs_per_second: float
+    config: dict
+
+
+def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+               config: CLIPTrainConfig | None = None, *, device: torch.device | str = "cpu",
+               verbose: bool = True, checkpoint: str | Path | None = None) -> CLIPHistory:
+    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``.
+
+    ``checkpoint``: as in ``fastbd.training.ssl.train_ssl`` — the state after every epoch, continued
+    from when present, removed at the end. The caller's global RNG is left as it was."""
+    config = config or CLIPTrainConfig()
+    n = images.shape[0]
+    if tokens.shape[0] != n:
+        raise ValueError(f"{n} images but {tokens.shape[0]} captions")
+    if n < 2:
+        raise ValueError("contrastive training needs at least 2 pairs")
+    device = torch.device(device)
+    with seeded_rng(config.seed, device):
+        return _train_clip(model, images, tokens, config, device, verbose, checkpoint)
+
+
+def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                config: CLIPTrainConfig, device: torch.device, verbose: bool,
+                checkpoint: str | Path | None) -> CLIPHistory:
+    n = images.shape[0]
+    model.to(device).train()
+    optimizer = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batch = min(config.batch_size, n)
+    steps_per_epoch = n // batch
+    total = steps_per_epoch * config.epochs
+    schedule = warmup_cosine(optimizer, config.warmup_steps, total)
+    order_gen = torch.Generator().manual_seed(config.seed)
+    saved = EpochCheckpoint(checkpoint, asdict(config), (images, tokens), {"model": model},
+                            optimizer, schedule, {"order": order_gen}, device)
+    losses, first_epoch, seconds_before = saved.restore()
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=len(losses), desc="CLIP", disable=not verbose, unit="step")
+    for epoch in range(first_epoch, config.epochs):
+        order = torch.randperm(n, generator=order_gen)
+        for step in range(steps_per_epoch):
+            rows = order[step * batch:(step + 1) * batch]
+            pixels = clip_normalise(images[rows].to(device))
+            loss = clip_loss(model.encode_image(pixels), model.encode_text(tokens[rows].to(device)),
+                             model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if epoch + 1 < config.epochs:
+            saved.save(losses, epoch + 1, seconds_before + time.perf_counter() - start)
+    bar.close()
+    seconds_now = time.perf_counter() - start
+    saved.remove()
+    model.eval()
+    steps_now = total - first_epoch * steps_per_epoch
+    return CLIPHistory(losses=losses, seconds=seconds_before + seconds_now,
+                       pairs_per_second=steps_now * batch / max(seconds_now, 1e-9),
+                       config=asdict(config))
