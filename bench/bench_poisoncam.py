@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastbd.data.bank import HostRows
-from fastbd.poisoncam.flip import flip_counts
+from fastbd.detection.flip import flip_counts
 from fastbd.poisoncam.masking import candidate_windows
 
 from benchutil import HAS_CUDA, cuda, record_rates, run, stage_setup

@@ -8,7 +8,7 @@ import secrets
 import pytest
 import torch
 
-from fastbd.poisoncam.flip import flip_counts
+from fastbd.detection.flip import flip_counts
 
 import scale
 from benchutil import stage_setup

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastbd.detection.clustering import ClusteringModel
 from fastbd.models import encoder_by_name
-from fastbd.poisoncam.clustering import ClusteringModel
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -45,13 +45,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastbd.detection import ClassifierConfig, Config
+from fastbd.detection.config import PRECISIONS
+from fastbd.detection.flip import flip_counts
+from fastbd.detection.search import SearchState, run_search
 from fastbd.models import encoder_by_name
 from fastbd.ops import KMeans
-from fastbd.poisoncam import ClassifierConfig, Config, Detector
-from fastbd.poisoncam.config import PRECISIONS
-from fastbd.poisoncam.flip import flip_counts
+from fastbd.poisoncam import PoisonCAM
 from fastbd.poisoncam.masking import candidate_windows
-from fastbd.poisoncam.search import SearchState, run_search
 
 from benchutil import stage_setup
 
@@ -325,7 +326,7 @@ def poisoncam_projection(arch: str, s: ScaleSize, device: torch.device, dtype: t
                     classifier=ClassifierConfig(n_models=1, iterations=20, width=16,
                                                 batch_size=64, feature_samples=512,
                                                 paste_size=(max(1, s.window // 6), s.window)))
-    detector = Detector(config).fit(encoder, images, device=device, max_rounds=s.rounds,
+    detector = PoisonCAM(config).fit(encoder, images, device=device, max_rounds=s.rounds,
                                     verbose=False)
     result = detector.result_
     scored = sum(r["scored"] for r in result.rounds)

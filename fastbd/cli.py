@@ -315,7 +315,7 @@ def _load_dataclass(path: str | None, cls, nested: dict | None = None, base=None
 def _load_config(args: argparse.Namespace):
     """The detectors' ``poisoncam.Config``: ``--preset`` (default ``paper`` on a CUDA device,
     ``fast`` otherwise) with the fields of the ``--config`` file on top."""
-    from fastbd.poisoncam import ClassifierConfig, Config, preset
+    from fastbd.detection import ClassifierConfig, Config, preset
 
     name = args.preset or ("paper" if str(args.device).startswith("cuda") else "fast")
     if args.preset is None:
@@ -328,10 +328,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     """PoisonCAM or PatchSearch over a file list or an ImageFolder."""
     import torch
 
+    from fastbd import registry
     from fastbd.data.bank import ImageBank
     from fastbd.data.readers import read_file_list, read_image_folder
     from fastbd.models import default_image_size, encoder_by_name
-    from fastbd.poisoncam import Detector
 
     if bool(args.file_list) == bool(args.image_folder):
         raise ValueError("give exactly one of --file-list and --image-folder")
@@ -349,7 +349,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                                         cache=out / "bank.npy", verbose=not args.quiet)
     lines = [lines[i] for i in report.kept]
     truth = torch.tensor(["HTBA_trigger" in str(paths[i]) for i in report.kept])
-    detector = Detector(config, args.command)
+    detector = registry.detector(args.command, config)
     detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
                  ground_truth=truth if bool(truth.any()) else None, verbose=not args.quiet)
     result = detector.result_

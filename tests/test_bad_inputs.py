@@ -367,7 +367,7 @@ def test_a_new_run_removes_the_previous_result_first(world, tmp_path, capsys, mo
     manifest = json.loads((out / MANIFEST).read_text())
     assert {"result.json", "scores.npy", "removed.npy", "filtered.txt"} <= set(
         manifest["files"])
-    from fastbd.poisoncam import Detector
+    from fastbd.detection import Detector
 
     def broken(*args, **kwargs):
         raise ValueError("the encoder broke")
@@ -434,7 +434,7 @@ def test_an_interrupted_save_keeps_the_classifier_state(world, tmp_path, capsys,
 # --- interruptions ------------------------------------------------------------------------------
 
 def test_sigterm_is_handled_like_ctrl_c(world, tmp_path, capsys, monkeypatch):
-    import fastbd.poisoncam.search as search
+    import fastbd.detection.search as search
 
     out = tmp_path / "out"
     real = search.SearchState.save

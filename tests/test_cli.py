@@ -134,7 +134,7 @@ def test_unusable_input_gives_one_line_and_exit_code_2(small_file_list, tmp_path
 
 def test_interrupted_detection_says_how_to_resume(small_file_list, tmp_path, capsys,
                                                   monkeypatch):
-    from fastbd.poisoncam import Detector
+    from fastbd.detection import Detector
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from fastbd.world.synthetic import WorldConfig, make_world
 from fastbd.devices import conv_memory_format
-from fastbd.poisoncam.classifier import PoisonNet, train_poison_classifier
-from fastbd.poisoncam.config import ClassifierConfig
+from fastbd.detection.classifier import PoisonNet, train_poison_classifier
+from fastbd.detection.config import ClassifierConfig
 
 for width, size, batch in {shapes!r}:
     images = make_world(WorldConfig(n_train=48, n_eval=2, image_size=size)).train.images

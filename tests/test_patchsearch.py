@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbd.cli import main
+from fastbd.detection.clustering import ClusteringModel
 from fastbd.models import small_encoder
 from fastbd.patchsearch.gradcam import _to_grid, gradcam_maps, gradcam_windows
-from fastbd.poisoncam.clustering import ClusteringModel
 
 
 def test_gradcam_matches_hook_free_computation(gen):

@@ -13,19 +13,21 @@ import pytest
 import torch
 from torch import nn
 
-from fastbd.models.encoders import Encoder
-from fastbd.ops import window_masks
-from fastbd.poisoncam import ClassifierConfig, Config, Detector, PoisonCAM, detect, preset
-from fastbd.poisoncam import classifier as classifier_module
-from fastbd.poisoncam.classifier import (
+from fastbd.detection import classifier as classifier_module
+from fastbd.detection.classifier import (
     clean_pool,
     fit_pool_model,
     otsu_threshold,
     paste_triggers,
 )
-from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
+from fastbd.detection.flip import crop_windows, flip_counts, select_test_images
+from fastbd.detection.search import SearchState, drop_count, run_search
+from fastbd.models.encoders import Encoder
+from fastbd.ops import window_masks
+from fastbd.patchsearch import PatchSearch
+from fastbd.poisoncam import ClassifierConfig, Config, PoisonCAM, detect, preset
 from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_coverage
-from fastbd.poisoncam.search import SearchState, drop_count, run_search
+from fastbd.registry import detector
 from fastbd.storage import StageFiles
 
 from testutil import cuda
@@ -94,8 +96,8 @@ def test_window_coverage_matches_rendered_masks(gen):
 
 
 def _clustering_for(images, encoder):
+    from fastbd.detection.clustering import ClusteringModel
     from fastbd.models.encoders import embed_images
-    from fastbd.poisoncam.clustering import ClusteringModel
 
     features = embed_images(encoder, images)
     return ClusteringModel.fit(features, 6, 10, 0)
@@ -284,7 +286,7 @@ def test_detector_resume_equals_uninterrupted_and_refuses_another_search(gen, tm
                                                   checkpoint_dir=tmp_path, resume=True,
                                                   verbose=False)
     with pytest.raises(ValueError, match="method"):
-        Detector(config, "patchsearch").fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
+        PatchSearch(config).fit(trigger_encoder(), images, checkpoint_dir=tmp_path,
                                             resume=True, verbose=False)
     shuffled = images[torch.randperm(len(images), generator=gen)]
     with pytest.raises(ValueError, match="clustering"):
@@ -347,7 +349,7 @@ def test_images_left_in_host_memory_give_the_same_result(gen, method, device):
                           classifier=ClassifierConfig(n_models=1, iterations=20, batch_size=16,
                                                       width=4, paste_size=(56, 84),
                                                       paste_margin=0))
-    results = [Detector(replace(config, bank_placement=placement), method).fit(
+    results = [detector(method, replace(config, bank_placement=placement)).fit(
         encoder, images, device=device, ground_truth=truth, verbose=False).result_
         for placement in ("device", "host")]
     resident, streamed = results

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from fastbd import registry
+from fastbd.detection import Config, DetectionResult, preset
 from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
-from fastbd.poisoncam import Config, DetectionResult, Detector, preset
 from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.training.ssl import train_ssl
 from fastbd.world import SSLThreatConfig, build_ssl_threat
@@ -73,7 +74,7 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
     results = {}
     for method in ("poisoncam", "patchsearch"):
         start = time.perf_counter()
-        detector = Detector(config, method).fit(threat.encoder, images, device=device,
+        detector = registry.detector(method, config).fit(threat.encoder, images, device=device,
                                                 ground_truth=truth, true_boxes=boxes,
                                                 verbose=verbose)
         seconds = time.perf_counter() - start

@@ -8,6 +8,7 @@ of an open_clip model.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +54,22 @@ class Encoder(nn.Module):
         mean = torch.tensor(self.mean, device=images.device)[:, None, None]
         std = torch.tensor(self.std, device=images.device)[:, None, None]
         return ((images.float() / 255 - mean) / std).to(dtype or self.dtype)
+
+
+def working_copy(module: nn.Module, device: torch.device | str,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """``module`` itself when it is already on ``device``, in eval mode and (when given) of
+    floating ``dtype``; otherwise a copy made so — the caller's module is never moved, cast or
+    switched to eval mode by the pipelines that use it."""
+    device = torch.device(device)
+    tensors = [*module.parameters(), *module.buffers()]
+    on_device = all(t.device.type == device.type and (device.index is None or t.device.index
+                                                      == device.index) for t in tensors)
+    right_dtype = dtype is None or all(t.dtype == dtype for t in tensors if t.is_floating_point())
+    if on_device and right_dtype and not any(m.training for m in module.modules()):
+        return module
+    copy_ = copy.deepcopy(module).to(device)
+    return (copy_ if dtype is None else copy_.to(dtype)).eval()
 
 
 @torch.no_grad()

@@ -1,45 +1,38 @@
-"""PoisonCAM end to end (DESIGN.md §4), with the stages PatchSearch shares.
+"""The detection pipeline PoisonCAM and PatchSearch share (DESIGN.md §4–5).
 
-    result = fastbd.poisoncam.detect(encoder, images)           # images: uint8 N×3×S×S
-    result = PoisonCAM(Config(...)).fit(encoder, images).result_
+    result = Detector(PoisonCAMMethod(), Config(...)).fit(encoder, images).result_
 
-Stages: features + k-means clustering model; candidate windows (cluster activation masking, or
-Grad-CAM for PatchSearch); flip test of every candidate on the test images; the iterative cluster
-search; the poison classifier trained on the top-k triggers; classification of every image.
+Stages: features + k-means clustering model; candidate windows (the ``DetectorMethod``'s);
+flip test of every candidate on the test images; the iterative cluster search; the poison
+classifier trained on the top-k triggers; classification of every image.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from fastbd.data.bank import ImageBank, place_images
-from fastbd.eval.metrics import box_iou, detection_metrics
-from fastbd.models.encoders import Encoder, embed_images
-from fastbd.poisoncam.classifier import (
+from fastbd.detection.classifier import (
     clean_pool,
     ensemble_logits,
     otsu_threshold,
     train_poison_classifier,
 )
-from fastbd.poisoncam.clustering import ClusteringModel
-from fastbd.poisoncam.config import PRECISIONS, Config
-from fastbd.poisoncam.flip import crop_windows, flip_counts, select_test_images
-from fastbd.poisoncam.masking import candidate_windows
-from fastbd.poisoncam.result import DetectionResult
-from fastbd.poisoncam.search import SearchState, run_search
+from fastbd.detection.clustering import ClusteringModel
+from fastbd.detection.config import PRECISIONS, Config
+from fastbd.detection.flip import crop_windows, flip_counts, select_test_images
+from fastbd.detection.method import DetectorMethod, SearchContext
+from fastbd.detection.result import DetectionResult
+from fastbd.detection.search import SearchState, run_search
+from fastbd.eval.metrics import box_iou, detection_metrics
+from fastbd.models.encoders import Encoder, embed_images, working_copy
 from fastbd.storage import StageFiles, fingerprint
 
 log = logging.getLogger(__name__)
-
-# find_candidates(bank rows int64 B, generator) -> (windows int64 B×2, maps float B×S×S)
-CandidateFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
 
 class _Timer:
     """Seconds and images per stage, accumulated into the given dicts (a search state's, so an
@@ -105,18 +98,18 @@ def _check_same_search(saved: dict, current: dict, path: Path) -> None:
 
 
 class Detector:
-    """The pipeline with a pluggable candidate finder and flip score (PoisonCAM's by default).
+    """The shared pipeline with a ``DetectorMethod`` plugged in: ``PoisonCAM`` and
+    ``PatchSearch`` are ``Detector``s with their methods. ``fit`` leaves the caller's encoder as
+    it was (a copy is moved or cast when needed); the result is ``result_``."""
 
-    ``method``: ``poisoncam`` (masking candidates, flip = any assignment change, cluster score
-    = sum) or ``patchsearch`` (Grad-CAM candidates, flip = pulled into the candidate's cluster
-    minus already there, cluster score = max).
-    """
-
-    def __init__(self, config: Config | None = None, method: str = "poisoncam") -> None:
-        if method not in ("poisoncam", "patchsearch"):
-            raise ValueError(f"method must be 'poisoncam' or 'patchsearch', got {method!r}")
-        self.config = config or Config()
+    def __init__(self, method: DetectorMethod, config: Config | None = None) -> None:
+        if not isinstance(method, DetectorMethod):
+            raise TypeError(f"method must be a DetectorMethod, got {type(method).__name__}")
+        if method.cluster_score not in ("sum", "max"):
+            raise ValueError(f"{type(method).__name__}.cluster_score must be 'sum' or 'max', "
+                             f"got {method.cluster_score!r}")
         self.method = method
+        self.config = config or Config()
 
     def fit(self, encoder: Encoder, images: torch.Tensor | ImageBank, *,
             device: torch.device | str | None = None, ground_truth: torch.Tensor | None = None,
@@ -144,8 +137,8 @@ class Detector:
         n, size = bank.shape[0], bank.shape[-1]
         config = self.config.scaled(n, size).for_device(device)
         dtype = PRECISIONS[config.precision]
-        encoder = encoder.to(device).eval()
-        infer = encoder if encoder.dtype == dtype else copy.deepcopy(encoder).to(dtype)
+        encoder = working_copy(encoder, device)
+        infer = working_copy(encoder, device, dtype)
         bank = place_images(bank, device, config.bank_placement)
         timer = _Timer()
         mean, std = encoder.mean, encoder.std
@@ -170,7 +163,7 @@ class Detector:
             return clustering.assign(out)
 
         state = None
-        run = {"method": self.method, "config": search_settings(config),
+        run = {"method": self.method.name, "config": search_settings(config),
                "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
         if resume:
             if state_path is None or not state_path.is_file():
@@ -185,19 +178,19 @@ class Detector:
             state = SearchState.start(labels, config.n_clusters, config.seed, run)
         timer = timer.into(state.stage_seconds, state.stage_images)
         top_maps = state.top_maps
-        find = self._candidate_finder(encoder, bank, clustering, encode_assign, config, device,
-                                      dtype)
+        context = SearchContext(encoder, encode_assign, clustering, bank, labels, config, device,
+                                dtype)
+        passes = self.method.encoder_passes(config)
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
             t0 = time.perf_counter()
-            windows, maps = find(rows, gen)
+            windows, maps = self.method.candidates(context, rows, gen)
             _sync(device)
-            timer.add("candidates", time.perf_counter() - t0,
-                      rows.numel() * (config.n_masks if self.method == "poisoncam" else 1))
+            timer.add("candidates", time.perf_counter() - t0, rows.numel() * passes)
             t0 = time.perf_counter()
             triggers = crop_windows(bank, rows, windows, config.window)
-            source = labels[rows.to(labels.device)] if self.method == "patchsearch" else None
+            source = self.method.flip_sources(context, rows)
             scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers, mean,
                                  std, candidates_per_batch=config.candidates_per_batch,
                                  generator=gen, source_clusters=source, dtype=dtype)
@@ -212,7 +205,7 @@ class Detector:
 
         state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
                            prune_fraction=config.prune_fraction,
-                           aggregate="sum" if self.method == "poisoncam" else "max",
+                           aggregate=self.method.cluster_score,
                            seed=config.seed, checkpoint=state_path, verbose=verbose,
                            max_rounds=max_rounds)
 
@@ -258,7 +251,7 @@ class Detector:
         classifier_info.update(iterations=report.iterations, best_f1=report.best_f1)
 
         result = DetectionResult(
-            method=self.method, scores=scores, removed=removed, ranking=ranking, topk=topk,
+            method=self.method.name, scores=scores, removed=removed, ranking=ranking, topk=topk,
             windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
@@ -268,25 +261,6 @@ class Detector:
         result.checkpoint_files = classifier_stages.existing()
         self.result_ = result
         return self
-
-    def _candidate_finder(self, encoder, bank, clustering, encode_assign, config, device,
-                          dtype) -> CandidateFn:
-        if self.method == "patchsearch":
-            from fastbd.patchsearch.gradcam import gradcam_windows
-
-            def find(rows, gen):
-                return gradcam_windows(encoder, bank, rows, clustering, config.window,
-                                       batch_size=max(1, config.batch_size // 4))
-            return find
-
-        def find(rows, gen):
-            out = candidate_windows(encode_assign, bank, rows.to(device), encoder.mean,
-                                    encoder.std, n_masks=config.n_masks, window=config.window,
-                                    strategy=config.mask_strategy, block=config.mask_block,
-                                    fill=config.fill, batch_size=config.batch_size,
-                                    generator=gen, dtype=dtype)
-            return out.windows, out.maps
-        return find
 
 
 def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
@@ -305,14 +279,3 @@ def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
         result.trigger_scores = {
             "topk_trigger_overlap": float((iou > 0).double().mean()),
             "topk_trigger_iou": float(iou[poisoned].mean()) if bool(poisoned.any()) else 0.0}
-
-
-class PoisonCAM(Detector):
-    def __init__(self, config: Config | None = None) -> None:
-        super().__init__(config, "poisoncam")
-
-
-def detect(encoder: Encoder, images: torch.Tensor | ImageBank, config: Config | None = None,
-           **kwargs) -> DetectionResult:
-    """Run PoisonCAM; keyword arguments as ``Detector.fit``."""
-    return PoisonCAM(config).fit(encoder, images, **kwargs).result_

@@ -30,11 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.data.augment import colour_jitter, random_resized_crop
+from fastbd.detection.config import ClassifierConfig
 from fastbd.devices import conv_memory_format
 from fastbd.models.encoders import Encoder
 from fastbd.models.linear import fit_linear
 from fastbd.ops import paste
-from fastbd.poisoncam.config import ClassifierConfig
 from fastbd.schedules import warmup_cosine
 from fastbd.storage import NO_STAGES, EpochCheckpoint, StageFiles
 
