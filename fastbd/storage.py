@@ -12,7 +12,7 @@
 * ``load_torch`` reads any ``.pt`` file with ``weights_only=True`` (tensors, numbers, strings
   and containers only: a pickle planted in an output folder cannot run code) and turns every
   failure into a ``ValueError`` naming the file.
-* ``EpochCheckpoint`` / ``StageFiles``: training state an interrupted run continues from.
+* ``TrainingState`` / ``StageFiles``: training state an interrupted run continues from.
 """
 
 from __future__ import annotations
@@ -296,57 +296,68 @@ def fingerprint(*tensors: torch.Tensor, samples: int = 256) -> str:
 
 
 @dataclass
-class EpochCheckpoint:
-    """A training loop's whole state in one file at ``path`` (None: no checkpointing), written
-    after each epoch so that an interrupted run can continue exactly where it stopped.
+class TrainingState:
+    """A resumable training loop's whole state in one file at ``path`` (None: not kept), so that
+    an interrupted run continues exactly where it stopped — every loop in fastbd keeps its state
+    through this one helper.
 
-    The run is identified by ``config`` (a dict) and the ``fingerprint`` of its ``data``
-    tensors, taken only when there is a file to check; a file written by another run is
-    refused, naming what differs. ``schedule`` may be None (a constant learning rate).
-    ``generators`` are the loop's own random streams; the global
-    CPU (and, on a CUDA ``device``, GPU) RNG is saved too, for modules that draw from it
-    (dropout). ``extra`` holds the caller's own state (a dict of plain values): saved with
-    ``save(..., extra=)``, set by ``restore`` (empty on a fresh start). ``min_interval_s``: a
-    ``save`` sooner than that after the previous one is skipped unless it is ``final`` (for
-    loops whose epochs or steps are short)."""
+    Progress is counted in completed *units*: the loop's steps or its epochs, whichever it
+    resumes at. The run is identified by ``config`` (a dict) and the ``fingerprint`` of its
+    ``data`` tensors (taken only when there is a file to check); a file written by another run
+    is refused, naming what differs (or ignored: ``restore(refuse_other=False)``). ``modules``,
+    ``optimizer``, ``schedule`` (or None), the loop's own ``generators`` and the global CPU (and
+    a CUDA ``device``'s) RNG are saved and restored. ``extra``: the loop's own plain values
+    (losses, early-stopping history), saved with ``save(..., extra=)`` and set by ``restore``.
+    ``seconds``: training time over every run (the clock starts at ``restore``). A ``save``
+    sooner than ``save_every_s`` after the previous one is skipped unless it is ``final``."""
 
     path: str | Path | None
     config: dict
     data: tuple[torch.Tensor, ...]
     modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler | None
-    generators: dict[str, torch.Generator]
-    device: torch.device
-    min_interval_s: float = 0.0
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    save_every_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.path = None if self.path is None else Path(self.path)
-        self.last_save = time.perf_counter()
+        self.device = torch.device(self.device)
         self.run = ({"config": self.config, "data": fingerprint(*self.data)}
                     if self.path is not None else {})
         self.extra: dict = {}
+        self.seconds_before = 0.0
+        self._started = time.perf_counter()
+        self._last_save = self._started
 
-    def restore(self, *, refuse_other: bool = True) -> tuple[list[float], int, float]:
-        """Load the file if there is one: (losses so far, epochs done, seconds spent); else
-        ``([], 0, 0.0)``. A file written by another run is refused, naming what differs — or,
-        with ``refuse_other=False``, logged and ignored (a fresh start)."""
+    @property
+    def seconds(self) -> float:
+        """Training seconds so far: those of earlier runs plus this one's since ``restore``."""
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def restore(self, *, refuse_other: bool = True) -> int:
+        """Load the file if there is one and return the units it had done (0 on a fresh start);
+        ``extra`` and ``seconds_before`` are set from it. A file written by another run raises
+        ``ValueError`` naming what differs — or, with ``refuse_other=False``, is logged and
+        ignored (a fresh start)."""
+        self._started = self._last_save = time.perf_counter()
         if self.path is None or not self.path.is_file():
-            return [], 0, 0.0
-        state = load_torch(self.path, "training checkpoint", self.device)
+            return 0
+        state = load_torch(self.path, "training state", self.device)
         saved_run = state.get("run") if isinstance(state, dict) else None
-        if not isinstance(saved_run, dict):
-            raise ValueError(f"{self.path} is not a fastbd training checkpoint; remove it to "
-                             "start afresh")
+        if not isinstance(saved_run, dict) or "units_done" not in state:
+            raise ValueError(f"{self.path} is not a fastbd training state; remove it to start "
+                             "afresh")
         differ = [key for key in self.run if saved_run.get(key) != self.run[key]]
         if differ or saved_run.keys() != self.run.keys():
             what = ", ".join(differ) or "fields"
             if not refuse_other:
                 log.info("%s belongs to another training run (its %s differ); starting afresh",
                          self.path, what)
-                return [], 0, 0.0
-            raise ValueError(f"checkpoint {self.path} belongs to another training run (its "
-                             f"{what} differ); remove it to start afresh")
+                return 0
+            raise ValueError(f"training state {self.path} belongs to another run (its {what} "
+                             "differ); remove it to start afresh")
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -358,24 +369,26 @@ class EpochCheckpoint:
         if self.device.type == "cuda" and "cuda" in state["global_rng"]:
             torch.cuda.set_rng_state(state["global_rng"]["cuda"].cpu(), self.device)
         self.extra = state.get("extra", {})
-        return state["losses"], state["epochs_done"], state["seconds"]
+        self.seconds_before = float(state["seconds"])
+        return int(state["units_done"])
 
-    def save(self, losses: list[float], epochs_done: int, seconds: float, *,
-             extra: dict | None = None, final: bool = False) -> None:
-        if self.path is None or (
-                not final and time.perf_counter() - self.last_save < self.min_interval_s):
+    def save(self, units_done: int, *, extra: dict | None = None, final: bool = False) -> None:
+        """Write the state after ``units_done`` units (atomically; skipped within
+        ``save_every_s`` of the previous save unless ``final``)."""
+        now = time.perf_counter()
+        if self.path is None or (not final and now - self._last_save < self.save_every_s):
             return
         global_rng = {"cpu": torch.random.get_rng_state()}
         if self.device.type == "cuda":
             global_rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_atomically({
-            "run": self.run, "losses": losses, "epochs_done": epochs_done, "seconds": seconds,
+            "run": self.run, "units_done": units_done, "seconds": self.seconds,
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "global_rng": global_rng, "extra": extra or {}}, self.path)
-        self.last_save = time.perf_counter()
+        self._last_save = time.perf_counter()
 
     def remove(self) -> None:
         """Delete the file (training finished)."""
@@ -393,10 +406,11 @@ class StageFiles:
     """A multi-stage run's saved work in ``directory`` (None: nothing is kept): one file per
     stage, ``<prefix>-<stage>.pt``, tagged with ``run`` (a dict naming the settings and inputs).
     ``load`` returns what a run with the same tag saved and None otherwise (a file from another
-    run is logged and later overwritten); ``path`` gives a training stage's ``EpochCheckpoint``
-    file, saved at most every ``save_every_s`` seconds and when the stage ends; ``existing``
-    lists them (a run's result takes the list and deletes the files once it is saved: until
-    then an interrupted run can still continue from them); ``clear`` deletes them."""
+    run is logged and later overwritten); ``training_state`` gives a training stage's
+    ``TrainingState``, saved at most every ``save_every_s`` seconds and when the stage ends;
+    ``existing`` lists the files (a run's result takes the list and deletes them once it is
+    saved: until then an interrupted run can still continue from them); ``clear`` deletes
+    them."""
 
     directory: str | Path | None
     prefix: str
@@ -426,6 +440,21 @@ class StageFiles:
         path = self.path(stage)
         if path is not None:
             save_atomically({"run": self.run, "payload": payload}, path)
+
+    def training_state(self, stage: str, modules: dict[str, nn.Module],
+                       optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+                       device: torch.device) -> tuple[TrainingState, int]:
+        """The ``TrainingState`` of training stage ``stage`` (tagged with ``run``, saved at most
+        every ``save_every_s``) and the units it had done — its state loaded into ``modules``,
+        ``optimizer`` and ``generators``, a state of another run ignored; the seconds earlier
+        runs spent go to ``resumed_seconds[stage]``."""
+        state = TrainingState(self.path(stage), self.run, (), modules, optimizer, None,
+                              generators, device, self.save_every_s)
+        done = state.restore(refuse_other=False)
+        if done:
+            log.info("%s: continuing after %d completed units", stage, done)
+            self.resumed_seconds[stage] = state.seconds_before
+        return state, done
 
     def existing(self) -> list[Path]:
         """The stage files present now."""

@@ -84,7 +84,7 @@ def test_interrupted_cleanclip_resumes_to_the_uninterrupted_weights(pairs, model
     with pytest.raises(KeyboardInterrupt):
         cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
     monkeypatch.setattr(cleanclip_module, "clip_loss", loss)
-    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    assert torch.load(checkpoint, weights_only=True)["units_done"] == 2
     resumed = cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
     assert torch.equal(weights(resumed), weights(reference))
     assert resumed.checkpoint_files == [checkpoint] and checkpoint.exists()  # until saved
@@ -127,7 +127,7 @@ def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp
         abl(model, images, tokens, reference=reference, config=config, verbose=False,
             checkpoint_dir=tmp_path, save_every_s=0.0)
     monkeypatch.setattr(abl_module, "batch_clip_loss", loss)
-    assert torch.load(tmp_path / "abl-ascent.pt", weights_only=True)["epochs_done"] == 1
+    assert torch.load(tmp_path / "abl-ascent.pt", weights_only=True)["units_done"] == 1
     resumed = abl(model, images, tokens, reference=reference, config=config, verbose=False,
                   checkpoint_dir=tmp_path)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),

@@ -180,28 +180,27 @@ def test_large_banks_stay_in_host_memory():
         place_images(images, "cpu", "disk")
 
 
-def test_epoch_checkpoint_skips_saves_within_its_interval(tmp_path):
+def test_training_state_skips_saves_within_its_interval(tmp_path):
     from torch import nn
 
-    from fastbd.storage import EpochCheckpoint
+    from fastbd.storage import TrainingState
 
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saved = EpochCheckpoint(tmp_path / "state.pt", {"a": 1}, (), {"model": model}, optimizer,
-                            None, {}, torch.device("cpu"), min_interval_s=1e9)
-    saved.save([], 1, 0.0)
+    saved = TrainingState(tmp_path / "state.pt", {"a": 1}, (), {"model": model}, optimizer,
+                          save_every_s=1e9)
+    assert saved.restore() == 0
+    saved.save(1)
     assert not (tmp_path / "state.pt").exists()
-    saved.save([], 2, 0.0, extra={"k": [3]}, final=True)
-    again = EpochCheckpoint(tmp_path / "state.pt", {"a": 1}, (), {"model": nn.Linear(2, 2)},
-                            torch.optim.SGD(model.parameters(), lr=0.1), None, {},
-                            torch.device("cpu"))
-    assert again.restore()[1] == 2 and again.extra == {"k": [3]}
-    other = EpochCheckpoint(tmp_path / "state.pt", {"a": 2}, (), {"model": model}, optimizer,
-                            None, {}, torch.device("cpu"))
-    assert other.restore(refuse_other=False) == ([], 0, 0.0) and other.extra == {}
-    with pytest.raises(ValueError, match="another training run"):
+    saved.save(2, extra={"k": [3]}, final=True)
+    again = TrainingState(tmp_path / "state.pt", {"a": 1}, (), {"model": nn.Linear(2, 2)},
+                          torch.optim.SGD(model.parameters(), lr=0.1))
+    assert again.restore() == 2 and again.extra == {"k": [3]}
+    assert again.seconds >= again.seconds_before >= 0
+    other = TrainingState(tmp_path / "state.pt", {"a": 2}, (), {"model": model}, optimizer)
+    assert other.restore(refuse_other=False) == 0 and other.extra == {}
+    with pytest.raises(ValueError, match="belongs to another run"):
         other.restore()
-
 
 def test_stage_files_load_only_their_own_run(tmp_path):
     from fastbd.storage import StageFiles

@@ -212,13 +212,13 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
         train_ssl(interrupted, images, config, verbose=False, checkpoint=checkpoint,
                   view_hook=interrupt_in_epoch_three)
     assert checkpoint.is_file() and not checkpoint.with_name("ssl.ckpt.tmp").exists()
-    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    assert torch.load(checkpoint, weights_only=True)["units_done"] == 2
     assert torch.equal(torch.random.get_rng_state(), global_rng)  # the caller's RNG untouched
     for other_images, other_config, differ in [
             (images.flip(0), config, "data"),
             (images, SSLConfig(method=method, epochs=4, batch_size=16, warmup_epochs=1, seed=5),
              "config")]:
-        with pytest.raises(ValueError, match=f"another training run \\(its {differ} differ"):
+        with pytest.raises(ValueError, match=f"belongs to another run \\(its {differ} differ"):
             train_ssl(build(2), other_images, other_config, verbose=False,
                       checkpoint=checkpoint)
     resumed_encoder = build(7)  # the checkpoint's weights replace these
@@ -259,7 +259,7 @@ def test_interrupted_clip_training_resumes_to_the_uninterrupted_weights(gen, tmp
                    checkpoint=checkpoint)
     monkeypatch.setattr(clip_module, "clip_loss", loss)
     assert torch.equal(torch.random.get_rng_state(), global_rng)
-    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
+    assert torch.load(checkpoint, weights_only=True)["units_done"] == 2
     resumed_model = tiny_clip(config, seed=9)
     resumed = train_clip(resumed_model, images, tokens, train, verbose=False,
                          checkpoint=checkpoint)

@@ -19,7 +19,6 @@ from fastbd.ubt.defend import (
     SPLIT_RULES,
     check_pairs,
     defense_stages,
-    epoch_checkpoint,
     saved_split,
     stage_epochs,
 )
@@ -71,8 +70,8 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.epochs,
                           config.min_steps)
-    saved, done, seconds_before = epoch_checkpoint(stages, "ascent", tuned, optimizer, g, device)
-    started = time.perf_counter() - seconds_before
+    saved, done = stages.training_state("ascent", {"model": tuned}, optimizer, {"batches": g},
+                                        device)
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="ABL ascent",
                       disable=not verbose):
         for rows in shuffled_batches(suspicious.numel(), config.batch_size, g):
@@ -83,7 +82,7 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
+        saved.save(epoch + 1, final=epoch + 1 == epochs)
     tuned.eval()
     timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("ascent", 0.0)
     return DefenseResult(model=tuned, method="abl", suspicious=suspicious,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fastbd.data.augment import AugmentConfig, augment
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import TrainingState
 from fastbd.training.clip import clip_loss, finetune_mode, pair_features, shuffled_batches
 from fastbd.ubt.defend import check_pairs
 from fastbd.ubt.relevance import masked_tokens
@@ -73,7 +72,6 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     if images.shape[0] < 2:
         raise ValueError("CleanCLIP needs at least 2 clean pairs")
     device = torch.device(device)
-    start = time.perf_counter()
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
     optimizer = adamw(tuned.parameters(), lr=config.lr)
@@ -82,9 +80,9 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
     schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     mean, std = _clip_mean_std(device)
-    saved = EpochCheckpoint(checkpoint, asdict(config), (images, tokens), {"model": tuned},
-                            optimizer, schedule, {"batches": g}, device)
-    _, first_epoch, seconds_before = saved.restore()
+    saved = TrainingState(checkpoint, asdict(config), (images, tokens), {"model": tuned},
+                          optimizer, schedule, {"batches": g}, device)
+    first_epoch = saved.restore()
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=first_epoch * steps_per_epoch,
                desc="CleanCLIP", disable=not verbose)
     for epoch in range(first_epoch, config.epochs):
@@ -106,12 +104,11 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.step()
             schedule.step()
             bar.update()
-        saved.save([], epoch + 1, seconds_before + time.perf_counter() - start,
-                   final=epoch + 1 == config.epochs)
+        saved.save(epoch + 1, final=epoch + 1 == config.epochs)
     bar.close()
     tuned.eval()
     return DefenseResult(model=tuned, method="cleanclip",
-                         timings={"finetune": seconds_before + time.perf_counter() - start},
+                         timings={"finetune": saved.seconds},
                          config=asdict(config),
                          checkpoint_files=[] if checkpoint is None else [Path(checkpoint)])
 

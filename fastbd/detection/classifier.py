@@ -21,7 +21,6 @@ gap in the ensemble's margins instead of the argmax (``ClassifierConfig.threshol
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,7 +35,7 @@ from fastbd.models.encoders import Encoder
 from fastbd.models.linear import fit_linear
 from fastbd.ops import paste
 from fastbd.schedules import warmup_cosine
-from fastbd.storage import NO_STAGES, EpochCheckpoint, StageFiles
+from fastbd.storage import NO_STAGES, StageFiles, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +233,11 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         schedule = warmup_cosine(optimizer, 0, config.iterations)
         run = {"classifier": asdict(config), "seed": seed, "member": member,
                "mean": list(mean), "std": list(std)}
-        saved = EpochCheckpoint(stages.path(f"member{member}"), run,
-                                (images, pool, triggers, val_pos, val_neg), {"model": model},
-                                optimizer, schedule, {"batches": g}, device,
-                                stages.save_every_s)
-        _, steps, seconds_before = saved.restore(refuse_other=False) if resume else ([], 0, 0.0)
-        report.resumed_seconds += seconds_before
-        started = time.perf_counter() - seconds_before
+        saved = TrainingState(stages.path(f"member{member}"), run,
+                              (images, pool, triggers, val_pos, val_neg), {"model": model},
+                              optimizer, schedule, {"batches": g}, device, stages.save_every_s)
+        steps = saved.restore(refuse_other=False) if resume else 0
+        report.resumed_seconds += saved.seconds_before
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
         if steps:
@@ -268,11 +265,9 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                 bar.set_postfix(f1=f"{f1:.2f}")
                 if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
                     break
-            saved.save([], steps, time.perf_counter() - started,
-                       extra={"history": history, "best": best})
+            saved.save(steps, extra={"history": history, "best": best})
         if not done:
-            saved.save([], steps, time.perf_counter() - started,
-                       extra={"history": history, "best": best, "done": True}, final=True)
+            saved.save(steps, extra={"history": history, "best": best, "done": True}, final=True)
         bar.close()
         model.eval()
         models.append(model)

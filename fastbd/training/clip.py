@@ -8,7 +8,6 @@ The trainer is architecture-agnostic: any open_clip ``CLIP`` with ``encode_image
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from fastbd.models.clip import clip_normalise
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import TrainingState
 from fastbd.validation import above, at_least, check_fields
 
 log = logging.getLogger(__name__)
@@ -145,10 +144,10 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     total = steps_per_epoch * config.epochs
     schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = EpochCheckpoint(checkpoint, asdict(config), (images, tokens), {"model": model},
-                            optimizer, schedule, {"order": order_gen}, device)
-    losses, first_epoch, seconds_before = saved.restore()
-    start = time.perf_counter()
+    saved = TrainingState(checkpoint, asdict(config), (images, tokens), {"model": model},
+                          optimizer, schedule, {"order": order_gen}, device)
+    first_epoch = saved.restore()
+    losses: list[float] = list(saved.extra.get("losses", []))
     bar = tqdm(total=total, initial=len(losses), desc="CLIP", disable=not verbose, unit="step")
     for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(n, generator=order_gen)
@@ -165,12 +164,12 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if epoch + 1 < config.epochs:
-            saved.save(losses, epoch + 1, seconds_before + time.perf_counter() - start)
+            saved.save(epoch + 1, extra={"losses": losses})
     bar.close()
-    seconds_now = time.perf_counter() - start
+    seconds_now = saved.seconds - saved.seconds_before
     saved.remove()
     model.eval()
     steps_now = total - first_epoch * steps_per_epoch
-    return CLIPHistory(losses=losses, seconds=seconds_before + seconds_now,
+    return CLIPHistory(losses=losses, seconds=saved.seconds,
                        pairs_per_second=steps_now * batch / max(seconds_now, 1e-9),
                        config=asdict(config))

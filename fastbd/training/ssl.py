@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from fastbd.data.augment import AugmentConfig, augment
 from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
-from fastbd.storage import EpochCheckpoint
+from fastbd.storage import TrainingState
 from fastbd.validation import above, at_least, check_fields, fraction, one_of
 
 log = logging.getLogger(__name__)
@@ -132,16 +131,16 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     schedule = warmup_cosine(optimizer, warmup, total)
     g = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = EpochCheckpoint(checkpoint, asdict(config), (images,), modules, optimizer, schedule,
-                            {"augment": g, "order": order_gen}, device)
-    losses, first_epoch, seconds_before = saved.restore()
+    saved = TrainingState(checkpoint, asdict(config), (images,), modules, optimizer, schedule,
+                          {"augment": g, "order": order_gen}, device)
+    first_epoch = saved.restore()
+    losses: list[float] = list(saved.extra.get("losses", []))
     if first_epoch:
         log.info("resuming %s from %s after epoch %d of %d", config.method, checkpoint,
                  first_epoch, config.epochs)
     mean = torch.tensor(encoder.mean, device=device)[:, None, None]
     std = torch.tensor(encoder.std, device=device)[:, None, None]
     bank = images.to(device)
-    start = time.perf_counter()
     bar = tqdm(total=total, initial=len(losses), desc=config.method, disable=not verbose,
                unit="step")
     for epoch in range(first_epoch, config.epochs):
@@ -172,15 +171,15 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if epoch + 1 < config.epochs:
-            saved.save(losses, epoch + 1, seconds_before + time.perf_counter() - start)
+            saved.save(epoch + 1, extra={"losses": losses})
     bar.close()
     steps_now = total - first_epoch * steps_per_epoch
-    seconds_now = time.perf_counter() - start
+    seconds_now = saved.seconds - saved.seconds_before
     saved.remove()
     encoder.eval()
-    log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total,
-             seconds_before + seconds_now, losses[-1] if losses else float("nan"))
-    return SSLHistory(losses=losses, seconds=seconds_before + seconds_now,
+    log.info("%s: %d steps in %.1fs, final loss %.3f", config.method, total, saved.seconds,
+             losses[-1] if losses else float("nan"))
+    return SSLHistory(losses=losses, seconds=saved.seconds,
                       images_per_second=2 * steps_now * batch / max(seconds_now, 1e-9),
                       config=asdict(config))
 

@@ -36,7 +36,6 @@ from fastbd.ops import pair_cosine
 from fastbd.schedules import adamw
 from fastbd.storage import (
     NO_STAGES,
-    EpochCheckpoint,
     StageFiles,
     fingerprint,
     module_fingerprint,
@@ -161,21 +160,6 @@ def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     return max(epochs, math.ceil(min_steps / per_epoch))
 
 
-def epoch_checkpoint(stages: StageFiles, stage: str, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                     device: torch.device) -> tuple[EpochCheckpoint, int, float]:
-    """The ``EpochCheckpoint`` of a training stage kept in ``stages``, the epochs it had done
-    and the seconds earlier runs spent on them (its state is loaded into ``model``,
-    ``optimizer``, ``generator``; the seconds go to ``stages.resumed_seconds[stage]``)."""
-    saved = EpochCheckpoint(stages.path(stage), stages.run, (), {"model": model}, optimizer,
-                            None, {"batches": generator}, device, stages.save_every_s)
-    _, epochs_done, seconds = saved.restore(refuse_other=False)
-    if epochs_done:
-        log.info("%s: continuing after epoch %d", stage, epochs_done)
-        stages.resumed_seconds[stage] = seconds
-    return saved, epochs_done, seconds
-
-
 def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             suspicious: torch.Tensor, normal: torch.Tensor, config: Config,
             device: torch.device, verbose: bool, stages: StageFiles = NO_STAGES) -> nn.Module:
@@ -189,8 +173,8 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     g = torch.Generator().manual_seed(config.seed)
     epochs = stage_epochs(suspicious.numel(), config.batch_size, config.overfit_epochs,
                           config.overfit_min_steps)
-    saved, done, seconds_before = epoch_checkpoint(stages, "overfit", tuned, optimizer, g, device)
-    started = time.perf_counter() - seconds_before
+    saved, done = stages.training_state("overfit", {"model": tuned}, optimizer, {"batches": g},
+                                        device)
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT overfit",
                       disable=not verbose):
         normal_batches = shuffled_batches(normal.numel(), config.batch_size, g)
@@ -205,7 +189,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
+        saved.save(epoch + 1, final=epoch + 1 == epochs)
     return tuned.eval()
 
 
@@ -227,8 +211,8 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
                           config.unlearn_min_steps)
     use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
     finetune_mode(model)
-    saved, done, seconds_before = epoch_checkpoint(stages, "unlearn", model, optimizer, g, device)
-    started = time.perf_counter() - seconds_before
+    saved, done = stages.training_state("unlearn", {"model": model}, optimizer, {"batches": g},
+                                        device)
     for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="UBT unlearn",
                       disable=not verbose):
         for rows in shuffled_batches(pairs.shape[0], config.batch_size, g):
@@ -243,7 +227,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        saved.save([], epoch + 1, time.perf_counter() - started, final=epoch + 1 == epochs)
+        saved.save(epoch + 1, final=epoch + 1 == epochs)
     model.eval()
 
 
