@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastbd.clipdefense import suspicious_split
 from fastbd.models.clip import TinyCLIPConfig, clip_normalise, tiny_clip
 from fastbd.training.clip import clip_loss
-from fastbd.ubt import Config, suspicious_split, token_relevance
+from fastbd.ubt import Config, token_relevance
 from fastbd.ubt.defend import overfit, unlearn
 
 from benchutil import HAS_CUDA, cuda, record_rates, run

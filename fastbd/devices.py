@@ -1,8 +1,20 @@
-"""Per-device choices that are not numerics: which memory format convolutions get."""
+"""Per-device choices that are not numerics: where a run computes, which memory format
+convolutions get."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def device_of(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """``device`` when given, else the device of ``model``'s first parameter (or buffer; the CPU
+    for a module without either): pipelines run where the caller's model already is."""
+    if device is not None:
+        return torch.device(device)
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def conv_memory_format(device: torch.device | str) -> torch.memory_format:

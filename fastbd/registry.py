@@ -1,22 +1,58 @@
 """The detectors and CLIP defenses fastbd offers, by name: what the ``fastbd`` command and the
-demos look methods up in. A new one is a new package plus one line here
-(docs/contributing.md)."""
+demos look methods up in. A new one is a new package plus one ``register_*`` line in
+``_register_builtins`` (docs/contributing.md); code outside fastbd can call ``register_*``
+itself."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fastbd.detection import Config, Detector
 
-DETECTORS: dict[str, Callable[[Config | None], Detector]] = {}
-"""Name → ``Detector`` factory taking a ``Config`` (e.g. ``fastbd.poisoncam.PoisonCAM``)."""
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    """``factory(config) -> Detector`` and a one-line ``help``."""
+
+    factory: Callable[[Config | None], Detector]
+    help: str
 
 
-def register_detector(name: str, factory: Callable[[Config | None], Detector]) -> None:
-    """Offer ``factory`` as detector ``name`` (refuses a name already taken)."""
+@dataclass(frozen=True)
+class ClipDefenseEntry:
+    """A CLIP defense: ``run(model, images, tokens, *, config, device, verbose,
+    checkpoint_dir[, reference]) -> DefenseResult``, its ``config`` class (``nested``: fields
+    holding config classes of their own, for config files), whether it needs a clean
+    ``reference`` model, what its pairs are (``training``: the possibly poisoned training set;
+    ``clean``: a clean fine-tuning set) and a one-line ``help``."""
+
+    run: Callable
+    config: type
+    needs_reference: bool
+    pairs: str
+    help: str
+    nested: dict[str, type] = field(default_factory=dict)
+
+
+DETECTORS: dict[str, DetectorEntry] = {}
+CLIP_DEFENSES: dict[str, ClipDefenseEntry] = {}
+
+
+def register_detector(name: str, entry: DetectorEntry) -> None:
+    """Offer detector ``name`` (refuses a name already taken)."""
     if name in DETECTORS:
         raise ValueError(f"a detector named {name!r} is already registered")
-    DETECTORS[name] = factory
+    DETECTORS[name] = entry
+
+
+def register_clip_defense(name: str, entry: ClipDefenseEntry) -> None:
+    """Offer CLIP defense ``name`` (refuses a name already taken)."""
+    if name in CLIP_DEFENSES:
+        raise ValueError(f"a CLIP defense named {name!r} is already registered")
+    if entry.pairs not in ("training", "clean"):
+        raise ValueError(f"pairs must be 'training' or 'clean', got {entry.pairs!r}")
+    CLIP_DEFENSES[name] = entry
 
 
 def detector(name: str, config: Config | None = None) -> Detector:
@@ -24,15 +60,37 @@ def detector(name: str, config: Config | None = None) -> Detector:
     listing the known ones."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-    return DETECTORS[name](config)
+    return DETECTORS[name].factory(config)
+
+
+def clip_defense(name: str) -> ClipDefenseEntry:
+    """The registered CLIP defense ``name``; an unknown name raises ``ValueError``."""
+    if name not in CLIP_DEFENSES:
+        raise ValueError(f"unknown CLIP defense {name!r}; known: {', '.join(CLIP_DEFENSES)}")
+    return CLIP_DEFENSES[name]
 
 
 def _register_builtins() -> None:
+    from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
+    from fastbd.data.augment import AugmentConfig
     from fastbd.patchsearch import PatchSearch
     from fastbd.poisoncam import PoisonCAM
+    from fastbd.ubt import Config as UBTConfig
+    from fastbd.ubt import defend
 
-    register_detector("poisoncam", PoisonCAM)
-    register_detector("patchsearch", PatchSearch)
+    register_detector("poisoncam", DetectorEntry(
+        PoisonCAM, "find poisoned images by cluster activation masking (PoisonCAM)"))
+    register_detector("patchsearch", DetectorEntry(
+        PatchSearch, "find poisoned images by Grad-CAM patch search (PatchSearch, baseline)"))
+    register_clip_defense("ubt", ClipDefenseEntry(
+        defend, UBTConfig, True, "training",
+        "purify a backdoored CLIP by token-level unlearning (UBT)"))
+    register_clip_defense("cleanclip", ClipDefenseEntry(
+        cleanclip, CleanCLIPConfig, False, "clean",
+        "CleanCLIP fine-tuning on clean pairs (baseline)", {"augment": AugmentConfig}))
+    register_clip_defense("abl", ClipDefenseEntry(
+        abl, ABLConfig, True, "training",
+        "ABL gradient ascent on the suspicious pairs (baseline)"))
 
 
 _register_builtins()

@@ -9,9 +9,10 @@
 * ``ResultFiles`` writes a result's files and a ``manifest.json`` last; a new result in the same
   folder first removes the files the previous manifest lists, so an older result never sits
   beside a newer one looking current.
-* ``load_torch`` reads any ``.pt`` file with ``weights_only=True`` (tensors, numbers, strings
-  and containers only: a pickle planted in an output folder cannot run code) and turns every
-  failure into a ``ValueError`` naming the file.
+* ``read_text_file`` reads a text input (config, file list, CSV) as UTF-8, naming the file and
+  line of what is wrong; ``load_torch`` reads any ``.pt`` file with ``weights_only=True``
+  (tensors, numbers, strings and containers only: a pickle planted in an output folder cannot
+  run code) and turns every failure into a ``ValueError`` naming the file.
 * ``TrainingState`` / ``StageFiles``: training state an interrupted run continues from.
 """
 
@@ -231,6 +232,27 @@ def remove_result(directory: str | Path) -> list[str]:
     if removed:
         log.info("removed the %d files of the previous result in %s", len(removed), directory)
     return removed
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped). A missing file raises
+    ``FileNotFoundError``; a folder, an unreadable file or bytes that are not UTF-8 raise
+    ``ValueError`` naming ``what``, the file and (for bad bytes) the line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: {what} is not UTF-8 text (byte "
+                         f"0x{raw[error.start]:02x})") from None
 
 
 def load_torch(path: str | Path, what: str = "file", map_location: str | torch.device = "cpu"

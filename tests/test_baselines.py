@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, augment_tokens, cleanclip
+from fastbd.clipdefense import EOT, SOT, suspicious_split
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import batch_clip_loss
-from fastbd.ubt import suspicious_split
-from fastbd.ubt.relevance import EOT, SOT
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,8 @@ def test_cleanclip_finetunes_a_copy(pairs, models):
     images, tokens = pairs
     model, _ = models
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = cleanclip(model, images, tokens, CleanCLIPConfig(epochs=2, lr=1e-3, batch_size=32,
-                                                              warmup_steps=0), verbose=False)
+    result = cleanclip(model, images, tokens, verbose=False,
+                       config=CleanCLIPConfig(epochs=2, lr=1e-3, batch_size=32, warmup_steps=0))
     assert result.method == "cleanclip" and result.timings["finetune"] > 0
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
@@ -70,8 +69,8 @@ def test_interrupted_cleanclip_resumes_to_the_uninterrupted_weights(pairs, model
     def weights(result):
         return torch.cat([v.flatten().float() for v in result.model.state_dict().values()])
 
-    reference = cleanclip(model, images, tokens, config, verbose=False)
-    checkpoint = tmp_path / "cleanclip.ckpt"
+    reference = cleanclip(model, images, tokens, config=config, verbose=False)
+    checkpoint = tmp_path / "cleanclip-finetune.pt"
     calls, loss = [], cleanclip_module.clip_loss
 
     def interrupt_in_epoch_three(*args):
@@ -82,10 +81,12 @@ def test_interrupted_cleanclip_resumes_to_the_uninterrupted_weights(pairs, model
 
     monkeypatch.setattr(cleanclip_module, "clip_loss", interrupt_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
-        cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
+        cleanclip(model, images, tokens, config=config, verbose=False, checkpoint_dir=tmp_path,
+                  save_every_s=0.0)
     monkeypatch.setattr(cleanclip_module, "clip_loss", loss)
     assert torch.load(checkpoint, weights_only=True)["units_done"] == 2
-    resumed = cleanclip(model, images, tokens, config, verbose=False, checkpoint=checkpoint)
+    resumed = cleanclip(model, images, tokens, config=config, verbose=False,
+                        checkpoint_dir=tmp_path)
     assert torch.equal(weights(resumed), weights(reference))
     assert resumed.checkpoint_files == [checkpoint] and checkpoint.exists()  # until saved
     resumed.save(tmp_path / "result", weights=False)

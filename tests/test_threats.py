@@ -91,28 +91,30 @@ def test_cli_attack_file_list_htba(tmp_path):
 def test_cli_worlds_are_the_threat_models_worlds():
     from dataclasses import replace
 
-    from fastbd.cli import _world_config, build_parser
+    from fastbd.cli import build_parser
+    from fastbd.cli.world import world_config
 
     flags = ["--n-train", "10", "--n-eval", "2", "--seed", "4"]
     sizes = dict(n_train=10, n_eval=2, image_size=32, seed=4)
     ssl_args = build_parser().parse_args(["train-ssl", *flags])
     clip_args = build_parser().parse_args(["train-clip", *flags])
-    assert _world_config(ssl_args, ssl=True) == replace(SSLThreatConfig().world, **sizes)
-    assert _world_config(clip_args) == replace(CLIPThreatConfig().world, **sizes)
+    assert world_config(ssl_args, ssl=True) == replace(SSLThreatConfig().world, **sizes)
+    assert world_config(clip_args) == replace(CLIPThreatConfig().world, **sizes)
 
 
 def test_cli_world_look_flags_override_the_default_look():
     from dataclasses import replace
 
-    from fastbd.cli import _world_config, build_parser
+    from fastbd.cli import build_parser
+    from fastbd.cli.world import world_config
 
     args = build_parser().parse_args(["attack", "--layout", "tiled", "--object-opacity", "0.8",
                                       "--background-saturation", "0"])
-    assert _world_config(args, ssl=True) == replace(
+    assert world_config(args, ssl=True) == replace(
         SSLThreatConfig().world, layout="tiled", object_opacity=0.8, background_saturation=0.0)
     only_layout = build_parser().parse_args(["eval", "ssl", "--checkpoint", "x",
                                              "--layout", "tiled"])
-    assert _world_config(only_layout, ssl=True).object_opacity == 0.6
+    assert world_config(only_layout, ssl=True).object_opacity == 0.6
 
 
 @pytest.mark.parametrize("flags, message", [

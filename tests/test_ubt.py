@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastbd.clipdefense import similarities, stage_epochs
 from fastbd.models.clip import TinyCLIPConfig, clip_normalise, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import finetune_mode, indexed_pair_cosines, trained_pair_cosines
 from fastbd.ubt import Config, defend
-from fastbd.ubt.defend import retain_pool, similarities, stage_epochs
+from fastbd.ubt.defend import retain_pool
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +226,9 @@ def test_interrupted_defense_resumes_to_the_uninterrupted_model(pairs, models, t
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == (["ubt-overfit.pt", "ubt-split.pt"] if stage == "trained_pair_cosines"
                      else ["ubt-overfit.pt", "ubt-split.pt", "ubt-unlearn.pt"])
-    split_calls, real_split = [], defend_module.suspicious_split
-    monkeypatch.setattr(defend_module, "suspicious_split",
+    pairs_module = importlib.import_module("fastbd.clipdefense.pairs")
+    split_calls, real_split = [], pairs_module.suspicious_split
+    monkeypatch.setattr(pairs_module, "suspicious_split",
                         lambda *a: split_calls.append(1) or real_split(*a))
     resumed = defend(model, images, tokens, reference=reference, config=settings,
                      verbose=False, checkpoint_dir=tmp_path)

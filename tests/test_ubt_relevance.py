@@ -1,16 +1,9 @@
 import pytest
 import torch
 
+from fastbd.clipdefense import EOT, SOT, masked_tokens
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
-from fastbd.ubt.relevance import (
-    EOT,
-    SOT,
-    _finish,
-    _pair_logits,
-    explicit_text_attention,
-    masked_tokens,
-    token_relevance,
-)
+from fastbd.ubt.relevance import _finish, _pair_logits, explicit_text_attention, token_relevance
 
 CAPTIONS = ["a photo of a red circle.", "the square here is green.", "cf a small blue bar."]
 

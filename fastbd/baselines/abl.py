@@ -13,16 +13,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.schedules import adamw
-from fastbd.training.clip import batch_clip_loss, finetune_mode, shuffled_batches
-from fastbd.ubt.defend import (
+from fastbd.clipdefense import (
     SPLIT_RULES,
+    DefenseResult,
     check_pairs,
     defense_stages,
     saved_split,
     stage_epochs,
 )
-from fastbd.ubt.result import DefenseResult
+from fastbd.devices import device_of
+from fastbd.schedules import adamw
+from fastbd.training.clip import batch_clip_loss, finetune_mode, shuffled_batches
 from fastbd.validation import above, at_least, check_fields
 
 
@@ -44,17 +45,16 @@ class ABLConfig:
 
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,
-        config: ABLConfig | None = None, device: torch.device | str = "cpu",
+        config: ABLConfig | None = None, device: torch.device | str | None = None,
         verbose: bool = True, checkpoint_dir: str | Path | None = None,
         save_every_s: float = 60.0) -> DefenseResult:
     """Gradient ascent on InfoNCE over D_susp batches, on a copy of ``model`` (pairs: uint8
-    images ``N×3×S×S``, token ids ``N×L``). ``checkpoint_dir``: as ``fastbd.ubt.defend`` (the
-    split and the ascent's state after epochs, at most every ``save_every_s`` seconds,
-    ``abl-*.pt``)."""
+    images ``N×3×S×S``, token ids ``N×L``), on ``device`` (default: the model's). Arguments as
+    ``fastbd.ubt.defend``; the split and the ascent's state are kept as ``abl-*.pt``."""
     config = config or ABLConfig()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
-    device = torch.device(device)
+    device = device_of(model, device)
     stages = defense_stages(checkpoint_dir, "abl", config, images, tokens, model, reference,
                             save_every_s)
     timings: dict[str, float] = {}

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.clipdefense import DefenseResult, check_pairs, defense_stages, masked_tokens
 from fastbd.data.augment import AugmentConfig, augment
+from fastbd.devices import device_of
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
 from fastbd.training.clip import clip_loss, finetune_mode, pair_features, shuffled_batches
-from fastbd.ubt.defend import check_pairs
-from fastbd.ubt.relevance import masked_tokens
-from fastbd.ubt.result import DefenseResult
 from fastbd.validation import above, at_least, check_fields, fraction
 
 log = logging.getLogger(__name__)
@@ -60,18 +59,22 @@ def augment_tokens(tokens: torch.Tensor, drop: float, g: torch.Generator) -> tor
     return masked_tokens(tokens, keep_score, drop)[0]
 
 
-def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-              config: CleanCLIPConfig | None = None, *, device: torch.device | str = "cpu",
-              verbose: bool = True, checkpoint: str | Path | None = None) -> DefenseResult:
+def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
+              config: CleanCLIPConfig | None = None, device: torch.device | str | None = None,
+              verbose: bool = True, checkpoint_dir: str | Path | None = None,
+              save_every_s: float = 60.0) -> DefenseResult:
     """Fine-tune a copy of ``model`` on clean pairs (uint8 images ``N×3×S×S``, token ids
-    ``N×L``); ``model`` is left as it is. ``checkpoint``: the fine-tuning state after every epoch,
-    continued from when present, deleted when the result is saved
-    (``result.checkpoint_files``)."""
+    ``N×L``) on ``device`` (default: the model's); ``model`` is left as it is. With
+    ``checkpoint_dir`` the fine-tuning state is kept there after epochs (``cleanclip-finetune.pt``,
+    at most every ``save_every_s`` seconds, and after the last), a rerun continues from it, and
+    it is deleted when the result is saved (``result.checkpoint_files``)."""
     config = config or CleanCLIPConfig()
     check_pairs(images, tokens, model)
     if images.shape[0] < 2:
         raise ValueError("CleanCLIP needs at least 2 clean pairs")
-    device = torch.device(device)
+    device = device_of(model, device)
+    stages = defense_stages(checkpoint_dir, "cleanclip", config, images, tokens, model,
+                            save_every_s=save_every_s)
     tuned = copy.deepcopy(model).to(device)
     finetune_mode(tuned)
     optimizer = adamw(tuned.parameters(), lr=config.lr)
@@ -80,9 +83,9 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
     schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     mean, std = _clip_mean_std(device)
-    saved = TrainingState(checkpoint, asdict(config), (images, tokens), {"model": tuned},
-                          optimizer, schedule, {"batches": g}, device)
-    first_epoch = saved.restore()
+    saved = TrainingState(stages.path("finetune"), stages.run, (), {"model": tuned}, optimizer,
+                          schedule, {"batches": g}, device, stages.save_every_s)
+    first_epoch = saved.restore(refuse_other=False)
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=first_epoch * steps_per_epoch,
                desc="CleanCLIP", disable=not verbose)
     for epoch in range(first_epoch, config.epochs):
@@ -110,7 +113,7 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     return DefenseResult(model=tuned, method="cleanclip",
                          timings={"finetune": saved.seconds},
                          config=asdict(config),
-                         checkpoint_files=[] if checkpoint is None else [Path(checkpoint)])
+                         checkpoint_files=stages.existing())
 
 
 def _clip_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

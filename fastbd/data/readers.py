@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastbd.storage import atomic_output, output_dir, write_text_atomically
+from fastbd.storage import atomic_output, output_dir, read_text_file, write_text_atomically
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -32,27 +32,6 @@ class FileList:
     paths: list[Path]
     labels: list[int]
     lines: list[str]
-
-
-def read_text_file(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of ``path`` (a leading byte-order mark dropped). A missing file raises
-    ``FileNotFoundError``; a folder, an unreadable file or bytes that are not UTF-8 raise
-    ``ValueError`` naming ``what``, the file and (for bad bytes) the line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder, not a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path}:{line}: {what} is not UTF-8 text (byte "
-                         f"0x{raw[error.start]:02x})") from None
 
 
 def read_file_list(path: str | Path, root: str | Path | None = None, *,
@@ -112,6 +91,58 @@ def _report_duplicates(path: Path, repeated: list[tuple[int, int, object]], poli
         raise ValueError(message)
     log.warning("%s; each copy counts as an image of its own (refuse with --refuse-duplicates)",
                 message)
+
+
+TRIGGER_MARKER = "HTBA_trigger"
+"""What poisoned files carry in their names in the PatchSearch / SSL-Backdoor convention (and in
+``export_images``' output)."""
+
+
+def names_ground_truth(paths: list[Path] | list[str], marker: str = TRIGGER_MARKER
+                       ) -> torch.Tensor | None:
+    """bool ``N``: which ``paths`` name a poisoned file (``marker`` in the path); None when none
+    does (the list carries no ground truth)."""
+    truth = torch.tensor([marker in str(p) for p in paths], dtype=torch.bool)
+    return truth if bool(truth.any()) else None
+
+
+def read_ground_truth(path: str | Path, n: int) -> torch.Tensor:
+    """bool ``N`` ground truth from a file: a ``.npy`` of ``N`` booleans (or 0/1), a ``.npy`` of
+    int indices of the poisoned images, or a text file with one index per line (``#``
+    comments allowed). Raises ``ValueError`` naming the file and the problem."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"ground truth {path} is not a readable .npy ({error})") from None
+        array = torch.from_numpy(np.asarray(values))
+        if array.ndim == 1 and array.numel() == n and (
+                array.dtype == torch.bool or bool(((array == 0) | (array == 1)).all())):
+            return array.bool()
+        if array.ndim != 1 or array.dtype.is_floating_point or array.dtype == torch.bool:
+            raise ValueError(f"ground truth {path}: expected {n} booleans or int indices, got "
+                             f"{array.dtype} of shape {tuple(array.shape)}")
+        indices = array.long()
+    else:
+        numbers = []
+        for number, line in enumerate(read_text_file(path, "ground truth").splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                numbers.append(int(line))
+            except ValueError:
+                raise ValueError(f"{path}:{number}: {line!r} is not an image index") from None
+        indices = torch.tensor(numbers, dtype=torch.long)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"ground truth {path}: indices must be in [0, {n}), got "
+                         f"{int(indices.min())}..{int(indices.max())}")
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[indices] = True
+    return truth
 
 
 def write_file_list(path: str | Path, entries: list[tuple[str, int]]) -> Path:
@@ -239,7 +270,7 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
                   poison_mask: torch.Tensor | None = None, captions: list[str] | None = None,
                   name: str = "train") -> dict[str, Path]:
     """Write PNGs plus a file list ``<name>.txt`` (relative paths; poisoned files carry
-    ``HTBA_trigger`` in their name, the PatchSearch ground-truth convention) and, with
+    ```TRIGGER_MARKER`` in their name, the PatchSearch ground-truth convention) and, with
     captions, a CleanCLIP CSV ``<name>.csv`` (``image,caption,label,is_backdoor``). Returns the
     paths written: ``file_list``, ``csv`` (with captions) and ``images`` (a list)."""
     directory = Path(directory)
@@ -247,7 +278,7 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
     entries, rows = [], []
     for i in range(images.shape[0]):
         poisoned = bool(poison_mask[i]) if poison_mask is not None else False
-        relative = f"{name}/{i:06d}{'_HTBA_trigger' if poisoned else ''}.png"
+        relative = f"{name}/{i:06d}{'_' + TRIGGER_MARKER if poisoned else ''}.png"
         save_png(images[i], directory / relative)
         entries.append((relative, int(labels[i])))
         if captions is not None:

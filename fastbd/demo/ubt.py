@@ -73,7 +73,8 @@ def _defend(method: str, threat: CLIPThreat, reference: torch.nn.Module, tokens:
         return defend(threat.model, images, tokens, reference=reference, config=config.ubt,
                       device=device, verbose=verbose)
     if method == "cleanclip":
-        return cleanclip(threat.model, *clean, config.cleanclip, device=device, verbose=verbose)
+        return cleanclip(threat.model, *clean, config=config.cleanclip, device=device,
+                         verbose=verbose)
     return abl(threat.model, images, tokens, reference=reference, config=config.abl,
                device=device, verbose=verbose)
 

@@ -101,6 +101,12 @@ def clip_normalise(images: torch.Tensor) -> torch.Tensor:
     return pixels.contiguous(memory_format=conv_memory_format(images.device))
 
 
+def clip_image_size(model: nn.Module) -> int:
+    """The input side of a CLIP's image tower (``visual.image_size``; 224 when it has none)."""
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
 def context_length_of(model: nn.Module) -> int:
     return int(getattr(model, "context_length", model.positional_embedding.shape[0]))
 

@@ -31,14 +31,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.models.clip import encode_images, encode_texts
-from fastbd.ops import pair_cosine
+from fastbd.clipdefense import (
+    SPLIT_RULES,
+    check_pairs,
+    defense_stages,
+    masked_tokens,
+    saved_split,
+    similarities,
+    stage_epochs,
+)
+from fastbd.devices import device_of
 from fastbd.schedules import adamw
 from fastbd.storage import (
     NO_STAGES,
     StageFiles,
-    fingerprint,
-    module_fingerprint,
 )
 from fastbd.training.clip import (
     batch_clip_loss,
@@ -47,17 +53,11 @@ from fastbd.training.clip import (
     shuffled_batches,
     trained_pair_cosines,
 )
-from fastbd.ubt.relevance import masked_tokens, token_relevance
+from fastbd.ubt.relevance import token_relevance
 from fastbd.ubt.result import UBTResult
 from fastbd.validation import above, at_least, check_fields, fraction
 
 log = logging.getLogger(__name__)
-
-
-SPLIT_RULES = {"susp_fraction": fraction(low_open=True, high_open=True),
-               "batch_size": at_least(2), "seed": at_least(0)}
-"""``check_fields`` rules of the settings UBT and ABL share: a suspicious fraction in (0, 1),
-batches of ≥ 2 pairs, a seed ≥ 0."""
 
 
 @dataclass
@@ -107,41 +107,6 @@ class Config:
                      retain_fraction=fraction(low_open=True), check_sample=at_least(2))
 
 
-def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
-    if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} "
-                         f"{tuple(images.shape)}")
-    if tokens.ndim != 2 or tokens.shape[0] != images.shape[0]:
-        raise ValueError(f"tokens must be N×L with N={images.shape[0]}, got "
-                         f"{tuple(tokens.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("the pair set is empty")
-    context = model.positional_embedding.shape[0]
-    if tokens.shape[1] != context:
-        raise ValueError(f"tokens have length {tokens.shape[1]} but the model's context is "
-                         f"{context}; tokenize with context_length={context}")
-
-
-def similarities(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                 device: torch.device | str) -> torch.Tensor:
-    """Cosine of every pair, float32 ``N`` (``pair_cosine`` of the two towers' embeddings)."""
-    return pair_cosine(encode_images(model, images, device=device),
-                       encode_texts(model, tokens, device=device)).cpu()
-
-
-def suspicious_split(reference: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                     fraction: float, device: torch.device | str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 1: (similarity of every pair under ``reference`` float32 ``N``, D_susp = indices of
-    the ``max(1, round(fraction·N))`` lowest, D_normal = the other indices in order)."""
-    reference_sim = similarities(reference.to(device), images, tokens, device)
-    n = reference_sim.numel()
-    suspicious = torch.topk(reference_sim, max(1, round(fraction * n)), largest=False).indices
-    normal_mask = torch.ones(n, dtype=torch.bool)
-    normal_mask[suspicious] = False
-    return reference_sim, suspicious, torch.nonzero(normal_mask).flatten()
-
-
 def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: float
                 ) -> torch.Tensor:
     """The ``ceil(fraction·|D_normal|)`` D_normal indices (at least 2 where there are) with the
@@ -149,15 +114,6 @@ def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: flo
     keep = min(normal.numel(), max(2, math.ceil(fraction * normal.numel())))
     order = torch.argsort(reference_sim[normal], descending=True, stable=True)
     return normal[order[:keep]]
-
-
-def stage_epochs(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
-    """Epochs over ``n`` items for a stage of ``epochs`` epochs raised to ≥ ``min_steps``
-    steps (``Config.*_min_steps``); a stage of 0 epochs stays off."""
-    if epochs == 0:
-        return 0
-    per_epoch = max(1, math.ceil(n / batch_size))
-    return max(epochs, math.ceil(min_steps / per_epoch))
 
 
 def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
@@ -251,42 +207,14 @@ def check_statistic(tuned: nn.Module, images: torch.Tensor, tokens: torch.Tensor
     return difference / spread
 
 
-def defense_stages(checkpoint_dir: str | Path | None, prefix: str, config: object,
-                   images: torch.Tensor, tokens: torch.Tensor, model: nn.Module,
-                   reference: nn.Module, save_every_s: float = 60.0) -> StageFiles:
-    """The stage files of a defense run in ``checkpoint_dir`` (None: none kept), tagged with
-    its config and fingerprints of the pairs, the model and the reference model."""
-    if checkpoint_dir is None:
-        return NO_STAGES
-    return StageFiles(checkpoint_dir, prefix, {
-        "config": asdict(config), "pairs": fingerprint(images, tokens),
-        "model": module_fingerprint(model), "reference": module_fingerprint(reference)},
-        save_every_s)
-
-
-def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
-                tokens: torch.Tensor, susp_fraction: float, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``suspicious_split``, loaded from ``stages`` when a run with the same tag saved it."""
-    saved = stages.load("split")
-    if saved is not None:
-        stages.resumed_seconds["split"] = float(saved.get("seconds", 0.0))
-        return saved["reference_similarity"], saved["suspicious"], saved["normal"]
-    start = time.perf_counter()
-    reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
-                                                         susp_fraction, device)
-    stages.save("split", {"reference_similarity": reference_sim.cpu(),
-                          "suspicious": suspicious.cpu(), "normal": normal.cpu(),
-                          "seconds": time.perf_counter() - start})
-    return reference_sim, suspicious, normal
-
-
 def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
            reference: nn.Module, config: Config | None = None,
-           device: torch.device | str = "cpu", verbose: bool = True,
+           device: torch.device | str | None = None, verbose: bool = True,
            checkpoint_dir: str | Path | None = None, save_every_s: float = 60.0) -> UBTResult:
-    """Run UBT on pairs (uint8 images ``N×3×S×S``, token ids ``N×L``). ``model`` is left as it
-    is; the purified copy is ``result.model``. With ``checkpoint_dir`` the suspicious split
+    """Run UBT on pairs (uint8 images ``N×3×S×S``, token ids ``N×L``) with the clean
+    ``reference`` model, on ``device`` (default: the model's). ``model`` and ``reference`` are
+    left as they are; the purified copy is ``result.model``. With ``checkpoint_dir`` the
+    suspicious split
     and the overfit and unlearning stages' training state (after an epoch, at most every
     ``save_every_s`` seconds, and after the last) are kept there
     (``ubt-*.pt``), a rerun with the same config, pairs and models continues from them to the
@@ -295,7 +223,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     config = config or Config()
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
-    device = torch.device(device)
+    device = device_of(model, device)
     n = images.shape[0]
     stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference,
                             save_every_s)

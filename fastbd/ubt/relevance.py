@@ -1,4 +1,4 @@
-"""Chefer et al. token relevance for open_clip text towers, and masked captions.
+"""Chefer et al. token relevance for open_clip text towers.
 
 open_clip's text blocks call ``nn.MultiheadAttention`` without returning weights, so while
 relevance is computed each block's ``attention`` method is replaced by an explicit
@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbd.models.clip import clip_normalise
-
-SOT, EOT = 49406, 49407
 
 
 def _explicit_attention(attn: nn.MultiheadAttention, store: list[torch.Tensor]):
@@ -97,21 +95,3 @@ def token_relevance(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
         relevance = relevance + cam @ relevance
     eot = tokens.argmax(dim=1)
     return _finish(relevance[torch.arange(b), eot].detach().float(), tokens)
-
-
-def masked_tokens(tokens: torch.Tensor, relevance: torch.Tensor, threshold: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions rebuilt as SOT + the tokens with relevance ≥ ``threshold`` (in order) + EOT,
-    zero-padded (never CLIP's "!" padding inserted between words). Returns the new token ids
-    ``B×L`` and the keep mask bool ``B×L`` over the original positions."""
-    eot = tokens.argmax(dim=1)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    inside = (positions[None, :] > 0) & (positions[None, :] < eot[:, None])
-    keep = inside & (relevance >= threshold)
-    out = torch.zeros_like(tokens)
-    for row in range(tokens.shape[0]):
-        kept = tokens[row][keep[row]]
-        out[row, 0] = SOT
-        out[row, 1:1 + kept.numel()] = kept
-        out[row, 1 + kept.numel()] = EOT
-    return out, keep

@@ -1,0 +1,7 @@
+"""``python -m fastbd``: the ``fastbd`` command."""
+
+import sys
+
+from fastbd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The ``fastbd`` command: a thin layer over the library, one module per command family —
+``demo`` (the demo and ``env``), ``world`` (the synthetic world: ``attack``, ``train-ssl``,
+``train-clip``, ``eval``), ``detect`` (every registered detector), ``defend`` (every registered
+CLIP defense)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fastbd.cli import defend, demo, detect, world
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastbd", description="Find and remove data-poisoning backdoors: PoisonCAM and "
+        "PatchSearch for SSL image encoders, UBT, CleanCLIP and ABL for CLIP models.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in (demo, world, detect, defend):
+        family.add_parsers(sub)
+    return parser
+
+
+DEBUG_VARIABLE = "FASTBD_DEBUG"
+"""Set (to anything) in the environment, the command shows the traceback of a failure instead of
+its one-line message."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, ``kill`` and job schedulers send), raised in the main thread
+    like Ctrl-C so that every ``finally`` and checkpoint runs the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) \
+            and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    return str(error).replace("\n", " ")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command: 0 on success, 1 on failed checks, 2 when the input was unusable (a
+    missing, unreadable or malformed file, a bad value, an output folder that cannot be
+    written: one line on stderr naming it), 130 when interrupted by Ctrl-C (SIGINT) and 143 by
+    SIGTERM — both after saving what a rerun continues from, with a line saying how."""
+    import os
+    import signal
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as error:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"fastbd {args.command}: error: {_error_line(error)} (set {DEBUG_VARIABLE}=1 for "
+              "the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        if getattr(args, "resume", None) is not None:
+            hint = (f"; rerun with --resume to continue from the last completed search round "
+                    f"and the poison classifier's last saved state in {args.out}")
+        elif getattr(args, "continued_by_rerun", False):
+            hint = "; rerun the same command to continue training from its last completed epoch"
+        else:
+            hint = ""
+        terminated = isinstance(interrupt, Terminated)
+        print(f"fastbd {args.command}: {'terminated' if terminated else 'interrupted'}{hint}",
+              file=sys.stderr)
+        return 128 + interrupt.signum if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

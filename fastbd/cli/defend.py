@@ -1,0 +1,79 @@
+"""``fastbd ubt`` / ``cleanclip`` / ``abl`` (every registered CLIP defense): defend an open_clip
+model with the pairs of a CSV."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fastbd.cli.common import (
+    add_device_flag,
+    add_duplicates_flag,
+    duplicates_policy,
+    prepare_out,
+)
+
+
+def run_clip_defense(args: argparse.Namespace) -> int:
+    from fastbd import registry
+    from fastbd.clipdefense.loading import load_pairs
+    from fastbd.configfile import load_config
+    from fastbd.models.clip import load_clip
+
+    entry = registry.clip_defense(args.command)
+    config = load_config(args.config, entry.config, entry.nested)
+    if entry.needs_reference and args.reference_checkpoint is None:
+        raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
+    out = prepare_out(args.out)
+    model = load_clip(args.arch, args.checkpoint).to(args.device)
+    pairs = load_pairs(args.csv, model,
+                       tokenizer_name="ViT-B-32" if args.arch == "tiny" else args.arch,
+                       image_key=args.image_key, caption_key=args.caption_key,
+                       separator=args.separator, image_size=args.image_size,
+                       skip_bad=args.skip_bad, duplicates=duplicates_policy(args),
+                       cache=out / ("pairs.npy" if entry.pairs == "training" else
+                                    "clean_pairs.npy"), verbose=not args.quiet)
+    options = {}
+    if entry.needs_reference:
+        options["reference"] = load_clip(args.reference_arch or args.arch,
+                                         args.reference_checkpoint).to(args.device)
+    result = entry.run(model, pairs.images, pairs.tokens, config=config, device=args.device,
+                       verbose=not args.quiet, checkpoint_dir=out, **options)
+    result.save(out, truth=pairs.truth, tokens=pairs.tokens, tokenizer=pairs.tokenizer)
+    summary = {**result.summary(pairs.truth), "pairs": int(pairs.tokens.shape[0]),
+               "skipped": pairs.report.skipped, "out": str(out)}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from fastbd import registry
+
+    for name, entry in registry.CLIP_DEFENSES.items():
+        defense = sub.add_parser(name, help=entry.help, description=entry.help)
+        defense.add_argument("--csv", required=True,
+                             help="the (possibly poisoned) training pairs" if entry.pairs ==
+                             "training" else "the clean fine-tuning pairs")
+        defense.add_argument("--image-key", default="image",
+                             help="image column (default: %(default)s)")
+        defense.add_argument("--caption-key", default="caption",
+                             help="caption column (default: %(default)s)")
+        defense.add_argument("--separator", default=",",
+                             help="column separator (default: %(default)r)")
+        defense.add_argument("--arch", default="tiny",
+                             help="open_clip architecture (e.g. ViT-B-32, RN50) or 'tiny' "
+                                  "(default: %(default)s)")
+        defense.add_argument("--checkpoint", required=True, help="the model to defend")
+        if entry.needs_reference:
+            defense.add_argument("--reference-checkpoint",
+                                 help="a clean pre-trained model (required)")
+            defense.add_argument("--reference-arch", help="its architecture (default --arch)")
+        defense.add_argument("--image-size", type=int, default=None,
+                             help="default: the model's input size")
+        defense.add_argument("--config", help="JSON/YAML file with the defense's Config fields")
+        defense.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        add_duplicates_flag(defense)
+        defense.add_argument("--out", default=f"fastbd-out/{name}",
+                             help="output folder (default: %(default)s)")
+        add_device_flag(defense)
+        defense.set_defaults(run=run_clip_defense, continued_by_rerun=True)

@@ -1,0 +1,110 @@
+"""``fastbd poisoncam`` / ``fastbd patchsearch`` (every registered detector): find the poisoned
+images of a file list or an ImageFolder with an SSL encoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from fastbd.cli.common import (
+    add_device_flag,
+    add_duplicates_flag,
+    duplicates_policy,
+    prepare_out,
+)
+
+log = logging.getLogger("fastbd")
+
+
+def load_detector_config(args: argparse.Namespace):
+    """``--preset`` (default ``paper`` on a CUDA device, ``fast`` otherwise) with the fields of
+    the ``--config`` file on top."""
+    from fastbd.configfile import load_config
+    from fastbd.detection import ClassifierConfig, Config, preset
+
+    name = args.preset or ("paper" if str(args.device).startswith("cuda") else "fast")
+    if args.preset is None:
+        log.info("preset %r for device %s (--preset paper|fast to choose)", name, args.device)
+    return load_config(args.config, Config, {"classifier": ClassifierConfig},
+                       base=preset(name))
+
+
+def run_detector(args: argparse.Namespace) -> int:
+    from fastbd import registry
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import (
+        names_ground_truth,
+        read_file_list,
+        read_ground_truth,
+        read_image_folder,
+    )
+    from fastbd.models import default_image_size, encoder_by_name
+
+    if bool(args.file_list) == bool(args.image_folder):
+        raise ValueError("give exactly one of --file-list and --image-folder")
+    config = load_detector_config(args)
+    out = prepare_out(args.out)
+    if args.file_list:
+        listing = read_file_list(args.file_list, duplicates=duplicates_policy(args))
+        paths, lines = listing.paths, listing.lines
+    else:
+        paths, labels, _ = read_image_folder(args.image_folder)
+        lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
+    size = args.image_size or default_image_size(args.arch)
+    encoder = encoder_by_name(args.arch, args.checkpoint, size)
+    bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
+                                        cache=out / "bank.npy", verbose=not args.quiet)
+    lines = [lines[i] for i in report.kept]
+    if args.ground_truth == "none":
+        truth = None
+    elif args.ground_truth == "names":
+        truth = names_ground_truth([paths[i] for i in report.kept])
+    else:
+        truth = read_ground_truth(args.ground_truth, len(paths))[report.kept]
+    detector = registry.detector(args.command, config)
+    detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
+                 ground_truth=truth, verbose=not args.quiet)
+    result = detector.result_
+    result.save(out, file_list_lines=lines, truth=truth)
+    summary = {"removed": int(result.removed.sum()), "images": len(lines),
+               "skipped": report.skipped, "out": str(out)}
+    if result.metrics is not None:
+        summary["metrics"] = result.metrics.to_dict()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from fastbd import registry
+
+    for name, entry in registry.DETECTORS.items():
+        det = sub.add_parser(name, help=entry.help, description=entry.help)
+        det.add_argument("--file-list", help="'<path> <label>' per line")
+        det.add_argument("--image-folder", help="ImageFolder root")
+        det.add_argument("--arch", required=True,
+                         help="timm architecture (e.g. resnet18, vit_base_patch16_224), "
+                              "torchvision:<name>, or smallconv<width> (fastbd train-ssl's "
+                              "encoder, e.g. smallconv16)")
+        det.add_argument("--checkpoint", help="state dict or MoCo v3 checkpoint")
+        det.add_argument("--image-size", type=int,
+                         help="encoder input side (default 32 for smallconv, else 224)")
+        det.add_argument("--preset", choices=("paper", "fast"),
+                         help="starting config: the papers' settings (5-ResNet classifier; "
+                              "default on CUDA) or the CPU-sized demo recipe (default "
+                              "otherwise)")
+        det.add_argument("--config", help="JSON/YAML file with Config fields (on top of "
+                                          "--preset)")
+        det.add_argument("--ground-truth", default="names",
+                         help="for the metrics only: 'names' (files with HTBA_trigger in "
+                              "their path are poisoned; the default), 'none', or a file "
+                              "(.npy of N booleans or of indices, or one index per line)")
+        det.add_argument("--out", default=f"fastbd-out/{name}",
+                         help="output folder (default: %(default)s)")
+        det.add_argument("--resume", action="store_true",
+                         help="continue the search and the poison classifier's training "
+                              "saved in --out")
+        det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        add_duplicates_flag(det)
+        add_device_flag(det)
+        det.set_defaults(run=run_detector, resumable=True)

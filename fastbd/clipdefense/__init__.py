@@ -1,0 +1,19 @@
+"""What every CLIP defense shares (UBT, CleanCLIP, ABL and new ones): pair-set checks, pair
+similarities and the suspicious split, resumable stages, caption-token rebuilding and the
+``DefenseResult`` type."""
+
+from fastbd.clipdefense.pairs import (
+    SPLIT_RULES,
+    check_pairs,
+    defense_stages,
+    saved_split,
+    similarities,
+    stage_epochs,
+    suspicious_split,
+)
+from fastbd.clipdefense.result import DefenseResult, as_truth
+from fastbd.clipdefense.tokens import EOT, SOT, masked_tokens
+
+__all__ = ["EOT", "SOT", "SPLIT_RULES", "DefenseResult", "as_truth", "check_pairs",
+           "defense_stages", "masked_tokens", "saved_split", "similarities", "stage_epochs",
+           "suspicious_split"]
