@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastbd.data.bank import ImageBank, ImageReadError, PairSet, load_image
+from fastbd.data.bank import ImageBank, ImageReadError, load_image
 from fastbd.data.readers import (
     export_images,
     read_csv_pairs,
@@ -98,8 +98,6 @@ def test_bank_save_load_mmap_and_chunks(tmp_path, images):
     assert starts == [0, 2, 4]
     with pytest.raises(ValueError, match="uint8 N×3×S×S"):
         ImageBank(torch.zeros(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="captions"):
-        PairSet(bank, ["only one"])
 
 
 def test_bank_cache_is_reused_only_for_the_files_it_was_built_from(tmp_path, images,

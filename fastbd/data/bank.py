@@ -1,4 +1,4 @@
-"""``ImageBank``: the one uint8 image store every stage indexes into, and ``PairSet``.
+"""``ImageBank``: the one uint8 image store every stage indexes into.
 
 A bank holds uint8 ``N×3×S×S`` images at the encoder's input size, built once through the eval
 transform (resize the shorter side to ``S / crop_ratio``, centre-crop ``S``). Small banks live on
@@ -365,25 +365,3 @@ def _reuse_cache(cache: Path, manifest: dict, skip_bad: bool
         log.warning("skipped %d unreadable image(s), e.g. %s (cached)", len(report.skipped),
                     report.skipped[0][0])
     return ImageBank.load(cache), report
-
-
-@dataclass
-class PairSet:
-    """Image–caption pairs: an ``ImageBank`` plus captions (and token ids once tokenised)."""
-
-    bank: ImageBank
-    captions: list[str]
-    tokens: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.bank) != len(self.captions):
-            raise ValueError(f"{len(self.bank)} images but {len(self.captions)} captions")
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def tokenize(self, tokenizer, context_length: int) -> PairSet:
-        from fastbd.models.clip import tokenize
-
-        self.tokens = tokenize(tokenizer, self.captions, context_length)
-        return self
