@@ -77,3 +77,14 @@ def test_pair_cosine_gpu(benchmark, impl):
         lambda: pair_cosine(a, b, backend=impl))
     run(benchmark, fn, rounds=10, impl=impl, n=500000, d=512)
     record_rates(benchmark, bytes_read=2 * a.numel() * a.element_size())
+
+
+def test_plain_torch_computes_what_cosine_topk_computes():
+    """The baseline does the same work: the same top-k values and (tie-free) indices."""
+    x = features(300, 16, "cpu", torch.float32)
+    expected = plain_torch(x, 5)
+    got = cosine_topk(x, x, 5, normalized=True, backend="torch")
+    assert torch.allclose(got[0], expected.values, atol=1e-5)
+    assert torch.equal(got[1], expected.indices)
+    a, b = features(50, 16, "cpu", torch.float32), features(50, 16, "cpu", torch.float32)
+    assert torch.allclose(pair_cosine(a, b), F.cosine_similarity(a, b, dim=1), atol=1e-5)

@@ -104,3 +104,11 @@ def test_assign_gpu(benchmark, impl):
         fn = lambda: kmeans_assign(x, c, normalized=True, backend=impl)
     run(benchmark, fn, rounds=10, impl=impl, n=size["n"], d=size["d"], k=size["k"])
     record_rates(benchmark, flop=lloyd_flops(size["n"], size["d"], size["k"], 1))
+
+
+def test_plain_torch_lloyd_computes_what_kmeans_computes():
+    """The baseline does the same work: from the same initial centroids, the same centres."""
+    x, init = data(600, 8, 5, "cpu", torch.float32)
+    expected = plain_torch_lloyd(x, init, 4)
+    got = KMeans(5, 4, metric="l2", init=init, backend="torch").fit(x).cluster_centers_
+    assert torch.allclose(got, expected, atol=1e-4)

@@ -67,3 +67,14 @@ def test_mask_fill_gpu(benchmark, impl):
         # The op reads n·S² uint8 per channel once per mask (cached) and writes the output.
         benchmark.extra_info["fraction_of_copy_bandwidth"] = written / median / bandwidth
     assert result.shape[0] == SIZES["gpu"]["n"] * SIZES["gpu"]["m"]
+
+
+@pytest.mark.parametrize("window", [5, 9])
+def test_plain_torch_computes_what_mask_fill_computes(window):
+    """The baseline does the same work: equal outputs at a small size, wrap included."""
+    images, positions = inputs(2, 6, 12, window, torch.float32, "cpu")
+    mean = torch.tensor(MEAN)[:, None, None]
+    std = torch.tensor(STD)[:, None, None]
+    expected = plain_torch(images, positions, window, mean, std, torch.float32)
+    got = mask_fill(images, positions, window, MEAN, STD, backend="torch")
+    assert torch.allclose(got, expected, atol=1e-5)

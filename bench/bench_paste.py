@@ -74,3 +74,14 @@ def test_paste_gpu(benchmark, impl):
         benchmark.extra_info["fraction_of_copy_bandwidth"] = (
             written / median / copy_bandwidth_bytes_per_s())
     assert result.shape[0] == SIZES["gpu"]["candidates"] * SIZES["gpu"]["images"]
+
+
+def test_plain_torch_computes_what_paste_computes():
+    """The baseline does the same work: equal outputs at a small size."""
+    bank, patches, image_index, patch_index, ys, xs = inputs(3, 5, 16, 4, "cpu")
+    mean = torch.tensor(MEAN)[:, None, None]
+    std = torch.tensor(STD)[:, None, None]
+    expected = plain_torch(bank, patches, ys, xs, mean, std, torch.float32)
+    got = paste(bank, patches, image_index, patch_index, ys, xs, mean=MEAN, std=STD,
+                backend="torch")
+    assert torch.allclose(got, expected, atol=1e-5)

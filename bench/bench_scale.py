@@ -3,7 +3,6 @@ lands in the JSON and the Markdown page (the GPU size runs on a GPU machine, not
 
 import json
 import math
-import secrets
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from benchutil import stage_setup
 from scale import main, reference_flip, run
 
 
+@pytest.mark.slow
 def test_scale_harness_tiny(tmp_path, capsys):
     path = tmp_path / "scale.json"
     result = run("tiny", out=path, quiet=True)
@@ -42,7 +42,7 @@ def test_scale_harness_tiny(tmp_path, capsys):
 def test_reference_flip_counts_what_flip_counts_counts(n_test, window):
     """Same encoder (fp32), same paste corners — flip_counts with one candidate per batch draws
     ``n_test × 2`` corners per candidate from its generator, which the reference replays."""
-    seed = secrets.randbits(31)
+    seed = 1000 * n_test + window  # fixed per case: a failure replays
     encoder, bank, clustering, encode_assign = stage_setup("smallconv4", 20, 24, torch.float32,
                                                            "cpu")
     g = torch.Generator().manual_seed(seed)

@@ -139,3 +139,12 @@ def _bench(benchmark, stage, impl, arch, size, pairs, batch, steps, attribution,
     run(benchmark, fn, rounds=3, stage=stage, impl=impl, arch=arch, size=size, batch=batch,
         pairs=counted, gpu=HAS_CUDA)
     record_rates(benchmark, pairs=counted)
+
+
+def test_plain_split_computes_what_the_suspicious_split_computes():
+    """The split baseline picks the same lowest-similarity pairs as fastbd's split."""
+    model = _model("tiny", "cpu")
+    images, tokens = _pairs(64, 32, model.positional_embedding.shape[0], "cpu")
+    _, suspicious, _ = suspicious_split(model, images, tokens, 0.1, "cpu")
+    assert torch.equal(suspicious.sort().values,
+                       _plain_split(model, images, tokens, 0.1, batch=16).sort().values)

@@ -33,3 +33,9 @@ def test_window_argmax_cpu(benchmark, impl):
 @pytest.mark.parametrize("impl", ["fastbd", "plain_torch"])
 def test_window_argmax_gpu(benchmark, impl):
     bench(benchmark, impl, "cuda", 1024)
+
+
+def test_plain_torch_computes_what_window_argmax_computes():
+    """The baseline does the same work: the same window corners."""
+    maps = torch.rand(6, 30, 30, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(window_argmax(maps, 7)[0], plain_torch(maps, 7))

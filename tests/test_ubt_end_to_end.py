@@ -26,6 +26,7 @@ def threats(tmp_path_factory):
             for attack in ("none", "sig")}
 
 
+@pytest.mark.slow
 def test_ubt_removes_a_real_backdoor_and_spares_a_clean_model(threats):
     clean, poisoned = threats["none"], threats["sig"]
     assert poisoned.evaluation.asr >= 0.5, poisoned.evaluation
