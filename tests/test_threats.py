@@ -1,5 +1,5 @@
 """Threat-model builders and the world CLI at tiny sizes (the quality targets are measured by
-scripts/world_quality.py; these check the plumbing, caching and outputs)."""
+bench/quality.py world; these check the plumbing, caching and outputs)."""
 
 import json
 
