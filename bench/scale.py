@@ -25,7 +25,7 @@ Measured, each beside its reference in the same run:
 * ``ubt``: ``fastbd.ubt.defend`` on random pairs (500,000 for ViT-B-32 at the GPU size), each
   stage timed.
 
-The streaming of image banks larger than device memory is not here yet (README, "Performance").
+Banks larger than device memory (``Config.bank_placement="host"``) are not timed here yet.
 Correctness is the test suite's: every fast path used here is compared with its torch reference
 there (``bench/bench_scale.py`` runs this script at the tiny size in CI).
 """

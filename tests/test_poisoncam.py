@@ -228,7 +228,7 @@ def small_config(**overrides):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_pipeline_finds_the_poisons(tmp_path, precision):
     # a fixed world: on 1 of 25 random worlds Otsu's threshold cut into the poisoned images'
-    # long margin tail (recall 0.90 at AUROC 1.0; README, "The poison classifier")
+    # long margin tail (recall 0.90 at AUROC 1.0; docs/methods.md, "The poison classifier")
     images, truth, boxes = world(torch.Generator().manual_seed(0))
     result = detect(trigger_encoder(), images, small_config(precision=precision),
                     ground_truth=truth, true_boxes=boxes, verbose=False)

@@ -2,7 +2,7 @@
 cross-modal InfoNCE plus in-modal InfoNCE between each image and an augmented view of it and
 each caption and an augmented caption.
 
-Substitutions, documented in the README: the image view is fastbd's batched random-resized-crop
+Substitutions, documented in docs/methods.md: the image view is fastbd's batched random-resized-crop
 + flip + colour jitter instead of AutoAugment; the caption view is EDA's random deletion applied
 to the caption's tokens (synonym replacement needs WordNet, which fastbd does not ship).
 """

@@ -28,7 +28,7 @@ def demo_config(seed: int = 0) -> Config:
     each, like ImageNet-100's ~127), 64 masks, 150 test images, and a poison classifier of one
     width-16 ResNet (at most 300 steps of 64) on a cleaned pool, with triggers pasted at 40–80
     px of 224 (6–11 px: the paper's 20-px minimum is 3 px here, a few pixels of colour that clean
-    textures match) and Otsu's threshold (README, "The poison classifier")."""
+    textures match) and Otsu's threshold (docs/methods.md, "The poison classifier")."""
     return replace(preset("fast"), n_clusters=50, batch_size=1024, seed=seed)
 
 

@@ -23,7 +23,7 @@ class ClassifierConfig:
     %) are equal. Pasted triggers are ``paste_size`` px at the 224-px reference size, placed at
     least ``paste_margin`` px from the border, with probability ``paste_p``.
 
-    fastbd's two additions (README, "The poison classifier"; ``pool_cleaning_rounds=0,
+    fastbd's two additions (docs/methods.md, "The poison classifier"; ``pool_cleaning_rounds=0,
     threshold="argmax"`` is the papers' recipe): *pool cleaning* — ``pool_cleaning_rounds``
     times, a logistic regression (L-BFGS, ``feature_steps``, ``feature_weight_decay``) on the
     threat encoder's own normalised features of ``feature_samples`` pool images, half of them
@@ -170,7 +170,7 @@ PRESETS: dict[str, Config] = {
 five width-64 ResNets trained up to 2,000 steps — 34 of the 35 minutes a 600-image, 32-px set
 took on two CPU cores). ``fast``: the demo's recipe for CPUs — 64 masks, 150 flip-test images,
 one width-16 ResNet of at most 300 steps of 64 on the cleaned pool, triggers pasted at 40–80 px
-of 224 (README, "The poison classifier")."""
+of 224 (docs/methods.md, "The poison classifier")."""
 
 
 def preset(name: str) -> Config:

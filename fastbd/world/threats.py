@@ -60,7 +60,7 @@ class SSLThreatConfig:
     high-contrast objects the encoder ignores the 7-px trigger and PoisonCAM's top candidates
     are the objects themselves. Grey backgrounds (``background_saturation=0``) lift the probe's
     clean accuracy to 93 % but make the objects, not the trigger, PoisonCAM's top candidates
-    (README, "The poisoned world")."""
+    (docs/synthetic-world.md)."""
 
     world: WorldConfig = field(default_factory=lambda: WorldConfig(object_opacity=0.6))
     attack: str = "htba"
@@ -130,7 +130,7 @@ def load_cached(path: Path, key: str, model: torch.nn.Module) -> float | None:
 
 SSL_CACHE_VERSION = "seeded"
 """Part of the cached encoder's file name: encoders cached before the initial weights followed
-from ``SSLThreatConfig.seed`` (README, "Reproducibility") are not loaded."""
+from ``SSLThreatConfig.seed`` (docs/design.md, "Reproducibility") are not loaded."""
 
 
 def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | Path | None =
@@ -167,13 +167,13 @@ WORLD_ATTACK_OPTIONS: dict[str, dict] = {"badnet": {"side_fraction": 0.3},
 """The synthetic world's departures from the attacks' published settings (``make_attack``
 overrides). BadNet's and dual-key's 16/224 patch is 2–3 px at 32 px, under the tiny models'
 4-px stem stride; it implants no backdoor at 1 % poison (ASR 9 % / 7 %), a 10-px patch does
-(README, "The poisoned world")."""
+(docs/synthetic-world.md)."""
 
 
 WORLD_POISON_RATES: dict[str, float] = {"wanet": 0.10}
 """The synthetic world's poisoned share per CLIP attack where it is not 1 %. WaNet's warp (4 × 4
 control points, strength 0.5: under a pixel) implants no backdoor in 5,000 pairs at 1 % (ASR 1–22 %
-at strengths 0.5–10); at the 10 % of WaNet's own paper it does (README, "The poisoned world")."""
+at strengths 0.5–10); at the 10 % of WaNet's own paper it does (docs/synthetic-world.md)."""
 
 
 def world_rate(attack: str) -> float:
