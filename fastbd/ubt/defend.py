@@ -72,12 +72,12 @@ class Config:
     ``retain_weight`` (ours, 0 = the paper's pure gradient ascent): the unlearning loss adds this
     weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
     unlearning a few pairs whose captions all name the target class forgets the target class
-    itself (docs/methods.md, "UBT"). ``retain_fraction`` (ours): the retain batches come from that share
-    of D_normal the reference model rates most similar, so poison beyond D_susp (which sits at
-    the low end) is not re-taught. ``masked_captions``: unlearn (image, masked caption) pairs
-    too.
+    itself (docs/methods.md, "UBT"). ``retain_fraction`` (ours): the retain batches come from
+    that share of D_normal the reference model rates most similar, so poison beyond D_susp
+    (which sits at the low end) is not re-taught. ``masked_captions``: unlearn (image, masked
+    caption) pairs too.
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
-    poisoned, calibrated on the synthetic world's clean and poisoned models (docs/methods.md, "UBT");
+    poisoned, calibrated on the synthetic world's clean and poisoned models (docs/methods.md);
     ``check_sample``: D_normal pairs the statistic's baseline is measured on."""
 
     susp_fraction: float = 0.01
