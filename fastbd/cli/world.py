@@ -111,8 +111,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_ssl(args: argparse.Namespace) -> int:
+def save_threat(out: Path, weights: str, model, evaluation, summary: str, threat) -> int:
+    """Write a trained threat model's weights and summary as one result; print its
+    evaluation."""
     from fastbd.storage import ResultFiles
+
+    files = ResultFiles(out)
+    files.torch(weights, model.state_dict())
+    print(json.dumps(evaluation.to_dict(), indent=2))
+    print(files.json(summary, threat.to_dict()))
+    files.close()
+    return 0
+
+
+def cmd_train_ssl(args: argparse.Namespace) -> int:
     from fastbd.training.ssl import SSLConfig
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
@@ -124,16 +136,10 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
                               retrain=args.retrain, verbose=not args.quiet)
-    files = ResultFiles(out)
-    files.torch("encoder.pt", threat.encoder.state_dict())
-    print(json.dumps(threat.probe.to_dict(), indent=2))
-    print(files.json("train_ssl.json", threat.to_dict()))
-    files.close()
-    return 0
+    return save_threat(out, "encoder.pt", threat.encoder, threat.probe, "train_ssl.json", threat)
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
-    from fastbd.storage import ResultFiles
     from fastbd.training.clip import CLIPTrainConfig
     from fastbd.world import CLIPThreatConfig, build_clip_threat
 
@@ -144,12 +150,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
-    files = ResultFiles(out)
-    files.torch("clip.pt", threat.model.state_dict())
-    print(json.dumps(threat.evaluation.to_dict(), indent=2))
-    print(files.json("train_clip.json", threat.to_dict()))
-    files.close()
-    return 0
+    return save_threat(out, "clip.pt", threat.model, threat.evaluation, "train_clip.json", threat)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
