@@ -8,8 +8,9 @@ JSON, exits 1 when a target is missed.
 * ``world``: the SSL encoder trained on the HTBA-poisoned and on the clean world (linear-probe
   CA ≥ 60 %; ASR ≥ 30 % poisoned, ≤ 5 % clean; training ≤ 300 s) and a tiny CLIP on the clean
   world and under each CLIP attack (``WORLD_CLIP_TARGETS``).
-* ``poisoncam``: PoisonCAM and PatchSearch with the demo's config on each seed's world;
-  PoisonCAM recall ≥ 95 %, precision ≥ 70 %, top-20 windows on the trigger ≥ 90 %.
+* ``poisoncam``: PoisonCAM, PatchSearch (fastbd's variant) and PatchSearch as published, with
+  the demo's config on each seed's world; PoisonCAM recall ≥ 95 %, precision ≥ 70 %, top-20
+  windows on the trigger ≥ 90 %.
 * ``ubt``: the UBT demo; after UBT every attack with a real backdoor (ASR before ≥ 50 %) has
   ASR ≤ 2 % and CA ≥ CA before − 2 points, BadNet's top set is ≥ 90 % poisoned, the clean
   model is declined and left unchanged.

@@ -73,7 +73,7 @@ def clip_defense(name: str) -> ClipDefenseEntry:
 def _register_builtins() -> None:
     from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
     from fastbd.data.augment import AugmentConfig
-    from fastbd.patchsearch import PatchSearch
+    from fastbd.patchsearch import PatchSearch, PublishedPatchSearch
     from fastbd.poisoncam import PoisonCAM
     from fastbd.ubt import Config as UBTConfig
     from fastbd.ubt import defend
@@ -81,7 +81,11 @@ def _register_builtins() -> None:
     register_detector("poisoncam", DetectorEntry(
         PoisonCAM, "find poisoned images by cluster activation masking (PoisonCAM)"))
     register_detector("patchsearch", DetectorEntry(
-        PatchSearch, "find poisoned images by Grad-CAM patch search (PatchSearch, baseline)"))
+        PatchSearch, "find poisoned images by Grad-CAM patch search (PatchSearch, baseline; "
+        "fastbd's corrected variant)"))
+    register_detector("patchsearch-published", DetectorEntry(
+        PublishedPatchSearch, "PatchSearch with every behaviour of its authors' code, "
+        "including its bugs (for comparisons with published figures)"))
     register_clip_defense("ubt", ClipDefenseEntry(
         defend, UBTConfig, True, "training",
         "purify a backdoored CLIP by token-level unlearning (UBT)"))

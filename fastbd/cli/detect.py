@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from fastbd.cli.common import (
     add_device_flag,
@@ -47,10 +48,12 @@ def run_detector(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     if args.file_list:
         listing = read_file_list(args.file_list, duplicates=duplicates_policy(args))
-        paths, lines = listing.paths, listing.lines
+        paths, labels, lines = listing.paths, listing.labels, listing.lines
     else:
         paths, labels, _ = read_image_folder(args.image_folder)
         lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
+    if args.absolute_paths:
+        lines = [f"{Path(p).resolve()} {label}" for p, label in zip(paths, labels, strict=True)]
     size = args.image_size or default_image_size(args.arch)
     encoder = encoder_by_name(args.arch, args.checkpoint, size)
     bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
@@ -104,6 +107,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         det.add_argument("--resume", action="store_true",
                          help="continue the search and the poison classifier's training "
                               "saved in --out")
+        det.add_argument("--absolute-paths", action="store_true",
+                         help="write filtered.txt with absolute image paths (tools that open "
+                              "the paths from another folder need them; by default it keeps "
+                              "the input's lines as they are)")
         det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
         add_duplicates_flag(det)
         add_device_flag(det)

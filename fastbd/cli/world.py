@@ -97,7 +97,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                         args.seed, attack_options))
     files = ResultFiles(out)
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
-                            getattr(poisoned, "captions", None))
+                            getattr(poisoned, "captions", None), absolute=args.absolute_paths)
     files.record(str(Path(p).relative_to(out)) for p in written["images"])
     files.record(str(Path(written[k]).relative_to(out)) for k in ("file_list", "csv")
                  if k in written)
@@ -228,6 +228,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
     attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     add_duplicates_flag(attack)
+    attack.add_argument("--absolute-paths", action="store_true",
+                        help="write absolute image paths in train.txt / train.csv (default: "
+                             "paths relative to --out)")
     attack.add_argument("--out", default="fastbd-out/attack")
     attack.set_defaults(run=cmd_attack)
 

@@ -268,8 +268,9 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
 
 def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Tensor,
                   poison_mask: torch.Tensor | None = None, captions: list[str] | None = None,
-                  name: str = "train") -> dict[str, Path]:
-    """Write PNGs plus a file list ``<name>.txt`` (relative paths; poisoned files carry
+                  name: str = "train", absolute: bool = False) -> dict[str, Path]:
+    """Write PNGs plus a file list ``<name>.txt`` (paths relative to ``directory``, or absolute
+    with ``absolute``; poisoned files carry
     ```TRIGGER_MARKER`` in their name, the PatchSearch ground-truth convention) and, with
     captions, a CleanCLIP CSV ``<name>.csv`` (``image,caption,label,is_backdoor``). Returns the
     paths written: ``file_list``, ``csv`` (with captions) and ``images`` (a list)."""
@@ -280,9 +281,10 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
         poisoned = bool(poison_mask[i]) if poison_mask is not None else False
         relative = f"{name}/{i:06d}{'_' + TRIGGER_MARKER if poisoned else ''}.png"
         save_png(images[i], directory / relative)
-        entries.append((relative, int(labels[i])))
+        listed = str((directory / relative).resolve()) if absolute else relative
+        entries.append((listed, int(labels[i])))
         if captions is not None:
-            rows.append({"image": relative, "caption": captions[i], "label": int(labels[i]),
+            rows.append({"image": listed, "caption": captions[i], "label": int(labels[i]),
                          "is_backdoor": int(poisoned)})
     written = {"file_list": write_file_list(directory / f"{name}.txt", entries),
                "images": [directory / relative for relative, _ in entries]}

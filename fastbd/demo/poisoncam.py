@@ -32,6 +32,11 @@ def demo_config(seed: int = 0) -> Config:
     return replace(preset("fast"), n_clusters=50, batch_size=1024, seed=seed)
 
 
+DEMO_DETECTORS = ("poisoncam", "patchsearch", "patchsearch-published")
+"""The detectors the demo compares: PoisonCAM, fastbd's PatchSearch and PatchSearch as its
+authors' code runs it (``fastbd.patchsearch.published``)."""
+
+
 @dataclass
 class DemoReport:
     rows: list[dict] = field(default_factory=list)
@@ -39,11 +44,11 @@ class DemoReport:
     threat: dict | None = None
 
     def table(self) -> str:
-        head = (f"{'method':<12} {'precision':>9} {'recall':>7} {'F1':>6} {'AUROC':>6} "
+        head = (f"{'method':<21} {'precision':>9} {'recall':>7} {'F1':>6} {'AUROC':>6} "
                 f"{'removed':>8} {'top-20 acc':>10} {'trigger hit':>11} {'time s':>7}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r['method']:<12} {100 * r['precision']:>8.1f}% "
+            lines.append(f"{r['method']:<21} {100 * r['precision']:>8.1f}% "
                          f"{100 * r['recall']:>6.1f}% {100 * r['f1']:>5.1f}% "
                          f"{r['auroc']:>6.3f} {r['removed']:>8d} {100 * r['topk_accuracy']:>9.1f}% "
                          f"{100 * r['trigger_overlap']:>10.1f}% {r['seconds']:>7.1f}")
@@ -72,7 +77,7 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
     images = threat.poisoned.images
     truth, boxes = threat.poisoned.poison_mask, threat.poisoned.boxes
     results = {}
-    for method in ("poisoncam", "patchsearch"):
+    for method in DEMO_DETECTORS:
         start = time.perf_counter()
         detector = registry.detector(method, config).fit(threat.encoder, images, device=device,
                                                 ground_truth=truth, true_boxes=boxes,

@@ -21,7 +21,7 @@ gap in the ensemble's margins instead of the argmax (``ClassifierConfig.threshol
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,14 @@ class BasicBlock(nn.Module):
 
 class PoisonNet(nn.Module):
     """ResNet with one BasicBlock per stage (``[1, 1, 1, 1]``), two-class head. The stem is a
-    stride-2 7×7 conv + max-pool at ≥ 96 px, a 3×3 conv below (small images keep their detail).
-    """
+    stride-2 7×7 conv + max-pool at ≥ 96 px, a 3×3 conv below (small images keep their detail);
+    ``imagenet_stem`` keeps the 7×7 + max-pool at any size (torchvision's ResNet, as
+    PatchSearch's official code trains it)."""
 
-    def __init__(self, width: int = 64, image_size: int = 224) -> None:
+    def __init__(self, width: int = 64, image_size: int = 224, imagenet_stem: bool = False
+                 ) -> None:
         super().__init__()
-        if image_size >= 96:
+        if image_size >= 96 or imagenet_stem:
             stem = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
                     nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
         else:
@@ -82,12 +84,16 @@ class PoisonNet(nn.Module):
 
 @dataclass
 class ClassifierReport:
-    """Per member: training ``iterations`` and ``best_f1``; ``resumed_seconds``: training time
-    earlier (interrupted) runs spent on the members this run continued."""
+    """Per member: training ``iterations``, ``best_f1`` and ensemble ``weights``;
+    ``resumed_seconds``: training time earlier (interrupted) runs spent on the members this run
+    continued."""
 
     iterations: list[int]
     best_f1: list[float]
     resumed_seconds: float = 0.0
+    weights: list[int] = field(default_factory=list)
+    """Each member's weight in the ensemble average: 1 (fastbd), or the passes over the pool it
+    started (published: the official loop appends a member to its list once per epoch)."""
 
 
 def _f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -98,13 +104,68 @@ def _f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def make_batch(images: torch.Tensor, pool: torch.Tensor, triggers: torch.Tensor,
+def published_f1_percent(f1: float) -> int:
+    """The official code's integer F1 for its stopping rule: truncated, not rounded."""
+    return int(f1 * 100)
+
+
+def validates_after(step: int, config: ClassifierConfig) -> bool:
+    """Whether training validates after update ``step`` (1-based): every ``val_every`` updates
+    (fastbd), or after the first update and every ``val_every`` after it (the published
+    recipe: the official loop validates at iteration 0)."""
+    if config.recipe == "published":
+        return (step - 1) % config.val_every == 0
+    return step % config.val_every == 0
+
+
+def stops_early(history: list[int], config: ClassifierConfig) -> bool:
+    """The flat-F1 rule on the integer F1 ``history``: the last ``patience`` values are equal,
+    over at least ``patience`` validations (fastbd) or more than ``patience`` (published)."""
+    enough = (len(history) > config.patience if config.recipe == "published"
+              else len(history) >= config.patience)
+    return enough and len(set(history[-config.patience:])) == 1
+
+
+class PoolSampler:
+    """Training rows from the ``pool`` (int64): drawn with replacement (fastbd), or as shuffled
+    passes over the pool (the published recipe, a ``DataLoader(shuffle=True)``); ``epochs``
+    counts the passes started. Its random state is ``generator``'s plus the current pass."""
+
+    def __init__(self, pool: torch.Tensor, config: ClassifierConfig,
+                 generator: torch.Generator) -> None:
+        self.pool, self.config, self.generator = pool, config, generator
+        self.order = torch.empty(0, dtype=torch.long)
+        self.epochs = 0
+
+    def rows(self) -> torch.Tensor:
+        b = self.config.batch_size
+        if self.config.recipe != "published":
+            return self.pool[torch.randint(self.pool.numel(), (b,), generator=self.generator)]
+        taken = []
+        while sum(t.numel() for t in taken) < b:
+            if self.order.numel() == 0:
+                self.order = torch.randperm(self.pool.numel(), generator=self.generator)
+                self.epochs += 1
+            need = b - sum(t.numel() for t in taken)
+            taken.append(self.order[:need])
+            self.order = self.order[need:]
+        return self.pool[torch.cat(taken)]
+
+    def state(self) -> dict:
+        return {"order": self.order, "epochs": self.epochs}
+
+    def load(self, state: dict) -> None:
+        self.order, self.epochs = state["order"], int(state["epochs"])
+
+
+def make_batch(images: torch.Tensor, rows: torch.Tensor, triggers: torch.Tensor,
                config: ClassifierConfig, mean: torch.Tensor, std: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training batch: normalised float ``B×3×S×S`` and labels int64 ``B``."""
+    """One training batch from bank ``rows`` (int64 ``B``): normalised float ``B×3×S×S`` and
+    labels int64 ``B``."""
     device = images.device
-    b = config.batch_size
-    rows = pool[torch.randint(pool.numel(), (b,), generator=generator)].to(device)
+    b = rows.numel()
+    rows = rows.to(device)
     crops = random_resized_crop(images[rows].float(), config.crop_scale, (3 / 4, 4 / 3), 0.5,
                                 generator_on(generator, device))
     canvas = crops.round().clamp(0, 255).to(torch.uint8)
@@ -122,19 +183,29 @@ def paste_triggers(images: torch.Tensor, rows: torch.Tensor, triggers: torch.Ten
     of ``triggers`` (uint8 ``k×3×w×w``) resized to a random side in ``config.paste_size`` and
     pasted at a random position at least ``config.paste_margin`` px from the border."""
     device, size, k = images.device, images.shape[-1], rows.numel()
-    lo, hi = config.paste_size
-    hi = min(hi, size - 2 * config.paste_margin)
-    lo = min(lo, hi)
-    sides = torch.randint(lo, hi + 1, (k,), generator=generator)
-    limit = (size - sides - config.paste_margin).clamp(min=config.paste_margin)
-    ys = config.paste_margin + (torch.rand(k, generator=generator)
-                                * (limit - config.paste_margin + 1)).long()
-    xs = config.paste_margin + (torch.rand(k, generator=generator)
-                                * (limit - config.paste_margin + 1)).long()
+    sides, ys, xs = paste_boxes(k, size, config, generator)
     which = torch.randint(triggers.shape[0], (k,), generator=generator)
     picked = images[rows.to(device)]  # gathered: the bank may be a HostRows view
     return paste(picked, triggers.to(device), torch.arange(k, device=device), which.to(device),
                  ys.to(device), xs.to(device), sizes=torch.stack([sides, sides], 1).to(device))
+
+
+def paste_boxes(k: int, size: int, config: ClassifierConfig, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Side, top and left (int64 ``k`` each) of ``k`` pasted triggers in a ``size``-px image:
+    the side uniform in ``config.paste_size``, the corner uniform with the trigger at least
+    ``paste_margin`` px from the border — both ranges closed (fastbd) or half-open, their upper
+    ends never drawn (the published recipe: numpy's ``randint``)."""
+    margin = config.paste_margin
+    open_end = 1 if config.recipe == "published" else 0
+    lo, hi = config.paste_size
+    hi = max(1, min(hi - open_end, size - 2 * margin - open_end))
+    lo = min(lo, hi)
+    sides = torch.randint(lo, hi + 1, (k,), generator=generator)
+    limit = (size - sides - margin - open_end).clamp(min=margin)
+    ys = margin + (torch.rand(k, generator=generator) * (limit - margin + 1)).long()
+    xs = margin + (torch.rand(k, generator=generator) * (limit - margin + 1)).long()
+    return sides, ys, xs
 
 
 def fit_pool_model(encoder: Encoder, images: torch.Tensor, features: torch.Tensor,
@@ -226,8 +297,9 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     for member in range(config.n_models):
         torch.manual_seed(seed * 101 + member)
         g = torch.Generator().manual_seed(seed * 7919 + member)
-        model = PoisonNet(config.width, size).to(device,
-                                                  memory_format=conv_memory_format(device))
+        model = PoisonNet(config.width, size, imagenet_stem=config.recipe == "published").to(
+            device, memory_format=conv_memory_format(device))
+        sampler = PoolSampler(pool, config, g)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         schedule = warmup_cosine(optimizer, 0, config.iterations)
@@ -240,6 +312,8 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         report.resumed_seconds += saved.seconds_before
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
+        if steps and "sampler" in saved.extra:
+            sampler.load(saved.extra["sampler"])
         if steps:
             log.info("poison classifier %d: resuming after %d iterations", member + 1, steps)
         bar = tqdm(total=config.iterations, initial=steps,
@@ -248,7 +322,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         done = bool(saved.extra.get("done")) if steps else False
         for step in range(steps + 1, (steps if done else config.iterations) + 1):
             model.train()
-            x, y = make_batch(images, pool, triggers, config, mean_t, std_t, g)
+            x, y = make_batch(images, sampler.rows(), triggers, config, mean_t, std_t, g)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,21 +330,25 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
             schedule.step()
             steps = step
             bar.update()
-            if step % config.val_every == 0:
+            if validates_after(step, config):
                 model.eval()
                 with torch.no_grad():
                     f1 = _f1(model(val_x).cpu(), val_y)
-                history.append(round(100 * f1))
+                history.append(published_f1_percent(f1) if config.recipe == "published"
+                               else round(100 * f1))
                 best = max(best, f1)
                 bar.set_postfix(f1=f"{f1:.2f}")
-                if len(history) >= config.patience and len(set(history[-config.patience:])) == 1:
+                if stops_early(history, config):
                     break
-            saved.save(steps, extra={"history": history, "best": best})
+            saved.save(steps, extra={"history": history, "best": best,
+                                     "sampler": sampler.state()})
         if not done:
-            saved.save(steps, extra={"history": history, "best": best, "done": True}, final=True)
+            saved.save(steps, extra={"history": history, "best": best, "done": True,
+                                     "sampler": sampler.state()}, final=True)
         bar.close()
         model.eval()
         models.append(model)
+        report.weights.append(sampler.epochs if config.recipe == "published" else 1)
         report.iterations.append(steps)
         report.best_f1.append(max(best, 0.0))
         log.info("poison classifier %d: stopped after %d iterations, best validation F1 %.3f",
@@ -280,13 +358,17 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
 
 @torch.no_grad()
 def ensemble_logits(models: list[nn.Module], images: torch.Tensor, mean, std,
-                    batch_size: int = 512) -> torch.Tensor:
-    """Averaged logits float32 ``N×2`` of uint8 bank ``images``."""
+                    batch_size: int = 512, weights: list[int] | None = None) -> torch.Tensor:
+    """Averaged logits float32 ``N×2`` of uint8 bank ``images`` (weighted by ``weights``, one
+    per model; equal by default)."""
     device = images.device
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
     std_t = torch.as_tensor(std, device=device, dtype=torch.float32)[:, None, None]
+    w = torch.tensor([1.0] * len(models) if weights is None else [float(v) for v in weights],
+                     device=device)
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = (images[start:start + batch_size].float() / 255 - mean_t) / std_t
-        out.append(torch.stack([m(x) for m in models]).mean(0).float())
+        stacked = torch.stack([m(x).float() for m in models])
+        out.append((stacked * w[:, None, None]).sum(0) / w.sum())
     return torch.cat(out) if out else torch.empty(0, 2, device=device)

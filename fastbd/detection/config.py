@@ -31,6 +31,13 @@ class ClassifierConfig:
     poisonous is dropped; and the *threshold* — ``otsu`` removes the images whose ensemble
     margin (poison logit − clean logit) lies above Otsu's threshold of all N margins,
     ``argmax`` those with a positive margin.
+
+    ``recipe="published"`` trains as PatchSearch's official code does (docs/methods.md,
+    "PatchSearch as published"): torchvision's 7×7 + max-pool stem at any size, half-open
+    ranges for the pasted trigger's side and corner, the pool read in shuffled passes, validation
+    after the first update and every ``val_every`` after it with the F1 truncated to integer %
+    and the stop after more than ``patience`` validations, and each member weighted in the
+    ensemble by the passes over the pool it started.
     """
 
     n_models: int = 5
@@ -52,6 +59,7 @@ class ClassifierConfig:
     pool_cleaning_rounds: int = 1
     pool_cleaning_fraction: float = 0.1
     threshold: str = "otsu"
+    recipe: str = "fastbd"
 
     def __post_init__(self) -> None:
         check_fields(
@@ -63,7 +71,7 @@ class ClassifierConfig:
             feature_samples=at_least(2), feature_steps=at_least(1),
             feature_weight_decay=at_least(0), pool_cleaning_rounds=at_least(0),
             pool_cleaning_fraction=fraction(high_open=True),
-            threshold=one_of("otsu", "argmax"))
+            threshold=one_of("otsu", "argmax"), recipe=one_of("fastbd", "published"))
 
 
 @dataclass
@@ -83,6 +91,8 @@ class Config:
     * ``precision`` of the clustering features, masked views and flip tests: ``fp32``, ``bf16``
       (a bfloat16 copy of the encoder, and ``mask_fill`` / ``paste`` write bfloat16 input), or
       ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used;
+    * ``exported_patches``: the candidate windows of the best-scored images written one PNG
+      each (``all_top_poison_patches/``, PatchSearch's layout, which its classifier reads);
     * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host
       memory, e.g. memory-mapped, and copied in per batch) or ``auto`` — on the device when
       they are already there or take at most half its free memory
@@ -108,6 +118,7 @@ class Config:
     batch_size: int = 512
     precision: str = "auto"
     bank_placement: str = "auto"
+    exported_patches: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,7 +130,8 @@ class Config:
             samples_per_cluster=at_least(1), prune_fraction=fraction(high_open=True),
             topk_poisons=at_least(1), drop_top_fraction=fraction(high_open=True),
             reference_size=at_least(1), batch_size=at_least(1), precision=one_of(*PRECISIONS),
-            bank_placement=one_of(*BANK_PLACEMENTS), seed=at_least(0))
+            bank_placement=one_of(*BANK_PLACEMENTS), exported_patches=at_least(0),
+            seed=at_least(0))
 
     def for_device(self, device: torch.device) -> Config:
         """This config with an ``auto`` precision resolved for ``device`` (bf16 on CUDA, fp32

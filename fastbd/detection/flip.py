@@ -38,6 +38,29 @@ def select_test_images(labels: torch.Tensor, distances: torch.Tensor, size: int,
     return torch.stack(chosen).sort().values
 
 
+def select_test_images_published(labels: torch.Tensor, distances: torch.Tensor, size: int,
+                                 generator: torch.Generator) -> torch.Tensor:
+    """PatchSearch's official test set: ``k = size // K`` members closest to the centroid from
+    every one of the ``K`` clusters (a cluster with fewer members gives what it has, so the set
+    may come up short of ``size``); with more clusters than ``size`` (``k = 0``), the closest
+    member of each of ``size`` random clusters. Returns int64 indices (sorted)."""
+    n_clusters = int(labels.max()) + 1 if labels.numel() else 0
+    order = torch.argsort(distances, stable=True)
+    by_cluster = [order[labels[order] == c] for c in range(n_clusters)]
+    if size <= 0 or n_clusters == 0:
+        raise ValueError("the flip test needs at least one test image")
+    per_cluster = size // n_clusters
+    if per_cluster > 0:
+        chosen = [members[:per_cluster] for members in by_cluster]
+    else:
+        picked = torch.randperm(n_clusters, generator=generator)[:size].tolist()
+        chosen = [by_cluster[c][:1] for c in picked]
+    chosen = torch.cat(chosen)
+    if chosen.numel() == 0:
+        raise ValueError("the flip test needs at least one test image")
+    return chosen.sort().values
+
+
 def crop_windows(images: torch.Tensor, image_index: torch.Tensor, windows: torch.Tensor,
                  window: int) -> torch.Tensor:
     """The candidate triggers: uint8 ``n×3×w×w`` crops of bank rows at ``windows`` (``n×2``)."""
@@ -55,10 +78,13 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
                 test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
                 candidates_per_batch: int, generator: torch.Generator,
                 source_clusters: torch.Tensor | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32,
+                corner_positions: int | None = None) -> torch.Tensor:
     """Score candidate triggers (uint8 ``c×3×w×w``) on the test images.
 
-    Each candidate is pasted at a uniform random in-image position on every test image.
+    Each candidate is pasted at a uniform random in-image position on every test image: a
+    corner in ``[0, corner_positions)`` per axis (default ``S − w + 1``: every in-image
+    position; PatchSearch's official code draws from ``S − w``, never the last row or column).
     Without ``source_clusters`` the score is PoisonCAM's: how many test images change cluster.
     With ``source_clusters`` (int ``c``: the cluster of the image each candidate came from) it
     is PatchSearch's: test images assigned to that cluster after pasting minus before.
@@ -78,8 +104,8 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
     for start in range(0, n_cand, per_batch):
         count = min(per_batch, n_cand - start)
         jobs = count * n_test
-        corners = torch.randint(0, size - window + 1, (jobs, 2), generator=generator,
-                                device=generator.device).to(device)
+        corners = torch.randint(0, corner_positions or size - window + 1, (jobs, 2),
+                                generator=generator, device=generator.device).to(device)
         patch_index = torch.arange(count, device=device).repeat_interleave(n_test)
         view = buffer[:jobs]
         paste(test_images, triggers[start:start + count].to(device), test_index.repeat(count),

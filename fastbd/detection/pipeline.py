@@ -22,12 +22,11 @@ from fastbd.detection.classifier import (
     otsu_threshold,
     train_poison_classifier,
 )
-from fastbd.detection.clustering import ClusteringModel
 from fastbd.detection.config import PRECISIONS, Config
-from fastbd.detection.flip import crop_windows, flip_counts, select_test_images
+from fastbd.detection.flip import crop_windows, flip_counts
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
-from fastbd.detection.search import SearchState, run_search
+from fastbd.detection.search import AGGREGATES, SearchState, run_search
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, embed_images, working_copy
 from fastbd.storage import StageFiles, fingerprint
@@ -78,7 +77,8 @@ def search_settings(config: Config) -> dict[str, object]:
     """The fields of a (scaled) config that shape the search — all but the classifier's, the
     encoding batch size and where the images are kept, which a resumed run may change."""
     settings = config.to_dict()
-    del settings["classifier"], settings["batch_size"], settings["bank_placement"]
+    for name in ("classifier", "batch_size", "bank_placement", "exported_patches"):
+        del settings[name]
     return settings
 
 
@@ -105,9 +105,9 @@ class Detector:
     def __init__(self, method: DetectorMethod, config: Config | None = None) -> None:
         if not isinstance(method, DetectorMethod):
             raise TypeError(f"method must be a DetectorMethod, got {type(method).__name__}")
-        if method.cluster_score not in ("sum", "max"):
-            raise ValueError(f"{type(method).__name__}.cluster_score must be 'sum' or 'max', "
-                             f"got {method.cluster_score!r}")
+        if method.cluster_score not in AGGREGATES:
+            raise ValueError(f"{type(method).__name__}.cluster_score must be one of "
+                             f"{', '.join(AGGREGATES)}, got {method.cluster_score!r}")
         self.method = method
         self.config = config or Config()
 
@@ -148,11 +148,11 @@ class Detector:
         _sync(device)
         timer.add("features", time.perf_counter() - start, n)
         start = time.perf_counter()
-        clustering, labels, distances = ClusteringModel.fit(features, config.n_clusters,
-                                                            config.kmeans_iters, config.seed)
+        clustering, labels, distances = self.method.fit_clustering(features, config)
         timer.add("clustering", time.perf_counter() - start)
         g = torch.Generator().manual_seed(config.seed)
-        test_index = select_test_images(labels.cpu(), distances.cpu(), config.test_set_size, g)
+        test_index = self.method.select_test_images(labels.cpu(), distances.cpu(),
+                                                    config.test_set_size, g)
         test_labels = labels[test_index.to(labels.device)]
 
         def encode_assign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +193,9 @@ class Detector:
             source = self.method.flip_sources(context, rows)
             scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers, mean,
                                  std, candidates_per_batch=config.candidates_per_batch,
-                                 generator=gen, source_clusters=source, dtype=dtype)
+                                 generator=gen, source_clusters=source, dtype=dtype,
+                                 corner_positions=self.method.flip_corner_positions(
+                                     size, config.window))
             _sync(device)
             timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
             for row, score, amap in zip(rows.tolist(), scores.tolist(), maps.cpu(), strict=True):
@@ -205,12 +207,12 @@ class Detector:
 
         state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
                            prune_fraction=config.prune_fraction,
-                           aggregate=self.method.cluster_score,
+                           aggregate=self.method.cluster_score, prune=self.method.prune,
                            seed=config.seed, checkpoint=state_path, verbose=verbose,
                            max_rounds=max_rounds)
 
         scores = state.scores
-        ranking = torch.argsort(scores, descending=True, stable=True)
+        ranking = self.method.rank(scores)
         k = min(config.topk_poisons, int(state.scored.sum()))
         if k == 0:
             raise ValueError("the search scored no image")
@@ -220,13 +222,11 @@ class Detector:
         maps = torch.stack([top_maps[i][1] if i in top_maps else torch.zeros(size, size)
                             for i in topk.tolist()])
 
+        exported = ranking[:min(config.exported_patches, int(state.scored.sum()))]
+        patches = crop_windows(bank, exported, state.windows[exported], config.window).cpu()
+
         start = time.perf_counter()
-        drop_top = max(k, round(config.drop_top_fraction * n))
-        bottom = ranking[-config.topk_poisons:]
-        pool_mask = torch.ones(n, dtype=torch.bool)
-        pool_mask[ranking[:drop_top]] = False
-        pool_mask[bottom] = False
-        pool = torch.nonzero(pool_mask).flatten()
+        val_pos, bottom, pool = self.method.classifier_sets(scores, ranking, k, config)
         if pool.numel() == 0:
             raise ValueError("no image left to train the poison classifier on")
         classifier = config.classifier
@@ -237,10 +237,12 @@ class Detector:
             classifier_info["pool_dropped"] = int(pool.numel() - cleaned.numel())
             pool = cleaned
         classifier_stages = StageFiles(checkpoint_dir, "classifier", {}, save_every_s)
-        models, report = train_poison_classifier(bank, pool, triggers, topk, bottom, classifier,
-                                                 mean, std, seed=config.seed, verbose=verbose,
-                                                 stages=classifier_stages, resume=resume)
-        logits = ensemble_logits(models, bank, mean, std, config.batch_size).cpu()
+        models, report = train_poison_classifier(bank, pool, triggers, val_pos, bottom,
+                                                 classifier, mean, std, seed=config.seed,
+                                                 verbose=verbose, stages=classifier_stages,
+                                                 resume=resume)
+        logits = ensemble_logits(models, bank, mean, std, config.batch_size,
+                                 weights=report.weights).cpu()
         margin = logits[:, 1] - logits[:, 0]
         threshold = 0.0
         if classifier.threshold == "otsu" and bool(margin.max() > margin.min()):
@@ -248,11 +250,13 @@ class Detector:
         removed = margin > threshold
         timer.add("classifier", time.perf_counter() - start + report.resumed_seconds, n)
         classifier_info["threshold"] = threshold
-        classifier_info.update(iterations=report.iterations, best_f1=report.best_f1)
+        classifier_info.update(iterations=report.iterations, best_f1=report.best_f1,
+                               ensemble_weights=report.weights)
 
         result = DetectionResult(
             method=self.method.name, scores=scores, removed=removed, ranking=ranking, topk=topk,
             windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
+            test_index=test_index.cpu(), top_patches=patches, margins=margin,
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
             classifier=classifier_info)

@@ -19,7 +19,10 @@ class DetectionResult:
     ``triggers`` (uint8 ``k×3×w×w``), ``cluster_labels`` (``N``), per-stage ``timings`` (seconds)
     and ``throughput`` (images encoded per second), the ``config``, the search ``rounds``, and
     with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores;
-    ``checkpoint_files``: the run's training-state files, deleted by ``save``."""
+    ``test_index`` (int64: the flip test's images), ``top_patches`` (uint8 ``m×3×w×w``: the
+    candidate windows of the ``m`` best-scored images), ``margins`` (float32 ``N``: the poison
+    classifier's ensemble margin, poison logit − clean logit); ``checkpoint_files``: the run's
+    training-state files, deleted by ``save``."""
 
     method: str
     scores: torch.Tensor
@@ -34,6 +37,10 @@ class DetectionResult:
     throughput: dict[str, float]
     config: dict
     rounds: list[dict] = field(default_factory=list)
+    test_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    top_patches: torch.Tensor = field(
+        default_factory=lambda: torch.empty(0, 3, 1, 1, dtype=torch.uint8))
+    margins: torch.Tensor | None = None
     poison_probability: torch.Tensor | None = None
     classifier: dict = field(default_factory=dict)
     metrics: DetectionMetrics | None = None
@@ -57,13 +64,17 @@ class DetectionResult:
 
     def save(self, directory: str | Path, file_list_lines: list[str] | None = None,
              truth: torch.Tensor | None = None) -> Path:
-        """Write ``result.json``, ``scores.npy``, ``removed.npy``, ``filtered.txt`` (the kept
-        lines of the input file list, when given), PNGs — top triggers, their attention maps,
-        and the poison-score distribution (poisoned vs clean with ``truth``) — and
-        ``manifest.json`` last (``ResultFiles``: each file atomically; the files of a result
-        saved there before are removed first). Then the run's ``checkpoint_files`` (training
-        state an interrupted run would continue from) are deleted: the result supersedes them.
-        """
+        """Write ``result.json``; ``scores.npy`` (float64 ``N`` in file order, 0 = unscored:
+        what PatchSearch's official classifier takes as ``--poison_scores``), ``removed.npy``
+        (bool ``N``), ``margins.npy`` (float32 ``N``), ``cluster_labels.npy`` and
+        ``test_images.npy`` (int64); ``filtered.txt`` (the kept lines of the input file list,
+        when given); ``all_top_poison_patches/00000.png …`` (one PNG per exported patch, best
+        first: the official layout); PNGs of the top triggers, their attention maps and the
+        poison-score distribution (poisoned vs clean with ``truth``); and ``manifest.json`` last
+        (``ResultFiles``: each file atomically; the files of a result saved there before are
+        removed first). Then the run's ``checkpoint_files`` (training state an interrupted run
+        would continue from) are deleted: the result supersedes them."""
+        from fastbd.data.readers import save_png
         from fastbd.report.plots import save_attention_grid, save_image_grid, save_score_histogram
 
         if file_list_lines is not None and len(file_list_lines) != self.removed.numel():
@@ -71,12 +82,18 @@ class DetectionResult:
                              f"{self.removed.numel()} images")
         files = ResultFiles(directory)
         files.json("result.json", self.summary())
-        files.array("scores.npy", self.scores.cpu().numpy())
+        files.array("scores.npy", self.scores.cpu().double().numpy())
         files.array("removed.npy", self.removed.cpu().numpy())
+        if self.margins is not None:
+            files.array("margins.npy", self.margins.cpu().float().numpy())
+        files.array("cluster_labels.npy", self.cluster_labels.cpu().long().numpy())
+        files.array("test_images.npy", self.test_index.cpu().long().numpy())
         if file_list_lines is not None:
             kept = [line for line, gone in zip(file_list_lines, self.removed.tolist(),
                                                strict=True) if not gone]
             files.text("filtered.txt", "".join(f"{line}\n" for line in kept))
+        for i, patch in enumerate(self.top_patches):
+            save_png(patch, files.path(f"all_top_poison_patches/{i:05d}.png"))
         if self.triggers.numel():
             save_image_grid(self.triggers, files.path("top_triggers.png"))
             save_attention_grid(self.maps, files.path("attention_maps.png"))

@@ -91,13 +91,50 @@ def drop_count(remaining: int, prune_fraction: float) -> int:
     return min(remaining, max(1, math.floor(prune_fraction * remaining)))
 
 
+# prune(remaining cluster ids, cluster scores float64 K, prune_fraction, images scored this
+# round) -> the clusters that stay, in the order the next round visits them
+PruneFn = Callable[[list[int], torch.Tensor, float, int], list[int]]
+
+
+def prune_lowest(remaining: list[int], cluster_scores: torch.Tensor, prune_fraction: float,
+                 scored: int) -> list[int]:
+    """fastbd's rule: drop the ``drop_count`` lowest-scoring clusters (ties: the lower id
+    first), keep the rest in their order."""
+    order = sorted(remaining, key=lambda c: (float(cluster_scores[c]), c))
+    dropped = set(order[:drop_count(len(order), prune_fraction)])
+    return [c for c in remaining if c not in dropped]
+
+
+def prune_published(remaining: list[int], cluster_scores: torch.Tensor, prune_fraction: float,
+                    scored: int) -> list[int]:
+    """PatchSearch's official rule: a round that found no image to score ends the search; else
+    the clusters are ordered by their integer scores with numpy's default (unstable) argsort,
+    reversed, and the last ``int(prune_fraction · n)`` dropped — none left when that is 0, so
+    the search stops once fewer than ``1 / prune_fraction`` clusters remain."""
+    import numpy as np
+
+    if scored == 0:
+        return []
+    table = np.array([(c, float(cluster_scores[c])) for c in remaining]).astype(int)
+    table = table[table[:, 1].argsort()][::-1]
+    drop = int(prune_fraction * len(remaining))
+    return table[:-drop, 0].tolist() if drop else []
+
+
+AGGREGATES = ("sum", "max", "max_all")
+"""How a cluster's score combines its images' scores: the ``sum`` or the ``max`` of its scored
+images, or ``max_all``, the max over all its members with the unscored ones at 0 (PatchSearch's
+official code)."""
+
+
 def run_search(state: SearchState, score_batch: ScoreFn, *, samples_per_cluster: int,
                prune_fraction: float, aggregate: str, seed: int,
                checkpoint: str | Path | None = None, verbose: bool = True,
-               max_rounds: int | None = None) -> SearchState:
-    """Run rounds until no cluster remains (or ``max_rounds`` more rounds have run)."""
-    if aggregate not in ("sum", "max"):
-        raise ValueError(f"aggregate must be 'sum' or 'max', got {aggregate!r}")
+               max_rounds: int | None = None, prune: PruneFn = prune_lowest) -> SearchState:
+    """Run rounds until no cluster remains (or ``max_rounds`` more rounds have run); ``prune``
+    chooses the clusters that stay after each round."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     bar = tqdm(desc="search", unit="round", disable=not verbose)
     done = 0
     while state.remaining and (max_rounds is None or done < max_rounds):
@@ -114,15 +151,20 @@ def run_search(state: SearchState, score_batch: ScoreFn, *, samples_per_cluster:
             state.windows[picked] = windows.long().cpu()
             state.scored[picked] = True
         for c in state.remaining:
-            done_members = state.members[c][state.scored[state.members[c]]]
-            values = state.scores[done_members]
+            members = state.members[c]
+            if aggregate == "max_all":
+                if members.numel():
+                    state.cluster_scores[c] = state.scores[members].max()
+                continue
+            values = state.scores[members[state.scored[members]]]
             if values.numel():
                 state.cluster_scores[c] = values.sum() if aggregate == "sum" else values.max()
-        order = sorted(state.remaining, key=lambda c: (float(state.cluster_scores[c]), c))
-        dropped = order[:drop_count(len(order), prune_fraction)]
-        state.remaining = [c for c in state.remaining if c not in set(dropped)]
+        before = len(state.remaining)
+        state.remaining = prune(state.remaining, state.cluster_scores, prune_fraction,
+                                int(picked.numel()))
         state.rounds.append({"round": state.round, "scored": int(picked.numel()),
-                             "dropped": len(dropped), "remaining": len(state.remaining)})
+                             "dropped": before - len(state.remaining),
+                             "remaining": len(state.remaining)})
         state.round += 1
         done += 1
         state.stage_seconds["search"] = (state.stage_seconds.get("search", 0.0)

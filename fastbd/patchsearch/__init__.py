@@ -14,6 +14,11 @@ from fastbd.data.bank import ImageBank
 from fastbd.detection import Config, DetectionResult, Detector
 from fastbd.models.encoders import Encoder
 from fastbd.patchsearch.method import PatchSearchMethod
+from fastbd.patchsearch.published import (
+    PublishedPatchSearch,
+    PublishedPatchSearchMethod,
+    published_config,
+)
 
 
 class PatchSearch(Detector):
@@ -35,4 +40,5 @@ def detect(encoder: Encoder, images: torch.Tensor | ImageBank, config: Config | 
                                    resume=resume, verbose=verbose).result_
 
 
-__all__ = ["PatchSearch", "PatchSearchMethod", "detect"]
+__all__ = ["PatchSearch", "PatchSearchMethod", "PublishedPatchSearch",
+           "PublishedPatchSearchMethod", "detect", "published_config"]
