@@ -38,3 +38,13 @@ def launch(a, b, out, eps, block_n=16, block_d=64):
     grid = (triton.cdiv(n, block_n),)
     pair_cosine_kernel[grid](a, b, out, n, d, a.stride(0), b.stride(0), eps, BLOCK_N=block_n,
                              BLOCK_D=block_d)
+
+
+def compile_variants() -> list[tuple[str, dict, dict]]:
+    """Every launch ``fastbd.ops.pair_cosine`` makes on CUDA, as (name, signature,
+    constexprs): float32/float16/bfloat16 rows, the launch's default blocks."""
+    return [(f"pair_cosine x={dtype}",
+             {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "out_ptr": "*fp32", "N": "i32",
+              "D": "i32", "sa": "i32", "sb": "i32", "eps": "fp32", "BLOCK_N": "constexpr",
+              "BLOCK_D": "constexpr"}, {"BLOCK_N": 16, "BLOCK_D": 64})
+            for dtype in ("fp32", "fp16", "bf16")]

@@ -61,3 +61,22 @@ def launch(x, centroids, centroid_sq_norms, labels, scores, l2, config):
         centroids.stride(0), L2=l2, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         BLOCK_D=config["BLOCK_D"], num_warps=config["num_warps"],
     )
+
+
+def compile_variants() -> list[tuple[str, dict, dict]]:
+    """Every launch ``fastbd.ops.kmeans_assign`` makes on CUDA, as (name, signature,
+    constexprs): L2 and cosine × float32/float16/bfloat16 features, ``DEFAULT_CONFIG`` tiles
+    (``num_warps`` in the constexprs dict under that key, for the compiler options)."""
+    variants = []
+    for l2 in (False, True):
+        for dtype in ("fp32", "fp16", "bf16"):
+            signature = {"x_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "cnorm_ptr": "*fp32",
+                         "label_ptr": "*i64", "score_ptr": "*fp32", "N": "i32", "K": "i32",
+                         "D": "i32", "sx": "i32", "sc": "i32", "L2": "constexpr",
+                         "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                         "BLOCK_D": "constexpr"}
+            constexprs = {"L2": l2, **{k: v for k, v in DEFAULT_CONFIG.items()
+                                      if k.startswith("BLOCK")}}
+            variants.append((f"kmeans_assign l2={int(l2)} x={dtype}", signature,
+                             {**constexprs, "num_warps": DEFAULT_CONFIG["num_warps"]}))
+    return variants

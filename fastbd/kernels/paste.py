@@ -43,26 +43,28 @@ def paste_kernel(
     RESIZE: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
     NORMALISE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,     # image rows per program
+    WIDTH: tl.constexpr,    # a power of two ≥ S: the columns of a row tile
 ):
+    # One program writes ROWS full rows of one channel of one job: rows and columns come from
+    # the 2-D tile (no per-pixel division by S), per-pixel offsets are 32-bit.
     job = tl.program_id(0).to(tl.int64)
     chan = tl.program_id(1)
-    pix = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    in_image = pix < S * S
-    row = pix // S
-    col = pix % S
+    row = tl.program_id(2) * ROWS + tl.arange(0, ROWS)[:, None]
+    col = tl.arange(0, WIDTH)[None, :]
+    in_image = (row < S) & (col < S)
 
     image = tl.load(job_ptr + job * 6)
     patch = tl.load(job_ptr + job * 6 + 1)
-    y = tl.load(job_ptr + job * 6 + 2)
-    x = tl.load(job_ptr + job * 6 + 3)
-    th = tl.load(job_ptr + job * 6 + 4)
-    tw = tl.load(job_ptr + job * 6 + 5)
+    y = tl.load(job_ptr + job * 6 + 2).to(tl.int32)
+    x = tl.load(job_ptr + job * 6 + 3).to(tl.int32)
+    th = tl.load(job_ptr + job * 6 + 4).to(tl.int32)
+    tw = tl.load(job_ptr + job * 6 + 5).to(tl.int32)
     ph = tl.load(patch_size_ptr + patch * 2)
     pw = tl.load(patch_size_ptr + patch * 2 + 1)
 
-    background = tl.load(image_ptr + (image * C + chan) * S * S + pix, mask=in_image,
-                         other=0).to(tl.float32)
+    background = tl.load(image_ptr + (image * C + chan) * S * S + row * S + col,
+                         mask=in_image, other=0).to(tl.float32)
     u = row - y
     v = col - x
     inside = in_image & (u >= 0) & (u < th) & (v >= 0) & (v < tw)
@@ -85,14 +87,47 @@ def paste_kernel(
         tl.store(dst, value.to(tl.uint8), mask=in_image)
 
 
+def tile_shape(size: int, pixels: int = 1024) -> tuple[int, int]:
+    """(rows per program, row width) for ``size``-px images: the width a power of two ≥ size,
+    rows filling about ``pixels`` lanes (at least one)."""
+    width = triton.next_power_of_2(size)
+    return max(1, pixels // width), width
+
+
 def launch(images, patches, alpha, patch_sizes, jobs, scale, bias, out, opacity, resize,
-           normalise, block_size=1024):
-    """Launch over grid ``(J, C, cdiv(S*S, block_size))``; tensors as in the kernel."""
+           normalise):
+    """Launch over grid ``(J, C, cdiv(S, rows))``; tensors as in the kernel."""
     n_jobs, channels, size = out.shape[0], images.shape[1], images.shape[-1]
-    grid = (n_jobs, channels, triton.cdiv(size * size, block_size))
+    rows, width = tile_shape(size)
+    grid = (n_jobs, channels, triton.cdiv(size, rows))
     paste_kernel[grid](
         images, patches, alpha if alpha is not None else scale, patch_sizes, jobs, scale, bias,
         out, channels, size, patches.shape[2], patches.shape[3], opacity,
         *out.stride(),
-        RESIZE=resize, HAS_ALPHA=alpha is not None, NORMALISE=normalise, BLOCK=block_size,
+        RESIZE=resize, HAS_ALPHA=alpha is not None, NORMALISE=normalise, ROWS=rows,
+        WIDTH=width,
     )
+
+
+def compile_variants() -> list[tuple[str, dict, dict]]:
+    """Every launch ``fastbd.ops.paste`` makes on CUDA, as (name, signature, constexprs): resize
+    on/off × alpha on/off × output float32/float16/bfloat16 (normalised) or uint8."""
+    variants = []
+    for resize in (False, True):
+        for alpha in (False, True):
+            for out, normalise in (("fp32", True), ("fp16", True), ("bf16", True),
+                                   ("u8", False)):
+                signature = {
+                    "image_ptr": "*u8", "patch_ptr": "*u8", "alpha_ptr": "*fp32",
+                    "patch_size_ptr": "*i32", "job_ptr": "*i64", "scale_ptr": "*fp32",
+                    "bias_ptr": "*fp32", "out_ptr": f"*{out}", "C": "i32", "S": "i32",
+                    "HP": "i32", "WP": "i32", "opacity": "fp32", "so_n": "i32", "so_c": "i32",
+                    "so_h": "i32", "so_w": "i32", "RESIZE": "constexpr",
+                    "HAS_ALPHA": "constexpr", "NORMALISE": "constexpr", "ROWS": "constexpr",
+                    "WIDTH": "constexpr"}
+                rows, width = tile_shape(224)
+                variants.append((f"paste resize={int(resize)} alpha={int(alpha)} out={out}",
+                                 signature, {"RESIZE": resize, "HAS_ALPHA": alpha,
+                                             "NORMALISE": normalise, "ROWS": rows,
+                                             "WIDTH": width}))
+    return variants

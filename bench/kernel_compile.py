@@ -1,0 +1,154 @@
+"""Compile every Triton kernel launch variant for NVIDIA targets with no GPU present and report
+what the compiled code shows: registers, spills and shared memory (``ptxas -v``), PTX
+instructions and the 64-bit integer divisions/remainders in them (each a ~80-instruction
+subroutine call on NVIDIA GPUs).
+
+    python bench/kernel_compile.py [--arch 80 90] [--json bench/results/kernel-compile.json]
+
+Exits 1 when a variant fails to compile or spills. The variants are each kernel module's
+``compile_variants()``: every (dtype, constexpr) combination its op launches on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ARCHS = (80, 90)
+
+
+def kernel_table() -> dict[str, tuple[object, list]]:
+    """Kernel name → (jitted function, its launch variants)."""
+    from fastbd.kernels import cosine, kmeans, mask_fill, paste
+
+    return {"mask_fill": (mask_fill.mask_fill_kernel, mask_fill.compile_variants()),
+            "paste": (paste.paste_kernel, paste.compile_variants()),
+            "kmeans_assign": (kmeans.kmeans_assign_kernel, kmeans.compile_variants()),
+            "pair_cosine": (cosine.pair_cosine_kernel, cosine.compile_variants())}
+
+
+def ptxas_path() -> str:
+    import triton
+
+    found = glob.glob(os.path.join(os.path.dirname(triton.__file__),
+                                   "backends", "nvidia", "bin", "ptxas"))
+    if not found:
+        raise FileNotFoundError("Triton's bundled ptxas was not found")
+    return found[0]
+
+
+def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, spill bytes and static shared memory of the PTX's kernel (``ptxas -v``)."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    try:
+        done = subprocess.run([ptxas_path(), "-v", "--gpu-name", gpu, handle.name, "-o",
+                               os.devnull], capture_output=True, text=True, timeout=120)
+    finally:
+        os.unlink(handle.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {done.stderr.strip()[-300:]}")
+    text = done.stderr
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, text)
+        return int(match.group(1)) if match else 0
+
+    return {"registers": number(r"Used (\d+) registers"),
+            "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"),
+            "shared_bytes": number(r"(\d+) bytes smem")}
+
+
+def instruction_counts(ptx: str) -> dict[str, int]:
+    """PTX instructions in the kernel body and its 64-bit integer divisions and remainders."""
+    body = [line.strip() for line in ptx.splitlines()
+            if line.strip().endswith(";") and not line.strip().startswith(("//", "."))]
+    wide = sum(1 for line in body if re.match(r"(div|rem)\.[su]64", line))
+    return {"ptx_instructions": len(body), "int64_div_rem": wide}
+
+
+def compile_variant(fn, signature: dict, constexprs: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    num_warps = constexprs.pop("num_warps", 4)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    report = ptxas_report(ptx, arch)
+    # Triton allocates shared memory dynamically: its size is in the metadata, not ptxas's
+    report["shared_bytes"] = max(report["shared_bytes"], int(compiled.metadata.shared))
+    return {**report, **instruction_counts(ptx), "num_warps": num_warps,
+            "compile_s": time.perf_counter() - start}
+
+
+def sweep(archs=ARCHS, kernels: list[str] | None = None) -> list[dict]:
+    """One row per (kernel variant, arch): the figures, or ``error``."""
+    rows = []
+    for kernel, (fn, variants) in kernel_table().items():
+        if kernels and kernel not in kernels:
+            continue
+        for name, signature, constexprs in variants:
+            for arch in archs:
+                row = {"kernel": kernel, "variant": name, "arch": f"sm_{arch}"}
+                try:
+                    row.update(compile_variant(fn, signature, constexprs, arch))
+                except Exception as error:  # a failed variant is reported, the sweep goes on
+                    row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                rows.append(row)
+    return rows
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """The rows that failed to compile or spill registers."""
+    return [f"{r['variant']} {r['arch']}: {r.get('error') or 'spills'}" for r in rows
+            if "error" in r or r.get("spill_stores") or r.get("spill_loads")]
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'variant':<42} {'arch':<6} {'regs':>5} {'spill':>6} {'smem':>7} {'ptx':>6} "
+            f"{'div64':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:<42} {r['arch']:<6} ERROR {r['error']}")
+            continue
+        lines.append(f"{r['variant']:<42} {r['arch']:<6} {r['registers']:>5} "
+                     f"{r['spill_stores'] + r['spill_loads']:>6} {r['shared_bytes']:>7} "
+                     f"{r['ptx_instructions']:>6} {r['int64_div_rem']:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--kernel", nargs="*", help="only these kernels")
+    parser.add_argument("--json", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = sweep(args.arch, args.kernel)
+    print(table(rows))
+    if args.json:
+        from fastbd.storage import write_text_atomically
+
+        write_text_atomically(json.dumps(rows, indent=2), args.json)
+    bad = failures(rows)
+    if bad:
+        print("\n".join(["failed:", *bad]), file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
