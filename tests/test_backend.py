@@ -15,6 +15,11 @@ def test_cpu_default_is_torch_even_with_interpreter():
         assert choose_backend(op, "cpu") == "torch"
 
 
+def test_cuda_default_is_torch_until_a_gpu_measurement_says_otherwise():
+    for op in registered_ops():
+        assert choose_backend(op, "cuda") == "torch"
+
+
 def test_per_call_beats_environment(monkeypatch):
     monkeypatch.setenv("FASTBD_BACKEND", "torch")
     assert choose_backend("mask_fill", "cpu", "triton") == "triton"

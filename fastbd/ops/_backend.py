@@ -8,6 +8,10 @@ preferred. The backend for one call is chosen as:
    on the tensor's device (otherwise the variable is ignored for this op, with a debug log);
 3. else the first available backend in the op's preference order for the device type.
 
+On CUDA every op prefers ``torch`` until a GPU benchmark has measured another backend faster:
+no GPU measurement exists yet, so the Triton kernels, CuPy and cuML run only when asked for
+(``backend=`` or ``FASTBD_BACKEND=triton``); ``bench/gpu_validate.sh`` measures them.
+
 Availability: ``torch`` always; ``triton`` on CUDA, and on CPU only under ``TRITON_INTERPRET=1``
 (the interpreter, used by the tests); ``cupy`` and ``cuml`` on CUDA when importable. CuPy and
 cuML are imported lazily, only when asked about.

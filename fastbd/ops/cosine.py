@@ -16,7 +16,7 @@ from fastbd.ops._backend import OpSpec, choose_backend, register
 from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 
 register(OpSpec("cosine_topk", ("torch", "cupy"), {"cuda": ("torch", "cupy")}))
-register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("triton", "torch")}))
+register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("torch", "triton")}))
 
 
 def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

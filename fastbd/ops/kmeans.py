@@ -24,8 +24,8 @@ from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, ch
 
 log = logging.getLogger(__name__)
 
-register(OpSpec("kmeans", ("triton", "cuml", "torch"), {"cuda": ("triton", "torch")}))
-register(OpSpec("kmeans_assign", ("triton", "torch"), {"cuda": ("triton", "torch")}))
+register(OpSpec("kmeans", ("triton", "cuml", "torch"), {"cuda": ("torch", "triton")}))
+register(OpSpec("kmeans_assign", ("triton", "torch"), {"cuda": ("torch", "triton")}))
 METRICS = ("cosine", "l2")
 
 

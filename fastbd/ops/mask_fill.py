@@ -31,7 +31,7 @@ from fastbd.ops._checks import (
     check_tensor,
 )
 
-SPEC = register(OpSpec("mask_fill", ("triton", "torch"), {"cuda": ("triton", "torch")}))
+SPEC = register(OpSpec("mask_fill", ("triton", "torch"), {"cuda": ("torch", "triton")}))
 STRATEGIES = ("full", "interval", "random")
 
 

@@ -24,7 +24,7 @@ from fastbd.ops._checks import (
     check_tensor,
 )
 
-SPEC = register(OpSpec("paste", ("triton", "torch"), {"cuda": ("triton", "torch")}))
+SPEC = register(OpSpec("paste", ("triton", "torch"), {"cuda": ("torch", "triton")}))
 
 
 def pack_patches(patches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
