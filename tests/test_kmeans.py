@@ -140,3 +140,30 @@ def test_k_equals_n(gen):
 def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_kmeans_plus_plus_with_fewer_distinct_points_than_clusters():
+    """Three distinct points, five clusters: once every point sits on a chosen centre the rest
+    are drawn uniformly (decided on the device, no host round trip); every centre is a data
+    point, all three points are among them, and the inertia is zero."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).repeat(10, 1)
+    model = KMeans(5, 3, metric="l2", seed=0, backend="torch").fit(x)
+    centres = {tuple(c) for c in model.cluster_centers_.tolist()}
+    assert centres == {(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)}
+    assert model.inertia_ == 0.0
+
+
+@pytest.mark.cuda
+def test_kmeans_plus_plus_never_waits_for_the_host():
+    """On CUDA, choosing the initial centres makes no synchronising call (torch raises on one
+    in sync-debug mode "error")."""
+    x = torch.randn(4096, 32, device="cuda")
+    model = KMeans(64, 0, metric="cosine", seed=0, backend="torch")
+    data = model._prepare(x)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        centres = model._kmeans_plus_plus(data, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert centres.shape == (64, 32)

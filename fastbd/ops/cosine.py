@@ -93,7 +93,7 @@ def _chunk_topk_cupy(query: torch.Tensor, keys: torch.Tensor, k: int, largest: b
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     import cupy
 
-    sims = cupy.from_dlpack(query.contiguous()) @ cupy.from_dlpack(keys.contiguous()).T
+    sims = cupy.from_dlpack(_cupy_ready(query)) @ cupy.from_dlpack(_cupy_ready(keys)).T
     sims = sims.astype(cupy.float32)
     order_key = -sims if largest else sims
     kk = min(k, sims.shape[1])
@@ -129,14 +129,20 @@ def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 1e-8,
     if chosen == "cupy":
         import cupy
 
-        ca = cupy.from_dlpack(a.contiguous()).astype(cupy.float32)
-        cb = cupy.from_dlpack(b.contiguous()).astype(cupy.float32)
+        ca = cupy.from_dlpack(_cupy_ready(a)).astype(cupy.float32)
+        cb = cupy.from_dlpack(_cupy_ready(b)).astype(cupy.float32)
         denom = (cupy.maximum(cupy.linalg.norm(ca, axis=1), eps)
                  * cupy.maximum(cupy.linalg.norm(cb, axis=1), eps))
         return torch.from_dlpack((ca * cb).sum(axis=1) / denom)
     af, bf = a.float(), b.float()
     denom = af.norm(dim=1).clamp_min(eps) * bf.norm(dim=1).clamp_min(eps)
     return torch.mul(af, bf).sum(1).div_(denom)
+
+
+def _cupy_ready(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as CuPy can take it through DLPack: contiguous, bfloat16 upcast to float32 (CuPy
+    ≤ 13 cannot import bfloat16 at all, CuPy 14 only with ml_dtypes)."""
+    return (x.float() if x.dtype == torch.bfloat16 else x).contiguous()
 
 
 def _unit_inner(x: torch.Tensor) -> torch.Tensor:

@@ -272,7 +272,9 @@ class KMeans:
         return self._kmeans_plus_plus(pool, generator)
 
     def _kmeans_plus_plus(self, data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's local-trial variant)."""
+        """Greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's local-trial variant). No
+        step waits for the host: once every point coincides with a chosen centre (potential
+        0) the same uniform draws pick candidates uniformly instead, decided on the device."""
         n, k = data.shape[0], self.n_clusters
         trials = 2 + int(math.log(k))
         device = data.device
@@ -281,25 +283,25 @@ class KMeans:
         closest = self._pairwise(data[chosen[:1]], data)[0].double()
         for c in range(1, k):
             potential = closest.sum()
-            if float(potential) <= 0.0:  # all remaining points coincide with chosen centres
-                chosen[c:] = torch.randint(n, (k - c,), generator=generator, device=device)
-                break
-            draws = torch.rand(trials, generator=generator, device=device,
-                               dtype=torch.float64) * potential
-            candidates = torch.searchsorted(closest.cumsum(0), draws).clamp_(max=n - 1)
+            uniform = torch.rand(trials, generator=generator, device=device, dtype=torch.float64)
+            weighted = torch.searchsorted(closest.cumsum(0), uniform * potential)
+            candidates = torch.where(potential > 0, weighted,
+                                     (uniform * n).long()).clamp_(max=n - 1)
             trial_closest = torch.minimum(closest[None, :],
                                           self._pairwise(data[candidates], data).double())
-            best = trial_closest.sum(1).argmin()
-            chosen[c] = candidates[best]
-            closest = trial_closest[best]
+            best = trial_closest.sum(1).argmin().view(1)  # indexed as a tensor: no .item()
+            chosen[c:c + 1] = candidates.index_select(0, best)
+            closest = trial_closest.index_select(0, best)[0]
         return data[chosen].float()
 
     def _fit_cuml(self, data: torch.Tensor) -> KMeans:
         import cupy
         from cuml.cluster import KMeans as CumlKMeans
 
-        init = "k-means++" if isinstance(self.init, str) and self.init == "k-means++" else (
-            "random" if isinstance(self.init, str) else cupy.asarray(self.init.float()))
+        # cuML's own "k-means++" is the sequential variant; scikit-learn's name maps to its
+        # scalable (k-means||) one
+        init = "scalable-k-means++" if isinstance(self.init, str) and self.init == "k-means++" \
+            else ("random" if isinstance(self.init, str) else cupy.asarray(self.init.float()))
         model = CumlKMeans(n_clusters=self.n_clusters, max_iter=max(self.n_iter, 1), init=init,
                            n_init=1, random_state=self.seed, tol=self.tol)
         model.fit(cupy.from_dlpack(data.float().contiguous()))
