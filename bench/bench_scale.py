@@ -36,6 +36,7 @@ def test_scale_harness_tiny(tmp_path, capsys):
     page = capsys.readouterr().out
     assert "| smallconv16 |" in page and "| resnet18 |" in page and "PatchSearch-structured" in page
     assert "UBT, tiny at 32 px, 400 random pairs" in page
+    assert "## Performance model" in page and "| kmeans_assign |" in page
 
 
 @pytest.mark.parametrize("n_test,window", [(7, 5), (16, 9), (0, 3)])

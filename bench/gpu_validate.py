@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_validate: {step.name} {'passed' if record['passed'] else 'FAILED'} in "
               f"{record['seconds']:.0f} s", flush=True)
     if (out / "scale.json").is_file():
-        page = subprocess.run([sys.executable, "bench/scale.py", "--page", str(out / "scale.json")],
+        benchmarks = (["--benchmarks", str(out / "benchmarks.json")]
+                      if (out / "benchmarks.json").is_file() else [])
+        page = subprocess.run([sys.executable, "bench/scale.py", "--page",
+                               str(out / "scale.json"), *benchmarks],
                               cwd=ROOT, capture_output=True, text=True)
         if page.returncode == 0:
             write_text_atomically(page.stdout, out / "performance.md")
