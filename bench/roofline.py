@@ -70,6 +70,14 @@ def entries() -> list[Entry]:
               why="the torch path writes every 4,096-row tile of similarities, upcasts and "
               "selects from it: the N² bytes in the count (a fused GEMM + running top-k "
               "would leave the 31-ms GEMM floor)", benchmark="test_cosine_topk_gpu[torch]"),
+        Entry("cosine_topk, fused (backend='triton')", "127,000² × 768, k = 10, bf16",
+              bytes=n * d * BF16 * 2 + n * 10 * 12, flop=2.0 * n * n * d, overhead=5.0,
+              why="selection-bound, estimated from the sm_90 PTX: per 64×64 tile each of 8 "
+              "warps issues ~3,000 instructions of int64 bitonic top-k and merge (368 shuffles) "
+              "beside ~1,500 of wgmma K-loop: ~1.4e11 warp instructions, ~140 ms at an H100's "
+              "~1e12 issue rate, more where int64 ops split; it needs no similarity workspace "
+              "(the torch path's 4,096-row tile is 2 GB here)",
+              benchmark="test_cosine_topk_gpu[triton]"),
         Entry("pair_cosine", "500,000 × 512 pairs, bf16",
               bytes=2 * pairs * 512 * BF16 + pairs * 4, flop=6.0 * pairs * 512, overhead=1.5,
               why="16 rows per program: short rows leave the copy engine underused",

@@ -27,7 +27,7 @@ def test_smoke_checks_triton_under_interpreter():
     result = run_smoke("cpu", config, skip_interpreted=False)
     triton_checks = [c for c in result.checks if c.backend == "triton"]
     assert {c.op for c in triton_checks} == {"mask_fill", "paste", "kmeans_assign", "kmeans",
-                                             "pair_cosine"}
+                                             "pair_cosine", "cosine_topk"}
     assert result.ok, [c for c in result.checks if not c.ok]
 
 

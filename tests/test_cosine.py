@@ -34,6 +34,50 @@ def test_topk_exact_indices(gen, largest, query_chunk, key_chunk, k):
     assert torch.equal(indices[separated], want_i[separated])
 
 
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("n_query,n_keys,d,k", [(20, 90, 33, 10), (1, 1, 1, 1), (17, 16, 16, 16),
+                                                (9, 70, 7, 64), (5, 64, 40, 3)])
+def test_fused_triton_topk_equals_the_brute_force(gen, largest, n_query, n_keys, d, k):
+    """The fused kernel (through the interpreter): the brute-force values, and indices whose
+    exact similarities are the brute-force ones rank by rank; odd sizes, k = K, k = 64."""
+    query = torch.randn(n_query, d, generator=gen)
+    keys = torch.randn(n_keys, d, generator=gen)
+    values, indices = cosine_topk(query, keys, k, largest=largest, backend="triton")
+    want_v, _ = brute_force(query, keys, k, largest)
+    torch.testing.assert_close(values.double(), want_v, atol=1e-5, rtol=0)
+    exact = F.normalize(query.double(), dim=1) @ F.normalize(keys.double(), dim=1).T
+    torch.testing.assert_close(exact.gather(1, indices), want_v, atol=1e-6, rtol=0)
+    assert all(row.unique().numel() == k for row in indices)
+    torch_v, torch_i = cosine_topk(query, keys, k, largest=largest, backend="torch")
+    torch.testing.assert_close(values, torch_v, atol=1e-5, rtol=0)
+
+
+def test_fused_topk_breaks_ties_by_the_lower_key_index():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    values, indices = cosine_topk(torch.tensor([[1.0, 0.0]]), keys, 4, backend="triton")
+    assert indices.tolist() == [[0, 2, 3, 1]]
+    torch.testing.assert_close(values, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_fused_topk_limits():
+    x = torch.randn(70, 4)
+    with pytest.raises(ValueError, match="k ≤ 64"):
+        cosine_topk(x, x, 65, backend="triton")
+    with pytest.raises(ValueError, match="bfloat16 only on CUDA"):
+        cosine_topk(x.bfloat16(), x.bfloat16(), 3, backend="triton")
+    values, indices = cosine_topk(x[:0], x, 3, backend="triton")
+    assert values.shape == (0, 3) and indices.shape == (0, 3)
+
+
+def test_fastbd_backend_triton_falls_back_to_torch_beyond_the_fused_limits(monkeypatch):
+    """A process-wide FASTBD_BACKEND=triton must not make a large-k call fail."""
+    monkeypatch.setenv("FASTBD_BACKEND", "triton")
+    x = torch.randn(80, 6)
+    values, indices = cosine_topk(x, x, 70)
+    expected_v, expected_i = cosine_topk(x, x, 70, backend="torch")
+    assert torch.equal(indices, expected_i) and torch.equal(values, expected_v)
+
+
 def test_topk_against_itself_finds_self(gen):
     x = torch.randn(100, 16, generator=gen)
     values, indices = cosine_topk(x, x, 3, key_chunk=17)
@@ -66,7 +110,7 @@ def test_topk_low_precision_values(gen, dtype):
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["torch", "cupy"])
+@pytest.mark.parametrize("backend", ["torch", "cupy", "triton"])
 def test_topk_cuda_backends(gen, backend):
     pytest.importorskip("cupy") if backend == "cupy" else None
     query, keys = torch.randn(300, 48, generator=gen), torch.randn(5000, 48, generator=gen)
@@ -74,6 +118,29 @@ def test_topk_cuda_backends(gen, backend):
     want_v, want_i = brute_force(query, keys, 10)
     assert torch.equal(indices.cpu(), want_i)
     torch.testing.assert_close(values.cpu().double(), want_v, atol=1e-4, rtol=0)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("n_query,n_keys,d,k", [(77, 1000, 100, 10), (128, 4096, 768, 64),
+                                                (3, 64, 16, 1)])
+def test_fused_topk_on_cuda_in_16_bit(gen, dtype, largest, n_query, n_keys, d, k):
+    """The compiled kernel (odd and 16-aligned sizes): the values are the similarities of the
+    returned keys, and those are the true top-k up to 16-bit rounding."""
+    query = F.normalize(torch.randn(n_query, d, generator=gen), dim=1).to(dtype)
+    keys = F.normalize(torch.randn(n_keys, d, generator=gen), dim=1).to(dtype)
+    values, indices = cosine_topk(query.cuda(), keys.cuda(), k, largest=largest,
+                                  normalized=True, backend="triton")
+    values, indices = values.cpu().double(), indices.cpu()
+    exact = query.double() @ keys.double().T
+    assert all(row.unique().numel() == k for row in indices)
+    torch.testing.assert_close(exact.gather(1, indices), values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(values, exact.topk(k, dim=1, largest=largest).values, atol=1e-2,
+                               rtol=0)
+    assert torch.all(values[:, 1:] <= values[:, :-1]) if largest else torch.all(
+        values[:, 1:] >= values[:, :-1])
 
 
 @pytest.mark.parametrize("device,backend", CPU_BACKENDS + CUDA_BACKENDS + [
@@ -115,7 +182,7 @@ def test_pair_cosine_zero_rows_and_strides(gen, backend):
      "NaN"),
     (lambda: cosine_topk(torch.randn(3, 4), torch.randn(5, 4, device="meta"), 1), ValueError,
      "different devices"),
-    (lambda: cosine_topk(torch.randn(3, 4), torch.randn(5, 4), 1, backend="triton"),
+    (lambda: cosine_topk(torch.randn(3, 4), torch.randn(5, 4), 1, backend="opencl"),
      ValueError, "not implemented"),
     (lambda: pair_cosine(torch.randn(3, 4), torch.randn(2, 4)), ValueError, "rows"),
     (lambda: pair_cosine(torch.randn(3, 4), torch.randn(3, 4), backend="cupy"), ValueError,

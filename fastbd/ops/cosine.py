@@ -2,12 +2,16 @@
 
 ``cosine_topk`` never holds more than ``query_chunk × key_chunk`` similarities: for each query
 chunk it walks the key chunks, keeps the running top-k and merges each chunk's top-k into it.
-Backends: ``torch`` (matmul + ``torch.topk``, a radix select on CUDA) and ``cupy`` (cuBLAS
+Backends: ``torch`` (matmul + ``torch.topk``, a radix select on CUDA), ``triton`` (one fused
+kernel: a tensor-core tile product and a running top-k per query row, so the Q × K similarities
+are never written; k ≤ 64; equal similarities prefer the lower key index) and ``cupy`` (cuBLAS
 matmul + ``argpartition``, optional ``fastbd[gpu]``). ``pair_cosine`` has ``torch``, ``cupy`` and
 a one-pass ``triton`` kernel (dot and both norms in a single read of the inputs).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,9 @@ import torch.nn.functional as F
 from fastbd.ops._backend import OpSpec, choose_backend, register
 from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 
-register(OpSpec("cosine_topk", ("torch", "cupy"), {"cuda": ("torch", "cupy")}))
+log = logging.getLogger(__name__)
+
+register(OpSpec("cosine_topk", ("triton", "torch", "cupy"), {"cuda": ("torch", "triton", "cupy")}))
 register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("torch", "triton")}))
 
 
@@ -27,6 +33,15 @@ def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> N
     check_same_device(**{name_a: a, name_b: b})
     check_finite(name_a, a)
     check_finite(name_b, b)
+
+
+def _triton_topk_unsupported(k: int, query: torch.Tensor, max_k: int) -> str:
+    """Why the fused kernel cannot serve this call ('' when it can)."""
+    if k > max_k:
+        return f"takes k ≤ {max_k}, got {k}"
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:
+        return "runs bfloat16 only on CUDA (the Triton interpreter has none)"
+    return ""
 
 
 def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
@@ -63,6 +78,23 @@ def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: boo
     if n_query == 0 or k == 0:
         return values, indices
     chosen = choose_backend("cosine_topk", query.device, backend)
+    if chosen == "triton":
+        from fastbd.kernels import cosine as kernel
+
+        unsupported = _triton_topk_unsupported(k, query, kernel.MAX_K)
+        if unsupported and backend == "triton":
+            raise ValueError(f"the triton backend of cosine_topk {unsupported}; use "
+                             "backend='torch'")
+        if unsupported:
+            log.debug("cosine_topk: FASTBD_BACKEND=triton %s, using torch", unsupported)
+            chosen = "torch"
+    if chosen == "triton":
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        config = (kernel.TOPK_INTERPRETER_CONFIG if query.device.type == "cpu"
+                  else kernel.TOPK_CONFIGS[name[query.dtype]])
+        kernel.launch_topk(_unit_inner(query), _unit_inner(keys), values, indices, k, largest,
+                           config)
+        return values, indices
     select = _chunk_topk_cupy if chosen == "cupy" else _chunk_topk_torch
     for q0 in range(0, n_query, query_chunk):
         block = query[q0:q0 + query_chunk]
