@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from fastbd.ops import KMeans, kmeans_assign
 
-from testutil import CPU_BACKENDS, CUDA_BACKENDS
+from testutil import CPU_BACKENDS, CUDA_BACKENDS, cuda
 
 
 def true_distances(x, c, metric):
@@ -36,6 +36,26 @@ def test_assign_picks_the_nearest_centroid(gen, device, backend, metric, dtype, 
     scale = 1 + best.abs()
     assert bool(((chosen - best) <= slack * scale).all())
     assert bool(((dist.double() - chosen).abs() <= slack * (1 + chosen.abs())).all())
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_autotuned_triton_assign_on_cuda_at_clustering_size(gen, dtype, metric):
+    """PoisonCAM's clustering shape (1,000 centroids, 768 dims) through the autotuned kernel:
+    every row gets a nearest centroid within the dtype's rounding, as the torch path does."""
+    x = torch.randn(5000, 768, generator=gen).to(dtype)
+    c = torch.randn(1000, 768, generator=gen).to(dtype)
+    labels, _ = kmeans_assign(x.cuda(), c.cuda(), metric=metric, backend="triton")
+    exact = true_distances(x, c, metric)
+    best = exact.min(1).values
+    chosen = exact.gather(1, labels.cpu()[:, None])[:, 0]
+    slack = {torch.float32: 1e-4, torch.bfloat16: 2e-1}[dtype]
+    assert bool(((chosen - best) <= slack * (1 + best.abs())).all())
+    if dtype == torch.float32:  # IEEE float32 products: the torch path's labels, ties aside
+        torch_labels, _ = kmeans_assign(x.cuda(), c.cuda(), metric=metric, backend="torch")
+        assert (torch_labels.cpu() == labels.cpu()).float().mean() > 0.999
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -3,6 +3,7 @@
 The assignment step — distance to every centroid and argmin — is the hot path. Backends:
 
 * ``triton``: fused distance + argmin (``fastbd.kernels.kmeans``), never writing the N×K matrix;
+  on CUDA its tile is chosen by Triton's autotuner once per (K, D, dtype) and cached on disk;
 * ``torch``: the reference, ``x @ cᵀ`` in row chunks (memory O(chunk × K)) then ``min``;
 * ``cuml`` (fit only, optional ``fastbd[rapids]``): cuML's KMeans; for cosine the features are
   normalised, clustered with L2 and the centroids renormalised (spherical k-means approximated).
@@ -87,7 +88,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: i
             raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")
         from fastbd.kernels import kmeans as kernel
 
-        config = kernel.INTERPRETER_CONFIG if device.type == "cpu" else kernel.DEFAULT_CONFIG
+        config = kernel.INTERPRETER_CONFIG if device.type == "cpu" else None  # None: autotuned
         kernel.launch(x.contiguous(), centroids.contiguous(), centroid_sq, labels, scores,
                       metric == "l2", config)
     else:
