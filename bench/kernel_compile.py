@@ -149,14 +149,14 @@ def failures(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'variant':<42} {'arch':<6} {'spec':<8} {'regs':>5} {'spill':>6} {'smem':>7} "
+    head = (f"{'variant':<46} {'arch':<6} {'spec':<8} {'regs':>5} {'spill':>6} {'smem':>7} "
             f"{'ptx':>6} {'div64':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['variant']:<42} {r['arch']:<6} {r['spec']:<8} ERROR {r['error']}")
+            lines.append(f"{r['variant']:<46} {r['arch']:<6} {r['spec']:<8} ERROR {r['error']}")
             continue
-        lines.append(f"{r['variant']:<42} {r['arch']:<6} {r['spec']:<8} {r['registers']:>5} "
+        lines.append(f"{r['variant']:<46} {r['arch']:<6} {r['spec']:<8} {r['registers']:>5} "
                      f"{r['spill_stores'] + r['spill_loads']:>6} {r['shared_bytes']:>7} "
                      f"{r['ptx_instructions']:>6} {r['int64_div_rem']:>6}")
     return "\n".join(lines)

@@ -103,7 +103,7 @@ def test_window_masks_wrap_cyclically():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(images=torch.zeros(2, 3, 8, 8)), TypeError, "images must have dtype"),
+    (dict(images=torch.zeros(2, 3, 8, 8).half()), TypeError, "images must have dtype"),
     (dict(images=torch.zeros(3, 8, 8, dtype=torch.uint8)), ValueError, "images must have rank"),
     (dict(images=torch.zeros(2, 3, 8, 7, dtype=torch.uint8)), ValueError, "square"),
     (dict(window=9), ValueError, "larger than the image"),
@@ -135,3 +135,63 @@ def test_bfloat16_triton_on_cpu_is_refused():
         mask_fill(torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
                   torch.zeros(1, 1, 2, dtype=torch.long), 4, MEAN, STD, dtype=torch.bfloat16,
                   backend="triton")
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS + CUDA_BACKENDS)
+@pytest.mark.parametrize("strategy", ["full", "interval", "random"])
+def test_gradient_is_the_per_pixel_definitions_gradient(gen, device, backend, strategy):
+    """Float images with requires_grad: the gradient equals autograd through the per-pixel
+    definition in float64, with a bank row masked twice (the gradients add)."""
+    images, positions, _, pattern = make_inputs(gen, strategy=strategy)
+    index = torch.tensor([2, 0, 2])
+    weights = torch.randn(15, 3, 13, 13, generator=gen)
+    bank = images.float().to(device).requires_grad_()
+    out = mask_fill(bank, positions.to(device), 7, MEAN, STD, image_index=index.to(device),
+                    strategy=strategy, block=3,
+                    pattern=None if pattern is None else pattern.to(device), fill=-0.5,
+                    backend=backend)
+    (out * weights.to(device)).sum().backward()
+    oracle_bank = images.double().requires_grad_()
+    oracle = naive_mask_fill(oracle_bank, index, positions, 7, strategy, 3, pattern, -0.5)
+    (oracle * weights.double()).sum().backward()
+    torch.testing.assert_close(out.detach().cpu().double(), oracle.detach(), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(bank.grad.cpu().double(), oracle_bank.grad, atol=1e-5, rtol=1e-5)
+    assert bank.grad[2].abs().sum() > 0  # masked twice: both views' gradients
+    assert bank.grad[1].abs().sum() == 0 and bank.grad[3].abs().sum() == 0  # never masked
+
+
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck(gen, backend):
+    images, positions, index, pattern = make_inputs(gen, n_bank=2, n=2, m=3, size=6, window=3,
+                                                    block=2, strategy="random")
+    bank = images.float().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: mask_fill(x, positions, 3, MEAN, STD, image_index=index % 2,
+                            strategy="random", block=2, pattern=pattern, backend=backend),
+        (bank,), eps=1.0, atol=1e-5, rtol=1e-2,
+        fast_mode=backend == "triton")  # the interpreter: random projections, few launches
+
+
+def test_float_images_give_the_uint8_result_and_refuse_out_with_grad(gen):
+    images, positions, index, _ = make_inputs(gen)
+    as_bytes = mask_fill(images, positions, 7, MEAN, STD, image_index=index)
+    as_floats = mask_fill(images.float(), positions, 7, MEAN, STD, image_index=index)
+    assert torch.equal(as_bytes, as_floats)
+    with pytest.raises(ValueError, match="drop out="):
+        mask_fill(images.float().requires_grad_(), positions, 7, MEAN, STD, image_index=index,
+                  out=torch.empty_like(as_bytes))
+    with torch.no_grad():  # no graph wanted: out= is fine
+        mask_fill(images.float().requires_grad_(), positions, 7, MEAN, STD, image_index=index,
+                  out=torch.empty_like(as_bytes))
+
+
+def test_validate_false_skips_the_index_range_check(gen):
+    images, positions, _, _ = make_inputs(gen)
+    with pytest.raises(ValueError, match="out of range"):
+        mask_fill(images, positions, 7, MEAN, STD, image_index=torch.tensor([0, 1, 9]),
+                  backend="torch")
+    with pytest.raises(IndexError):  # unchecked: the torch path's own indexing fails instead
+        mask_fill(images, positions, 7, MEAN, STD, image_index=torch.tensor([0, 1, 9]),
+                  backend="torch", validate=False)

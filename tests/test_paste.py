@@ -28,7 +28,8 @@ def naive_paste(images, patches, sizes_p, jobs, target, alpha, opacity, normalis
             for v in range(tw):
                 if 0 <= y + u < s and 0 <= x + v < s:
                     w = weight[u, v]
-                    img[:, y + u, x + v] = img[:, y + u, x + v] * (1 - w) + front[:, u, v] * w
+                    behind = img[:, y + u, x + v].clone()  # differentiable: no in-place read
+                    img[:, y + u, x + v] = behind * (1 - w) + front[:, u, v] * w
         if normalise:
             mean = torch.tensor(MEAN, dtype=torch.float64)[:, None, None]
             std = torch.tensor(STD, dtype=torch.float64)[:, None, None]
@@ -117,7 +118,7 @@ def test_pack_patches_sizes():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(images=torch.zeros(2, 3, 8, 8)), TypeError, "images must have dtype"),
+    (dict(images=torch.zeros(2, 3, 8, 8, dtype=torch.int32)), TypeError, "images must have dtype"),
     (dict(patches=torch.zeros(1, 1, 2, 2, dtype=torch.uint8)), ValueError, "channels"),
     (dict(ys=torch.zeros(2, dtype=torch.long)), ValueError, "differ in length"),
     (dict(image_index=torch.tensor([5])), ValueError, "image_index out of range"),
@@ -139,3 +140,69 @@ def test_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         paste(**args)
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS + CUDA_BACKENDS)
+@pytest.mark.parametrize("resize", [False, True])
+def test_gradients_are_the_per_pixel_definitions_gradients(gen, device, backend, resize):
+    """Float images, patches and alpha with requires_grad: the normalised result and the three
+    gradients equal autograd through the per-pixel definition in float64."""
+    images, patches, patch_sizes, jobs, sizes, alpha = make_jobs(gen)
+    target = sizes if resize else patch_sizes[jobs[:, 1]]
+    weights = torch.randn(jobs.shape[0], 3, 15, 15, generator=gen)
+    leaves = [t.to(device, torch.float32, copy=True).requires_grad_()
+              for t in (images, patches, alpha)]
+    out = paste(leaves[0], leaves[1], *jobs.to(device).T, patch_sizes=patch_sizes.to(device),
+                sizes=sizes.to(device) if resize else None, alpha=leaves[2], opacity=0.8,
+                mean=MEAN, std=STD, backend=backend)
+    (out * weights.to(device)).sum().backward()
+    oracle_leaves = [t.double().requires_grad_() for t in (images, patches, alpha)]
+    oracle = naive_paste(*oracle_leaves[:2], patch_sizes.tolist(), jobs.tolist(),
+                         target.tolist(), oracle_leaves[2], 0.8, True)
+    (oracle * weights.double()).sum().backward()
+    torch.testing.assert_close(out.detach().cpu().double(), oracle.detach(), atol=1e-4, rtol=0)
+    for leaf, oracle_leaf in zip(leaves, oracle_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad.cpu().double(), oracle_leaf.grad, atol=1e-5,
+                                   rtol=1e-4)
+    assert all(leaf.grad.abs().sum() > 0 for leaf in leaves)
+
+
+@pytest.mark.filterwarnings("ignore:Input #. requires gradient and is not a double")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck_trigger_and_mask(gen, backend):
+    """A trigger-inversion step's inputs: a float trigger and its opacity mask pasted into
+    uint8 images (resized), checked against finite differences of the forward (the paste is
+    linear in each, so a wide step loses nothing; the tight atol matters because fast mode
+    compares projections on unit vectors, which are small here)."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    trigger = (torch.rand(1, 3, 3, 3, generator=gen) * 255).requires_grad_()
+    mask = torch.rand(1, 3, 3, generator=gen).requires_grad_()
+    jobs = [torch.tensor(v) for v in ([0, 1, 1], [0, 0, 0], [1, -1, 5], [2, 3, 4])]
+    sizes = torch.tensor([[3, 3], [4, 5], [2, 3]])
+    assert torch.autograd.gradcheck(
+        lambda p, a: paste(images, p, *jobs, sizes=sizes, alpha=a, mean=MEAN, std=STD,
+                           backend=backend),
+        (trigger, mask), eps=0.1, atol=1e-5, rtol=1e-2, fast_mode=backend == "triton")
+
+
+def test_float_inputs_need_normalised_output_and_no_out_with_grad(gen):
+    images, patches, patch_sizes, jobs, _, _ = make_jobs(gen)
+    as_bytes = paste(images, patches, *jobs.T, patch_sizes=patch_sizes, mean=MEAN, std=STD)
+    as_floats = paste(images.float(), patches.float(), *jobs.T, patch_sizes=patch_sizes,
+                      mean=MEAN, std=STD)
+    torch.testing.assert_close(as_floats, as_bytes)
+    with pytest.raises(ValueError, match="give mean and std"):
+        paste(images, patches.float(), *jobs.T, patch_sizes=patch_sizes)
+    with pytest.raises(ValueError, match="drop out="):
+        paste(images, patches.float().requires_grad_(), *jobs.T, patch_sizes=patch_sizes,
+              mean=MEAN, std=STD, out=torch.empty_like(as_bytes))
+
+
+def test_validate_false_skips_the_range_checks(gen):
+    images, patches, patch_sizes, jobs, _, _ = make_jobs(gen)
+    jobs[0, 0] = 7  # no such image
+    with pytest.raises(ValueError, match="image_index out of range"):
+        paste(images, patches, *jobs.T, patch_sizes=patch_sizes, backend="torch")
+    with pytest.raises(IndexError):  # unchecked: the torch path's own indexing fails instead
+        paste(images, patches, *jobs.T, patch_sizes=patch_sizes, backend="torch",
+              validate=False)

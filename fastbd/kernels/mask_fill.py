@@ -10,7 +10,7 @@ RANDOM = 2
 
 @triton.jit
 def mask_fill_kernel(
-    image_ptr,    # uint8 [N, C, S, S], contiguous: the image bank
+    image_ptr,    # uint8 or float32 (0–255 units) [N, C, S, S], contiguous: the image bank
     index_ptr,    # int64 [n]: bank row of each masked image
     pos_ptr,      # int64 [n*m, 2]: window top-left (y, x), already reduced mod S
     pattern_ptr,  # uint8 [n*m, NB*NB]: 1 = block masked (RANDOM only; any pointer otherwise)
@@ -84,22 +84,26 @@ OUT_DTYPES = ("fp32", "fp16", "bf16")
 
 def compile_variants() -> list[tuple[str, dict, dict]]:
     """Every launch ``fastbd.ops.mask_fill`` makes on CUDA, as (name, signature, constexprs)
-    for compiling without a GPU: the three strategies × the three output dtypes at 224 px with
-    the paper's 10-px blocks (the pattern pointer is the positions' int64 one unless the
-    strategy is RANDOM; Python ints below 2³¹ arrive as i32)."""
+    for compiling without a GPU: uint8 or float32 (differentiable) images × the three
+    strategies × the three output dtypes at 224 px with the paper's 10-px blocks (the pattern
+    pointer is the positions' int64 one unless the strategy is RANDOM; Python ints below 2³¹
+    arrive as i32)."""
     variants = []
-    for strategy in (FULL, INTERVAL, RANDOM):
-        for dtype in OUT_DTYPES:
-            signature = {
-                "image_ptr": "*u8", "index_ptr": "*i64", "pos_ptr": "*i64",
-                "pattern_ptr": "*u8" if strategy == RANDOM else "*i64", "scale_ptr": "*fp32",
-                "bias_ptr": "*fp32", "out_ptr": f"*{dtype}", "m": "i32", "C": "i32",
-                "S": "i32", "window": "i32", "NB": "i32", "fill": "fp32",
-                "so_n": "i32", "so_c": "i32", "so_h": "i32", "so_w": "i32",
-                "STRATEGY": "constexpr", "BLOCK_SIDE": "constexpr", "ROWS": "constexpr",
-                "WIDTH": "constexpr"}
-            rows, width = tile_shape(224)
-            variants.append((f"mask_fill strategy={strategy} out={dtype}", signature,
-                             {"STRATEGY": strategy, "BLOCK_SIDE": 1 if strategy == FULL else 10,
-                              "ROWS": rows, "WIDTH": width}))
+    for image in ("u8", "fp32"):
+        for strategy in (FULL, INTERVAL, RANDOM):
+            for dtype in OUT_DTYPES:
+                signature = {
+                    "image_ptr": f"*{image}", "index_ptr": "*i64", "pos_ptr": "*i64",
+                    "pattern_ptr": "*u8" if strategy == RANDOM else "*i64",
+                    "scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                    "m": "i32", "C": "i32", "S": "i32", "window": "i32", "NB": "i32",
+                    "fill": "fp32", "so_n": "i32", "so_c": "i32", "so_h": "i32", "so_w": "i32",
+                    "STRATEGY": "constexpr", "BLOCK_SIDE": "constexpr", "ROWS": "constexpr",
+                    "WIDTH": "constexpr"}
+                rows, width = tile_shape(224)
+                name = f"mask_fill strategy={strategy} out={dtype}"
+                variants.append((name if image == "u8" else f"{name} in=fp32", signature,
+                                 {"STRATEGY": strategy,
+                                  "BLOCK_SIDE": 1 if strategy == FULL else 10,
+                                  "ROWS": rows, "WIDTH": width}))
     return variants

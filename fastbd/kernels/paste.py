@@ -30,8 +30,8 @@ def _patch_sample(base_ptr, u, v, ph, pw, th, tw, stride_h, inside, RESIZE: tl.c
 
 @triton.jit
 def paste_kernel(
-    image_ptr,       # uint8 [N, C, S, S] contiguous: background images
-    patch_ptr,       # uint8 [P, C, HP, WP] contiguous: padded patches
+    image_ptr,       # uint8 or float32 (0–255 units) [N, C, S, S] contiguous: backgrounds
+    patch_ptr,       # uint8 or float32 [P, C, HP, WP] contiguous: padded patches
     alpha_ptr,       # float32 [P, HP, WP] contiguous: per-pixel opacity (HAS_ALPHA only)
     patch_size_ptr,  # int32 [P, 2]: true (h, w) of each patch inside its padding
     job_ptr,         # int64 [J, 6]: (image, patch, y, x, target h, target w) per output
@@ -111,23 +111,31 @@ def launch(images, patches, alpha, patch_sizes, jobs, scale, bias, out, opacity,
 
 def compile_variants() -> list[tuple[str, dict, dict]]:
     """Every launch ``fastbd.ops.paste`` makes on CUDA, as (name, signature, constexprs): resize
-    on/off × alpha on/off × output float32/float16/bfloat16 (normalised) or uint8."""
+    on/off × alpha on/off × uint8 images and patches into float32/float16/bfloat16
+    (normalised) or uint8, and float32 (differentiable) images and/or patches into the
+    normalised outputs."""
+    inputs = [("u8", "u8"), ("u8", "fp32"), ("fp32", "u8"), ("fp32", "fp32")]
     variants = []
     for resize in (False, True):
         for alpha in (False, True):
-            for out, normalise in (("fp32", True), ("fp16", True), ("bf16", True),
-                                   ("u8", False)):
-                signature = {
-                    "image_ptr": "*u8", "patch_ptr": "*u8", "alpha_ptr": "*fp32",
-                    "patch_size_ptr": "*i32", "job_ptr": "*i64", "scale_ptr": "*fp32",
-                    "bias_ptr": "*fp32", "out_ptr": f"*{out}", "C": "i32", "S": "i32",
-                    "HP": "i32", "WP": "i32", "opacity": "fp32", "so_n": "i32", "so_c": "i32",
-                    "so_h": "i32", "so_w": "i32", "RESIZE": "constexpr",
-                    "HAS_ALPHA": "constexpr", "NORMALISE": "constexpr", "ROWS": "constexpr",
-                    "WIDTH": "constexpr"}
-                rows, width = tile_shape(224)
-                variants.append((f"paste resize={int(resize)} alpha={int(alpha)} out={out}",
-                                 signature, {"RESIZE": resize, "HAS_ALPHA": alpha,
-                                             "NORMALISE": normalise, "ROWS": rows,
-                                             "WIDTH": width}))
+            for image, patch in inputs:
+                outs = [("fp32", True), ("fp16", True), ("bf16", True)]
+                if (image, patch) == ("u8", "u8"):
+                    outs.append(("u8", False))
+                for out, normalise in outs:
+                    signature = {
+                        "image_ptr": f"*{image}", "patch_ptr": f"*{patch}",
+                        "alpha_ptr": "*fp32", "patch_size_ptr": "*i32", "job_ptr": "*i64",
+                        "scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{out}",
+                        "C": "i32", "S": "i32", "HP": "i32", "WP": "i32", "opacity": "fp32",
+                        "so_n": "i32", "so_c": "i32", "so_h": "i32", "so_w": "i32",
+                        "RESIZE": "constexpr", "HAS_ALPHA": "constexpr",
+                        "NORMALISE": "constexpr", "ROWS": "constexpr", "WIDTH": "constexpr"}
+                    rows, width = tile_shape(224)
+                    name = f"paste resize={int(resize)} alpha={int(alpha)} out={out}"
+                    if (image, patch) != ("u8", "u8"):
+                        name += f" in={image}/{patch}"
+                    variants.append((name, signature,
+                                     {"RESIZE": resize, "HAS_ALPHA": alpha,
+                                      "NORMALISE": normalise, "ROWS": rows, "WIDTH": width}))
     return variants

@@ -1,10 +1,17 @@
 """Functional GPU ops with torch references (see DESIGN.md §3).
 
 Each op dispatches to a backend chosen per call (``backend=``), by ``FASTBD_BACKEND``, or by the
-device's preference order; see ``fastbd.ops._backend``.
+device's preference order; ``register_backend`` adds one from another library. See
+``fastbd.ops._backend``.
 """
 
-from fastbd.ops._backend import available_backends, backend_available, choose_backend
+from fastbd.ops._backend import (
+    available_backends,
+    backend_available,
+    choose_backend,
+    register_backend,
+    unregister_backend,
+)
 from fastbd.ops.mask_fill import mask_fill, random_block_pattern, window_masks
 
 __all__ = [
@@ -13,6 +20,8 @@ __all__ = [
     "choose_backend",
     "mask_fill",
     "random_block_pattern",
+    "register_backend",
+    "unregister_backend",
     "window_masks",
 ]
 from fastbd.ops.paste import pack_patches, paste  # noqa: E402

@@ -15,6 +15,12 @@ no GPU measurement exists yet, so the Triton kernels, CuPy and cuML run only whe
 Availability: ``torch`` always; ``triton`` on CUDA, and on CPU only under ``TRITON_INTERPRET=1``
 (the interpreter, used by the tests); ``cupy`` and ``cuml`` on CUDA when importable. CuPy and
 cuML are imported lazily, only when asked about.
+
+Other libraries add backends with ``register_backend``: the op validates its inputs as usual
+and then calls the registered function with the op's own arguments as keywords (defaults filled
+in, without ``backend`` and ``validate``); it returns what the op returns. The ops smoke run
+(``fastbd demo ops``, ``fastbd.smoke.run_smoke``) compares every available backend with the
+torch reference.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import torch
@@ -40,12 +46,26 @@ class OpSpec:
     name: str
     backends: tuple[str, ...]
     preference: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    extensible: bool = True
+    """Whether ``register_backend`` may add backends (the op calls them)."""
 
     def order_for(self, device_type: str) -> tuple[str, ...]:
         return self.preference.get(device_type, ("torch",))
 
 
 _REGISTRY: dict[str, OpSpec] = {}
+
+
+@dataclass(frozen=True)
+class ExternalBackend:
+    """A backend added with ``register_backend``."""
+
+    fn: Callable[..., object]
+    devices: tuple[str, ...]
+    available: Callable[[], bool] | None = None
+
+
+_EXTERNAL: dict[tuple[str, str], ExternalBackend] = {}
 
 
 def register(spec: OpSpec) -> OpSpec:
@@ -64,6 +84,53 @@ def registered_ops() -> dict[str, OpSpec]:
     return dict(_REGISTRY)
 
 
+def register_backend(op: str, name: str, fn: Callable[..., object], *,
+                     devices: tuple[str, ...] = ("cuda",), prefer: bool = False,
+                     available: Callable[[], bool] | None = None) -> None:
+    """Add backend ``name`` to ``op``: ``fn(**arguments)`` runs the op on tensors of the given
+    device types (``"cuda"``, ``"cpu"``, …). ``prefer``: first in those devices' default order
+    (else last, so it runs only when asked for). ``available``: a check called before each use
+    (e.g. whether an optional library imports). Re-registering a name replaces it."""
+    spec = _spec(op)
+    if not spec.extensible:
+        extensible = sorted(o for o, sp in _REGISTRY.items() if sp.extensible)
+        raise ValueError(f"{op!r} takes no registered backends; these do: "
+                         f"{', '.join(extensible)}")
+    if name in KNOWN_BACKENDS:
+        raise ValueError(f"{name!r} is a built-in backend name; choose another")
+    if not name or not name.isidentifier():
+        raise ValueError(f"backend name must be an identifier, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(devices, str) or not devices:
+        raise ValueError(f"devices must be a non-empty tuple of device types, got {devices!r}")
+    preference = dict(spec.preference)
+    for device_type in devices:
+        order = [b for b in spec.order_for(device_type) if b != name]
+        preference[device_type] = tuple([name, *order] if prefer else [*order, name])
+    backends = spec.backends if name in spec.backends else (*spec.backends, name)
+    _REGISTRY[op] = replace(spec, backends=backends, preference=preference)
+    _EXTERNAL[(op, name)] = ExternalBackend(fn, tuple(devices), available)
+
+
+def unregister_backend(op: str, name: str) -> None:
+    """Remove a backend added with ``register_backend``."""
+    if (op, name) not in _EXTERNAL:
+        raise ValueError(f"{op!r} has no registered backend {name!r}")
+    del _EXTERNAL[(op, name)]
+    spec = _spec(op)
+    preference = {device_type: tuple(b for b in order if b != name)
+                  for device_type, order in spec.preference.items()}
+    _REGISTRY[op] = replace(spec, backends=tuple(b for b in spec.backends if b != name),
+                            preference=preference)
+
+
+def external_backend(op: str, name: str) -> Callable[..., object] | None:
+    """The function registered as ``op``'s backend ``name`` (None for built-in backends)."""
+    external = _EXTERNAL.get((op, name))
+    return None if external is None else external.fn
+
+
 @cache
 def _importable(module: str) -> bool:
     try:
@@ -78,9 +145,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_available(backend: str, device: torch.device | str) -> bool:
-    """Whether ``backend`` can run on ``device`` in this process."""
+def backend_available(backend: str, device: torch.device | str, op: str | None = None) -> bool:
+    """Whether ``backend`` (of ``op``, for registered backends) can run on ``device`` here."""
     device = torch.device(device)
+    external = _EXTERNAL.get((op, backend))
+    if external is not None:
+        return device.type in external.devices and (external.available is None
+                                                    or bool(external.available()))
     if backend == "torch":
         return True
     if backend == "triton":
@@ -99,7 +170,7 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     ordered = list(spec.order_for(device.type)) + [
         b for b in spec.backends if b not in spec.order_for(device.type)
     ]
-    return [b for b in ordered if backend_available(b, device)]
+    return [b for b in ordered if backend_available(b, device, op)]
 
 
 def choose_backend(op: str, device: torch.device | str, backend: str | None = None) -> str:
@@ -111,23 +182,27 @@ def choose_backend(op: str, device: torch.device | str, backend: str | None = No
             raise ValueError(
                 f"{op}: backend {backend!r} not implemented; choose from {', '.join(spec.backends)}"
             )
-        if not backend_available(backend, device):
+        if not backend_available(backend, device, op):
             raise ValueError(f"{op}: backend {backend!r} cannot run on device {device}"
-                             + _why_unavailable(backend, device))
+                             + _why_unavailable(op, backend, device))
         return backend
     from_env = os.environ.get("FASTBD_BACKEND")
     if from_env:
-        if from_env in spec.backends and backend_available(from_env, device):
+        if from_env in spec.backends and backend_available(from_env, device, op):
             return from_env
         log.debug("%s: FASTBD_BACKEND=%s not usable on %s, using the default", op, from_env,
                   device)
     for candidate in spec.order_for(device.type):
-        if backend_available(candidate, device):
+        if backend_available(candidate, device, op):
             return candidate
     return "torch"
 
 
-def _why_unavailable(backend: str, device: torch.device) -> str:
+def _why_unavailable(op: str, backend: str, device: torch.device) -> str:
+    external = _EXTERNAL.get((op, backend))
+    if external is not None:
+        return (f" (registered for {', '.join(external.devices)})"
+                if device.type not in external.devices else " (its availability check failed)")
     if backend == "triton" and device.type == "cpu":
         return " (Triton runs on CPU tensors only under TRITON_INTERPRET=1)"
     if backend in ("cupy", "cuml") and device.type != "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -62,17 +63,27 @@ def channel_affine(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | 
     """Per-channel ``scale``, ``bias`` (float32, shape ``C``) with ``x_norm = u8 * scale + bias``.
 
     ``mean``/``std`` are in [0, 1] units (torchvision convention), so
-    ``scale = 1 / (255 std)`` and ``bias = -mean / std``.
+    ``scale = 1 / (255 std)`` and ``bias = -mean / std``. The pair is computed once per
+    (values, device) and shared — a hot loop copies nothing to the device after its first call;
+    callers must not modify it in place.
     """
-    mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
-    std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
-    if mean_t.numel() != channels or std_t.numel() != channels:
+    mean_values = tuple(torch.as_tensor(mean, dtype=torch.float64).flatten().tolist())
+    std_values = tuple(torch.as_tensor(std, dtype=torch.float64).flatten().tolist())
+    if len(mean_values) != channels or len(std_values) != channels:
         raise ValueError(f"mean and std need {channels} values (one per channel), got "
-                         f"{mean_t.numel()} and {std_t.numel()}")
-    if not bool(torch.isfinite(mean_t).all()) or not bool(torch.isfinite(std_t).all()):
+                         f"{len(mean_values)} and {len(std_values)}")
+    if not all(math.isfinite(v) for v in mean_values + std_values):
         raise ValueError("mean and std must be finite")
-    if bool((std_t <= 0).any()):
-        raise ValueError(f"std must be positive, got {std_t.tolist()}")
+    if any(v <= 0 for v in std_values):
+        raise ValueError(f"std must be positive, got {list(std_values)}")
+    return _device_affine(mean_values, std_values, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    mean_t = torch.tensor(mean, dtype=torch.float64)
+    std_t = torch.tensor(std, dtype=torch.float64)
     scale = (1.0 / (255.0 * std_t)).to(torch.float32).to(device)
     bias = (-mean_t / std_t).to(torch.float32).to(device)
     return scale, bias

@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from fastbd.ops._backend import OpSpec, choose_backend, register
+from fastbd.ops._backend import OpSpec, choose_backend, external_backend, register
 from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 
 log = logging.getLogger(__name__)
@@ -25,14 +25,16 @@ register(OpSpec("cosine_topk", ("triton", "torch", "cupy"), {"cuda": ("torch", "
 register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("torch", "triton")}))
 
 
-def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor,
+                validate: bool) -> None:
     check_tensor(name_a, a, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(name_b, b, ndim=2, dtypes=FLOAT_DTYPES)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} has {a.shape[1]} dims but {name_b} has {b.shape[1]}")
     check_same_device(**{name_a: a, name_b: b})
-    check_finite(name_a, a)
-    check_finite(name_b, b)
+    if validate:
+        check_finite(name_a, a)
+        check_finite(name_b, b)
 
 
 def _triton_topk_unsupported(k: int, query: torch.Tensor, max_k: int) -> str:
@@ -46,7 +48,8 @@ def _triton_topk_unsupported(k: int, query: torch.Tensor, max_k: int) -> str:
 
 def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
                 normalized: bool = False, query_chunk: int = 4096, key_chunk: int = 65536,
-                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str | None = None, validate: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k keys by cosine similarity for every query row.
 
     Args:
@@ -56,17 +59,32 @@ def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: boo
         largest: most similar (True) or least similar (False) first.
         normalized: rows already have unit norm (skips normalising).
         query_chunk, key_chunk: tile of the similarity matrix held at once.
+        validate: check the inputs for NaN/Inf (a device-wide reduction read by the host);
+            False skips it on hot paths — non-finite inputs then give unspecified results.
 
     Returns:
         values float32 ``Q×k`` (sorted) and indices int64 ``Q×k`` into ``keys``.
+
+    Example:
+        >>> import torch
+        >>> from fastbd.ops import cosine_topk
+        >>> keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> values, indices = cosine_topk(torch.tensor([[1.0, 0.1]]), keys, 2)
+        >>> indices.tolist()
+        [[0, 2]]
     """
-    _check_pair("query", query, "keys", keys)
+    _check_pair("query", query, "keys", keys, validate)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be a non-negative int, got {k!r}")
     if k > keys.shape[0]:
         raise ValueError(f"k={k} is larger than the number of keys ({keys.shape[0]})")
     if query_chunk < 1 or key_chunk < 1:
         raise ValueError("query_chunk and key_chunk must be positive")
+    chosen = choose_backend("cosine_topk", query.device, backend)
+    external = external_backend("cosine_topk", chosen)
+    if external is not None:
+        return external(query=query, keys=keys, k=k, largest=largest, normalized=normalized,
+                        query_chunk=query_chunk, key_chunk=key_chunk)
     if query.dtype != keys.dtype:
         keys = keys.to(query.dtype)
     if not normalized:
@@ -77,7 +95,6 @@ def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: boo
     indices = torch.empty(n_query, k, dtype=torch.int64, device=query.device)
     if n_query == 0 or k == 0:
         return values, indices
-    chosen = choose_backend("cosine_topk", query.device, backend)
     if chosen == "triton":
         from fastbd.kernels import cosine as kernel
 
@@ -138,19 +155,30 @@ def _chunk_topk_cupy(query: torch.Tensor, keys: torch.Tensor, k: int, largest: b
 
 
 def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 1e-8,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, validate: bool = True) -> torch.Tensor:
     """Cosine of each row pair: float32 ``N`` with ``a_i·b_i / (max(|a_i|, eps)·max(|b_i|, eps))``.
 
     Args:
         a, b: float ``N×D`` each (e.g. image and caption embeddings of N pairs).
+        validate: check for NaN/Inf (a host sync); False skips it (then unspecified results).
+
+    Example:
+        >>> import torch
+        >>> from fastbd.ops import pair_cosine
+        >>> pair_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+        ...             torch.tensor([[2.0, 0.0], [0.0, -3.0]]))
+        tensor([ 1.0000, -0.7071])
     """
-    _check_pair("a", a, "b", b)
+    _check_pair("a", a, "b", b, validate)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a has {a.shape[0]} rows but b has {b.shape[0]}")
+    chosen = choose_backend("pair_cosine", a.device, backend)
+    external = external_backend("pair_cosine", chosen)
+    if external is not None:
+        return external(a=a, b=b, eps=eps)
     out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
     if a.shape[0] == 0:
         return out
-    chosen = choose_backend("pair_cosine", a.device, backend)
     if chosen == "triton":
         if a.device.type == "cpu" and torch.bfloat16 in (a.dtype, b.dtype):
             raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")

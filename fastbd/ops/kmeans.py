@@ -20,26 +20,29 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastbd.ops._backend import OpSpec, choose_backend, register
+from fastbd.ops._backend import OpSpec, choose_backend, external_backend, register
 from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 
 log = logging.getLogger(__name__)
 
-register(OpSpec("kmeans", ("triton", "cuml", "torch"), {"cuda": ("torch", "triton")}))
+register(OpSpec("kmeans", ("triton", "cuml", "torch"), {"cuda": ("torch", "triton")},
+                extensible=False))  # the estimator; register kmeans_assign backends instead
 register(OpSpec("kmeans_assign", ("triton", "torch"), {"cuda": ("torch", "triton")}))
 METRICS = ("cosine", "l2")
 
 
-def _check_features(name: str, x: torch.Tensor) -> None:
+def _check_features(name: str, x: torch.Tensor, validate: bool = True) -> None:
     check_tensor(name, x, ndim=2, dtypes=FLOAT_DTYPES)
     if x.shape[1] == 0:
         raise ValueError(f"{name} has zero feature dimensions")
-    check_finite(name, x)
+    if validate:
+        check_finite(name, x)
 
 
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "cosine",
                   normalized: bool = False, chunk_size: int = 8192,
-                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str | None = None, validate: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row.
 
     Args:
@@ -48,15 +51,26 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "co
         metric: ``cosine`` or ``l2``.
         normalized: for cosine, whether ``x`` and ``centroids`` already have unit rows.
         chunk_size: rows per matmul in the torch path.
+        validate: check both for NaN/Inf (a host sync each); False skips it on hot paths —
+            non-finite inputs then give unspecified labels.
 
     Returns:
         labels int64 ``N`` and distances float32 ``N`` (cosine: ``1 − cos``; l2: squared).
+
+    Example:
+        >>> import torch
+        >>> from fastbd.ops import kmeans_assign
+        >>> centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> labels, distances = kmeans_assign(torch.tensor([[0.9, 0.1], [0.2, 3.0]]), centroids,
+        ...                                   metric="l2")
+        >>> labels.tolist(), distances
+        ([0, 1], tensor([0.0200, 4.0400]))
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("centroids", centroids, ndim=2, dtypes=FLOAT_DTYPES)
     check_same_device(x=x, centroids=centroids)
-    _check_features("x", x)
-    _check_features("centroids", centroids)
+    _check_features("x", x, validate)
+    _check_features("centroids", centroids, validate)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if x.shape[1] != centroids.shape[1]:
@@ -65,11 +79,15 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "co
         raise ValueError("centroids is empty")
     if x.dtype != centroids.dtype:
         raise TypeError(f"x is {x.dtype} but centroids are {centroids.dtype}")
+    chosen = choose_backend("kmeans_assign", x.device, backend)
+    external = external_backend("kmeans_assign", chosen)
+    if external is not None:
+        return external(x=x, centroids=centroids, metric=metric, normalized=normalized,
+                        chunk_size=chunk_size)
     if metric == "cosine" and not normalized:
         x = F.normalize(x, dim=1)
         centroids = F.normalize(centroids, dim=1)
-    return _assign(x, centroids, metric, chunk_size,
-                   choose_backend("kmeans_assign", x.device, backend))
+    return _assign(x, centroids, metric, chunk_size, chosen)
 
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: int,
@@ -127,6 +145,18 @@ class KMeans:
 
     After ``fit``: ``cluster_centers_`` (float32 ``K×D``), ``labels_``, ``distances_`` (to the
     assigned centroid), ``inertia_`` (their sum), ``n_iter_``, ``init_centers_``, ``backend_``.
+
+    Example:
+        >>> import torch
+        >>> from fastbd.ops import KMeans
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.cat([torch.randn(50, 2, generator=g) * 0.1,
+        ...                torch.randn(30, 2, generator=g) * 0.1 + 5])
+        >>> model = KMeans(2, metric="l2", seed=0).fit(x)
+        >>> sorted(torch.bincount(model.labels_).tolist())
+        [30, 50]
+        >>> model.predict(torch.tensor([[5.0, 5.0]])).item() == model.labels_[-1].item()
+        True
     """
 
     def __init__(self, n_clusters: int, n_iter: int = 20, *, metric: str = "cosine",

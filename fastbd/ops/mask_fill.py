@@ -17,10 +17,11 @@ the kernel decides per pixel, and only the caller's output buffer is written.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fastbd.ops._backend import OpSpec, choose_backend, register
+from fastbd.ops._backend import OpSpec, choose_backend, external_backend, register
 from fastbd.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -83,11 +84,13 @@ def mask_fill(images: torch.Tensor, positions: torch.Tensor, window: int,
               image_index: torch.Tensor | None = None, strategy: str = "full",
               block: int | None = None, pattern: torch.Tensor | None = None, fill: float = 0.0,
               out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, validate: bool = True) -> torch.Tensor:
     """Write ``n·m`` masked, normalised copies of ``n`` images into one buffer.
 
     Args:
-        images: uint8 ``N×C×S×S`` image bank.
+        images: uint8 ``N×C×S×S`` image bank, or float32 in 0–255 units — differentiable: with
+            ``requires_grad`` the result carries gradients back to it (``scale`` where a pixel
+            is kept, 0 where masked).
         positions: integer ``n×m×2`` window top-left ``(y, x)`` per image and mask; any integers
             (wrapped mod ``S``).
         window: window side in pixels, ``1 ≤ window ≤ S``.
@@ -98,13 +101,26 @@ def mask_fill(images: torch.Tensor, positions: torch.Tensor, window: int,
         pattern: bool ``n×m×NB×NB`` (``NB = ceil(window / block)``) for ``random``.
         fill: value of masked pixels in normalised space.
         out: optional preallocated ``n·m×C×S×S`` float buffer (any strides, e.g. channels-last);
-            row ``i·m + j`` is image ``i`` under mask ``j``.
+            row ``i·m + j`` is image ``i`` under mask ``j``. Not with images that need gradients.
         dtype: output dtype when ``out`` is not given (float32, float16 or bfloat16).
+        validate: check that ``image_index`` lies in the bank (two host syncs); False skips it on
+            hot paths — an index out of range then reads outside the bank.
 
     Returns:
         ``out``: ``n·m×C×S×S``.
+
+    Example:
+        >>> import torch
+        >>> from fastbd.ops import mask_fill
+        >>> images = torch.full((1, 1, 4, 4), 255, dtype=torch.uint8)
+        >>> views = mask_fill(images, torch.tensor([[[1, 1]]]), 2, mean=[0.5], std=[0.5])
+        >>> views[0, 0]
+        tensor([[1., 1., 1., 1.],
+                [1., 0., 0., 1.],
+                [1., 0., 0., 1.],
+                [1., 1., 1., 1.]])
     """
-    check_tensor("images", images, ndim=4, dtypes=(torch.uint8,))
+    check_tensor("images", images, ndim=4, dtypes=(torch.uint8, torch.float32))
     check_tensor("positions", positions, ndim=3, dtypes=INDEX_DTYPES)
     n_images, channels, size, width = images.shape
     if size != width:
@@ -118,6 +134,7 @@ def mask_fill(images: torch.Tensor, positions: torch.Tensor, window: int,
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     n, m = positions.shape[:2]
+    given_index = image_index
     if image_index is None:
         if n != n_images:
             raise ValueError(f"positions cover {n} images but the bank has {n_images}; "
@@ -141,38 +158,105 @@ def mask_fill(images: torch.Tensor, positions: torch.Tensor, window: int,
         if tuple(pattern.shape) != (n, m, n_blocks, n_blocks):
             raise ValueError(f"pattern must have shape {(n, m, n_blocks, n_blocks)}, "
                              f"got {tuple(pattern.shape)}")
-    if out is None:
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        out = torch.empty(n * m, channels, size, size, dtype=dtype, device=images.device)
-    check_tensor("out", out, ndim=4, dtypes=FLOAT_DTYPES)
-    if tuple(out.shape) != (n * m, channels, size, size):
-        raise ValueError(f"out must have shape {(n * m, channels, size, size)}, "
-                         f"got {tuple(out.shape)}")
+    differentiable = images.requires_grad and torch.is_grad_enabled()
+    if differentiable and out is not None:
+        raise ValueError("images requires grad: drop out= (the result is a new tensor in the "
+                         "autograd graph)")
+    if out is not None:
+        check_tensor("out", out, ndim=4, dtypes=FLOAT_DTYPES)
+        if tuple(out.shape) != (n * m, channels, size, size):
+            raise ValueError(f"out must have shape {(n * m, channels, size, size)}, "
+                             f"got {tuple(out.shape)}")
+    elif dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     device = check_same_device(images=images, positions=positions, image_index=image_index,
                                pattern=pattern, out=out)
-    if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= n_images):
+    if validate and image_index.numel() and (int(image_index.min()) < 0
+                                             or int(image_index.max()) >= n_images):
         raise ValueError(f"image_index out of range [0, {n_images})")
     scale, bias = channel_affine(mean, std, channels, device)
-    if out.numel() == 0:
-        return out
-    wrapped = (positions.long() % size).reshape(n * m, 2).contiguous()
     chosen = choose_backend("mask_fill", device, backend)
-    if chosen == "triton":
-        if device.type == "cpu" and out.dtype == torch.bfloat16:
-            raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")
-        from fastbd.kernels import mask_fill as kernel
+    external = external_backend("mask_fill", chosen)
+    if external is not None:
+        return external(images=images, positions=positions, window=window, mean=mean, std=std,
+                        image_index=given_index, strategy=strategy, block=block,
+                        pattern=pattern, fill=fill, out=out, dtype=dtype)
+    out_dtype = dtype if out is None else out.dtype
+    if chosen == "triton" and device.type == "cpu" and out_dtype == torch.bfloat16:
+        raise TypeError("the Triton interpreter has no bfloat16; use float32/float16 on CPU")
+    wrapped = (positions.long() % size).reshape(n * m, 2).contiguous()
+    job = _MaskFillJob(image_index.long(), wrapped, window, scale, bias, strategy, block,
+                       n_blocks, pattern, fill, m, chosen)
+    if differentiable:
+        return _MaskFillFunction.apply(images, job, dtype)
+    if out is None:
+        out = torch.empty(n * m, channels, size, size, dtype=dtype, device=device)
+    return job.run(images, out)
 
-        strategy_code = {"full": kernel.FULL, "interval": kernel.INTERVAL,
-                         "random": kernel.RANDOM}[strategy]
-        flat_pattern = (pattern.reshape(n * m, -1).to(torch.uint8).contiguous()
-                        if pattern is not None else wrapped)
-        kernel.launch(images.contiguous(), image_index.long().contiguous(), wrapped,
-                      flat_pattern, scale, bias, out, m, window, block or 1, n_blocks,
-                      float(fill), strategy_code)
-        return out
-    return _mask_fill_torch(images, image_index.long(), wrapped, window, scale, bias, strategy,
-                            block, pattern, fill, out, m)
+
+@dataclass(frozen=True)
+class _MaskFillJob:
+    """One validated ``mask_fill`` call: its prepared inputs and the chosen backend."""
+
+    image_index: torch.Tensor   # int64 n
+    positions: torch.Tensor     # int64 n·m×2, wrapped mod S
+    window: int
+    scale: torch.Tensor         # float32 C
+    bias: torch.Tensor          # float32 C
+    strategy: str
+    block: int | None
+    n_blocks: int
+    pattern: torch.Tensor | None
+    fill: float
+    m: int
+    backend: str
+
+    def run(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if out.numel() == 0:
+            return out
+        if self.backend == "triton":
+            from fastbd.kernels import mask_fill as kernel
+
+            code = {"full": kernel.FULL, "interval": kernel.INTERVAL,
+                    "random": kernel.RANDOM}[self.strategy]
+            flat_pattern = (self.pattern.reshape(self.positions.shape[0], -1).to(torch.uint8)
+                            .contiguous() if self.pattern is not None else self.positions)
+            kernel.launch(images.contiguous(), self.image_index, self.positions, flat_pattern,
+                          self.scale, self.bias, out, self.m, self.window, self.block or 1,
+                          self.n_blocks, self.fill, code)
+            return out
+        return _mask_fill_torch(images, self.image_index, self.positions, self.window,
+                                self.scale, self.bias, self.strategy, self.block, self.pattern,
+                                self.fill, out, self.m)
+
+    def kept(self, size: int) -> torch.Tensor:
+        """bool ``n·m×S×S``: True where a pixel shows the image (not masked)."""
+        flat_pattern = (None if self.pattern is None
+                        else self.pattern.reshape(-1, *self.pattern.shape[2:]).bool())
+        return ~window_masks(self.positions, self.window, size, strategy=self.strategy,
+                             block=self.block, pattern=flat_pattern)
+
+
+class _MaskFillFunction(torch.autograd.Function):
+    """``mask_fill`` of float images with a gradient: ``∂out/∂image = scale`` at kept pixels,
+    summed over an image's masks (and over repeats of a bank row in ``image_index``)."""
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, job: _MaskFillJob, dtype: torch.dtype):
+        n_views = job.positions.shape[0]
+        out = torch.empty(n_views, *images.shape[1:], dtype=dtype, device=images.device)
+        ctx.job, ctx.bank_shape = job, images.shape
+        return job.run(images.detach(), out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        job = ctx.job
+        size = grad_out.shape[-1]
+        grad = torch.zeros(ctx.bank_shape, dtype=torch.float32, device=grad_out.device)
+        if grad_out.numel():
+            kept = grad_out.float() * job.scale[None, :, None, None] * job.kept(size)[:, None]
+            grad.index_add_(0, job.image_index, kept.view(-1, job.m, *kept.shape[1:]).sum(1))
+        return grad, None, None
 
 
 def _mask_fill_torch(images, image_index, positions, window, scale, bias, strategy, block,
