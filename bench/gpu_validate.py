@@ -47,13 +47,13 @@ STEPS = (
     Step("cuda_tests", ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
                         "tests", "--timeout", "120"), (), 0.2),
     Step("kernel_compile", ("{python}", "bench/kernel_compile.py", "--json",
-                            "{out}/kernel-compile.json"), ("kernel-compile.json",), 0.08),
+                            "{out}/kernel-compile.json"), ("kernel-compile.json",), 0.1),
     Step("gpu_benchmarks", ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                             "cuda", "bench", "--benchmark-json", "{out}/benchmarks.json",
                             "--benchmark-min-rounds", "3", "--timeout", "300"),
          ("benchmarks.json",), 0.35),
     Step("scale_harness", ("{python}", "bench/scale.py", "--size", "gpu", "--out",
-                           "{out}/scale.json"), ("scale.json",), 0.35),
+                           "{out}/scale.json"), ("scale.json",), 0.33),
 )
 """The run, in order. Shares of the budget sum to 1; the CUDA tests come first so a broken
 kernel is seen before any timing."""
