@@ -2,11 +2,12 @@
 
 ``cosine_topk`` never holds more than ``query_chunk × key_chunk`` similarities: for each query
 chunk it walks the key chunks, keeps the running top-k and merges each chunk's top-k into it.
-Backends: ``torch`` (matmul + ``torch.topk``, a radix select on CUDA), ``triton`` (one fused
+Backends: ``torch`` (matmul + ``torch.topk``, a radix select on CUDA) and ``triton`` (one fused
 kernel: a tensor-core tile product and a running top-k per query row, so the Q × K similarities
-are never written; k ≤ 64; equal similarities prefer the lower key index) and ``cupy`` (cuBLAS
-matmul + ``argpartition``, optional ``fastbd[gpu]``). ``pair_cosine`` has ``torch``, ``cupy`` and
-a one-pass ``triton`` kernel (dot and both norms in a single read of the inputs).
+are never written; k ≤ 64; equal similarities prefer the lower key index). There is no CuPy
+backend for it: CuPy's matmul is the same cuBLAS call as torch's and its ``argpartition`` fully
+sorts (CuPy's documentation says so), so it could only be slower. ``pair_cosine`` has ``torch``,
+``cupy`` and a one-pass ``triton`` kernel (dot and both norms in a single read of the inputs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, ch
 
 log = logging.getLogger(__name__)
 
-register(OpSpec("cosine_topk", ("triton", "torch", "cupy"), {"cuda": ("torch", "triton", "cupy")}))
+register(OpSpec("cosine_topk", ("triton", "torch"), {"cuda": ("torch", "triton")}))
 register(OpSpec("pair_cosine", ("triton", "cupy", "torch"), {"cuda": ("torch", "triton")}))
 
 
@@ -112,12 +113,11 @@ def cosine_topk(query: torch.Tensor, keys: torch.Tensor, k: int, *, largest: boo
         kernel.launch_topk(_unit_inner(query), _unit_inner(keys), values, indices, k, largest,
                            config)
         return values, indices
-    select = _chunk_topk_cupy if chosen == "cupy" else _chunk_topk_torch
     for q0 in range(0, n_query, query_chunk):
         block = query[q0:q0 + query_chunk]
         best_v = best_i = None
         for k0 in range(0, keys.shape[0], key_chunk):
-            v, i = select(block, keys[k0:k0 + key_chunk], k, largest)
+            v, i = _chunk_topk_torch(block, keys[k0:k0 + key_chunk], k, largest)
             i += k0
             if best_v is None:
                 best_v, best_i = v, i
@@ -136,22 +136,6 @@ def _chunk_topk_torch(query: torch.Tensor, keys: torch.Tensor, k: int, largest: 
     """Top-min(k, chunk) of one similarity tile, sorted: float32 and int64 ``q×k'``."""
     sims = (query @ keys.T).float()
     return sims.topk(min(k, sims.shape[1]), dim=1, largest=largest)
-
-
-def _chunk_topk_cupy(query: torch.Tensor, keys: torch.Tensor, k: int, largest: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    import cupy
-
-    sims = cupy.from_dlpack(_cupy_ready(query)) @ cupy.from_dlpack(_cupy_ready(keys)).T
-    sims = sims.astype(cupy.float32)
-    order_key = -sims if largest else sims
-    kk = min(k, sims.shape[1])
-    part = cupy.argpartition(order_key, kk - 1, axis=1)[:, :kk]
-    part_vals = cupy.take_along_axis(order_key, part, axis=1)
-    order = cupy.argsort(part_vals, axis=1)
-    idx = cupy.take_along_axis(part, order, axis=1)
-    vals = cupy.take_along_axis(sims, idx, axis=1)
-    return torch.from_dlpack(vals), torch.from_dlpack(idx.astype(cupy.int64))
 
 
 def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 1e-8,
