@@ -158,3 +158,56 @@ def test_interrupted_training_says_a_rerun_continues(tmp_path, capsys, monkeypat
                  str(tmp_path / "cache"), "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("fastbd train-ssl: interrupted; rerun the same command "
                                        "to continue training from its last completed epoch\n")
+
+
+def _commands():
+    import argparse
+
+    from fastbd.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_flag_has_help_and_every_command_examples_that_parse():
+    import argparse
+    import shlex
+
+    parser, commands = _commands()
+    assert all(a.help for a in parser._actions if not isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.items():
+        unexplained = [a.option_strings or a.dest for a in command._actions
+                       if not a.help and not isinstance(a, argparse._HelpAction)]
+        assert unexplained == [], name
+        examples = command.get_default("examples")
+        assert examples, name
+        for example in examples:
+            argv = shlex.split(example.split(" > ")[0])
+            assert argv[:2] == ["fastbd", name]
+            assert parser.parse_args(argv[1:]).command == name  # exits 2 when it does not parse
+        text = command.format_help()
+        assert "examples:" in text and examples[0] in text
+
+
+def test_help_shows_defaults_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["poisoncam", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "output folder (default: fastbd-out/poisoncam)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default: names)") == 1
+
+
+def test_threads_flag_sets_torch_threads(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "env", "--json"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "env"])
+    assert "expected a positive integer" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbd.data.augment import AugmentConfig, augment, crop_windows, random_resized_crop
-from fastbd.eval.zeroshot import retrieval_recall, zero_shot_predict, zero_shot_weights
+from fastbd.eval import retrieval_recall, zero_shot_predict, zero_shot_weights
 from fastbd.models import (
     Encoder,
     embed_images,

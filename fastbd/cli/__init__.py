@@ -11,13 +11,18 @@ import sys
 from collections.abc import Sequence
 
 from fastbd.cli import defend, demo, detect, world
+from fastbd.cli.common import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastbd", description="Find and remove data-poisoning backdoors: PoisonCAM and "
-        "PatchSearch for SSL image encoders, UBT, CleanCLIP and ABL for CLIP models.")
+        "PatchSearch for SSL image encoders, UBT, CleanCLIP and ABL for CLIP models.",
+        epilog="`fastbd <command> --help` shows a command's flags, defaults and examples.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for torch (default: torch's, one per core — on a "
+                             "machine busy with other work fewer are faster)")
     sub = parser.add_subparsers(dest="command", required=True)
     for family in (demo, world, detect, defend):
         family.add_parsers(sub)
@@ -58,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

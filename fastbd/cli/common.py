@@ -8,6 +8,38 @@ from pathlib import Path
 import torch
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help (none for unset values and off switches); the
+    examples in the epilog keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, summary: str,
+                examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows ``summary``, every default and the ``examples``
+    (each a full ``fastbd …`` line; the CLI tests parse every one)."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    parser = sub.add_parser(name, help=summary, description=summary, epilog=epilog,
+                            formatter_class=HelpFormatter)
+    parser.set_defaults(examples=examples)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,4 +67,4 @@ def add_duplicates_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=default_device(),
-                        help="torch device to compute on (default: %(default)s)")
+                        help="torch device to compute on")

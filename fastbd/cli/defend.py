@@ -7,6 +7,7 @@ import argparse
 import json
 
 from fastbd.cli.common import (
+    add_command,
     add_device_flag,
     add_duplicates_flag,
     duplicates_policy,
@@ -50,19 +51,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from fastbd import registry
 
     for name, entry in registry.CLIP_DEFENSES.items():
-        defense = sub.add_parser(name, help=entry.help, description=entry.help)
+        reference = (" --reference-checkpoint clean.pt" if entry.needs_reference else "")
+        defense = add_command(sub, name, entry.help, [
+            f"fastbd {name} --csv train.csv --checkpoint backdoored.pt{reference} "
+            f"--out fastbd-out/{name}",
+            f"fastbd {name} --csv pairs.csv --image-key filepath --caption-key title "
+            f"--arch ViT-B-32 --checkpoint model.pt{reference} --device cuda"])
         defense.add_argument("--csv", required=True,
                              help="the (possibly poisoned) training pairs" if entry.pairs ==
                              "training" else "the clean fine-tuning pairs")
         defense.add_argument("--image-key", default="image",
-                             help="image column (default: %(default)s)")
+                             help="image column")
         defense.add_argument("--caption-key", default="caption",
-                             help="caption column (default: %(default)s)")
+                             help="caption column")
         defense.add_argument("--separator", default=",",
-                             help="column separator (default: %(default)r)")
+                             help="column separator")
         defense.add_argument("--arch", default="tiny",
-                             help="open_clip architecture (e.g. ViT-B-32, RN50) or 'tiny' "
-                                  "(default: %(default)s)")
+                             help="open_clip architecture (e.g. ViT-B-32, RN50) or 'tiny'")
         defense.add_argument("--checkpoint", required=True, help="the model to defend")
         if entry.needs_reference:
             defense.add_argument("--reference-checkpoint",
@@ -73,7 +78,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         defense.add_argument("--config", help="JSON/YAML file with the defense's Config fields")
         defense.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
         add_duplicates_flag(defense)
-        defense.add_argument("--out", default=f"fastbd-out/{name}",
-                             help="output folder (default: %(default)s)")
+        defense.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")
         add_device_flag(defense)
         defense.set_defaults(run=run_clip_defense, continued_by_rerun=True)

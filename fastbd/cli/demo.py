@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from fastbd.cli.common import add_device_flag
+from fastbd.cli.common import add_command, add_device_flag
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -72,18 +72,21 @@ def _ops_smoke(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    env = sub.add_parser("env", help="versions, devices and available backends per op")
+    env = add_command(sub, "env", "versions, devices and available backends per op",
+                      ["fastbd env", "fastbd env --json > env.json"])
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(run=cmd_env)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded synthetic world")
+    demo = add_command(sub, "demo", "the main job on the embedded synthetic world",
+                       ["fastbd demo", "fastbd demo poisoncam --retrain --out fastbd-out/demo",
+                        "fastbd demo ops --device cuda"])
     demo.add_argument("which", nargs="?", default="all",
                       choices=["all", "poisoncam", "ubt", "ops"],
                       help="poisoncam: PoisonCAM vs PatchSearch on the poisoned SSL world; ubt: "
                       "UBT vs CleanCLIP and ABL on poisoned CLIPs; ops: the kernels against "
                       "their references; all: all three")
     add_device_flag(demo)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the worlds and the runs")
     demo.add_argument("--retrain", action="store_true",
                       help="retrain the SSL encoder on the cleaned set and report CA/ASR")
     demo.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")

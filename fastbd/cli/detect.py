@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from fastbd.cli.common import (
+    add_command,
     add_device_flag,
     add_duplicates_flag,
     duplicates_policy,
@@ -82,7 +83,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from fastbd import registry
 
     for name, entry in registry.DETECTORS.items():
-        det = sub.add_parser(name, help=entry.help, description=entry.help)
+        det = add_command(sub, name, entry.help, [
+            f"fastbd {name} --file-list train.txt --arch resnet18 --checkpoint encoder.pt "
+            f"--out fastbd-out/{name}",
+            f"fastbd {name} --image-folder data/train --arch vit_base_patch16_224 "
+            "--checkpoint mocov3.pth.tar --preset paper --device cuda",
+            f"fastbd {name} --file-list fastbd-out/htba/train.txt --arch smallconv16 "
+            f"--checkpoint fastbd-out/ssl/encoder.pt --resume --out fastbd-out/{name}"])
         det.add_argument("--file-list", help="'<path> <label>' per line")
         det.add_argument("--image-folder", help="ImageFolder root")
         det.add_argument("--arch", required=True,
@@ -100,10 +107,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                           "--preset)")
         det.add_argument("--ground-truth", default="names",
                          help="for the metrics only: 'names' (files with HTBA_trigger in "
-                              "their path are poisoned; the default), 'none', or a file "
+                              "their path are poisoned), 'none', or a file "
                               "(.npy of N booleans or of indices, or one index per line)")
-        det.add_argument("--out", default=f"fastbd-out/{name}",
-                         help="output folder (default: %(default)s)")
+        det.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")
         det.add_argument("--resume", action="store_true",
                          help="continue the search and the poison classifier's training "
                               "saved in --out")

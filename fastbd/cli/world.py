@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from fastbd.cli.common import (
+    add_command,
     add_device_flag,
     add_duplicates_flag,
     duplicates_policy,
@@ -189,10 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-train", type=int, default=5000)
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=5000, help="synthetic world: training images")
+    p.add_argument("--n-eval", type=int, default=1000, help="synthetic world: evaluation images")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic world: image side")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and the run")
     p.add_argument("--target", type=int, default=0, help="target class index")
     add_device_flag(p)
     from fastbd.world.synthetic import LAYOUTS
@@ -210,9 +211,12 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from fastbd.attacks import ATTACKS
 
-    attack = sub.add_parser("attack", help="poison the synthetic world, a file list or a CSV")
+    attack = add_command(sub, "attack", "poison the synthetic world, a file list or a CSV", [
+        "fastbd attack --attack htba --target 0 --fraction 0.5 --out fastbd-out/htba",
+        "fastbd attack --attack badnet --csv pairs.csv --rate 0.01 --out fastbd-out/badnet",
+        "fastbd attack --attack htba --file-list train.txt --target 3 --out fastbd-out/mine"])
     add_world_args(attack)
-    attack.add_argument("--attack", choices=ATTACKS, default="htba")
+    attack.add_argument("--attack", choices=ATTACKS, default="htba", help="the attack to plant")
     attack.add_argument("--fraction", type=float, default=0.5,
                         help="HTBA: fraction of the target class poisoned")
     attack.add_argument("--trigger-side", type=float,
@@ -222,50 +226,64 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                              "poisons 0.10 with WaNet)")
     attack.add_argument("--file-list", help="'<path> <label>' list to poison instead")
     attack.add_argument("--csv", help="CSV of image-caption pairs to poison instead")
-    attack.add_argument("--image-key", default="image")
-    attack.add_argument("--caption-key", default="caption")
-    attack.add_argument("--separator", default=",")
+    attack.add_argument("--image-key", default="image", help="--csv: the image column")
+    attack.add_argument("--caption-key", default="caption", help="--csv: the caption column")
+    attack.add_argument("--separator", default=",", help="--csv: the column separator")
     attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
     attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     add_duplicates_flag(attack)
     attack.add_argument("--absolute-paths", action="store_true",
                         help="write absolute image paths in train.txt / train.csv (default: "
                              "paths relative to --out)")
-    attack.add_argument("--out", default="fastbd-out/attack")
+    attack.add_argument("--out", default="fastbd-out/attack", help="output folder")
     attack.set_defaults(run=cmd_attack)
 
-    ssl = sub.add_parser("train-ssl", help="train a SimCLR encoder on the (poisoned) world")
+    ssl = add_command(sub, "train-ssl", "train a SimCLR encoder on the (poisoned) world", [
+        "fastbd train-ssl --attack htba --out fastbd-out/ssl",
+        "fastbd train-ssl --attack none --width 32 --epochs 40 --out fastbd-out/ssl-clean"])
     add_world_args(ssl)
-    ssl.add_argument("--attack", choices=("htba", "none"), default="htba")
-    ssl.add_argument("--fraction", type=float, default=0.5)
+    ssl.add_argument("--attack", choices=("htba", "none"), default="htba",
+                     help="the poisoning of the training set")
+    ssl.add_argument("--fraction", type=float, default=0.5,
+                     help="HTBA: fraction of the target class poisoned")
     ssl.add_argument("--trigger-side", type=float,
                      help="HTBA trigger side as a fraction of the image side (default 50/224)")
-    ssl.add_argument("--width", type=int, default=16)
+    ssl.add_argument("--width", type=int, default=16, help="the small conv encoder's width")
     ssl.add_argument("--epochs", type=int, default=None,
                      help="SimCLR epochs (default: SSLThreatConfig's)")
-    ssl.add_argument("--cache", default="fastbd-out/cache")
+    ssl.add_argument("--cache", default="fastbd-out/cache",
+                     help="threat-model cache (reused when the settings match)")
     ssl.add_argument("--retrain", action="store_true", help="ignore cached weights")
-    ssl.add_argument("--out", default="fastbd-out/train-ssl")
+    ssl.add_argument("--out", default="fastbd-out/train-ssl", help="output folder")
     ssl.set_defaults(run=cmd_train_ssl, continued_by_rerun=True)
 
-    clip = sub.add_parser("train-clip", help="train a tiny CLIP on (poisoned) world pairs")
+    clip = add_command(sub, "train-clip", "train a tiny CLIP on (poisoned) world pairs", [
+        "fastbd train-clip --attack badnet --out fastbd-out/clip",
+        "fastbd train-clip --attack wanet --rate 0.1 --epochs 12 --out fastbd-out/clip-wanet"])
     add_world_args(clip)
-    clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet")
+    clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet",
+                      help="the poisoning of the training pairs")
     clip.add_argument("--rate", type=float,
                       help="poisoned share (default 0.01, WaNet 0.10: the world's rates)")
     clip.add_argument("--epochs", type=int, help="default: CLIPTrainConfig's (8)")
-    clip.add_argument("--cache", default="fastbd-out/cache")
-    clip.add_argument("--retrain", action="store_true")
-    clip.add_argument("--out", default="fastbd-out/train-clip")
+    clip.add_argument("--cache", default="fastbd-out/cache",
+                      help="threat-model cache (reused when the settings match)")
+    clip.add_argument("--retrain", action="store_true", help="ignore cached weights")
+    clip.add_argument("--out", default="fastbd-out/train-clip", help="output folder")
     clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True)
 
-    evaluate = sub.add_parser("eval", help="evaluate saved weights on the synthetic world")
+    evaluate = add_command(sub, "eval", "evaluate saved weights on the synthetic world", [
+        "fastbd eval ssl --checkpoint fastbd-out/ssl/encoder.pt --attack htba",
+        "fastbd eval clip --checkpoint fastbd-out/clip/clip.pt --attack badnet"])
     add_world_args(evaluate)
-    evaluate.add_argument("kind", choices=("ssl", "clip"))
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba")
-    evaluate.add_argument("--width", type=int, default=16)
+    evaluate.add_argument("kind", choices=("ssl", "clip"),
+                          help="an SSL encoder (linear probe) or a CLIP model (zero-shot)")
+    evaluate.add_argument("--checkpoint", required=True, help="the weights to evaluate")
+    evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba",
+                          help="the trigger whose attack success rate is measured")
+    evaluate.add_argument("--width", type=int, default=16,
+                          help="ssl: the small conv encoder's width")
     evaluate.add_argument("--trigger-side", type=float,
                           help="HTBA trigger side as a fraction of the image side (default 50/224)")
-    evaluate.add_argument("--out", default="fastbd-out/eval")
+    evaluate.add_argument("--out", default="fastbd-out/eval", help="output folder")
     evaluate.set_defaults(run=cmd_eval)
