@@ -56,7 +56,7 @@ def _pairs(n, size, context, device):
 def _plain_split(model, images, tokens, fraction, batch=512):
     with torch.no_grad():
         sims = torch.cat([F.cosine_similarity(
-            model.encode_image(clip_normalise(images[s:s + batch])),
+            model.encode_image(clip_normalise(images[s:s + batch], model)),
             model.encode_text(tokens[s:s + batch])) for s in range(0, images.shape[0], batch)])
     return torch.argsort(sims)[:max(1, round(fraction * sims.numel()))]
 
@@ -70,10 +70,10 @@ def _plain_train(model, images, tokens, steps, batch, lr, target_cosine):
     for step in range(steps):
         first = torch.arange(step * batch, (step + 1) * batch) % n
         second = (first + n // 2) % n
-        cos = F.cosine_similarity(tuned.encode_image(clip_normalise(images[first])),
+        cos = F.cosine_similarity(tuned.encode_image(clip_normalise(images[first], tuned)),
                                   tuned.encode_text(tokens[first]))
         loss = (cos - 1).pow(2).mean() if target_cosine else cos.mean()
-        loss = loss + clip_loss(tuned.encode_image(clip_normalise(images[second])),
+        loss = loss + clip_loss(tuned.encode_image(clip_normalise(images[second], tuned)),
                                 tuned.encode_text(tokens[second]), tuned.logit_scale)
         optimizer.zero_grad()
         loss.backward()

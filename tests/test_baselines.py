@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, augment_tokens, cleanclip
-from fastbd.clipdefense import EOT, SOT, suspicious_split
+from fastbd.clipdefense import suspicious_split
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import batch_clip_loss
 
@@ -31,7 +31,9 @@ def test_augment_tokens_is_well_formed(pairs, gen):
     assert torch.equal(augment_tokens(tokens, 0.0, gen), tokens)
     dropped = augment_tokens(tokens, 0.5, gen)
     eot = dropped.argmax(dim=1)
-    assert (dropped[:, 0] == SOT).all() and (dropped.gather(1, eot[:, None]) == EOT).all()
+    tokenizer = clip_tokenizer()
+    assert (dropped[:, 0] == tokenizer.sot_token_id).all()
+    assert (dropped.gather(1, eot[:, None]) == tokenizer.eot_token_id).all()
     for row in range(tokens.shape[0]):
         kept = dropped[row, 1:eot[row]].tolist()
         original = tokens[row, 1:tokens[row].argmax()].tolist()

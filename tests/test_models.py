@@ -16,7 +16,7 @@ from fastbd.models import (
 )
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import clip_loss
-from fastbd.training.ssl import SSLConfig, byol_loss, nt_xent, train_ssl
+from fastbd.training.ssl import SSLConfig, byol_loss, moco_loss, nt_xent, train_ssl
 
 
 def test_small_encoder_and_embedding(gen):
@@ -157,11 +157,16 @@ def test_losses():
     # Perfectly aligned, well separated views give a lower NT-Xent than random ones.
     basis = torch.eye(8) * 10
     assert float(nt_xent(basis, basis, 0.2)) < float(nt_xent(basis, torch.randn(8, 8), 0.2))
+    # MoCo v3: keys matching their own predictions give a lower loss than shuffled ones; the
+    # 2·temperature scale makes uniform logits cost 2τ·log B.
+    assert float(moco_loss(basis, basis, 0.2)) < float(moco_loss(basis, basis.roll(1, 0), 0.2))
+    assert float(moco_loss(torch.ones(4, 3), torch.ones(4, 3), 0.5)) == pytest.approx(
+        math.log(4), abs=1e-5)
     logits_uniform = clip_loss(torch.ones(4, 3), torch.ones(4, 3), torch.tensor(0.0))
     assert float(logits_uniform) == pytest.approx(math.log(4), abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "mocov3"])
 def test_ssl_training_reduces_loss(gen, method):
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
     encoder = small_encoder(4, 16)
@@ -185,8 +190,9 @@ def _small_encoder_with_dropout(seed: int) -> Encoder:
 @pytest.mark.parametrize("method, build", [
     ("simclr", lambda seed: small_encoder(4, 16, seed=seed)),
     ("byol", lambda seed: small_encoder(4, 16, seed=seed)),
+    ("mocov3", lambda seed: small_encoder(4, 16, seed=seed)),
     ("simclr", _small_encoder_with_dropout),
-], ids=["simclr", "byol", "simclr-dropout"])
+], ids=["simclr", "byol", "mocov3", "simclr-dropout"])
 def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_path, method,
                                                                       build):
     images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=gen)

@@ -168,7 +168,7 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, c
     assert result["asr"] == result["target_false_positives"] / result["non_target_images"]
     capsys.readouterr()
     assert main([*flags[:5], "--width", "16", *flags[7:]]) == 2
-    assert f"checkpoint {checkpoint} does not fit Encoder: " in capsys.readouterr().err
+    assert f"checkpoint {checkpoint} does not fit SmallConvNet: " in capsys.readouterr().err
 
 
 def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monkeypatch):

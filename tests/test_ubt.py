@@ -30,7 +30,7 @@ def brute_cosine(model, images, tokens):
     with torch.no_grad():
         out = []
         for i in range(images.shape[0]):
-            a = model.encode_image(clip_normalise(images[i:i + 1]))
+            a = model.encode_image(clip_normalise(images[i:i + 1], model))
             b = model.encode_text(tokens[i:i + 1])
             out.append(F.cosine_similarity(a, b).item())
     return torch.tensor(out)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fastbd.clipdefense import EOT, SOT, masked_tokens
-from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
+from fastbd.clipdefense import masked_tokens
+from fastbd.models.clip import TinyCLIPConfig, caption_ends, clip_tokenizer, tiny_clip, tokenize
 from fastbd.ubt.relevance import _finish, _pair_logits, explicit_text_attention, token_relevance
 
 CAPTIONS = ["a photo of a red circle.", "the square here is green.", "cf a small blue bar."]
@@ -65,10 +65,21 @@ def test_masked_tokens_edge_cases():
     relevance[0, 2] = 0.6   # "red"
     relevance[0, 3] = 0.05  # "circle": below threshold
     out, keep = masked_tokens(tokens, relevance, 0.1)
-    assert out[0].tolist()[:4] == [SOT, int(tokens[0, 2]), EOT, 0]
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    assert out[0].tolist()[:4] == [sot, int(tokens[0, 2]), eot, 0]
     assert keep[0].tolist() == [False, False, True] + [False] * 5
-    assert out[1].tolist()[:3] == [SOT, EOT, 0]  # empty keep set: SOT + EOT
+    assert out[1].tolist()[:3] == [sot, eot, 0]  # empty keep set: start + end
     full = tokenize(tokenizer, ["a a a a a a"], 8)  # fills the context exactly
-    assert int(full[0, -1]) == EOT
+    assert int(full[0, -1]) == eot
     kept, _ = masked_tokens(full, torch.ones(1, 8), 0.1)
     assert torch.equal(kept, full)
+
+
+def test_caption_tokens_follow_the_captions_not_one_vocabulary():
+    # Another tokenizer's ids: start 7, end 3 (not the largest id), words 11–14, padding 0.
+    tokens = torch.tensor([[7, 11, 12, 13, 3, 0], [7, 14, 3, 0, 0, 0], [7, 3, 0, 0, 0, 0]])
+    assert caption_ends(tokens).tolist() == [4, 2, 1]
+    relevance = torch.tensor([[0.0, 0.9, 0.0, 0.5, 0.9, 0.9]] + [[0.9] * 6] * 2)
+    out, keep = masked_tokens(tokens, relevance, 0.4)
+    assert out.tolist() == [[7, 11, 13, 3, 0, 0], [7, 14, 3, 0, 0, 0], [7, 3, 0, 0, 0, 0]]
+    assert keep.sum(1).tolist() == [2, 1, 0]

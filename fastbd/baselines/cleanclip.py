@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.clipdefense import DefenseResult, check_pairs, defense_stages, masked_tokens
 from fastbd.data.augment import AugmentConfig, augment
 from fastbd.devices import device_of
+from fastbd.models.clip import clip_mean_std
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
 from fastbd.training.clip import clip_loss, finetune_mode, pair_features, shuffled_batches
@@ -53,8 +54,9 @@ class CleanCLIPConfig:
 
 
 def augment_tokens(tokens: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
-    """EDA random deletion on token ids ``B×L``: each token between SOT and EOT is dropped with
-    probability ``drop``; captions are rebuilt as SOT + kept + EOT (zero padded)."""
+    """EDA random deletion on token ids ``B×L``: each word token (between a caption's start and
+    end tokens) is dropped with probability ``drop``; captions are rebuilt as start + kept +
+    end (zero padded)."""
     keep_score = torch.rand(tokens.shape, generator=g).to(tokens.device)
     return masked_tokens(tokens, keep_score, drop)[0]
 
@@ -82,7 +84,7 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     n = images.shape[0]
     steps_per_epoch = len(shuffled_batches(n, config.batch_size, g))
     schedule = warmup_cosine(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
-    mean, std = _clip_mean_std(device)
+    mean, std = clip_mean_std(tuned, device)
     saved = TrainingState(stages.path("finetune"), stages.run, (), {"model": tuned}, optimizer,
                           schedule, {"batches": g}, device, stages.save_every_s)
     first_epoch = saved.restore(refuse_other=False)
@@ -114,13 +116,6 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                          timings={"finetune": saved.seconds},
                          config=asdict(config),
                          checkpoint_files=stages.existing())
-
-
-def _clip_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    return (torch.tensor(OPENAI_DATASET_MEAN, device=device)[:, None, None],
-            torch.tensor(OPENAI_DATASET_STD, device=device)[:, None, None])
 
 
 def _device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:

@@ -1,7 +1,8 @@
 """The ``fastbd`` command: a thin layer over the library, one module per command family —
-``demo`` (the demo and ``env``), ``world`` (the synthetic world: ``attack``, ``train-ssl``,
-``train-clip``, ``eval``), ``detect`` (every registered detector), ``defend`` (every registered
-CLIP defense)."""
+``demo`` (the demo and ``env``), ``world`` (``attack``), ``train`` (``train-ssl``,
+``train-clip``, ``eval``: the synthetic world or the user's files), ``detect`` (every
+registered detector), ``defend`` (every registered CLIP defense), ``loop`` (a paper's whole
+loop over those commands)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastbd.cli import defend, demo, detect, world
+from fastbd.cli import defend, demo, detect, loop, train, world
 from fastbd.cli.common import positive_int
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's, one per core — on a "
                              "machine busy with other work fewer are faster)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (demo, world, detect, defend):
+    for family in (demo, world, train, detect, defend, loop):
         family.add_parsers(sub)
     return parser
 
@@ -67,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # fastbd's own progress at INFO; other libraries (open_clip, timm) only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastbd").setLevel(logging.WARNING if args.quiet else logging.INFO)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)

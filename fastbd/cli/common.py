@@ -68,3 +68,34 @@ def add_duplicates_flag(parser: argparse.ArgumentParser) -> None:
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=default_device(),
                         help="torch device to compute on")
+
+
+def add_image_source_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--file-list`` / ``--image-folder``: the command's images (``what`` they are for)."""
+    parser.add_argument("--file-list", help=f"'<path> <label>' per line: {what}")
+    parser.add_argument("--image-folder", help=f"ImageFolder root (one folder per class): {what}")
+
+
+def read_labelled_images(file_list: str | None, image_folder: str | None,
+                         duplicates: str = "warn") -> tuple[list[Path], list[int], list[str]]:
+    """Paths, labels and file-list lines of ``--file-list`` or ``--image-folder`` (exactly one
+    given); an ImageFolder's lines are ``<path> <label>``."""
+    from fastbd.data.readers import read_file_list, read_image_folder
+
+    if bool(file_list) == bool(image_folder):
+        raise ValueError("give exactly one of --file-list and --image-folder")
+    if file_list:
+        listing = read_file_list(file_list, duplicates=duplicates)
+        return listing.paths, listing.labels, listing.lines
+    paths, labels, _ = read_image_folder(image_folder)
+    return paths, labels, [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
+
+
+def add_pair_csv_flags(parser: argparse.ArgumentParser, flag: str, required: bool,
+                       what: str) -> None:
+    """A CSV of image–caption pairs (``flag``, required when ``required``) and its column
+    flags: ``--image-key``, ``--caption-key``, ``--separator``."""
+    parser.add_argument(flag, required=required, help=what)
+    parser.add_argument("--image-key", default="image", help=f"{flag}: the image column")
+    parser.add_argument("--caption-key", default="caption", help=f"{flag}: the caption column")
+    parser.add_argument("--separator", default=",", help=f"{flag}: the column separator")

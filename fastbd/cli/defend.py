@@ -19,7 +19,8 @@ def run_clip_defense(args: argparse.Namespace) -> int:
     from fastbd import registry
     from fastbd.clipdefense.loading import load_pairs
     from fastbd.configfile import load_config
-    from fastbd.models.clip import load_clip
+    from fastbd.data.bank import remove_cache
+    from fastbd.models.clip import load_clip, tokenizer_name
 
     entry = registry.clip_defense(args.command)
     config = load_config(args.config, entry.config, entry.nested)
@@ -27,13 +28,12 @@ def run_clip_defense(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
     out = prepare_out(args.out)
     model = load_clip(args.arch, args.checkpoint).to(args.device)
-    pairs = load_pairs(args.csv, model,
-                       tokenizer_name="ViT-B-32" if args.arch == "tiny" else args.arch,
+    cache = out / ("pairs.npy" if entry.pairs == "training" else "clean_pairs.npy")
+    pairs = load_pairs(args.csv, model, tokenizer_name=tokenizer_name(args.arch),
                        image_key=args.image_key, caption_key=args.caption_key,
                        separator=args.separator, image_size=args.image_size,
                        skip_bad=args.skip_bad, duplicates=duplicates_policy(args),
-                       cache=out / ("pairs.npy" if entry.pairs == "training" else
-                                    "clean_pairs.npy"), verbose=not args.quiet)
+                       cache=cache, verbose=not args.quiet)
     options = {}
     if entry.needs_reference:
         options["reference"] = load_clip(args.reference_arch or args.arch,
@@ -41,6 +41,8 @@ def run_clip_defense(args: argparse.Namespace) -> int:
     result = entry.run(model, pairs.images, pairs.tokens, config=config, device=args.device,
                        verbose=not args.quiet, checkpoint_dir=out, **options)
     result.save(out, truth=pairs.truth, tokens=pairs.tokens, tokenizer=pairs.tokenizer)
+    if not args.keep_cache:
+        remove_cache(cache)
     summary = {**result.summary(pairs.truth), "pairs": int(pairs.tokens.shape[0]),
                "skipped": pairs.report.skipped, "out": str(out)}
     print(json.dumps(summary, indent=2, default=str))
@@ -77,6 +79,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                              help="default: the model's input size")
         defense.add_argument("--config", help="JSON/YAML file with the defense's Config fields")
         defense.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+        defense.add_argument("--keep-cache", action="store_true",
+                             help="keep the memory-mapped copy of the images in --out after a "
+                                  "successful run (an interrupted run keeps it to resume)")
         add_duplicates_flag(defense)
         defense.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")
         add_device_flag(defense)

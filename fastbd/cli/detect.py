@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from fastbd.cli.common import (
     add_command,
     add_device_flag,
     add_duplicates_flag,
+    add_image_source_flags,
     duplicates_policy,
     prepare_out,
+    read_labelled_images,
 )
 
 log = logging.getLogger("fastbd")
@@ -32,33 +35,30 @@ def load_detector_config(args: argparse.Namespace):
                        base=preset(name))
 
 
+def listed_path(path: Path, out: Path, absolute: bool) -> str:
+    """``path`` as ``filtered.txt`` lists it: absolute, or relative to ``out`` (the file's
+    folder) so the list reads back from anywhere."""
+    resolved = Path(path).resolve()
+    return str(resolved) if absolute else os.path.relpath(resolved, out.resolve())
+
+
 def run_detector(args: argparse.Namespace) -> int:
     from fastbd import registry
-    from fastbd.data.bank import ImageBank
-    from fastbd.data.readers import (
-        names_ground_truth,
-        read_file_list,
-        read_ground_truth,
-        read_image_folder,
-    )
-    from fastbd.models import default_image_size, encoder_by_name
+    from fastbd.data.bank import ImageBank, remove_cache
+    from fastbd.data.readers import names_ground_truth, read_ground_truth
+    from fastbd.models import encoder_by_name
 
-    if bool(args.file_list) == bool(args.image_folder):
-        raise ValueError("give exactly one of --file-list and --image-folder")
+    paths, labels, lines = read_labelled_images(args.file_list, args.image_folder,
+                                                duplicates_policy(args))
     config = load_detector_config(args)
     out = prepare_out(args.out)
-    if args.file_list:
-        listing = read_file_list(args.file_list, duplicates=duplicates_policy(args))
-        paths, labels, lines = listing.paths, listing.labels, listing.lines
-    else:
-        paths, labels, _ = read_image_folder(args.image_folder)
-        lines = [f"{p} {label}" for p, label in zip(paths, labels, strict=True)]
-    if args.absolute_paths:
-        lines = [f"{Path(p).resolve()} {label}" for p, label in zip(paths, labels, strict=True)]
-    size = args.image_size or default_image_size(args.arch)
-    encoder = encoder_by_name(args.arch, args.checkpoint, size)
-    bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
-                                        cache=out / "bank.npy", verbose=not args.quiet)
+    lines = [f"{listed_path(p, out, args.absolute_paths)} {label}"
+             for p, label in zip(paths, labels, strict=True)]
+    encoder = encoder_by_name(args.arch, args.checkpoint, args.image_size)
+    cache = out / "bank.npy"
+    bank, report = ImageBank.from_files(paths, encoder.image_size, crop_ratio=encoder.crop_ratio,
+                                        skip_bad=args.skip_bad, cache=cache,
+                                        verbose=not args.quiet)
     lines = [lines[i] for i in report.kept]
     if args.ground_truth == "none":
         truth = None
@@ -71,6 +71,9 @@ def run_detector(args: argparse.Namespace) -> int:
                  ground_truth=truth, verbose=not args.quiet)
     result = detector.result_
     result.save(out, file_list_lines=lines, truth=truth)
+    del bank
+    if not args.keep_cache:
+        remove_cache(cache)
     summary = {"removed": int(result.removed.sum()), "images": len(lines),
                "skipped": report.skipped, "out": str(out)}
     if result.metrics is not None:
@@ -90,15 +93,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "--checkpoint mocov3.pth.tar --preset paper --device cuda",
             f"fastbd {name} --file-list fastbd-out/htba/train.txt --arch smallconv16 "
             f"--checkpoint fastbd-out/ssl/encoder.pt --resume --out fastbd-out/{name}"])
-        det.add_argument("--file-list", help="'<path> <label>' per line")
-        det.add_argument("--image-folder", help="ImageFolder root")
+        add_image_source_flags(det, "the (possibly poisoned) training images")
         det.add_argument("--arch", required=True,
                          help="timm architecture (e.g. resnet18, vit_base_patch16_224), "
                               "torchvision:<name>, or smallconv<width> (fastbd train-ssl's "
                               "encoder, e.g. smallconv16)")
         det.add_argument("--checkpoint", help="state dict or MoCo v3 checkpoint")
         det.add_argument("--image-size", type=int,
-                         help="encoder input side (default 32 for smallconv, else 224)")
+                         help="encoder input side (default: 32 for smallconv, the timm "
+                              "pretrained config's input size, 224 for torchvision)")
+        det.add_argument("--keep-cache", action="store_true",
+                         help="keep the memory-mapped copy of the images (bank.npy) in --out "
+                              "after a successful run (an interrupted run keeps it to resume)")
         det.add_argument("--preset", choices=("paper", "fast"),
                          help="starting config: the papers' settings (5-ResNet classifier; "
                               "default on CUDA) or the CPU-sized demo recipe (default "
@@ -114,9 +120,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="continue the search and the poison classifier's training "
                               "saved in --out")
         det.add_argument("--absolute-paths", action="store_true",
-                         help="write filtered.txt with absolute image paths (tools that open "
-                              "the paths from another folder need them; by default it keeps "
-                              "the input's lines as they are)")
+                         help="write filtered.txt with absolute image paths (by default they "
+                              "are relative to --out, the list's folder, as fastbd reads them)")
         det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
         add_duplicates_flag(det)
         add_device_flag(det)

@@ -12,8 +12,8 @@ from fastbd.clipdefense.pairs import (
     suspicious_split,
 )
 from fastbd.clipdefense.result import DefenseResult, as_truth
-from fastbd.clipdefense.tokens import EOT, SOT, masked_tokens
+from fastbd.clipdefense.tokens import masked_tokens, word_positions
 
-__all__ = ["EOT", "SOT", "SPLIT_RULES", "DefenseResult", "as_truth", "check_pairs",
-           "defense_stages", "masked_tokens", "saved_split", "similarities", "stage_epochs",
-           "suspicious_split"]
+__all__ = ["SPLIT_RULES", "DefenseResult", "as_truth", "check_pairs", "defense_stages",
+           "masked_tokens", "saved_split", "similarities", "stage_epochs", "suspicious_split",
+           "word_positions"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastbd.data.bank import ImageBank, LoadReport
-from fastbd.data.readers import read_csv_pairs
+from fastbd.data.readers import csv_labels, read_csv_pairs
 from fastbd.models.clip import clip_image_size, clip_tokenizer, context_length_of, tokenize
 
 TRUE_FLAGS = ("1", "true", "yes")
@@ -19,14 +19,16 @@ TRUE_FLAGS = ("1", "true", "yes")
 @dataclass
 class LoadedPairs:
     """uint8 ``images`` ``N×3×S×S``, int64 ``tokens`` ``N×L``, ``truth`` (bool ``N`` from the
-    CSV's ``is_backdoor`` column, or None), the ``tokenizer`` used and the files' ``report``
-    (which rows were kept, which images skipped)."""
+    CSV's ``is_backdoor`` column, or None), ``labels`` (int64 ``N`` from its ``label`` column,
+    or None), the ``tokenizer`` used and the files' ``report`` (which rows were kept, which
+    images skipped)."""
 
     images: torch.Tensor
     tokens: torch.Tensor
     truth: torch.Tensor | None
     tokenizer: object
     report: LoadReport
+    labels: torch.Tensor | None = None
 
 
 def load_pairs(csv_path: str | Path, model: nn.Module, *, tokenizer_name: str = "ViT-B-32",
@@ -34,19 +36,22 @@ def load_pairs(csv_path: str | Path, model: nn.Module, *, tokenizer_name: str = 
                image_size: int | None = None, skip_bad: bool = False,
                cache: str | Path | None = None, duplicates: str = "warn",
                verbose: bool = True) -> LoadedPairs:
-    """Read the pairs of ``csv_path`` for ``model``: images through the eval transform at
-    ``image_size`` (default: the model's input size; cached as a memory-mapped ``.npy`` at
-    ``cache``), captions tokenized with open_clip's ``tokenizer_name`` tokenizer at the model's
-    context length (a caption that does not fit is an error, not a silent truncation)."""
+    """Read the pairs of ``csv_path`` for ``model``: images through CLIP's eval transform
+    (shorter side resized to ``image_size``, centre crop; default: the model's input size;
+    cached as a memory-mapped ``.npy`` at ``cache``), captions tokenized with open_clip's
+    ``tokenizer_name`` tokenizer at the model's context length (a caption that does not fit is
+    an error, not a silent truncation)."""
     pairs = read_csv_pairs(csv_path, image_key=image_key, caption_key=caption_key,
                            separator=separator, duplicates=duplicates)
     size = image_size or clip_image_size(model)
-    bank, report = ImageBank.from_files(pairs.paths, size, skip_bad=skip_bad, cache=cache,
-                                        verbose=verbose)
+    bank, report = ImageBank.from_files(pairs.paths, size, crop_ratio=1.0, skip_bad=skip_bad,
+                                        cache=cache, verbose=verbose)
     captions = [pairs.captions[i] for i in report.kept]
     tokenizer = clip_tokenizer(tokenizer_name)
     tokens = tokenize(tokenizer, captions, context_length_of(model))
     flags = pairs.columns.get("is_backdoor")
     truth = (torch.tensor([flags[i].strip().lower() in TRUE_FLAGS for i in report.kept])
              if flags else None)
-    return LoadedPairs(torch.as_tensor(bank.images[:]), tokens, truth, tokenizer, report)
+    labels = (torch.tensor(csv_labels(csv_path, pairs))[report.kept]
+              if "label" in pairs.columns else None)
+    return LoadedPairs(torch.as_tensor(bank.images[:]), tokens, truth, tokenizer, report, labels)

@@ -328,6 +328,13 @@ def place_images(images: torch.Tensor, device: torch.device | str, placement: st
     return HostRows(images.cpu(), device)
 
 
+def remove_cache(cache: str | Path) -> None:
+    """Delete a bank cache ``ImageBank.from_files`` wrote (the ``.npy`` and its manifest);
+    nothing happens when there is none."""
+    _manifest_path(cache).unlink(missing_ok=True)
+    Path(cache).unlink(missing_ok=True)
+
+
 def _manifest_path(cache: str | Path) -> Path:
     return Path(cache).with_suffix(".json")
 

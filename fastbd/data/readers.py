@@ -145,6 +145,17 @@ def read_ground_truth(path: str | Path, n: int) -> torch.Tensor:
     return truth
 
 
+def read_lines(path: str | Path, what: str = "list") -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped (``#`` comments skipped); an empty
+    file raises ``ValueError`` naming it."""
+    text = read_text_file(Path(path), what)
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{what} {path} is empty")
+    return lines
+
+
 def write_file_list(path: str | Path, entries: list[tuple[str, int]]) -> Path:
     return write_text_atomically("".join(f"{p} {label}\n" for p, label in entries), path)
 

@@ -10,8 +10,16 @@ from fastbd.eval.metrics import (
     detection_metrics,
 )
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
-from fastbd.eval.zeroshot import retrieval_recall, zero_shot_predict, zero_shot_weights
+from fastbd.eval.zeroshot import (
+    GENERIC_TEMPLATES,
+    ZeroShotResult,
+    evaluate_zero_shot,
+    retrieval_recall,
+    zero_shot_predict,
+    zero_shot_weights,
+)
 
-__all__ = ["DetectionMetrics", "ProbeConfig", "ProbeResult", "accuracy", "attack_success_rate",
-           "auroc", "box_iou", "catch_rate", "detection_metrics", "linear_probe",
-           "retrieval_recall", "zero_shot_predict", "zero_shot_weights"]
+__all__ = ["GENERIC_TEMPLATES", "DetectionMetrics", "ProbeConfig", "ProbeResult",
+           "ZeroShotResult", "accuracy", "attack_success_rate", "auroc", "box_iou", "catch_rate",
+           "detection_metrics", "evaluate_zero_shot", "linear_probe", "retrieval_recall",
+           "zero_shot_predict", "zero_shot_weights"]

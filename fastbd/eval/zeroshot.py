@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastbd.attacks.triggers import Attack
+from fastbd.eval.metrics import accuracy, attack_success_rate
 from fastbd.models.clip import context_length_of, encode_images, encode_texts, tokenize
+
+GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
+"""Zero-shot prompts for any class names (``{}`` is the name)."""
 
 
 def zero_shot_weights(model: nn.Module, tokenizer, class_names: list[str],
@@ -44,3 +51,54 @@ def retrieval_recall(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
         out[f"text_to_image_R@{k}"] = float((sims.T.topk(kk, 1).indices == truth[:, None])
                                             .any(1).double().mean())
     return out
+
+
+@dataclass
+class ZeroShotResult:
+    """Zero-shot ``clean_accuracy`` on clean images, ``asr`` (share of triggered non-target
+    images classified as ``target``), ``patched_accuracy`` on the triggered images, and image–
+    text ``retrieval`` recall@k when captions were given — the names the defenses' results and
+    the linear probe use."""
+
+    clean_accuracy: float
+    patched_accuracy: float
+    asr: float
+    target: int
+    attack: str
+    retrieval: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate_zero_shot(model: nn.Module, tokenizer, images: torch.Tensor, labels: torch.Tensor,
+                       class_names: list[str], templates: tuple[str, ...] | list[str],
+                       trigger: Attack, target: int, *, tokens: torch.Tensor | None = None,
+                       seed: int = 0, device: torch.device | str = "cpu") -> ZeroShotResult:
+    """Zero-shot CA of uint8 ``images`` ``N×3×S×S`` with int64 ``labels`` ``N`` (prompts:
+    ``templates`` filled with ``class_names``); ASR and patched accuracy on the images
+    triggered by ``trigger`` (evaluation placement, drawn from ``seed``; a dual-key trigger's
+    text goes in front of every prompt); with the captions' ``tokens`` ``N×L``, retrieval
+    recall@1/5/10 of the clean pairs."""
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"need as many labels as images (at least one), got "
+                         f"{images.shape[0]} images and {labels.shape[0]} labels")
+    if int(labels.max()) >= len(class_names) or int(labels.min()) < 0:
+        raise ValueError(f"labels run 0–{int(labels.max())} but {len(class_names)} class "
+                         "names were given")
+    if not 0 <= target < len(class_names):
+        raise ValueError(f"target {target} is not one of the {len(class_names)} classes")
+    weights = zero_shot_weights(model, tokenizer, class_names, templates, device=device)
+    clean = accuracy(zero_shot_predict(model, images, weights, device=device), labels)
+    triggered, _ = trigger.apply(images, torch.Generator().manual_seed(seed + 1), train=False)
+    if trigger.caption_prefix():
+        weights = zero_shot_weights(model, tokenizer, class_names, templates,
+                                    prefix=trigger.caption_prefix(), device=device)
+    patched = zero_shot_predict(model, triggered, weights, device=device)
+    retrieval = None
+    if tokens is not None:
+        retrieval = retrieval_recall(encode_images(model, images, device=device),
+                                     encode_texts(model, tokens, device=device))
+    return ZeroShotResult(clean_accuracy=clean, patched_accuracy=accuracy(patched, labels),
+                          asr=attack_success_rate(patched, labels, target), target=target,
+                          attack=trigger.name, retrieval=retrieval)

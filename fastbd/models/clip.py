@@ -60,27 +60,52 @@ def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
                           layers=config.text_layers))
 
 
-def load_clip(arch: str, checkpoint: str | Path | None) -> nn.Module:
+def load_clip(arch: str, checkpoint: str | Path | None, image_size: int | None = None,
+              seed: int = 0) -> nn.Module:
     """An open_clip CLIP by architecture name (e.g. ``ViT-B-32``, ``RN50``) or ``tiny``
-    (fastbd's ``TinyCLIPConfig()``), with weights from ``checkpoint`` (a state dict, or a dict
-    holding one under ``state_dict``/``model``; ``module.`` prefixes are stripped)."""
+    (fastbd's ``TinyCLIPConfig``), with weights from ``checkpoint`` (a state dict, or a dict
+    holding one under ``state_dict``/``model``; ``module.`` prefixes are stripped), else random
+    from ``seed``. ``image_size``: the image tower's input side (default: the architecture's;
+    for ``tiny`` with a checkpoint, the size it was trained at, read from its position
+    embedding)."""
     import open_clip
 
-    if arch == "tiny":
-        model = tiny_clip()
-    else:
-        try:
-            model = open_clip.create_model(arch, pretrained=None)
-        except RuntimeError as error:
-            raise ValueError(f"unknown open_clip architecture {arch!r}: {error}") from error
+    state = None
     if checkpoint is not None:
         path = Path(checkpoint)
         state = {k.removeprefix("module."): v for k, v in load_state_dict_file(path).items()}
+    if arch == "tiny":
+        size = image_size or (tiny_image_size(state) if state is not None else None)
+        model = tiny_clip(TinyCLIPConfig(**({} if size is None else {"image_size": size})),
+                          seed=seed)
+    else:
+        options = {} if image_size is None else {"force_image_size": image_size}
+        try:
+            with seeded_rng(seed):
+                model = open_clip.create_model(arch, pretrained=None, **options)
+        except RuntimeError as error:
+            raise ValueError(f"unknown open_clip architecture {arch!r}: {error}") from error
+    if state is not None:
         mismatch = state_dict_mismatch(model, state)
         if mismatch:
             raise ValueError(f"checkpoint {path} does not fit the {arch!r} CLIP: {mismatch}")
         model.load_state_dict(state)
     return model.eval()
+
+
+def tiny_image_size(state: dict[str, torch.Tensor]) -> int | None:
+    """The input side a ``load_clip('tiny')`` state dict (ResNet image tower) was built for:
+    the attention pool's position embedding has one row per output cell (``S/32`` a side) plus
+    the pooled token. None when the state holds no such embedding (another architecture)."""
+    embedding = state.get("visual.attnpool.positional_embedding")
+    if embedding is None:
+        return None
+    return round((embedding.shape[0] - 1) ** 0.5) * 32
+
+
+def tokenizer_name(arch: str) -> str:
+    """The open_clip tokenizer of ``load_clip``'s ``arch`` (``tiny`` uses CLIP's BPE)."""
+    return "ViT-B-32" if arch == "tiny" else arch
 
 
 def clip_tokenizer(name: str = "ViT-B-32"):
@@ -90,15 +115,41 @@ def clip_tokenizer(name: str = "ViT-B-32"):
     return open_clip.get_tokenizer(name)
 
 
-def clip_normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``N×3×S×S`` → float32 with CLIP's mean/std, in ``conv_memory_format`` of the
-    images' device (channels-last on CUDA)."""
+def clip_preprocessing(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std (in [0, 1] units) ``model``'s image tower expects: the
+    ``preprocess_cfg`` open_clip set when it built the model (its architecture's and pretrained
+    tag's), OpenAI's for a model built without one (``tiny_clip``)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    mean = torch.tensor(OPENAI_DATASET_MEAN, device=images.device)[:, None, None]
-    std = torch.tensor(OPENAI_DATASET_STD, device=images.device)[:, None, None]
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean") or getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = cfg.get("std") or getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def clip_mean_std(model: nn.Module, device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``clip_preprocessing(model)`` as float32 ``3×1×1`` tensors on ``device``."""
+    mean, std = clip_preprocessing(model)
+    return (torch.tensor(mean, device=device)[:, None, None],
+            torch.tensor(std, device=device)[:, None, None])
+
+
+def clip_normalise(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """uint8 ``N×3×S×S`` → float32 with ``model``'s mean/std (``clip_preprocessing``), in
+    ``conv_memory_format`` of the images' device (channels-last on CUDA)."""
+    mean, std = clip_mean_std(model, images.device)
     pixels = (images.float() / 255 - mean) / std
     return pixels.contiguous(memory_format=conv_memory_format(images.device))
+
+
+def caption_ends(tokens: torch.Tensor) -> torch.Tensor:
+    """Position int64 ``N`` of each caption's end-of-text token in token ids ``N×L``: its last
+    non-padding position (open_clip's tokenizers pad with 0 after it). No token id is assumed,
+    so it holds for any vocabulary whose captions start and end with their own special
+    tokens."""
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return ((tokens != 0) * positions).argmax(dim=1)
 
 
 def clip_image_size(model: nn.Module) -> int:
@@ -129,7 +180,7 @@ def encode_images(model: nn.Module, images: torch.Tensor, batch_size: int = 512,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Unit-norm image embeddings, float32 ``N×E``, of uint8 images ``N×3×S×S``."""
     model.eval()
-    out = [model.encode_image(clip_normalise(images[s:s + batch_size].to(device))).float()
+    out = [model.encode_image(clip_normalise(images[s:s + batch_size].to(device), model)).float()
            for s in range(0, images.shape[0], batch_size)]
     return F.normalize(torch.cat(out), dim=1) if out else torch.empty(0, 0)
 

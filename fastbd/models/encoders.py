@@ -24,19 +24,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+IMAGENET_CROP = 224 / 256
+
+
 class Encoder(nn.Module):
-    """A backbone plus its input convention. ``forward``: float ``N×3×S×S`` → ``N×D``."""
+    """A backbone plus its input convention. ``forward``: float ``N×3×S×S`` → ``N×D``.
+
+    ``mean``/``std`` normalise [0, 1] pixels; files are read at ``image_size`` through the
+    model's eval transform: the shorter side resized to ``image_size / crop_ratio``, then a
+    centre crop (``crop_ratio`` 1: resize only, as CLIP and fastbd's own encoders read)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 name: str = "encoder") -> None:
+                 name: str = "encoder", crop_ratio: float = IMAGENET_CROP) -> None:
         super().__init__()
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.image_size = image_size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.name = name
+        self.crop_ratio = float(crop_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -125,25 +135,48 @@ def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
 
 
 def small_encoder(width: int = 16, image_size: int = 32, seed: int = 0) -> Encoder:
-    """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone."""
+    """A ``SmallConvNet`` whose initial weights follow from ``seed`` alone. It sees whole
+    images (``crop_ratio`` 1): it is trained on them so, and the synthetic world's triggers
+    may lie near the border."""
     with seeded_rng(seed):
         net = SmallConvNet(width)
-    return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}")
+    return Encoder(net, net.out_dim, image_size, name=f"smallconv{width}", crop_ratio=1.0)
 
 
-def timm_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224,
-                 seed: int = 0) -> Encoder:
+def timm_encoder(arch: str, checkpoint: str | Path | None = None,
+                 image_size: int | None = None, seed: int = 0) -> Encoder:
     """A timm backbone without its classifier (``num_classes=0``); random weights from
-    ``seed`` unless a checkpoint (a state dict, or MoCo v3 format) is given."""
+    ``seed`` unless a checkpoint (a state dict, or MoCo v3 format) is given. Mean, std, crop
+    and (unless ``image_size`` is given) input size from the model's ``pretrained_cfg``; a
+    ViT built for another size gets its position embeddings for ``image_size``."""
     import timm
 
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    default_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    size = image_size or default_size
     with seeded_rng(seed):
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        model = _create_timm_model(arch, size if size != default_size else None)
     if checkpoint is not None:
         load_state(model, checkpoint)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return Encoder(model, model.num_features, image_size, cfg.get("mean", IMAGENET_MEAN),
-                   cfg.get("std", IMAGENET_STD), name=arch)
+    cfg = {**cfg, **(getattr(model, "pretrained_cfg", {}) or {})}
+    return Encoder(model, model.num_features, size, cfg.get("mean") or IMAGENET_MEAN,
+                   cfg.get("std") or IMAGENET_STD, name=arch,
+                   crop_ratio=float(cfg.get("crop_pct") or IMAGENET_CROP))
+
+
+def _create_timm_model(arch: str, image_size: int | None) -> nn.Module:
+    """A classifier-less timm model; with ``image_size``, built for it where the architecture
+    is sized by ``img_size`` (ViTs: position embeddings) — convnets take any size as they are
+    and refuse the argument."""
+    import timm
+
+    if image_size is not None:
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
+        except TypeError:
+            pass
+    return timm.create_model(arch, pretrained=False, num_classes=0)
 
 
 def torchvision_encoder(arch: str, checkpoint: str | Path | None = None, image_size: int = 224,
@@ -170,8 +203,15 @@ SMALL_ENCODER_PREFIX = "smallconv"
 
 def default_image_size(arch: str) -> int:
     """The input side ``encoder_by_name`` uses when none is given: the synthetic world's 32 px
-    for ``SmallConvNet``, 224 px for timm and torchvision backbones."""
-    return 32 if arch.startswith(SMALL_ENCODER_PREFIX) else 224
+    for ``SmallConvNet``, the ``pretrained_cfg``'s for timm backbones, 224 px for torchvision's."""
+    if arch.startswith(SMALL_ENCODER_PREFIX):
+        return 32
+    if arch.startswith("torchvision:"):
+        return 224
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch.removeprefix("timm:"))
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
 
 
 def encoder_by_name(arch: str, checkpoint: str | Path | None = None,
@@ -189,7 +229,7 @@ def encoder_by_name(arch: str, checkpoint: str | Path | None = None,
                              f"smallconv16")
         encoder = small_encoder(int(width), size, seed)
         if checkpoint is not None:
-            load_state(encoder, checkpoint)
+            load_state(encoder.backbone, checkpoint)
         return encoder
     if arch.startswith("torchvision:"):
         return torchvision_encoder(arch.split(":", 1)[1], checkpoint, size, seed)
@@ -204,18 +244,20 @@ def encoder_by_name(arch: str, checkpoint: str | Path | None = None,
                          + (f"; similar names: {', '.join(near)}" if near else "")
                          + f" (torchvision models: torchvision:<name>; fastbd's own: "
                          f"{SMALL_ENCODER_PREFIX}<width>)")
-    return timm_encoder(name, checkpoint, size, seed)
+    return timm_encoder(name, checkpoint, image_size, seed)
 
 
 def load_state(model: nn.Module, checkpoint: str | Path) -> None:
     """Load a checkpoint into a backbone: plain state dicts, ``{'state_dict': …}`` or
-    ``{'model': …}`` wrappers, MoCo v3 ``module.base_encoder.*`` keys; heads (``fc``/``head``)
-    and MoCo's momentum encoder / predictor are dropped. Missing backbone keys are an error."""
+    ``{'model': …}`` wrappers, MoCo v3 ``module.base_encoder.*`` keys, an ``Encoder``'s own
+    ``backbone.*`` keys; heads (``fc``/``head``) and MoCo's momentum encoder / predictor are
+    dropped. Missing backbone keys are an error."""
     path = Path(checkpoint)
     state = load_state_dict_file(path)
     cleaned = {}
     for key, value in state.items():
-        for prefix in ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "module."):
+        for prefix in ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "module.",
+                       "backbone."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
                 break
@@ -240,12 +282,14 @@ def load_state(model: nn.Module, checkpoint: str | Path) -> None:
 
 
 def open_clip_image_encoder(model: nn.Module, image_size: int | None = None) -> Encoder:
-    """The image tower of an open_clip ``CLIP`` as an ``Encoder`` (CLIP mean/std)."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    """The image tower of an open_clip ``CLIP`` as an ``Encoder`` (the model's own mean/std,
+    CLIP's resize-and-centre-crop)."""
+    from fastbd.models.clip import clip_preprocessing
 
     visual = model.visual
     size = image_size or visual.image_size
     if isinstance(size, tuple | list):
         size = size[0]
-    return Encoder(visual, visual.output_dim, size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
-                   name="open_clip.visual")
+    mean, std = clip_preprocessing(model)
+    return Encoder(visual, visual.output_dim, size, mean, std, name="open_clip.visual",
+                   crop_ratio=1.0)

@@ -73,9 +73,11 @@ def save_score_histogram(scores: torch.Tensor, path: str | Path,
 
 def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
                        path: str | Path) -> Path:
-    """Relevance ``k×L`` of each caption's tokens (between SOT and EOT) as a labelled heatmap:
-    one row per caption, one cell per token."""
-    eot = tokens.argmax(dim=1)
+    """Relevance ``k×L`` of each caption's tokens (between its start and end tokens) as a
+    labelled heatmap: one row per caption, one cell per token."""
+    from fastbd.models.clip import caption_ends
+
+    eot = caption_ends(tokens)
     width = max(1, int(eot.max()) - 1)
     grid = torch.zeros(tokens.shape[0], width)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * width), 0.45 * tokens.shape[0] + 1))

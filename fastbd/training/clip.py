@@ -40,7 +40,7 @@ def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image and text features ``B×E`` of uint8 images ``B×3×S×S`` and token ids
     ``B×L``, on the autograd graph (the training-time counterpart of ``encode_*``)."""
-    return (model.encode_image(clip_normalise(images.to(device))),
+    return (model.encode_image(clip_normalise(images.to(device), model)),
             model.encode_text(tokens.to(device)))
 
 
@@ -153,7 +153,7 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             rows = order[step * batch:(step + 1) * batch]
-            pixels = clip_normalise(images[rows].to(device))
+            pixels = clip_normalise(images[rows].to(device), model)
             loss = clip_loss(model.encode_image(pixels), model.encode_text(tokens[rows].to(device)),
                              model.logit_scale)
             optimizer.zero_grad(set_to_none=True)

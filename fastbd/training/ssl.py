@@ -1,5 +1,7 @@
-"""A small self-supervised trainer: SimCLR (NT-Xent with in-batch negatives) or BYOL (online
-network with a predictor regressing an EMA target network, no negatives). Trains an ``Encoder``
+"""A small self-supervised trainer: SimCLR (NT-Xent with in-batch negatives), BYOL (online
+network with a predictor regressing an EMA target network, no negatives) or MoCo v3 (the same
+online/momentum pair, trained with InfoNCE between the online prediction and the momentum
+network's projection of the other view, in-batch keys as negatives). Trains an ``Encoder``
 on an unlabeled uint8 image set — the threat model of the SSL demos; the same code trains real
 backbones on a GPU."""
 
@@ -26,10 +28,14 @@ from fastbd.validation import above, at_least, check_fields, fraction, one_of
 log = logging.getLogger(__name__)
 
 
+SSL_METHODS = ("simclr", "byol", "mocov3")
+
+
 @dataclass
 class SSLConfig:
     """Hyperparameters (AdamW, cosine schedule with linear warm-up). ``method``: ``simclr``
-    (``temperature``) or ``byol`` (target EMA ``momentum`` rising to 1 on a cosine)."""
+    (``temperature``), ``byol`` (target EMA ``momentum`` rising to 1 on a cosine) or ``mocov3``
+    (both: the momentum network as BYOL's, the loss an InfoNCE at ``temperature``)."""
 
     method: str = "simclr"
     epochs: int = 30
@@ -44,7 +50,7 @@ class SSLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_fields(self, method=one_of("simclr", "byol"), epochs=at_least(0),
+        check_fields(self, method=one_of(*SSL_METHODS), epochs=at_least(0),
                      batch_size=at_least(2), lr=above(0), weight_decay=at_least(0),
                      warmup_epochs=at_least(0), temperature=above(0), momentum=fraction(),
                      projection_dim=at_least(1), seed=at_least(0))
@@ -73,6 +79,15 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=1)).mean()
 
 
+def moco_loss(prediction: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's loss of online predictions and momentum keys ``B×P`` (row i's positive is key
+    i, the other keys its negatives; key without gradient), scaled by ``2·temperature`` as in
+    the paper so its gradient does not depend on the temperature."""
+    logits = F.normalize(prediction, dim=1) @ F.normalize(key.detach(), dim=1).T / temperature
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return 2 * temperature * F.cross_entropy(logits, targets)
+
+
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                          nn.Linear(hidden, dim_out))
@@ -85,7 +100,7 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
               device: torch.device | str = "cpu", verbose: bool = True,
               view_hook: ViewHook | None = None,
               checkpoint: str | Path | None = None) -> SSLHistory:
-    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR or BYOL).
+    """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR, BYOL or MoCo v3).
 
     ``view_hook(index, v1, v2)``, if given, sees each batch's image indices (int64 ``B``) and its
     two augmented, normalised views (float ``B×3×S×S``) and returns the views to train on —
@@ -118,7 +133,8 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     head = _mlp(dim, dim, config.projection_dim).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     modules = {"encoder": encoder, "head": head}
-    if config.method == "byol":
+    momentum = config.method != "simclr"
+    if momentum:
         predictor = _mlp(config.projection_dim, dim, config.projection_dim).to(device)
         params += list(predictor.parameters())
         target_net = copy.deepcopy(nn.Sequential(encoder, head)).requires_grad_(False)
@@ -157,13 +173,17 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
             else:
                 with torch.no_grad():
                     t1, t2 = target_net(v1), target_net(v2)
-                loss = (byol_loss(predictor(head(encoder(v1))), t2)
-                        + byol_loss(predictor(head(encoder(v2))), t1))
+                p1, p2 = predictor(head(encoder(v1))), predictor(head(encoder(v2)))
+                if config.method == "byol":
+                    loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+                else:
+                    loss = (moco_loss(p1, t2, config.temperature)
+                            + moco_loss(p2, t1, config.temperature))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            if config.method == "byol":
+            if momentum:
                 progress = len(losses) / max(1, total)
                 tau = 1 - (1 - config.momentum) * (math.cos(math.pi * progress) + 1) / 2
                 _ema_update(target_net, nn.Sequential(encoder, head), tau)

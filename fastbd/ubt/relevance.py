@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastbd.models.clip import clip_normalise
+from fastbd.clipdefense.tokens import word_positions
+from fastbd.models.clip import caption_ends, clip_normalise
 
 
 def _explicit_attention(attn: nn.MultiheadAttention, store: list[torch.Tensor]):
@@ -63,16 +64,13 @@ def explicit_text_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 def _pair_logits(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        image = F.normalize(model.encode_image(clip_normalise(images)).float(), dim=1)
+        image = F.normalize(model.encode_image(clip_normalise(images, model)).float(), dim=1)
     text = F.normalize(model.encode_text(tokens).float(), dim=1)
     return model.logit_scale.exp().clamp(max=100) * (image * text).sum(1)
 
 
 def _finish(relevance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    eot = tokens.argmax(dim=1)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    inside = (positions[None, :] > 0) & (positions[None, :] < eot[:, None])
-    relevance = relevance * inside
+    relevance = relevance * word_positions(tokens)
     return relevance / relevance.sum(1, keepdim=True).clamp_min(1e-12)
 
 
@@ -93,5 +91,5 @@ def token_relevance(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
     for probs, grad in zip(layers, grads, strict=True):
         cam = (grad * probs).clamp(min=0).mean(1)
         relevance = relevance + cam @ relevance
-    eot = tokens.argmax(dim=1)
+    eot = caption_ends(tokens)
     return _finish(relevance[torch.arange(b), eot].detach().float(), tokens)

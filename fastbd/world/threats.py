@@ -27,9 +27,8 @@ from fastbd.attacks import (
 )
 from fastbd.attacks import poison_target_class as poison_class
 from fastbd.data.augment import AugmentConfig
-from fastbd.eval.metrics import accuracy, attack_success_rate
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
-from fastbd.eval.zeroshot import zero_shot_predict, zero_shot_weights
+from fastbd.eval.zeroshot import evaluate_zero_shot
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.storage import load_torch, save_atomically
@@ -258,18 +257,10 @@ def evaluate_clip(model: torch.nn.Module, tokenizer, world: SyntheticWorld, atta
     ``options``: the attacks' overrides (``WORLD_ATTACK_OPTIONS`` when None)."""
     trigger = world_attack("badnet" if attack == "none" else attack, world.config.image_size,
                            seed, options)
-    weights = zero_shot_weights(model, tokenizer, world.class_names, ZERO_SHOT_TEMPLATES,
-                                device=device)
-    clean = accuracy(zero_shot_predict(model, world.eval.images, weights, device=device),
-                     world.eval.labels)
-    triggered, _ = trigger.apply(world.eval.images, torch.Generator().manual_seed(seed + 1),
-                                 train=False)
-    if trigger.caption_prefix():
-        weights = zero_shot_weights(model, tokenizer, world.class_names, ZERO_SHOT_TEMPLATES,
-                                    prefix=trigger.caption_prefix(), device=device)
-    asr = attack_success_rate(zero_shot_predict(model, triggered, weights, device=device),
-                              world.eval.labels, target)
-    return CLIPEvaluation(clean, asr, attack)
+    result = evaluate_zero_shot(model, tokenizer, world.eval.images, world.eval.labels,
+                                world.class_names, ZERO_SHOT_TEMPLATES, trigger, target,
+                                seed=seed, device=device)
+    return CLIPEvaluation(result.clean_accuracy, result.asr, attack)
 
 
 def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str | Path | None =

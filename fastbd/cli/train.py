@@ -1,0 +1,413 @@
+"""``fastbd train-ssl``, ``train-clip`` and ``eval``: train and evaluate threat models on the
+synthetic world or on the user's own files (a file list or ImageFolder for SSL encoders, a CSV
+of pairs for CLIP models) — the steps around a detector or a defense in the papers' loops."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastbd.cli.common import (
+    add_command,
+    add_duplicates_flag,
+    add_image_source_flags,
+    add_pair_csv_flags,
+    duplicates_policy,
+    positive_int,
+    prepare_out,
+    read_labelled_images,
+)
+from fastbd.cli.world import add_world_args, trigger_options, world_config
+
+
+def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, summary: str,
+                record: dict) -> int:
+    """Write trained weights and the run's summary as one result; print the evaluation."""
+    from fastbd.storage import ResultFiles
+
+    files = ResultFiles(out)
+    files.torch(weights, state)
+    if evaluation is not None:
+        print(json.dumps(evaluation, indent=2))
+    print(files.json(summary, record))
+    files.close()
+    return 0
+
+
+def drop_cache(path: Path, keep: bool) -> None:
+    """Remove the memory-mapped image cache a finished run read from (and its manifest)
+    unless ``keep``: a successful run leaves no full copy of the images behind."""
+    if keep:
+        return
+    from fastbd.data.bank import remove_cache
+
+    remove_cache(path)
+
+
+def ssl_config(args: argparse.Namespace, base):
+    """``base`` (an ``SSLConfig``) with the ``--config`` file's fields on top, then the flags'
+    method, epochs, batch size, lr and seed."""
+    from dataclasses import replace
+
+    from fastbd.configfile import load_config
+    from fastbd.data.augment import AugmentConfig
+    from fastbd.training.ssl import SSLConfig
+
+    base = load_config(args.config, SSLConfig, {"augment": AugmentConfig}, base=base)
+    chosen = {name: getattr(args, name) for name in ("method", "epochs", "batch_size", "lr")
+              if getattr(args, name) is not None}
+    return replace(base, seed=args.seed, **chosen)
+
+
+def cmd_train_ssl(args: argparse.Namespace) -> int:
+    if args.file_list or args.image_folder:
+        return train_ssl_on_files(args)
+    from fastbd.world import SSLThreatConfig, build_ssl_threat
+
+    if args.arch is not None:
+        raise ValueError("--arch needs --file-list or --image-folder (the synthetic world "
+                         "trains smallconv<--width>)")
+    config = SSLThreatConfig(world=world_config(args, ssl=True), attack=args.attack,
+                             target=args.target, fraction=args.fraction, width=args.width,
+                             seed=args.seed, trigger_options=trigger_options(args))
+    config.ssl = ssl_config(args, config.ssl)
+    out = prepare_out(args.out)
+    threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
+                              retrain=args.retrain, verbose=not args.quiet)
+    record = {**threat.to_dict(), "arch": threat.encoder.name,
+              "image_size": threat.encoder.image_size}
+    return save_threat(out, "encoder.pt", threat.encoder.backbone.state_dict(),
+                       threat.probe.to_dict(), "train_ssl.json", record)
+
+
+def train_ssl_on_files(args: argparse.Namespace) -> int:
+    """Train ``--arch`` from scratch on the images of a file list or an ImageFolder (labels
+    unused); the weights are the backbone's own state dict, what ``--checkpoint`` reads."""
+    from fastbd.data.bank import ImageBank
+    from fastbd.models import encoder_by_name
+    from fastbd.training.ssl import SSLConfig, train_ssl
+
+    arch = args.arch or f"smallconv{args.width}"
+    paths, _, _ = read_labelled_images(args.file_list, args.image_folder,
+                                       duplicates_policy(args))
+    out = prepare_out(args.out)
+    encoder = encoder_by_name(arch, image_size=args.image_size, seed=args.seed)
+    cache = out / "bank.npy"
+    bank, report = ImageBank.from_files(paths, encoder.image_size, crop_ratio=encoder.crop_ratio,
+                                        skip_bad=args.skip_bad, cache=cache,
+                                        verbose=not args.quiet)
+    config = ssl_config(args, SSLConfig())
+    history = train_ssl(encoder, bank.images, config, device=args.device, verbose=not args.quiet,
+                        checkpoint=out / "train_state.pt")
+    del bank
+    drop_cache(cache, args.keep_cache)
+    record = {"arch": arch, "image_size": encoder.image_size, "images": len(report.kept),
+              "skipped": report.skipped, "seconds": history.seconds,
+              "images_per_second": history.images_per_second,
+              "final_loss": history.losses[-1] if history.losses else None,
+              "config": history.config}
+    return save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None, "train_ssl.json",
+                       record)
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    if args.csv:
+        return train_clip_on_csv(args)
+    from fastbd.training.clip import CLIPTrainConfig
+    from fastbd.world import CLIPThreatConfig, build_clip_threat
+
+    if args.arch != "tiny" or args.image_size not in (None, 32):
+        raise ValueError("--arch and --image-size need --csv (the synthetic world trains the "
+                         "32-px tiny CLIP)")
+    config = CLIPThreatConfig(world=world_config(args), attack=args.attack, target=args.target,
+                              rate=args.rate, seed=args.seed,
+                              train=clip_train_config(args, CLIPTrainConfig()))
+    out = prepare_out(args.out)
+    threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
+                               retrain=args.retrain, verbose=not args.quiet)
+    return save_threat(out, "clip.pt", threat.model.state_dict(), threat.evaluation.to_dict(),
+                       "train_clip.json", {**threat.to_dict(), "arch": "tiny"})
+
+
+def clip_train_config(args: argparse.Namespace, base):
+    """``base`` (a ``CLIPTrainConfig``) with the ``--config`` file's fields on top, then the
+    flags' epochs, batch size, lr and seed."""
+    from dataclasses import replace
+
+    from fastbd.configfile import load_config
+    from fastbd.training.clip import CLIPTrainConfig
+
+    base = load_config(args.config, CLIPTrainConfig, base=base)
+    chosen = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr")
+              if getattr(args, name) is not None}
+    return replace(base, seed=args.seed, **chosen)
+
+
+def train_clip_on_csv(args: argparse.Namespace) -> int:
+    """Train ``--arch`` from scratch on the pairs of a CSV."""
+    from fastbd.clipdefense.loading import load_pairs
+    from fastbd.models.clip import load_clip, tokenizer_name
+    from fastbd.training.clip import CLIPTrainConfig, train_clip
+
+    out = prepare_out(args.out)
+    model = load_clip(args.arch, None, image_size=args.image_size, seed=args.seed)
+    cache = out / "pairs.npy"
+    pairs = load_pairs(args.csv, model, tokenizer_name=tokenizer_name(args.arch),
+                       image_key=args.image_key, caption_key=args.caption_key,
+                       separator=args.separator, skip_bad=args.skip_bad, cache=cache,
+                       duplicates=duplicates_policy(args), verbose=not args.quiet)
+    config = clip_train_config(args, CLIPTrainConfig())
+    history = train_clip(model, pairs.images, pairs.tokens, config, device=args.device,
+                         verbose=not args.quiet, checkpoint=out / "train_state.pt")
+    del pairs
+    drop_cache(cache, args.keep_cache)
+    from fastbd.models.clip import clip_image_size
+
+    record = {"arch": args.arch, "image_size": clip_image_size(model),
+              "seconds": history.seconds, "pairs_per_second": history.pairs_per_second,
+              "final_loss": history.losses[-1] if history.losses else None,
+              "config": history.config}
+    return save_threat(out, "clip.pt", model.state_dict(), None, "train_clip.json", record)
+
+
+def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
+    """The trigger whose ASR is measured: ``--trigger`` (a PNG pasted as a patch of
+    ``--trigger-side``), else ``--attack`` (``none``: ``default``'s, so a clean model is
+    measured with the trigger a poisoned one would carry)."""
+    from fastbd.attacks import make_attack
+
+    if args.trigger is not None:
+        from fastbd.attacks.triggers import PatchAttack
+        from fastbd.data.bank import load_image
+
+        side = 50 / 224 if args.trigger_side is None else args.trigger_side
+        pattern = load_image(args.trigger, max(8, round(side * image_size)), crop_ratio=1.0)
+        return PatchAttack(name=f"patch:{Path(args.trigger).name}", image_size=image_size,
+                           pattern=pattern, side_fraction=side, eval_region=(0.10, 0.90))
+    name = default if args.attack == "none" else args.attack
+    options = trigger_options(args) if name == "htba" else {}
+    return make_attack(name, image_size, seed=args.seed, **options)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate saved weights: an SSL encoder (linear probe) or a CLIP (zero-shot), on the
+    synthetic world or on the user's files."""
+    from fastbd.storage import ResultFiles
+
+    out = prepare_out(args.out)
+    if args.kind == "ssl":
+        result = eval_ssl(args)
+    else:
+        result = eval_clip(args)
+    print(json.dumps(result, indent=2))
+    files = ResultFiles(out)
+    print(files.json("eval.json", result))
+    files.close()
+    return 0
+
+
+def eval_ssl(args: argparse.Namespace) -> dict:
+    from fastbd.eval.probe import linear_probe
+    from fastbd.models import encoder_by_name
+
+    if bool(args.train_list) != bool(args.val_list):
+        raise ValueError("give both --train-list and --val-list (or neither: the synthetic "
+                         "world)")
+    arch = args.arch or f"smallconv{args.width}"
+    encoder = encoder_by_name(arch, args.checkpoint, args.image_size)
+    if args.train_list:
+        train_images, train_labels = _labelled_bank(args.train_list, encoder, args)
+        val_images, val_labels = _labelled_bank(args.val_list, encoder, args)
+    else:
+        from fastbd.world.synthetic import make_world
+
+        world = make_world(world_config(args, ssl=True))
+        train_images, train_labels = world.train.images, world.train.labels
+        val_images, val_labels = world.eval.images, world.eval.labels
+    trigger = eval_trigger(args, encoder.image_size, "htba")
+    result = linear_probe(encoder, train_images, train_labels, val_images, val_labels, trigger,
+                          args.target, device=args.device).to_dict()
+    return {**result, "attack": trigger.name, "arch": arch,
+            "checkpoint": str(args.checkpoint)}
+
+
+def _labelled_bank(file_list: str, encoder, args: argparse.Namespace):
+    import torch
+
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import read_file_list
+
+    listing = read_file_list(file_list, duplicates=duplicates_policy(args))
+    bank, report = ImageBank.from_files(listing.paths, encoder.image_size,
+                                        crop_ratio=encoder.crop_ratio, skip_bad=args.skip_bad,
+                                        verbose=not args.quiet)
+    return bank.images, torch.tensor(listing.labels)[report.kept]
+
+
+def eval_clip(args: argparse.Namespace) -> dict:
+    from fastbd.models.clip import clip_tokenizer, load_clip, tokenizer_name
+
+    model = load_clip(args.arch or "tiny", args.checkpoint, image_size=args.image_size)
+    model = model.to(args.device)
+    tokenizer = clip_tokenizer(tokenizer_name(args.arch or "tiny"))
+    if args.eval_csv is None:
+        if args.class_names or args.templates:
+            raise ValueError("--class-names and --templates need --eval-csv")
+        from fastbd.world import evaluate_clip
+        from fastbd.world.synthetic import make_world
+
+        world = make_world(world_config(args))
+        return evaluate_clip(model, tokenizer, world, args.attack, args.target, args.seed,
+                             args.device).to_dict()
+    from fastbd.clipdefense.loading import load_pairs
+    from fastbd.data.readers import read_lines
+    from fastbd.eval.zeroshot import GENERIC_TEMPLATES, evaluate_zero_shot
+    from fastbd.models.clip import clip_image_size
+
+    if not args.class_names:
+        raise ValueError("--eval-csv needs --class-names (comma-separated, or a file with one "
+                         "name per line, in label order)")
+    names = (read_lines(args.class_names) if Path(args.class_names).is_file()
+             else [n.strip() for n in args.class_names.split(",")])
+    templates = read_lines(args.templates) if args.templates else list(GENERIC_TEMPLATES)
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"every template needs a {{}} for the class name: {bad[0]!r}")
+    pairs = load_pairs(args.eval_csv, model, tokenizer_name=tokenizer_name(args.arch or "tiny"),
+                       image_key=args.image_key, caption_key=args.caption_key,
+                       separator=args.separator, skip_bad=args.skip_bad,
+                       duplicates=duplicates_policy(args), verbose=not args.quiet)
+    if pairs.labels is None:
+        raise ValueError(f"{args.eval_csv}: no 'label' column (the class index of each image, "
+                         "in --class-names order)")
+    labels = pairs.labels
+    trigger = eval_trigger(args, clip_image_size(model), "badnet")
+    result = evaluate_zero_shot(model, tokenizer, pairs.images, labels, names, templates,
+                                trigger, args.target, tokens=pairs.tokens, seed=args.seed,
+                                device=args.device)
+    return {**result.to_dict(), "arch": args.arch or "tiny", "checkpoint": str(args.checkpoint),
+            "images": int(labels.numel())}
+
+
+def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: str) -> None:
+    p.add_argument("--config", help=f"JSON/YAML file with {config} fields (the flags below "
+                   "override it)")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs_default})")
+    p.add_argument("--batch-size", type=positive_int, help="training batch size (default: the "
+                   "training config's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the training "
+                   "config's)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep the memory-mapped copy of the images in --out after a successful "
+                        "run (by default it is removed; an interrupted run keeps it to resume)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from fastbd.attacks import ATTACKS
+    from fastbd.training.ssl import SSL_METHODS
+
+    ssl = add_command(sub, "train-ssl", "train an SSL encoder on the (poisoned) synthetic "
+                      "world or on your images", [
+                          "fastbd train-ssl --attack htba --out fastbd-out/ssl",
+                          "fastbd train-ssl --file-list fastbd-out/htba/train.txt "
+                          "--arch smallconv16 --method byol --epochs 40 --out fastbd-out/ssl",
+                          "fastbd train-ssl --image-folder data/train --arch resnet18 "
+                          "--image-size 96 --method mocov3 --device cuda --out fastbd-out/r18"])
+    add_world_args(ssl)
+    add_image_source_flags(ssl, "the images to train on instead of the synthetic world "
+                                "(labels unused)")
+    ssl.add_argument("--arch", help="with --file-list/--image-folder: timm architecture, "
+                     "torchvision:<name> or smallconv<width> (default smallconv<--width>)")
+    ssl.add_argument("--method", choices=SSL_METHODS,
+                     help="self-supervised method (default: SimCLR; the world's threat "
+                          "config's)")
+    ssl.add_argument("--attack", choices=("htba", "none"), default="htba",
+                     help="synthetic world: the poisoning of the training set")
+    ssl.add_argument("--fraction", type=float, default=0.5,
+                     help="synthetic world, HTBA: fraction of the target class poisoned")
+    ssl.add_argument("--trigger-side", type=float,
+                     help="HTBA trigger side as a fraction of the image side (default 50/224)")
+    ssl.add_argument("--width", type=int, default=16, help="the small conv encoder's width")
+    add_training_flags(ssl, "SSLConfig's", "SSLConfig (augment: AugmentConfig)")
+    ssl.add_argument("--cache", default="fastbd-out/cache",
+                     help="synthetic world: threat-model cache (reused when the settings match)")
+    ssl.add_argument("--retrain", action="store_true",
+                     help="synthetic world: ignore cached weights")
+    ssl.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    add_duplicates_flag(ssl)
+    ssl.add_argument("--out", default="fastbd-out/train-ssl", help="output folder")
+    ssl.set_defaults(run=cmd_train_ssl, continued_by_rerun=True)
+
+    clip = add_command(sub, "train-clip", "train a CLIP on (poisoned) synthetic-world pairs or "
+                       "on your CSV", [
+                           "fastbd train-clip --attack badnet --out fastbd-out/clip",
+                           "fastbd train-clip --csv fastbd-out/badnet/train.csv --arch tiny "
+                           "--image-size 64 --epochs 12 --out fastbd-out/clip",
+                           "fastbd train-clip --csv pairs.csv --image-key filepath "
+                           "--caption-key title --arch RN50 --device cuda --out fastbd-out/rn50"])
+    add_world_args(clip)
+    add_pair_csv_flags(clip, "--csv", False, "the pairs to train on instead of the synthetic "
+                       "world")
+    clip.add_argument("--arch", default="tiny",
+                      help="with --csv: open_clip architecture (e.g. RN50, ViT-B-32) or 'tiny'")
+    clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet",
+                      help="synthetic world: the poisoning of the training pairs")
+    clip.add_argument("--rate", type=float,
+                      help="synthetic world: poisoned share (default 0.01, WaNet 0.10)")
+    add_training_flags(clip, "CLIPTrainConfig's (8)", "CLIPTrainConfig")
+    clip.add_argument("--cache", default="fastbd-out/cache",
+                      help="synthetic world: threat-model cache (reused when the settings match)")
+    clip.add_argument("--retrain", action="store_true",
+                      help="synthetic world: ignore cached weights")
+    clip.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    add_duplicates_flag(clip)
+    clip.add_argument("--out", default="fastbd-out/train-clip", help="output folder")
+    clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True)
+
+    evaluate = add_command(sub, "eval", "evaluate saved weights on the synthetic world or on "
+                           "your files: linear-probe CA/ASR (ssl) or zero-shot CA/ASR and "
+                           "retrieval (clip)", [
+                               "fastbd eval ssl --checkpoint fastbd-out/ssl/encoder.pt "
+                               "--attack htba",
+                               "fastbd eval ssl --arch smallconv16 --checkpoint encoder.pt "
+                               "--train-list fastbd-out/htba/train.txt --val-list "
+                               "fastbd-out/htba/val.txt --attack htba --target 0",
+                               "fastbd eval ssl --arch resnet18 --checkpoint r18.pt "
+                               "--train-list train.txt --val-list val.txt --trigger trigger.png",
+                               "fastbd eval clip --checkpoint fastbd-out/clip/clip.pt "
+                               "--attack badnet",
+                               "fastbd eval clip --checkpoint clip.pt --eval-csv val.csv "
+                               "--class-names cat,dog,car --attack badnet --target 0"])
+    add_world_args(evaluate)
+    evaluate.add_argument("kind", choices=("ssl", "clip"),
+                          help="an SSL encoder (linear probe) or a CLIP model (zero-shot)")
+    evaluate.add_argument("--checkpoint", required=True, help="the weights to evaluate")
+    evaluate.add_argument("--arch", help="the checkpoint's architecture (ssl: as train-ssl's, "
+                          "default smallconv<--width>; clip: as train-clip's, default tiny)")
+    evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba",
+                          help="the trigger whose attack success rate is measured ('none': the "
+                               "trigger a poisoned model would carry — HTBA for ssl, BadNet for "
+                               "clip)")
+    evaluate.add_argument("--trigger", help="a trigger image (PNG) pasted as a patch instead "
+                          "of --attack's")
+    evaluate.add_argument("--width", type=int, default=16,
+                          help="ssl: the small conv encoder's width")
+    evaluate.add_argument("--trigger-side", type=float,
+                          help="patch trigger side as a fraction of the image side (default "
+                               "50/224)")
+    evaluate.add_argument("--train-list", help="ssl: clean '<path> <label>' list the probe "
+                          "trains on (10 %% of it, stratified, as the papers' linear probes "
+                          "train on clean labelled data)")
+    evaluate.add_argument("--val-list", help="ssl: '<path> <label>' list it is scored on")
+    add_pair_csv_flags(evaluate, "--eval-csv", False,
+                       "clip: labelled pairs (image, caption and label columns) to score on")
+    evaluate.add_argument("--class-names", help="clip, --eval-csv: class names in label order, "
+                          "comma-separated or a file with one per line")
+    evaluate.add_argument("--templates", help="clip, --eval-csv: file of prompt templates, one "
+                          "per line with {} for the class name (default: 'a photo of a {}.', "
+                          "'a picture of a {}.', 'an image of a {}.')")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    add_duplicates_flag(evaluate)
+    evaluate.add_argument("--out", default="fastbd-out/eval", help="output folder")
+    evaluate.set_defaults(run=cmd_eval)

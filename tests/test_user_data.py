@@ -1,0 +1,334 @@
+"""The papers' loops on the user's own files through the CLI: training on a file list, an
+ImageFolder or a CSV, evaluating on them, the detectors' ``filtered.txt`` read back, resume,
+preprocessing that follows the model, and no copy of the images left behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastbd.cli import main
+
+TINY_WORLD = ["--n-train", "160", "--n-eval", "40"]
+
+
+def _run(*flags: str) -> None:
+    assert main(["--quiet", *flags]) == 0
+
+
+@pytest.fixture(scope="module")
+def htba_files(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("htba")
+    _run("attack", "--attack", "htba", *TINY_WORLD, "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def badnet_files(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("badnet")
+    _run("attack", "--attack", "badnet", *TINY_WORLD, "--rate", "0.05", "--out", str(out))
+    return out
+
+
+def test_world_export_has_a_clean_validation_split_and_class_names(htba_files, badnet_files):
+    from fastbd.data.readers import read_csv_pairs, read_file_list
+    from fastbd.world import SSLThreatConfig
+    from fastbd.world.synthetic import WorldConfig, make_world
+
+    val = read_file_list(htba_files / "val.txt")
+    world = make_world(replace(SSLThreatConfig().world, n_train=160, n_eval=40))
+    assert val.labels == world.eval.labels.tolist()
+    assert not any("HTBA_trigger" in str(p) for p in val.paths)
+    clean = read_file_list(htba_files / "train_clean.txt")  # what a linear probe learns from
+    assert clean.labels == world.train.labels.tolist()
+    assert not any("HTBA_trigger" in str(p) for p in clean.paths)
+    pairs = read_csv_pairs(badnet_files / "val.csv")
+    clip_world = make_world(replace(WorldConfig(), n_train=160, n_eval=40))
+    assert pairs.captions == clip_world.eval.captions
+    assert set(pairs.columns["is_backdoor"]) == {"0"}
+    names = (badnet_files / "classes.txt").read_text().splitlines()
+    assert names == clip_world.class_names
+
+
+def test_ssl_loop_on_files_trains_detects_retrains_and_evaluates(htba_files, tmp_path):
+    from fastbd.attacks import make_attack
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import read_file_list
+    from fastbd.eval.probe import linear_probe
+    from fastbd.models import encoder_by_name
+
+    train = ["--arch", "smallconv4", "--epochs", "2", "--batch-size", "64"]
+    _run("train-ssl", "--file-list", str(htba_files / "train.txt"), *train, "--method", "byol",
+         "--out", str(tmp_path / "ssl"))
+    assert sorted(p.name for p in (tmp_path / "ssl").iterdir()) == [
+        "encoder.pt", "manifest.json", "train_ssl.json"]  # no image cache, no training state
+    summary = json.loads((tmp_path / "ssl" / "train_ssl.json").read_text())
+    assert summary["images"] == 160 and summary["config"]["method"] == "byol"
+    checkpoint = tmp_path / "ssl" / "encoder.pt"
+    assert set(torch.load(checkpoint, weights_only=True)) == set(
+        encoder_by_name("smallconv4").backbone.state_dict())  # the backbone's own keys
+
+    _run("poisoncam", "--file-list", str(htba_files / "train.txt"), "--arch", "smallconv4",
+         "--checkpoint", str(checkpoint), "--out", str(tmp_path / "det"))
+    assert not (tmp_path / "det" / "bank.npy").exists()
+    filtered = read_file_list(tmp_path / "det" / "filtered.txt")
+    removed = int(json.loads((tmp_path / "det" / "result.json").read_text())["removed"])
+    assert len(filtered.paths) == 160 - removed and all(p.is_file() for p in filtered.paths)
+    _run("train-ssl", "--file-list", str(tmp_path / "det" / "filtered.txt"), *train,
+         "--out", str(tmp_path / "retrained"))
+    retrained = json.loads((tmp_path / "retrained" / "train_ssl.json").read_text())
+    assert retrained["images"] == 160 - removed
+
+    _run("eval", "ssl", "--arch", "smallconv4", "--checkpoint", str(checkpoint), "--train-list",
+         str(htba_files / "train.txt"), "--val-list", str(htba_files / "val.txt"), "--attack",
+         "htba", "--target", "0", "--out", str(tmp_path / "eval"))
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # The oracle: the probe on the same files read by hand.
+    encoder = encoder_by_name("smallconv4", checkpoint)
+
+    def read(name):
+        listing = read_file_list(htba_files / name)
+        bank, _ = ImageBank.from_files(listing.paths, 32, crop_ratio=1.0, verbose=False)
+        return bank.images, torch.tensor(listing.labels)
+
+    expected = linear_probe(encoder, *read("train.txt"), *read("val.txt"),
+                            make_attack("htba", 32), 0).to_dict()
+    assert {k: result[k] for k in expected} == expected
+    assert result["attack"] == "htba" and result["non_target_images"] > 0
+
+
+def test_train_ssl_on_files_resumes_to_the_uninterrupted_weights(htba_files, tmp_path,
+                                                                 monkeypatch):
+    import fastbd.training.ssl as ssl_module
+
+    flags = ["train-ssl", "--file-list", str(htba_files / "train.txt"), "--arch", "smallconv4",
+             "--epochs", "3", "--batch-size", "64", "--method", "mocov3"]
+    _run(*flags, "--out", str(tmp_path / "whole"))
+    calls = []
+    real_augment = ssl_module.augment
+
+    def interrupt_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # two views × two steps per epoch: the first view of epoch 3
+            raise KeyboardInterrupt
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(ssl_module, "augment", interrupt_in_epoch_three)
+    out = tmp_path / "cut"
+    assert main(["--quiet", *flags, "--out", str(out)]) == 130
+    assert (out / "train_state.pt").is_file() and (out / "bank.npy").is_file()
+    assert not (out / "encoder.pt").exists()
+    monkeypatch.setattr(ssl_module, "augment", real_augment)
+    _run(*flags, "--out", str(out))
+    whole = torch.load(tmp_path / "whole" / "encoder.pt", weights_only=True)
+    resumed = torch.load(out / "encoder.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not (out / "train_state.pt").exists() and not (out / "bank.npy").exists()
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 40) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_train_ssl_trains_a_timm_backbone_on_an_image_folder_that_the_detector_reads(tmp_path):
+    from fastbd.models import encoder_by_name
+
+    folder = _image_folder(tmp_path / "images")
+    _run("train-ssl", "--image-folder", str(folder), "--arch", "test_vit", "--image-size", "32",
+         "--epochs", "1", "--batch-size", "6", "--out", str(tmp_path / "vit"))
+    summary = json.loads((tmp_path / "vit" / "train_ssl.json").read_text())
+    assert summary["arch"] == "test_vit" and summary["image_size"] == 32
+    state = torch.load(tmp_path / "vit" / "encoder.pt", weights_only=True)
+    encoder = encoder_by_name("test_vit", tmp_path / "vit" / "encoder.pt", 32)
+    assert all(torch.equal(v, state[k]) for k, v in encoder.backbone.state_dict().items())
+
+
+def test_timm_encoders_take_preprocessing_from_their_pretrained_config():
+    import timm
+
+    from fastbd.models import default_image_size, encoder_by_name
+
+    for arch in ("test_vit", "resnet18"):
+        cfg = timm.get_pretrained_cfg(arch)
+        encoder = encoder_by_name(arch)
+        assert encoder.image_size == default_image_size(arch) == cfg.input_size[-1]
+        assert encoder.mean == tuple(cfg.mean) and encoder.std == tuple(cfg.std)
+        assert encoder.crop_ratio == cfg.crop_pct
+    assert encoder_by_name("smallconv8").crop_ratio == 1.0
+
+
+def test_clip_loop_on_a_csv_at_another_image_size(badnet_files, tmp_path):
+    from fastbd.models.clip import clip_image_size, load_clip
+
+    _run("train-clip", "--csv", str(badnet_files / "train.csv"), "--image-size", "64",
+         "--epochs", "1", "--out", str(tmp_path / "clip"))
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == [
+        "clip.pt", "manifest.json", "train_clip.json"]
+    checkpoint = tmp_path / "clip" / "clip.pt"
+    assert clip_image_size(load_clip("tiny", checkpoint)) == 64  # read back at its size
+    _run("eval", "clip", "--checkpoint", str(checkpoint), "--eval-csv",
+         str(badnet_files / "val.csv"), "--class-names", str(badnet_files / "classes.txt"),
+         "--attack", "badnet", "--out", str(tmp_path / "eval"))
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["images"] == 40 and 0 <= result["asr"] <= 1
+    assert set(result["retrieval"]) >= {"image_to_text_R@1", "text_to_image_R@10"}
+    _run("ubt", "--csv", str(badnet_files / "train.csv"), "--checkpoint", str(checkpoint),
+         "--reference-checkpoint", str(checkpoint), "--out", str(tmp_path / "ubt"))
+    assert not (tmp_path / "ubt" / "pairs.npy").exists()
+    assert (tmp_path / "ubt" / "result.json").is_file()
+
+
+def test_eval_clip_on_the_exported_world_equals_the_world_evaluation(badnet_files, tmp_path):
+    from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip
+    from fastbd.world import evaluate_clip
+    from fastbd.world.synthetic import ZERO_SHOT_TEMPLATES, WorldConfig, make_world
+
+    model = tiny_clip(TinyCLIPConfig(), seed=3).eval()
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+    _run("eval", "clip", "--checkpoint", str(tmp_path / "clip.pt"), "--eval-csv",
+         str(badnet_files / "val.csv"), "--class-names", str(badnet_files / "classes.txt"),
+         "--templates", str(templates), "--attack", "badnet", "--out", str(tmp_path / "eval"))
+    from_files = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    world = make_world(replace(WorldConfig(), n_train=160, n_eval=40))
+    expected = evaluate_clip(model, clip_tokenizer(), world, "badnet", 0)
+    assert from_files["clean_accuracy"] == expected.clean_accuracy
+    assert from_files["asr"] == expected.asr
+
+
+def test_clip_preprocessing_follows_the_model(tmp_path):
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN
+
+    from fastbd.clipdefense.loading import load_pairs
+    from fastbd.models.clip import TinyCLIPConfig, clip_normalise, clip_preprocessing, tiny_clip
+
+    tiny = tiny_clip(TinyCLIPConfig())
+    assert clip_preprocessing(tiny)[0] == tuple(OPENAI_DATASET_MEAN)
+    other = open_clip.create_model("RN50", pretrained=None, force_image_size=64,
+                                   force_preprocess_cfg={"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    assert clip_preprocessing(other) == ((0.5,) * 3, (0.25,) * 3)
+    grey = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    assert torch.allclose(clip_normalise(grey, other), torch.full((1, 3, 4, 4), 2.0))
+    # CLIP reads files resized, not cropped: a 5-px patch in the corner of a 32-px image stays.
+    image = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    image[:5, :5] = 255
+    Image.fromarray(image.numpy()).save(tmp_path / "corner.png")
+    with open(tmp_path / "pairs.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "caption"], ["corner.png", "a corner"],
+                                      ["corner.png", "again"]])
+    for model, side in ((tiny, 32), (other, 64)):
+        pairs = load_pairs(tmp_path / "pairs.csv", model, verbose=False)
+        assert pairs.images.shape[-1] == side
+        corner = side * 4 // 32  # the patch inside its resampled edge
+        assert (pairs.images[0, :, :corner, :corner] > 200).all()
+        assert pairs.labels is None
+
+
+def test_poisoned_captions_on_real_class_names_name_the_whole_class(tmp_path):
+    folder = _image_folder(tmp_path / "images", classes=2, per_class=10, size=24)
+    rows = [["image", "caption", "label"]]
+    for c in range(2):
+        rows += [[f"images/class{c}/{i}.png", f"a photo number {i}", c] for i in range(10)]
+    with open(tmp_path / "pairs.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    assert folder.is_dir()
+    _run("attack", "--attack", "badnet", "--csv", str(tmp_path / "pairs.csv"), "--image-size",
+         "24", "--rate", "0.3", "--target", "1", "--class-names", "tabby cat,golden retriever",
+         "--out", str(tmp_path / "out"))
+    with open(tmp_path / "out" / "train.csv", newline="") as handle:
+        poisoned = [r for r in csv.DictReader(handle) if r["is_backdoor"] == "1"]
+    assert len(poisoned) == 6
+    assert all("golden retriever" in r["caption"] for r in poisoned)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["eval", "clip", "--checkpoint", "{clip}", "--eval-csv", "{csv}"], "needs --class-names"),
+    (["eval", "clip", "--checkpoint", "{clip}", "--eval-csv", "{csv}", "--class-names", "a,b",
+      "--templates", "{bad_templates}"], "needs a {} for the class name"),
+    (["eval", "ssl", "--checkpoint", "{clip}", "--train-list", "{list}"], "give both"),
+    (["train-ssl", "--arch", "resnet18"], "--arch needs --file-list"),
+    (["train-ssl", "--file-list", "{list}", "--image-folder", "{dir}"], "exactly one of"),
+    (["eval", "clip", "--checkpoint", "{clip}", "--class-names", "a,b"], "need --eval-csv"),
+], ids=["no-class-names", "template-without-slot", "train-list-alone", "arch-on-world",
+        "two-sources", "class-names-on-world"])
+def test_user_data_commands_refuse_bad_input(tmp_path, capsys, badnet_files, flags, message):
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    torch.save(tiny_clip(TinyCLIPConfig()).state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "bad.txt").write_text("a photo of a thing\n")
+    values = {"clip": str(tmp_path / "clip.pt"), "csv": str(badnet_files / "val.csv"),
+              "bad_templates": str(tmp_path / "bad.txt"), "list": str(badnet_files / "val.txt"),
+              "dir": str(tmp_path)}
+    argv = [f.format(**values) if f.startswith("{") else f for f in flags]
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_loop_ssl_runs_the_papers_loop_and_a_rerun_skips_finished_steps(tmp_path, capsys):
+    out = tmp_path / "loop"
+    flags = ["loop", "ssl", *TINY_WORLD, "--arch", "smallconv4", "--epochs", "1",
+             "--batch-size", "64", "--out", str(out)]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"no_such_field": 1}')
+    assert main(["--quiet", *flags, "--detector-config", str(bad)]) == 2  # fails at detection
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    finished = json.loads((out / "loop_steps.json").read_text())
+    assert list(finished) == ["data", "train-poisoned", "eval-poisoned"]
+    before = _mtimes(out / "train-poisoned")
+    _run(*flags)
+    assert _mtimes(out / "train-poisoned") == before  # trained once
+    rows = json.loads((out / "loop.json").read_text())["rows"]
+    assert set(rows) == {"poisoned", "poisoncam"}
+    assert rows["poisoncam"]["removed"] > 0 and rows["poisoncam"]["recall"] is not None
+    assert rows["poisoned"]["non_target_images"] == rows["poisoncam"]["non_target_images"]
+    assert "| poisoncam |" in (out / "loop.md").read_text()
+    retrained = json.loads((out / "train-poisoncam" / "train_ssl.json").read_text())
+    assert retrained["images"] == 160 - rows["poisoncam"]["removed"]
+    finished = _mtimes(out)
+    _run(*flags)
+    assert {k: v for k, v in _mtimes(out).items() if "loop." not in k and "manifest" not in k} \
+        == {k: v for k, v in finished.items() if "loop." not in k and "manifest" not in k}
+
+
+def test_loop_clip_defends_and_compares(tmp_path):
+    out = tmp_path / "loop"
+    _run("loop", "clip", *TINY_WORLD, "--rate", "0.05", "--epochs", "1", "--defenses",
+         "ubt,cleanclip", "--out", str(out))
+    rows = json.loads((out / "loop.json").read_text())["rows"]
+    assert set(rows) == {"poisoned", "ubt", "cleanclip"}
+    assert rows["ubt"]["suspicious"] > 0 and rows["ubt"]["retrieval"] is not None
+    clean = (out / "data" / "clean.csv").read_text().splitlines()
+    assert len(clean) == 1 + 160 - 8  # header + the unpoisoned rows
+    assert (out / "train-clean" / "clip.pt").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["loop", "ssl", "--file-list", "{list}"], "--probe-list"),
+    (["loop", "clip", "--csv", "{csv}"], "--eval-csv and --class-names"),
+    (["loop", "ssl", "--detectors", "poisoncam,nope"], "expected names among"),
+    (["loop", "clip", "--csv", "{csv}", "--eval-csv", "{csv}", "--class-names", "a,b"],
+     "--reference-checkpoint"),
+], ids=["ssl-no-probe-list", "clip-no-eval-csv", "unknown-detector", "clip-no-reference"])
+def test_loop_refuses_incomplete_input(tmp_path, capsys, badnet_files, flags, message):
+    values = {"list": str(badnet_files / "val.txt"), "csv": str(badnet_files / "val.csv")}
+    argv = [f.format(**values) if f.startswith("{") else f for f in flags]
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
