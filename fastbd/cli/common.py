@@ -99,3 +99,38 @@ def add_pair_csv_flags(parser: argparse.ArgumentParser, flag: str, required: boo
     parser.add_argument("--image-key", default="image", help=f"{flag}: the image column")
     parser.add_argument("--caption-key", default="caption", help=f"{flag}: the caption column")
     parser.add_argument("--separator", default=",", help=f"{flag}: the column separator")
+
+
+def add_shards_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--shards`` (WebDataset ``.tar`` files: a brace pattern or a folder) and
+    ``--caption-member``."""
+    parser.add_argument("--shards", help=f"WebDataset shards instead of a CSV ('data/"
+                        f"{{000..009}}.tar' or a folder of .tar files): {what}")
+    parser.add_argument("--caption-member", default="txt",
+                        help="--shards: the member extension holding each caption")
+
+
+def load_clip_pairs(args: argparse.Namespace, csv_path: str | None, model, cache: Path):
+    """The pairs of ``csv_path`` or of ``--shards`` (exactly one given) for ``model``, read
+    at ``--image-size`` (default the model's) through the memory-mapped ``cache``."""
+    from fastbd.clipdefense.loading import load_pairs, load_shard_pairs
+    from fastbd.models.clip import tokenizer_name
+
+    shards = getattr(args, "shards", None)
+    if bool(csv_path) == bool(shards):
+        raise ValueError("give exactly one of a CSV of pairs and --shards")
+    common = dict(tokenizer_name=tokenizer_name(args.arch), image_size=args.image_size,
+                  skip_bad=args.skip_bad, cache=cache, verbose=not args.quiet)
+    if shards:
+        return load_shard_pairs(shards, model, caption_key=args.caption_member, **common)
+    return load_pairs(csv_path, model, image_key=args.image_key, caption_key=args.caption_key,
+                      separator=args.separator, duplicates=duplicates_policy(args), **common)
+
+
+def remove_pairs_cache(cache: Path) -> None:
+    """Delete what ``load_clip_pairs`` cached (a CSV's or the shards' bank)."""
+    from fastbd.data.bank import remove_cache
+    from fastbd.data.shards import remove_shard_cache
+
+    remove_cache(cache)
+    remove_shard_cache(cache)

@@ -10,17 +10,18 @@ from fastbd.cli.common import (
     add_command,
     add_device_flag,
     add_duplicates_flag,
-    duplicates_policy,
+    add_pair_csv_flags,
+    add_shards_flags,
+    load_clip_pairs,
     prepare_out,
+    remove_pairs_cache,
 )
 
 
 def run_clip_defense(args: argparse.Namespace) -> int:
     from fastbd import registry
-    from fastbd.clipdefense.loading import load_pairs
     from fastbd.configfile import load_config
-    from fastbd.data.bank import remove_cache
-    from fastbd.models.clip import load_clip, tokenizer_name
+    from fastbd.models.clip import load_clip
 
     entry = registry.clip_defense(args.command)
     config = load_config(args.config, entry.config, entry.nested)
@@ -29,11 +30,7 @@ def run_clip_defense(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     model = load_clip(args.arch, args.checkpoint).to(args.device)
     cache = out / ("pairs.npy" if entry.pairs == "training" else "clean_pairs.npy")
-    pairs = load_pairs(args.csv, model, tokenizer_name=tokenizer_name(args.arch),
-                       image_key=args.image_key, caption_key=args.caption_key,
-                       separator=args.separator, image_size=args.image_size,
-                       skip_bad=args.skip_bad, duplicates=duplicates_policy(args),
-                       cache=cache, verbose=not args.quiet)
+    pairs = load_clip_pairs(args, args.csv, model, cache)
     options = {}
     if entry.needs_reference:
         options["reference"] = load_clip(args.reference_arch or args.arch,
@@ -42,7 +39,7 @@ def run_clip_defense(args: argparse.Namespace) -> int:
                        verbose=not args.quiet, checkpoint_dir=out, **options)
     result.save(out, truth=pairs.truth, tokens=pairs.tokens, tokenizer=pairs.tokenizer)
     if not args.keep_cache:
-        remove_cache(cache)
+        remove_pairs_cache(cache)
     summary = {**result.summary(pairs.truth), "pairs": int(pairs.tokens.shape[0]),
                "skipped": pairs.report.skipped, "out": str(out)}
     print(json.dumps(summary, indent=2, default=str))
@@ -58,16 +55,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             f"fastbd {name} --csv train.csv --checkpoint backdoored.pt{reference} "
             f"--out fastbd-out/{name}",
             f"fastbd {name} --csv pairs.csv --image-key filepath --caption-key title "
-            f"--arch ViT-B-32 --checkpoint model.pt{reference} --device cuda"])
-        defense.add_argument("--csv", required=True,
-                             help="the (possibly poisoned) training pairs" if entry.pairs ==
-                             "training" else "the clean fine-tuning pairs")
-        defense.add_argument("--image-key", default="image",
-                             help="image column")
-        defense.add_argument("--caption-key", default="caption",
-                             help="caption column")
-        defense.add_argument("--separator", default=",",
-                             help="column separator")
+            f"--arch ViT-B-32 --checkpoint model.pt{reference} --device cuda",
+            f"fastbd {name} --shards 'cc3m/{{00000..00331}}.tar' --arch ViT-B-32 "
+            f"--checkpoint model.pt{reference} --device cuda"])
+        pairs_help = ("the (possibly poisoned) training pairs" if entry.pairs == "training"
+                      else "the clean fine-tuning pairs")
+        add_pair_csv_flags(defense, "--csv", False, pairs_help)
+        add_shards_flags(defense, pairs_help)
         defense.add_argument("--arch", default="tiny",
                              help="open_clip architecture (e.g. ViT-B-32, RN50) or 'tiny'")
         defense.add_argument("--checkpoint", required=True, help="the model to defend")

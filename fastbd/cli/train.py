@@ -13,10 +13,13 @@ from fastbd.cli.common import (
     add_duplicates_flag,
     add_image_source_flags,
     add_pair_csv_flags,
+    add_shards_flags,
     duplicates_policy,
+    load_clip_pairs,
     positive_int,
     prepare_out,
     read_labelled_images,
+    remove_pairs_cache,
 )
 from fastbd.cli.world import add_world_args, trigger_options, world_config
 
@@ -112,14 +115,14 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
-    if args.csv:
+    if args.csv or args.shards:
         return train_clip_on_csv(args)
     from fastbd.training.clip import CLIPTrainConfig
     from fastbd.world import CLIPThreatConfig, build_clip_threat
 
     if args.arch != "tiny" or args.image_size not in (None, 32):
-        raise ValueError("--arch and --image-size need --csv (the synthetic world trains the "
-                         "32-px tiny CLIP)")
+        raise ValueError("--arch and --image-size need --csv or --shards (the synthetic world "
+                         "trains the 32-px tiny CLIP)")
     config = CLIPThreatConfig(world=world_config(args), attack=args.attack, target=args.target,
                               rate=args.rate, seed=args.seed,
                               train=clip_train_config(args, CLIPTrainConfig()))
@@ -145,23 +148,20 @@ def clip_train_config(args: argparse.Namespace, base):
 
 
 def train_clip_on_csv(args: argparse.Namespace) -> int:
-    """Train ``--arch`` from scratch on the pairs of a CSV."""
-    from fastbd.clipdefense.loading import load_pairs
-    from fastbd.models.clip import load_clip, tokenizer_name
+    """Train ``--arch`` from scratch on the pairs of a CSV or of WebDataset shards."""
+    from fastbd.models.clip import load_clip
     from fastbd.training.clip import CLIPTrainConfig, train_clip
 
     out = prepare_out(args.out)
     model = load_clip(args.arch, None, image_size=args.image_size, seed=args.seed)
     cache = out / "pairs.npy"
-    pairs = load_pairs(args.csv, model, tokenizer_name=tokenizer_name(args.arch),
-                       image_key=args.image_key, caption_key=args.caption_key,
-                       separator=args.separator, skip_bad=args.skip_bad, cache=cache,
-                       duplicates=duplicates_policy(args), verbose=not args.quiet)
+    pairs = load_clip_pairs(args, args.csv, model, cache)
     config = clip_train_config(args, CLIPTrainConfig())
     history = train_clip(model, pairs.images, pairs.tokens, config, device=args.device,
                          verbose=not args.quiet, checkpoint=out / "train_state.pt")
     del pairs
-    drop_cache(cache, args.keep_cache)
+    if not args.keep_cache:
+        remove_pairs_cache(cache)
     from fastbd.models.clip import clip_image_size
 
     record = {"arch": args.arch, "image_size": clip_image_size(model),
@@ -248,45 +248,43 @@ def _labelled_bank(file_list: str, encoder, args: argparse.Namespace):
 def eval_clip(args: argparse.Namespace) -> dict:
     from fastbd.models.clip import clip_tokenizer, load_clip, tokenizer_name
 
-    model = load_clip(args.arch or "tiny", args.checkpoint, image_size=args.image_size)
+    args.arch = args.arch or "tiny"
+    model = load_clip(args.arch, args.checkpoint, image_size=args.image_size)
     model = model.to(args.device)
-    tokenizer = clip_tokenizer(tokenizer_name(args.arch or "tiny"))
-    if args.eval_csv is None:
+    tokenizer = clip_tokenizer(tokenizer_name(args.arch))
+    if args.eval_csv is None and args.shards is None:
         if args.class_names or args.templates:
-            raise ValueError("--class-names and --templates need --eval-csv")
+            raise ValueError("--class-names and --templates need --eval-csv or --shards")
         from fastbd.world import evaluate_clip
         from fastbd.world.synthetic import make_world
 
         world = make_world(world_config(args))
         return evaluate_clip(model, tokenizer, world, args.attack, args.target, args.seed,
                              args.device).to_dict()
-    from fastbd.clipdefense.loading import load_pairs
     from fastbd.data.readers import read_lines
     from fastbd.eval.zeroshot import GENERIC_TEMPLATES, evaluate_zero_shot
     from fastbd.models.clip import clip_image_size
 
     if not args.class_names:
-        raise ValueError("--eval-csv needs --class-names (comma-separated, or a file with one "
-                         "name per line, in label order)")
+        raise ValueError("--eval-csv/--shards needs --class-names (comma-separated, or a file "
+                         "with one name per line, in label order)")
     names = (read_lines(args.class_names) if Path(args.class_names).is_file()
              else [n.strip() for n in args.class_names.split(",")])
     templates = read_lines(args.templates) if args.templates else list(GENERIC_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"every template needs a {{}} for the class name: {bad[0]!r}")
-    pairs = load_pairs(args.eval_csv, model, tokenizer_name=tokenizer_name(args.arch or "tiny"),
-                       image_key=args.image_key, caption_key=args.caption_key,
-                       separator=args.separator, skip_bad=args.skip_bad,
-                       duplicates=duplicates_policy(args), verbose=not args.quiet)
+    pairs = load_clip_pairs(args, args.eval_csv, model, None)
     if pairs.labels is None:
-        raise ValueError(f"{args.eval_csv}: no 'label' column (the class index of each image, "
+        raise ValueError(f"{args.eval_csv or args.shards}: no labels (a 'label' column, or a "
+                         "'label' in every shard sample's json: the class index of each image, "
                          "in --class-names order)")
     labels = pairs.labels
     trigger = eval_trigger(args, clip_image_size(model), "badnet")
     result = evaluate_zero_shot(model, tokenizer, pairs.images, labels, names, templates,
                                 trigger, args.target, tokens=pairs.tokens, seed=args.seed,
                                 device=args.device)
-    return {**result.to_dict(), "arch": args.arch or "tiny", "checkpoint": str(args.checkpoint),
+    return {**result.to_dict(), "arch": args.arch, "checkpoint": str(args.checkpoint),
             "images": int(labels.numel())}
 
 
@@ -345,10 +343,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "fastbd train-clip --csv fastbd-out/badnet/train.csv --arch tiny "
                            "--image-size 64 --epochs 12 --out fastbd-out/clip",
                            "fastbd train-clip --csv pairs.csv --image-key filepath "
-                           "--caption-key title --arch RN50 --device cuda --out fastbd-out/rn50"])
+                           "--caption-key title --arch RN50 --device cuda --out fastbd-out/rn50",
+                           "fastbd train-clip --shards 'cc3m/{00000..00331}.tar' --arch "
+                           "ViT-B-32 --device cuda --out fastbd-out/vitb32"])
     add_world_args(clip)
     add_pair_csv_flags(clip, "--csv", False, "the pairs to train on instead of the synthetic "
                        "world")
+    add_shards_flags(clip, "the pairs to train on")
     clip.add_argument("--arch", default="tiny",
                       help="with --csv: open_clip architecture (e.g. RN50, ViT-B-32) or 'tiny'")
     clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet",
@@ -402,6 +403,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--val-list", help="ssl: '<path> <label>' list it is scored on")
     add_pair_csv_flags(evaluate, "--eval-csv", False,
                        "clip: labelled pairs (image, caption and label columns) to score on")
+    add_shards_flags(evaluate, "clip: labelled pairs to score on (a 'label' in each sample's "
+                     "json)")
     evaluate.add_argument("--class-names", help="clip, --eval-csv: class names in label order, "
                           "comma-separated or a file with one per line")
     evaluate.add_argument("--templates", help="clip, --eval-csv: file of prompt templates, one "

@@ -55,3 +55,19 @@ def load_pairs(csv_path: str | Path, model: nn.Module, *, tokenizer_name: str = 
     labels = (torch.tensor(csv_labels(csv_path, pairs))[report.kept]
               if "label" in pairs.columns else None)
     return LoadedPairs(torch.as_tensor(bank.images[:]), tokens, truth, tokenizer, report, labels)
+
+
+def load_shard_pairs(urls: str | list[str], model: nn.Module, *,
+                     tokenizer_name: str = "ViT-B-32", caption_key: str = "txt",
+                     image_size: int | None = None, skip_bad: bool = False,
+                     cache: str | Path | None = None, verbose: bool = True) -> LoadedPairs:
+    """``load_pairs`` for WebDataset shards (``fastbd.data.shards``): streamed, decoded at the
+    model's input size (or ``image_size``) into a memory-mapped ``cache`` when given; ground
+    truth and labels from the samples' ``json`` members (``is_backdoor``, ``label``)."""
+    from fastbd.data.shards import read_shard_pairs
+
+    read = read_shard_pairs(urls, image_size or clip_image_size(model), caption_key=caption_key,
+                            skip_bad=skip_bad, cache=cache, verbose=verbose)
+    tokenizer = clip_tokenizer(tokenizer_name)
+    tokens = tokenize(tokenizer, read.captions, context_length_of(model))
+    return LoadedPairs(read.bank.images, tokens, read.truth, tokenizer, read.report, read.labels)

@@ -19,6 +19,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ class ImageReadError(ValueError):
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"cannot read image {path}: {reason}")
         self.path = str(path)
+        self.reason = reason
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -59,11 +61,14 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, size: int, crop_ratio: float = 224 / 256) -> torch.Tensor:
-    """One file through the eval transform (``to_rgb``, shorter side to ``size / crop_ratio``,
-    centre crop) → uint8 ``3×size×size``. Any failure — missing, corrupt, unsupported, or so
-    large that PIL refuses to decode it (a decompression bomb) — raises ``ImageReadError``
-    naming the file."""
+def load_image(path: str | Path | BinaryIO, size: int, crop_ratio: float = 224 / 256, *,
+               name: str | None = None) -> torch.Tensor:
+    """One file (a path, or an open binary file such as a shard member's bytes, then named
+    ``name`` in errors) through the eval transform (``to_rgb``, shorter side to
+    ``size / crop_ratio``, centre crop) → uint8 ``3×size×size``. Any failure — missing,
+    corrupt, unsupported, or so large that PIL refuses to decode it (a decompression bomb) —
+    raises ``ImageReadError`` naming the file."""
+    label = name if name is not None else path
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
     try:
@@ -80,11 +85,11 @@ def load_image(path: str | Path, size: int, crop_ratio: float = 224 / 256) -> to
             img = img.crop((left, top, left + size, top + size))
             array = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(label, "file not found") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"too large to decode safely ({exc})") from None
+        raise ImageReadError(label, f"too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"corrupt or unsupported ({exc})") from None
+        raise ImageReadError(label, f"corrupt or unsupported ({exc})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 

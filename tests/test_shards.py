@@ -1,0 +1,131 @@
+"""WebDataset shards as CLIP pairs: the same pairs as the CSV they were written from, streamed
+to a memory-mapped cache, bad samples refused or skipped, and the CLI's defenses and trainer
+giving the CSV's results."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastbd.cli import main
+
+
+def _write_shards(csv_path: Path, folder: Path, per_shard: int, corrupt: int | None = None
+                  ) -> str:
+    """The CSV's pairs as shards of ``per_shard`` samples (png, txt, json with label and
+    is_backdoor), in the CSV's order; sample ``corrupt`` gets bytes no decoder reads."""
+    import webdataset as wds
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(rows), per_shard):
+        with wds.TarWriter(str(folder / f"pairs-{start // per_shard:03d}.tar")) as writer:
+            for i, row in enumerate(rows[start:start + per_shard], start=start):
+                image = (csv_path.parent / row["image"]).read_bytes()
+                writer.write({"__key__": f"{i:06d}",
+                              "png": b"not an image" if i == corrupt else image,
+                              "txt": row["caption"],
+                              "json": {"label": int(row["label"]),
+                                       "is_backdoor": int(row["is_backdoor"])}})
+    last = (len(rows) - 1) // per_shard
+    return str(folder / f"pairs-{{000..{last:03d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("badnet")
+    assert main(["--quiet", "attack", "--attack", "badnet", "--n-train", "120", "--n-eval", "30",
+                 "--rate", "0.05", "--out", str(out)]) == 0
+    return out
+
+
+def test_shards_hold_the_same_pairs_as_their_csv(exported, tmp_path):
+    from fastbd.clipdefense.loading import load_pairs, load_shard_pairs
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=50)
+    model = tiny_clip(TinyCLIPConfig())
+    from_csv = load_pairs(exported / "train.csv", model, verbose=False)
+    from_shards = load_shard_pairs(pattern, model, verbose=False)
+    assert torch.equal(from_shards.images, from_csv.images)
+    assert torch.equal(from_shards.tokens, from_csv.tokens)
+    assert torch.equal(from_shards.truth, from_csv.truth)
+    assert torch.equal(from_shards.labels, from_csv.labels)
+    assert from_shards.report.kept == list(range(120))
+
+
+def test_a_shard_bank_is_streamed_to_disk_and_reused_until_a_shard_changes(exported, tmp_path):
+    from fastbd.data.shards import read_shard_pairs
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=50)
+    direct = read_shard_pairs(pattern, 24, verbose=False)
+    cache = tmp_path / "cache" / "pairs.npy"
+    cached = read_shard_pairs(pattern, 24, cache=cache, verbose=False)
+    on_disk = np.load(cache, mmap_mode="r")
+    assert on_disk.shape == (120, 3, 24, 24) and np.array_equal(on_disk, direct.bank.images)
+    assert cached.captions == direct.captions and cached.keys == direct.keys
+    assert not list(cache.parent.glob(".*.tmp"))  # no scratch file left
+    stamp = cache.stat().st_mtime_ns
+    again = read_shard_pairs(tmp_path / "shards", 24, cache=cache, verbose=False)  # a folder
+    assert cache.stat().st_mtime_ns == stamp and again.captions == direct.captions
+    _write_shards(exported / "val.csv", tmp_path / "shards", per_shard=50)  # overwrites 000
+    changed = read_shard_pairs(pattern, 24, cache=cache, verbose=False)
+    assert changed.captions[:30] != direct.captions[:30]
+    assert changed.bank.images.shape[0] == 30 + 70
+
+
+def test_a_corrupt_sample_is_refused_or_skipped(exported, tmp_path, capsys):
+    from fastbd.data.bank import ImageReadError
+    from fastbd.data.shards import read_shard_pairs
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=60,
+                            corrupt=7)
+    with pytest.raises(ImageReadError, match="000007"):
+        read_shard_pairs(pattern, 16, verbose=False)
+    kept = read_shard_pairs(pattern, 16, skip_bad=True, verbose=False)
+    assert 7 not in kept.report.kept and len(kept.captions) == 119
+    assert "000007" in kept.report.skipped[0][0]
+    model = tmp_path / "clip.pt"
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    torch.save(tiny_clip(TinyCLIPConfig()).state_dict(), model)
+    flags = ["--quiet", "cleanclip", "--shards", pattern, "--checkpoint", str(model),
+             "--out", str(tmp_path / "out")]
+    assert main(flags) == 2 and "000007" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="shard not found"):
+        read_shard_pairs(str(tmp_path / "shards" / "pairs-{000..009}.tar"), 16, verbose=False)
+
+
+def test_cli_defense_and_training_on_shards_equal_the_csv_runs(exported, tmp_path):
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=50)
+    train = ["--epochs", "1", "--batch-size", "32"]
+    for name, source in (("csv", ["--csv", str(exported / "train.csv")]),
+                         ("shards", ["--shards", pattern])):
+        assert main(["--quiet", "train-clip", *source, *train, "--out",
+                     str(tmp_path / f"clip-{name}")]) == 0
+    from_csv = torch.load(tmp_path / "clip-csv" / "clip.pt", weights_only=True)
+    from_shards = torch.load(tmp_path / "clip-shards" / "clip.pt", weights_only=True)
+    assert all(torch.equal(from_csv[k], from_shards[k]) for k in from_csv)
+    model = str(tmp_path / "clip-csv" / "clip.pt")
+    results = {}
+    for name, source in (("csv", ["--csv", str(exported / "train.csv")]),
+                         ("shards", ["--shards", pattern])):
+        out = tmp_path / f"ubt-{name}"
+        assert main(["--quiet", "ubt", *source, "--checkpoint", model, "--reference-checkpoint",
+                     model, "--out", str(out)]) == 0
+        assert not any(p.suffix == ".npy" and "pairs" in p.name for p in out.iterdir())
+        results[name] = json.loads((out / "result.json").read_text())
+    for key in ("suspicious", "suspicious_poisoned", "check_statistic"):
+        assert results["shards"].get(key) == results["csv"].get(key)
+
+
+def test_cli_refuses_a_csv_and_shards_together(exported, tmp_path, capsys):
+    flags = ["--quiet", "train-clip", "--csv", str(exported / "train.csv"), "--shards",
+             str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main(flags) == 2 and "exactly one of" in capsys.readouterr().err
