@@ -132,6 +132,34 @@ def test_train_ssl_on_files_resumes_to_the_uninterrupted_weights(htba_files, tmp
     assert not (out / "train_state.pt").exists() and not (out / "bank.npy").exists()
 
 
+def test_train_clip_on_a_csv_resumes_to_the_uninterrupted_weights(badnet_files, tmp_path,
+                                                                    monkeypatch):
+    import fastbd.training.clip as clip_module
+
+    flags = ["train-clip", "--csv", str(badnet_files / "train.csv"), "--epochs", "3",
+             "--batch-size", "64"]
+    _run(*flags, "--out", str(tmp_path / "whole"))
+    calls = []
+    real_loss = clip_module.clip_loss
+
+    def interrupt_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # two steps per epoch: the first step of epoch 3
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(clip_module, "clip_loss", interrupt_in_epoch_three)
+    out = tmp_path / "cut"
+    assert main(["--quiet", *flags, "--out", str(out)]) == 130
+    assert (out / "train_state.pt").is_file() and (out / "pairs.npy").is_file()
+    monkeypatch.setattr(clip_module, "clip_loss", real_loss)
+    _run(*flags, "--out", str(out))
+    whole = torch.load(tmp_path / "whole" / "clip.pt", weights_only=True)
+    resumed = torch.load(out / "clip.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not (out / "train_state.pt").exists() and not (out / "pairs.npy").exists()
+
+
 def _image_folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 40) -> Path:
     g = torch.Generator().manual_seed(0)
     for c in range(classes):

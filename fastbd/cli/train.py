@@ -289,6 +289,8 @@ def eval_clip(args: argparse.Namespace) -> dict:
 
 
 def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: str) -> None:
+    """What both trainers take: the training config and its main fields, the image cache,
+    the synthetic world's threat-model cache, bad-input policies."""
     p.add_argument("--config", help=f"JSON/YAML file with {config} fields (the flags below "
                    "override it)")
     p.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs_default})")
@@ -299,6 +301,12 @@ def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: 
     p.add_argument("--keep-cache", action="store_true",
                    help="keep the memory-mapped copy of the images in --out after a successful "
                         "run (by default it is removed; an interrupted run keeps it to resume)")
+    p.add_argument("--cache", default="fastbd-out/cache",
+                   help="synthetic world: threat-model cache (reused when the settings match)")
+    p.add_argument("--retrain", action="store_true", help="synthetic world: ignore cached "
+                   "weights")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    add_duplicates_flag(p)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -328,12 +336,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="HTBA trigger side as a fraction of the image side (default 50/224)")
     ssl.add_argument("--width", type=int, default=16, help="the small conv encoder's width")
     add_training_flags(ssl, "SSLConfig's", "SSLConfig (augment: AugmentConfig)")
-    ssl.add_argument("--cache", default="fastbd-out/cache",
-                     help="synthetic world: threat-model cache (reused when the settings match)")
-    ssl.add_argument("--retrain", action="store_true",
-                     help="synthetic world: ignore cached weights")
-    ssl.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
-    add_duplicates_flag(ssl)
     ssl.add_argument("--out", default="fastbd-out/train-ssl", help="output folder")
     ssl.set_defaults(run=cmd_train_ssl, continued_by_rerun=True)
 
@@ -357,12 +359,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     clip.add_argument("--rate", type=float,
                       help="synthetic world: poisoned share (default 0.01, WaNet 0.10)")
     add_training_flags(clip, "CLIPTrainConfig's (8)", "CLIPTrainConfig")
-    clip.add_argument("--cache", default="fastbd-out/cache",
-                      help="synthetic world: threat-model cache (reused when the settings match)")
-    clip.add_argument("--retrain", action="store_true",
-                      help="synthetic world: ignore cached weights")
-    clip.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
-    add_duplicates_flag(clip)
     clip.add_argument("--out", default="fastbd-out/train-clip", help="output folder")
     clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True)
 
