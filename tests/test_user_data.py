@@ -219,22 +219,42 @@ def test_clip_loop_on_a_csv_at_another_image_size(badnet_files, tmp_path):
 
 
 def test_eval_clip_on_the_exported_world_equals_the_world_evaluation(badnet_files, tmp_path):
+    from fastbd.eval.zeroshot import evaluate_zero_shot
     from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip
-    from fastbd.world import evaluate_clip
+    from fastbd.world import world_attack
     from fastbd.world.synthetic import ZERO_SHOT_TEMPLATES, WorldConfig, make_world
 
     model = tiny_clip(TinyCLIPConfig(), seed=3).eval()
     torch.save(model.state_dict(), tmp_path / "clip.pt")
     templates = tmp_path / "templates.txt"
     templates.write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+    spec = json.loads((badnet_files / "attack.json").read_text())["trigger"]
+    assert spec == {"attack": "badnet", "seed": 0, "options": {"side_fraction": 0.3}}
     _run("eval", "clip", "--checkpoint", str(tmp_path / "clip.pt"), "--eval-csv",
          str(badnet_files / "val.csv"), "--class-names", str(badnet_files / "classes.txt"),
-         "--templates", str(templates), "--attack", "badnet", "--out", str(tmp_path / "eval"))
+         "--templates", str(templates), "--attack-spec", str(badnet_files / "attack.json"),
+         "--out", str(tmp_path / "eval"))
     from_files = json.loads((tmp_path / "eval" / "eval.json").read_text())
     world = make_world(replace(WorldConfig(), n_train=160, n_eval=40))
-    expected = evaluate_clip(model, clip_tokenizer(), world, "badnet", 0)
-    assert from_files["clean_accuracy"] == expected.clean_accuracy
-    assert from_files["asr"] == expected.asr
+    expected = evaluate_zero_shot(model, clip_tokenizer(), world.eval.images, world.eval.labels,
+                                  world.class_names, ZERO_SHOT_TEMPLATES,
+                                  world_attack("badnet", 32), 0)
+    for key in ("clean_accuracy", "patched_accuracy", "asr"):
+        assert from_files[key] == getattr(expected, key)
+
+
+def test_the_attack_spec_rebuilds_the_planted_trigger_not_the_published_one(badnet_files):
+    from argparse import Namespace
+
+    from fastbd.cli.train import eval_trigger
+    from fastbd.world import world_attack
+
+    flags = dict(trigger=None, trigger_side=None, seed=0, attack="badnet")
+    planted = eval_trigger(Namespace(attack_spec=str(badnet_files / "attack.json"), **flags),
+                           32, "badnet")
+    published = eval_trigger(Namespace(attack_spec=None, **flags), 32, "badnet")
+    assert planted.side == world_attack("badnet", 32).side == 10
+    assert published.side == 3  # 16/224 of 32 px: not what the world planted
 
 
 def test_clip_preprocessing_follows_the_model(tmp_path):

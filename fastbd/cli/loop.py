@@ -93,6 +93,19 @@ def _flag(name: str, value) -> list[str]:
     return [] if value is None else [name, str(value)]
 
 
+def _trigger_flags(args: argparse.Namespace, exported_spec: Path | None) -> list[str]:
+    """``eval``'s trigger flags: ``--trigger`` or ``--attack-spec`` when given, else the
+    synthetic world export's own ``attack.json`` unless ``--attack`` names another, else
+    ``--attack``."""
+    if getattr(args, "trigger", None):
+        return ["--trigger", args.trigger]
+    if args.attack_spec:
+        return ["--attack-spec", args.attack_spec]
+    if exported_spec is not None and args.attack is None:
+        return ["--attack-spec", str(exported_spec)]
+    return ["--attack", args.attack or args.default_attack]
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -100,7 +113,7 @@ def _read_json(path: Path) -> dict:
 def cmd_loop(args: argparse.Namespace) -> int:
     ssl = args.kind == "ssl"
     args.arch = args.arch or ("smallconv16" if ssl else "tiny")
-    args.attack = args.attack or ("htba" if ssl else args.poison)
+    args.default_attack = "htba" if ssl else args.poison
     out = prepare_out(args.out)
     common = ["--quiet"] if args.quiet else []
     steps = Steps(out, common)
@@ -147,7 +160,8 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
                 *_flag("--batch-size", args.batch_size), *_flag("--lr", args.lr),
                 *_flag("--config", args.config), "--seed", str(args.seed),
                 "--device", args.device, *(["--skip-bad"] if args.skip_bad else [])]
-    trigger = (["--trigger", args.trigger] if args.trigger else ["--attack", args.attack])
+    trigger = _trigger_flags(args, None if args.file_list or args.image_folder else
+                             Path(source[1]).parent / "attack.json")
     evaluation = [*model, "--train-list", probe_list, "--val-list", val_list, *trigger,
                   *_flag("--trigger-side", args.trigger_side), "--target", str(args.target),
                   "--device", args.device, "--seed", str(args.seed)]
@@ -222,8 +236,9 @@ def clip_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
                                               *training]) / "clip.pt"
     else:
         reference = None
+    trigger = _trigger_flags(args, None if args.csv else Path(train_csv).parent / "attack.json")
     evaluation = [*model, "--eval-csv", eval_csv, "--class-names", class_names,
-                  *_flag("--templates", args.templates), "--attack", args.attack,
+                  *_flag("--templates", args.templates), *trigger,
                   "--target", str(args.target), "--device", args.device, "--seed",
                   str(args.seed), *columns]
 
@@ -304,7 +319,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--seed", type=int, default=0, help="seed of every step")
     loop.add_argument("--target", type=int, default=0, help="the attack's target class")
     loop.add_argument("--attack", choices=ATTACKS, help="the trigger ASR is measured with "
-                      "(default: htba for ssl, --poison for clip)")
+                      "(default: the synthetic world's planted trigger; on your files htba for "
+                      "ssl, --poison for clip)")
+    loop.add_argument("--attack-spec", help="the attack.json fastbd attack wrote for your "
+                      "files: measure the trigger it planted")
     loop.add_argument("--trigger-side", type=float, help="ssl: patch trigger side as a "
                       "fraction of the image side (default 50/224)")
     loop.add_argument("--checkpoint", help="an existing poisoned model to start from instead "

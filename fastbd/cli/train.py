@@ -173,10 +173,22 @@ def train_clip_on_csv(args: argparse.Namespace) -> int:
 
 def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
     """The trigger whose ASR is measured: ``--trigger`` (a PNG pasted as a patch of
-    ``--trigger-side``), else ``--attack`` (``none``: ``default``'s, so a clean model is
-    measured with the trigger a poisoned one would carry)."""
+    ``--trigger-side``), ``--attack-spec`` (the trigger an ``attack.json`` of ``fastbd attack``
+    records: attack, seed and options), else ``--attack`` (``none``: ``default``'s, so a clean
+    model is measured with the trigger a poisoned one would carry)."""
     from fastbd.attacks import make_attack
 
+    if args.attack_spec is not None and args.trigger is not None:
+        raise ValueError("give one of --trigger and --attack-spec")
+    if args.attack_spec is not None:
+        from fastbd.configfile import read_config_file
+
+        spec = read_config_file(args.attack_spec).get("trigger")
+        if not isinstance(spec, dict) or not isinstance(spec.get("attack"), str):
+            raise ValueError(f"{args.attack_spec}: no 'trigger' with an 'attack' name (the "
+                             "attack.json fastbd attack writes)")
+        return make_attack(spec["attack"], image_size, seed=int(spec.get("seed", 0)),
+                           **dict(spec.get("options") or {}))
     if args.trigger is not None:
         from fastbd.attacks.triggers import PatchAttack
         from fastbd.data.bank import load_image
@@ -388,6 +400,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                "clip)")
     evaluate.add_argument("--trigger", help="a trigger image (PNG) pasted as a patch instead "
                           "of --attack's")
+    evaluate.add_argument("--attack-spec", help="the attack.json fastbd attack wrote: measure "
+                          "the very trigger it planted (attack, seed, trigger size) instead of "
+                          "--attack's published settings")
     evaluate.add_argument("--width", type=int, default=16,
                           help="ssl: the small conv encoder's width")
     evaluate.add_argument("--trigger-side", type=float,

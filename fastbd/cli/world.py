@@ -97,10 +97,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                            args.fraction, seed=args.seed)
         evaluation = None
     else:
+        from fastbd.world import WORLD_ATTACK_OPTIONS
         from fastbd.world.synthetic import make_world
 
         world = make_world(world_config(args, ssl=not clip_attack))
         evaluation, class_names = world.eval, world.class_names
+        if clip_attack:  # the world's own trigger sizes (poison_world_pairs' defaults)
+            attack_options = WORLD_ATTACK_OPTIONS.get(args.attack, {})
         poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
                     if clip_attack else
                     poison_world_images(world, args.attack, args.target, args.fraction,
@@ -130,6 +133,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                     "boxes": poisoned.boxes})
     summary = {"attack": args.attack, "target": args.target, "images": len(poisoned.labels),
                "poisoned": int(poisoned.poison_mask.sum()),
+               # What ``fastbd eval --attack-spec`` rebuilds the planted trigger from.
+               "trigger": {"attack": args.attack, "seed": args.seed,
+                           "options": dict(attack_options)},
                "files": {k: str(v) for k, v in written.items() if k != "images"}}
     print(files.json("attack.json", summary))
     files.close()
