@@ -24,7 +24,7 @@ LAYERS = [
     {"eval", "report"},
     {"training"},
     {"detection", "clipdefense", "world"},
-    {"poisoncam", "patchsearch", "ubt", "baselines"},
+    {"poisoncam", "patchsearch", "ubt", "baselines", "density"},
     {"registry", "environment", "smoke"},
     {"demo"},
     {"cli"},

@@ -129,3 +129,19 @@ def test_cli_refuses_a_csv_and_shards_together(exported, tmp_path, capsys):
     flags = ["--quiet", "train-clip", "--csv", str(exported / "train.csv"), "--shards",
              str(tmp_path), "--out", str(tmp_path / "out")]
     assert main(flags) == 2 and "exactly one of" in capsys.readouterr().err
+
+
+def test_cli_density_on_shards_lists_the_flagged_samples(exported, tmp_path):
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=50)
+    torch.save(tiny_clip(TinyCLIPConfig(), seed=4).state_dict(), tmp_path / "clip.pt")
+    out = tmp_path / "density"
+    assert main(["--quiet", "density", "--shards", pattern, "--checkpoint",
+                 str(tmp_path / "clip.pt"), "--k", "8", "--threshold", "1", "--out",
+                 str(out)]) == 0
+    flagged = np.load(out / "flagged.npy")
+    listed = (out / "flagged.txt").read_text().splitlines()
+    assert len(listed) == int(flagged.sum()) > 0
+    assert listed == [f"pairs-{i // 50:03d}.tar/{i:06d}" for i in np.flatnonzero(flagged)]
+    assert "auroc" in json.loads((out / "result.json").read_text())["metrics"]

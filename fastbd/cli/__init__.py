@@ -1,8 +1,8 @@
 """The ``fastbd`` command: a thin layer over the library, one module per command family —
 ``demo`` (the demo and ``env``), ``world`` (``attack``), ``train`` (``train-ssl``,
 ``train-clip``, ``eval``: the synthetic world or the user's files), ``detect`` (every
-registered detector), ``defend`` (every registered CLIP defense), ``loop`` (a paper's whole
-loop over those commands)."""
+registered detector), ``defend`` (every registered CLIP defense), ``density`` (poisoned pairs
+by embedding density), ``loop`` (a paper's whole loop over those commands)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastbd.cli import defend, demo, detect, loop, train, world
+from fastbd.cli import defend, demo, density, detect, loop, train, world
 from fastbd.cli.common import positive_int
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's, one per core — on a "
                              "machine busy with other work fewer are faster)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (demo, world, train, detect, defend, loop):
+    for family in (demo, world, train, detect, defend, density, loop):
         family.add_parsers(sub)
     return parser
 

@@ -21,7 +21,7 @@ class LoadedPairs:
     """uint8 ``images`` ``N×3×S×S``, int64 ``tokens`` ``N×L``, ``truth`` (bool ``N`` from the
     CSV's ``is_backdoor`` column, or None), ``labels`` (int64 ``N`` from its ``label`` column,
     or None), the ``tokenizer`` used and the files' ``report`` (which rows were kept, which
-    images skipped)."""
+    images skipped); for shards, each pair's sample ``keys`` (``<shard>/<key>``)."""
 
     images: torch.Tensor
     tokens: torch.Tensor
@@ -29,6 +29,7 @@ class LoadedPairs:
     tokenizer: object
     report: LoadReport
     labels: torch.Tensor | None = None
+    keys: list[str] | None = None
 
 
 def load_pairs(csv_path: str | Path, model: nn.Module, *, tokenizer_name: str = "ViT-B-32",
@@ -70,4 +71,5 @@ def load_shard_pairs(urls: str | list[str], model: nn.Module, *,
                             skip_bad=skip_bad, cache=cache, verbose=verbose)
     tokenizer = clip_tokenizer(tokenizer_name)
     tokens = tokenize(tokenizer, read.captions, context_length_of(model))
-    return LoadedPairs(read.bank.images, tokens, read.truth, tokenizer, read.report, read.labels)
+    return LoadedPairs(read.bank.images, tokens, read.truth, tokenizer, read.report, read.labels,
+                       read.keys)

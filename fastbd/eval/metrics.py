@@ -54,6 +54,28 @@ def auroc(scores: torch.Tensor, truth: torch.Tensor) -> float:
     return u / (positives * negatives)
 
 
+def average_precision(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """Area under the precision–recall curve as average precision: the mean, over the
+    positives, of the precision among everything scored at least as high as it (tied scores
+    count together, as scikit-learn's ``average_precision_score`` does)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+    truth = _as_bool("truth", truth)
+    if scores.numel() != truth.numel():
+        raise ValueError(f"{scores.numel()} scores for {truth.numel()} labels")
+    positives = int(truth.sum())
+    if positives == 0:
+        raise ValueError("average precision needs positive samples")
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_scores, hits = scores[order], truth[order].double()
+    # The last position of each run of tied scores: precision and recall step there.
+    last = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    true_positives = hits.cumsum(0)[last]
+    seen = torch.arange(1, scores.numel() + 1, dtype=torch.float64)[last]
+    recall_steps = torch.diff(true_positives, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((recall_steps * true_positives / seen).sum() / positives)
+
+
 def detection_metrics(predicted: torch.Tensor, truth: torch.Tensor,
                       scores: torch.Tensor | None = None) -> DetectionMetrics:
     """Detection quality of a predicted poison mask against the ground truth (both ``N``)."""
