@@ -7,17 +7,12 @@ import torch.nn.functional as F
 
 from fastbd.ops import cosine_topk, pair_cosine
 
-from benchutil import cuda, record_rates, run
+from benchutil import cuda, record_rates, run, unit_features
 
 SIZES = {
     "cpu": dict(n=4000, d=128, k=10, device="cpu", dtype=torch.float32),
     "gpu": dict(n=127000, d=768, k=10, device="cuda", dtype=torch.bfloat16),
 }
-
-
-def features(n, d, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1).to(device, dtype)
 
 
 def plain_torch(x, k):
@@ -27,7 +22,7 @@ def plain_torch(x, k):
 @pytest.mark.parametrize("impl", ["fastbd", "plain_torch"])
 def test_cosine_topk_cpu(benchmark, impl):
     size = SIZES["cpu"]
-    x = features(size["n"], size["d"], "cpu", size["dtype"])
+    x = unit_features(size["n"], size["d"], "cpu", size["dtype"])
     fn = (lambda: cosine_topk(x, x, size["k"], normalized=True)) if impl == "fastbd" else (
         lambda: plain_torch(x, size["k"]))
     values, _ = run(benchmark, fn, rounds=3, impl=impl, n=size["n"], d=size["d"], k=size["k"])
@@ -43,7 +38,7 @@ def test_cosine_topk_gpu(benchmark, impl):
     ``gemm_only`` times the same chunked matmuls without the top-k (the bf16 GEMM throughput the
     op is compared with)."""
     size = SIZES["gpu"]
-    x = features(size["n"], size["d"], "cuda", size["dtype"])
+    x = unit_features(size["n"], size["d"], "cuda", size["dtype"])
     if impl == "gemm_only":
         def fn():
             for q0 in range(0, x.shape[0], 4096):
@@ -57,7 +52,7 @@ def test_cosine_topk_gpu(benchmark, impl):
 
 @pytest.mark.parametrize("impl", ["fastbd", "plain_torch"])
 def test_pair_cosine_cpu(benchmark, impl):
-    a = features(100000, 64, "cpu", torch.float32)
+    a = unit_features(100000, 64, "cpu", torch.float32)
     b = a.roll(1, 0)
     fn = (lambda: pair_cosine(a, b)) if impl == "fastbd" else (
         lambda: F.cosine_similarity(a, b, dim=1))
@@ -70,7 +65,7 @@ def test_pair_cosine_cpu(benchmark, impl):
 def test_pair_cosine_gpu(benchmark, impl):
     if impl == "cupy":
         pytest.importorskip("cupy")
-    a = features(500000, 512, "cuda", torch.bfloat16)
+    a = unit_features(500000, 512, "cuda", torch.bfloat16)
     b = a.roll(1, 0)
     fn = (lambda: F.cosine_similarity(a, b, dim=1)) if impl == "plain_torch" else (
         lambda: pair_cosine(a, b, backend=impl))
@@ -80,10 +75,10 @@ def test_pair_cosine_gpu(benchmark, impl):
 
 def test_plain_torch_computes_what_cosine_topk_computes():
     """The baseline does the same work: the same top-k values and (tie-free) indices."""
-    x = features(300, 16, "cpu", torch.float32)
+    x = unit_features(300, 16, "cpu", torch.float32)
     expected = plain_torch(x, 5)
     got = cosine_topk(x, x, 5, normalized=True, backend="torch")
     assert torch.allclose(got[0], expected.values, atol=1e-5)
     assert torch.equal(got[1], expected.indices)
-    a, b = features(50, 16, "cpu", torch.float32), features(50, 16, "cpu", torch.float32)
+    a, b = unit_features(50, 16, "cpu", torch.float32), unit_features(50, 16, "cpu", torch.float32)
     assert torch.allclose(pair_cosine(a, b), F.cosine_similarity(a, b, dim=1), atol=1e-5)

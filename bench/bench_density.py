@@ -5,22 +5,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastbd.density import density_scores, nearest_neighbours
 
-from benchutil import cuda, record_rates, run
+from benchutil import cuda, record_rates, run, unit_features
 
 SIZES = {
     "cpu": dict(n=6000, d=64, k=32, device="cpu", dtype=torch.float32),
     # CC3M: 3 M pairs × 512 (ViT-B/32 embeddings); the image reference alone.
     "gpu": dict(n=3_000_000, d=512, k=32, device="cuda", dtype=torch.bfloat16),
 }
-
-
-def embeddings(n, d, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1).to(device, dtype)
 
 
 def plain_torch(points, k):
@@ -33,7 +27,7 @@ def plain_torch(points, k):
 
 def test_plain_torch_finds_the_same_neighbours():
     size = SIZES["cpu"]
-    points = embeddings(1500, size["d"], "cpu", size["dtype"])
+    points = unit_features(1500, size["d"], "cpu", size["dtype"])
     neighbours = nearest_neighbours(points, size["k"])
     _, indices = plain_torch(points, size["k"])
     assert (neighbours.indices == indices).double().mean() > 0.999  # float32 near-ties aside
@@ -42,7 +36,7 @@ def test_plain_torch_finds_the_same_neighbours():
 @pytest.mark.parametrize("impl", ["fastbd", "plain_torch"])
 def test_density_neighbours_cpu(benchmark, impl):
     size = SIZES["cpu"]
-    points = embeddings(size["n"], size["d"], "cpu", size["dtype"])
+    points = unit_features(size["n"], size["d"], "cpu", size["dtype"])
     fn = (lambda: nearest_neighbours(points, size["k"])) if impl == "fastbd" else (
         lambda: plain_torch(points, size["k"]))
     run(benchmark, fn, rounds=3, impl=impl, n=size["n"], d=size["d"], k=size["k"])
@@ -51,7 +45,7 @@ def test_density_neighbours_cpu(benchmark, impl):
 
 def test_density_scores_cpu(benchmark):
     size = SIZES["cpu"]
-    neighbours = nearest_neighbours(embeddings(size["n"], size["d"], "cpu", size["dtype"]),
+    neighbours = nearest_neighbours(unit_features(size["n"], size["d"], "cpu", size["dtype"]),
                                     size["k"])
     scores = run(benchmark, lambda: density_scores(neighbours, "dao"), rounds=5, n=size["n"],
                  k=size["k"])
@@ -64,7 +58,7 @@ def test_density_neighbours_gpu(benchmark):
     """3 M × 3 M × 512 in bf16 through ``cosine_topk``: no similarity matrix is held beyond a
     tile (the full one would be 36 TB in float32)."""
     size = SIZES["gpu"]
-    points = embeddings(size["n"], size["d"], "cuda", size["dtype"])
+    points = unit_features(size["n"], size["d"], "cuda", size["dtype"])
     run(benchmark, lambda: nearest_neighbours(points, size["k"], chunk=16384), rounds=1,
         n=size["n"], d=size["d"], k=size["k"])
     record_rates(benchmark, flop=2.0 * size["n"] ** 2 * size["d"])

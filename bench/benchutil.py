@@ -18,6 +18,12 @@ HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def unit_features(n: int, d: int, device, dtype) -> torch.Tensor:
+    """Seeded random unit rows ``n×d`` (embeddings for the similarity benches)."""
+    g = torch.Generator().manual_seed(0)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1).to(device, dtype)
+
+
 def sync() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()
