@@ -75,9 +75,17 @@ def test_clip_defense_commands(clip_pairs_csv, tmp_path, capsys, defense):
         args += ["--reference-checkpoint", str(root / "clean.pt")]
     args += ["--config", str(root / f"{defense}.json")]
     assert main(args) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["method"] == defense and summary["pairs"] == 48
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"{defense}: ")  # --quiet: the decision
     saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["method"] == defense
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith(f"# {defense} report") and printed[0] in report
+    assert f"| method | {defense} |" in report
+    if defense != "cleanclip":
+        assert "![Pair similarity under the reference model](similarity.png)" in report
+        assert "12 suspicious pairs" in printed[0] or "declined" in printed[0] or \
+            "top pairs" in printed[0]
     if defense != "cleanclip":
         assert saved["suspicious"] == 12 and "suspicious_poisoned" in saved
     if defense == "ubt":

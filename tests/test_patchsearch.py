@@ -111,8 +111,8 @@ def test_train_ssl_encoder_goes_to_the_detectors(tmp_path, capsys):
               "--out", str(tmp_path / "det")]
     capsys.readouterr()
     assert main([*detect, "--arch", "smallconv4"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["images"] == 60 and "metrics" in summary
+    decision = capsys.readouterr().out  # --quiet: the decision line alone
+    assert decision.startswith("poisoncam: removed ") and "of 60 images (precision" in decision
     assert json.loads((tmp_path / "det" / "result.json").read_text())["n_images"] == 60
     assert main([*detect, "--arch", "smallconv16"]) == 2  # trained at width 4
     error = capsys.readouterr().err

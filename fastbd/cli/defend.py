@@ -42,7 +42,9 @@ def run_clip_defense(args: argparse.Namespace) -> int:
         remove_pairs_cache(cache)
     summary = {**result.summary(pairs.truth), "pairs": int(pairs.tokens.shape[0]),
                "skipped": pairs.report.skipped, "out": str(out)}
-    print(json.dumps(summary, indent=2, default=str))
+    if not args.quiet:  # the summary is in result.json; --quiet keeps the decision line only
+        print(json.dumps(summary, indent=2, default=str))
+    print(result.decision(pairs.truth))
     return 0
 
 

@@ -99,7 +99,9 @@ def cmd_density(args: argparse.Namespace) -> int:
     if not args.keep_cache:
         remove_pairs_cache(cache)
     summary = {k: v for k, v in result.summary(truth).items() if k != "config"}
-    print(json.dumps({**summary, **extra, "out": str(out)}, indent=2, default=str))
+    if not args.quiet:
+        print(json.dumps({**summary, **extra, "out": str(out)}, indent=2, default=str))
+    print(result.decision(truth))
     return 0
 
 

@@ -78,7 +78,9 @@ def run_detector(args: argparse.Namespace) -> int:
                "skipped": report.skipped, "out": str(out)}
     if result.metrics is not None:
         summary["metrics"] = result.metrics.to_dict()
-    print(json.dumps(summary, indent=2))
+    if not args.quiet:  # the summary is in result.json; --quiet keeps the decision line only
+        print(json.dumps(summary, indent=2))
+    print(result.decision())
     return 0
 
 

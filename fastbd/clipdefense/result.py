@@ -36,34 +36,53 @@ class DefenseResult:
             out["suspicious_poisoned"] = int(as_truth(truth)[self.suspicious].sum())
         return out
 
+    def decision(self, truth: torch.Tensor | None = None) -> str:
+        """One line saying what the defense did (and, with ``truth``, how many of the pairs it
+        suspected are poisoned)."""
+        n = int(self.suspicious.numel())
+        if n == 0:
+            return f"{self.method}: defended (fine-tuned; no suspicious set)"
+        caught = (f" ({int(as_truth(truth)[self.suspicious].sum())} poisoned)"
+                  if truth is not None else "")
+        return f"{self.method}: defended; {n} suspicious pairs{caught} unlearned"
+
     def save(self, directory: str | Path, truth: torch.Tensor | None = None, *,
              weights: bool = True, **extras) -> Path:
         """Write ``model.pt`` (the defended state dict; skipped with ``weights=False``),
         ``result.json``, ``similarity.png`` when reference similarities exist (backdoor vs clean
-        with ``truth``), what ``add_files`` adds (``extras`` are its keyword arguments), and
+        with ``truth``), what ``add_files`` adds (``extras`` are its keyword arguments),
+        ``report.md`` (the decision, the summary and the pictures on one page) and
         ``manifest.json`` last (``ResultFiles``: each file atomically; the files of a result
         saved there before are removed first). Then the run's ``checkpoint_files`` (training
         state an interrupted run would continue from) are deleted: the result supersedes them.
         """
+        from fastbd.report.markdown import markdown_report
         from fastbd.report.plots import save_score_histogram
 
         files = ResultFiles(directory)
         if weights:
             files.torch("model.pt", self.model.state_dict())
-        files.json("result.json", self.summary(truth))
+        summary = self.summary(truth)
+        files.json("result.json", summary)
+        images = []
         if self.reference_similarity is not None:
             save_score_histogram(self.reference_similarity, files.path("similarity.png"),
                                  None if truth is None else as_truth(truth),
                                  title="pair similarity under the reference model",
-                                 xlabel="cosine")
-        self.add_files(files, **extras)
+                                 xlabel="cosine of image and caption", ylabel="pairs")
+            images.append(("Pair similarity under the reference model", "similarity.png"))
+        images += self.add_files(files, truth=truth, **extras)
+        files.text("report.md", markdown_report(f"{self.method} report", self.decision(truth),
+                                                {"Result": summary}, images))
         files.close()
         remove_files(self.checkpoint_files)
         self.checkpoint_files = []
         return files.directory
 
-    def add_files(self, files: ResultFiles, **extras) -> None:
-        """A subclass's own report files (none here)."""
+    def add_files(self, files: ResultFiles, **extras) -> list[tuple[str, str]]:
+        """A subclass's own report files; returns the pictures among them as (caption, file
+        name) for ``report.md`` (none here)."""
+        return []
 
 
 def as_truth(truth: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,14 @@ class DensityResult:
         return {**detection_metrics(self.flagged, truth).to_dict(),
                 "auroc": auroc(self.scores, truth), "auprc": average_precision(self.scores, truth)}
 
+    def decision(self, truth: torch.Tensor | None = None) -> str:
+        """One line: how many pairs were flagged (and how many of them are poisoned)."""
+        line = (f"density: flagged {int(self.flagged.sum())} of {self.flagged.numel()} pairs "
+                f"({self.config['score']} above {self.cutoff:.3g})")
+        if truth is not None:
+            line += f", {int(torch.as_tensor(truth).bool()[self.flagged].sum())} of them poisoned"
+        return line
+
     def summary(self, truth: torch.Tensor | None = None) -> dict[str, object]:
         out: dict[str, object] = {"method": "density", "flagged": int(self.flagged.sum()),
                                   "pairs": int(self.flagged.numel()), "cutoff": self.cutoff,
@@ -78,8 +86,9 @@ class DensityResult:
     def save(self, directory: str | Path, truth: torch.Tensor | None = None, *,
              filtered: dict[str, str] | None = None, extra: dict | None = None) -> Path:
         """Write ``scores.npy``, ``flagged.npy``, ``result.json`` (with ``extra``),
-        ``score_distribution.png``, the ``filtered`` files (name → text: e.g. the unflagged
-        pairs as a CSV) and ``manifest.json`` last."""
+        ``score_distribution.png``, ``report.md``, the ``filtered`` files (name → text: e.g. the
+        unflagged pairs as a CSV) and ``manifest.json`` last."""
+        from fastbd.report.markdown import markdown_report
         from fastbd.report.plots import save_score_histogram
 
         files = ResultFiles(directory)
@@ -88,7 +97,12 @@ class DensityResult:
         files.json("result.json", {**self.summary(truth), **(extra or {})})
         save_score_histogram(self.scores, files.path("score_distribution.png"), truth,
                              title=f"{self.config['score']} density score",
-                             xlabel=f"{self.config['score']} (higher: sparser neighbourhood)")
+                             xlabel=f"{self.config['score']} (higher: sparser neighbourhood)",
+                             ylabel="pairs")
+        files.text("report.md", markdown_report(
+            "density report", self.decision(truth), {"Result": {**self.summary(truth),
+                                                                **(extra or {})}},
+            [("Density scores", "score_distribution.png")]))
         for name, text in (filtered or {}).items():
             files.text(name, text)
         files.close()

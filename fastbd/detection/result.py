@@ -62,6 +62,16 @@ class DetectionResult:
         out.update(self.trigger_scores)
         return out
 
+    def decision(self) -> str:
+        """One line: how many images were removed (and the precision/recall when ground truth
+        was known)."""
+        line = (f"{self.method}: removed {int(self.removed.sum())} of {self.removed.numel()} "
+                "images")
+        if self.metrics is not None:
+            line += (f" (precision {self.metrics.precision:.1%}, recall "
+                     f"{self.metrics.recall:.1%})")
+        return line
+
     def save(self, directory: str | Path, file_list_lines: list[str] | None = None,
              truth: torch.Tensor | None = None) -> Path:
         """Write ``result.json``; ``scores.npy`` (float64 ``N`` in file order, 0 = unscored:
@@ -70,11 +80,13 @@ class DetectionResult:
         ``test_images.npy`` (int64); ``filtered.txt`` (the kept lines of the input file list,
         when given); ``all_top_poison_patches/00000.png …`` (one PNG per exported patch, best
         first: the official layout); PNGs of the top triggers, their attention maps and the
-        poison-score distribution (poisoned vs clean with ``truth``); and ``manifest.json`` last
+        poison-score distribution (poisoned vs clean with ``truth``); ``report.md`` (the decision,
+        the summary and those pictures on one page); and ``manifest.json`` last
         (``ResultFiles``: each file atomically; the files of a result saved there before are
         removed first). Then the run's ``checkpoint_files`` (training state an interrupted run
         would continue from) are deleted: the result supersedes them."""
         from fastbd.data.readers import save_png
+        from fastbd.report.markdown import markdown_report
         from fastbd.report.plots import save_attention_grid, save_image_grid, save_score_histogram
 
         if file_list_lines is not None and len(file_list_lines) != self.removed.numel():
@@ -94,10 +106,16 @@ class DetectionResult:
             files.text("filtered.txt", "".join(f"{line}\n" for line in kept))
         for i, patch in enumerate(self.top_patches):
             save_png(patch, files.path(f"all_top_poison_patches/{i:05d}.png"))
+        images = []
         if self.triggers.numel():
             save_image_grid(self.triggers, files.path("top_triggers.png"))
             save_attention_grid(self.maps, files.path("attention_maps.png"))
+            images += [("Top trigger candidates", "top_triggers.png"),
+                       ("Their attention maps", "attention_maps.png")]
         save_score_histogram(self.scores, files.path("score_distribution.png"), truth)
+        images.append(("Poison scores", "score_distribution.png"))
+        files.text("report.md", markdown_report(f"{self.method} report", self.decision(),
+                                                {"Result": self.summary()}, images))
         files.close()
         remove_files(self.checkpoint_files)
         self.checkpoint_files = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -53,8 +54,9 @@ def save_attention_grid(maps: torch.Tensor, path: str | Path, columns: int = 10)
 
 def save_score_histogram(scores: torch.Tensor, path: str | Path,
                          truth: torch.Tensor | None = None, title: str = "poison scores",
-                         xlabel: str = "score") -> Path:
-    """Histogram of ``scores``; split into poisoned vs clean when ``truth`` (bool) is given."""
+                         xlabel: str = "score", ylabel: str = "images") -> Path:
+    """Histogram of ``scores`` (counts of ``ylabel`` on a log axis); split into poisoned vs
+    clean when ``truth`` (bool) is given."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     values = scores.double().cpu()
     bins = 40
@@ -67,14 +69,23 @@ def save_score_histogram(scores: torch.Tensor, path: str | Path,
         ax.hist(values.numpy(), bins=bins, log=True)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("images")
+    ax.set_ylabel(f"{ylabel} (log scale)")
     return _save(fig, path)
 
 
 def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
-                       path: str | Path) -> Path:
+                       path: str | Path, pair_ids: Sequence[int] | None = None,
+                       poisoned: Sequence[bool] | None = None) -> Path:
+    """``token_heatmap_figure`` written to ``path`` as a PNG."""
+    return _save(token_heatmap_figure(relevance, tokens, tokenizer, pair_ids, poisoned), path)
+
+
+def token_heatmap_figure(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
+                         pair_ids: Sequence[int] | None = None,
+                         poisoned: Sequence[bool] | None = None):
     """Relevance ``k×L`` of each caption's tokens (between its start and end tokens) as a
-    labelled heatmap: one row per caption, one cell per token."""
+    labelled heatmap: one row per caption (labelled with its pair id from ``pair_ids`` and,
+    when known, whether it is ``poisoned``), one cell per decoded token, and a colour bar."""
     from fastbd.models.clip import caption_ends
 
     eot = caption_ends(tokens)
@@ -87,8 +98,17 @@ def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
         for col in range(1, end):
             word = tokenizer.decode([int(tokens[row, col])]).strip()
             ax.text(col - 1, row, word, ha="center", va="center", fontsize=7)
-    ax.imshow(grid.numpy(), cmap="Reds", aspect="auto", vmin=0, vmax=max(1e-6, float(grid.max())))
-    ax.set_yticks(range(tokens.shape[0]))
+    shown = ax.imshow(grid.numpy(), cmap="Reds", aspect="auto", vmin=0,
+                      vmax=max(1e-6, float(grid.max())))
+    labels = []
+    for row in range(tokens.shape[0]):
+        label = f"pair {pair_ids[row]}" if pair_ids is not None else f"#{row}"
+        if poisoned is not None:
+            label += " (poisoned)" if poisoned[row] else " (clean)"
+        labels.append(label)
+    ax.set_yticks(range(tokens.shape[0]), labels, fontsize=7)
     ax.set_xticks([])
+    ax.set_xlabel("caption tokens, in order")
+    fig.colorbar(shown, ax=ax, label="relevance (share of the caption's)")
     ax.set_title("token relevance (Chefer) of the top pairs")
-    return _save(fig, path)
+    return fig

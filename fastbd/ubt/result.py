@@ -33,12 +33,27 @@ class UBTResult(DefenseResult):
             out["topk_poisoned"] = int(as_truth(truth)[self.topk].sum())
         return out
 
+    def decision(self, truth: torch.Tensor | None = None) -> str:
+        if not self.poisoned:
+            return (f"ubt: declined — check statistic {self.check_statistic:.2f} says the model "
+                    "carries no backdoor; it is returned unchanged")
+        caught = (f" ({int(as_truth(truth)[self.topk].sum())} poisoned)"
+                  if truth is not None else "")
+        return (f"ubt: defended — check statistic {self.check_statistic:.2f}; "
+                f"{self.topk.numel()} top pairs{caught} unlearned token by token")
+
     def add_files(self, files: ResultFiles, *, tokens: torch.Tensor | None = None,
-                  tokenizer=None, **_) -> None:
-        """``token_relevance.png`` for the top pairs when relevance was computed and ``tokens``
-        (``N×L``) / ``tokenizer`` are given (``save(..., tokens=, tokenizer=)``)."""
+                  tokenizer=None, truth: torch.Tensor | None = None,
+                  **_) -> list[tuple[str, str]]:
+        """``token_relevance.png`` for the top pairs (their pair ids, poisoned or clean with
+        ``truth``) when relevance was computed and ``tokens`` (``N×L``) / ``tokenizer`` are
+        given (``save(..., tokens=, tokenizer=)``)."""
         from fastbd.report.plots import save_token_heatmap
 
-        if self.relevance is not None and tokens is not None and tokenizer is not None:
-            save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
-                               files.path("token_relevance.png"))
+        if self.relevance is None or tokens is None or tokenizer is None:
+            return []
+        poisoned = None if truth is None else as_truth(truth)[self.topk].tolist()
+        save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
+                           files.path("token_relevance.png"), pair_ids=self.topk.tolist(),
+                           poisoned=poisoned)
+        return [("Token relevance of the top pairs", "token_relevance.png")]
