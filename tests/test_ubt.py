@@ -268,3 +268,38 @@ def test_defense_ignores_the_stages_of_another_run(pairs, models, tmp_path, monk
     for a, b in zip(fresh.model.state_dict().values(), rerun.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+
+
+def test_far_low_share_follows_the_poison_rate_not_a_constant():
+    from fastbd.clipdefense.pairs import far_low_share
+
+    g = torch.Generator().manual_seed(0)
+    clean = 0.85 + 0.03 * torch.randn(10000, generator=g)
+    assert far_low_share(clean) < 0.001  # a Gaussian keeps ~2e-6 beyond Tukey's outer fence
+    for rate in (0.005, 0.02, 0.05, 0.1):
+        n = round(rate * 10000)
+        poisoned = torch.cat([clean[n:], 0.1 + 0.1 * torch.randn(n, generator=g)])
+        assert abs(far_low_share(poisoned) - rate) < 0.002
+    assert far_low_share(torch.ones(3)) == 0.0
+
+
+def test_adaptive_split_takes_at_least_the_floor_and_grows_with_the_far_tail(monkeypatch):
+    import fastbd.clipdefense.pairs as pairs
+
+    g = torch.Generator().manual_seed(1)
+    similarity = torch.cat([0.85 + 0.03 * torch.randn(950, generator=g),
+                            0.1 + 0.05 * torch.randn(50, generator=g)])
+    monkeypatch.setattr(pairs, "similarities", lambda *args: similarity)
+    monkeypatch.setattr(pairs, "working_copy", lambda model, device: model)
+    images = torch.zeros(1000, 3, 4, 4, dtype=torch.uint8)
+    _, fixed, _ = pairs.suspicious_split(None, images, None, 0.01, "cpu")
+    _, adaptive, normal = pairs.suspicious_split(None, images, None, 0.01, "cpu", adaptive=True)
+    assert fixed.numel() == 10 and adaptive.numel() == 50
+    assert set(adaptive.tolist()) == set(range(950, 1000))
+    assert adaptive.numel() + normal.numel() == 1000
+    clean = similarity[:950]
+    monkeypatch.setattr(pairs, "similarities", lambda *args: clean)
+    _, floor, _ = pairs.suspicious_split(None, images[:950], None, 0.01, "cpu", adaptive=True)
+    assert floor.numel() == round(0.01 * 950)  # no far tail: the floor
+    with pytest.raises(ValueError, match="split"):
+        Config(split="auto")

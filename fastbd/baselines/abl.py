@@ -29,10 +29,12 @@ from fastbd.validation import above, at_least, check_fields
 
 @dataclass
 class ABLConfig:
-    """UBT's split and unlearning schedule: 1 % suspicious, 5 epochs at lr 1e-5, batch 64, at
-    least ``min_steps`` steps (the same small-dataset scaling as ``fastbd.ubt.Config``)."""
+    """UBT's split and unlearning schedule: at least 1 % suspicious (``split`` as in
+    ``fastbd.ubt.Config``), 5 epochs at lr 1e-5, batch 64, at least ``min_steps`` steps (the
+    same small-dataset scaling as ``fastbd.ubt.Config``)."""
 
     susp_fraction: float = 0.01
+    split: str = "adaptive"
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 64
@@ -60,7 +62,8 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reference_sim, suspicious, _ = saved_split(stages, reference, images, tokens,
-                                               config.susp_fraction, device)
+                                               config.susp_fraction, device,
+                                               config.split == "adaptive")
     timings["suspicious_split"] = (time.perf_counter() - start
                                    + stages.resumed_seconds.get("split", 0.0))
     start = time.perf_counter()

@@ -17,14 +17,19 @@ from fastbd.models.clip import encode_images, encode_texts
 from fastbd.models.encoders import working_copy
 from fastbd.ops import pair_cosine
 from fastbd.storage import NO_STAGES, StageFiles, fingerprint, module_fingerprint
-from fastbd.validation import at_least, fraction
+from fastbd.validation import at_least, fraction, one_of
 
 log = logging.getLogger(__name__)
 
 SPLIT_RULES = {"susp_fraction": fraction(low_open=True, high_open=True),
+               "split": one_of("fixed", "adaptive"),
                "batch_size": at_least(2), "seed": at_least(0)}
 """``check_fields`` rules of the settings UBT and ABL share: a suspicious fraction in (0, 1),
-batches of ≥ 2 pairs, a seed ≥ 0."""
+the split rule (``fixed``: that fraction; ``adaptive``: at least that fraction, more when more
+pairs lie far below the rest — ``far_low_share``), batches of ≥ 2 pairs, a
+seed ≥ 0."""
+FAR_OUT = 3.0
+"""Tukey's outer-fence multiple of the interquartile range: values beyond it are "far out"."""
 
 
 def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) -> None:
@@ -49,13 +54,31 @@ def similarities(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                        encode_texts(model, tokens, device=device)).cpu()
 
 
+def far_low_share(similarity: torch.Tensor) -> float:
+    """The share of pairs "far out" below the rest (Tukey's outer fence: below
+    ``Q1 − FAR_OUT·IQR`` of ``similarity``, float ``N``). Poisoned pairs — a triggered image
+    whose caption names a class it does not show — fall there under a clean model, at whatever
+    rate they were planted; a clean set keeps about 1 % of its hardest pairs there."""
+    x = similarity.double().flatten().cpu()
+    if x.numel() < 4:
+        return 0.0
+    q1, q3 = x.quantile(0.25), x.quantile(0.75)
+    return float((x < q1 - FAR_OUT * (q3 - q1)).double().mean())
+
+
 def suspicious_split(reference: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                     fraction: float, device: torch.device | str
+                     fraction: float, device: torch.device | str, adaptive: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1: (similarity of every pair under ``reference`` float32 ``N``, D_susp = indices of
-    the ``max(1, round(fraction·N))`` lowest, D_normal = the other indices in order)."""
+    the ``max(1, round(f·N))`` lowest, D_normal = the other indices in order), with
+    ``f = fraction`` or, ``adaptive``, ``max(fraction, far_low_share(similarity))``."""
     reference_sim = similarities(working_copy(reference, device), images, tokens, device)
     n = reference_sim.numel()
+    if adaptive:
+        share = far_low_share(reference_sim)
+        log.info("suspicious split: %.2f %% of the pairs lie far below the rest (floor %.2f %%)",
+                 100 * share, 100 * fraction)
+        fraction = max(fraction, share)
     suspicious = torch.topk(reference_sim, max(1, round(fraction * n)), largest=False).indices
     normal_mask = torch.ones(n, dtype=torch.bool)
     normal_mask[suspicious] = False
@@ -88,8 +111,8 @@ def defense_stages(checkpoint_dir: str | Path | None, prefix: str, config: objec
 
 
 def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
-                tokens: torch.Tensor, susp_fraction: float, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                tokens: torch.Tensor, susp_fraction: float, device: torch.device,
+                adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``suspicious_split``, loaded from ``stages`` when a run with the same tag saved it."""
     saved = stages.load("split")
     if saved is not None:
@@ -97,7 +120,7 @@ def saved_split(stages: StageFiles, reference: nn.Module, images: torch.Tensor,
         return saved["reference_similarity"], saved["suspicious"], saved["normal"]
     start = time.perf_counter()
     reference_sim, suspicious, normal = suspicious_split(reference, images, tokens,
-                                                         susp_fraction, device)
+                                                         susp_fraction, device, adaptive)
     stages.save("split", {"reference_similarity": reference_sim.cpu(),
                           "suspicious": suspicious.cpu(), "normal": normal.cpu(),
                           "seconds": time.perf_counter() - start})

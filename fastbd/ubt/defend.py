@@ -1,9 +1,10 @@
 """UBT (DESIGN.md §6): purify a backdoored CLIP by token-level unlearning of a few pairs.
 
-1. Suspicious split: the ``susp_fraction`` lowest-similarity pairs under a clean reference model.
+1. Suspicious split: the lowest-similarity pairs under a clean reference model —
+   ``susp_fraction`` of them, or more where more lie far below the rest (``split``).
 2. Overfit a copy of the model: ``(S − 1)²`` on suspicious batches + InfoNCE on normal batches.
 3. Rank the suspicious pairs by similarity under the overfit model; keep the top
-   ``ceil(sqrt(|D|·susp_fraction))``.
+   ``ceil(sqrt(|D_susp|))``.
 4. Poisoned-model check: how far the top pairs' mean similarity under the overfit model lies
    above that model's similarity on ordinary training pairs (a sample of D_normal), in units of
    the latter's standard deviation. Overfitting lifts a backdoor's pairs above the typical clean
@@ -64,7 +65,12 @@ log = logging.getLogger(__name__)
 class Config:
     """UBT hyperparameters; the paper's defaults unless marked.
 
-    ``topk=None``: ``ceil(sqrt(|D|·susp_fraction))``. Automatic scaling for small datasets
+    ``split``: ``adaptive`` (ours; the paper's is ``fixed``): D_susp is the larger of
+    ``susp_fraction`` and the share of pairs far below the rest under the reference model
+    (``far_low_share``), so a poison rate above 1 % is not left in D_normal; a clean set's far
+    tail is about 1 %, so the split stays at ``susp_fraction`` there.
+    ``topk=None``: ``ceil(sqrt(|D_susp|))`` (the paper's ``sqrt(|D|·susp_fraction)`` for
+    the split taken). Automatic scaling for small datasets
     (ours): the overfit and unlearning stages run at least ``overfit_min_steps`` and
     ``unlearn_min_steps`` optimiser steps — epochs are raised until they do. At the paper's 500K
     pairs the stages already take ~400 and ~800 steps, so this changes nothing there; at 5,000
@@ -81,6 +87,7 @@ class Config:
     ``check_sample``: D_normal pairs the statistic's baseline is measured on."""
 
     susp_fraction: float = 0.01
+    split: str = "adaptive"
     topk: int | None = None
     overfit_epochs: int = 5
     overfit_lr: float = 1e-6
@@ -224,13 +231,13 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
     device = device_of(model, device)
-    n = images.shape[0]
     stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference,
                             save_every_s)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reference_sim, suspicious, normal = saved_split(stages, reference, images, tokens,
-                                                    config.susp_fraction, device)
+                                                    config.susp_fraction, device,
+                                                    config.split == "adaptive")
     n_susp = suspicious.numel()
     timings["suspicious_split"] = (time.perf_counter() - start
                                    + stages.resumed_seconds.get("split", 0.0))
@@ -240,7 +247,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     timings["overfit"] = time.perf_counter() - start + stages.resumed_seconds.get("overfit", 0.0)
     start = time.perf_counter()
     overfit_sim = similarities(tuned, images[suspicious], tokens[suspicious], device)
-    k = config.topk or math.ceil(math.sqrt(n * config.susp_fraction))
+    k = config.topk or math.ceil(math.sqrt(n_susp))  # √(|D|·fraction) of the split taken
     k = min(k, n_susp)
     order = torch.argsort(overfit_sim, descending=True)
     topk = suspicious[order[:k]]
