@@ -103,61 +103,43 @@ def test_ssl_loop_on_files_trains_detects_retrains_and_evaluates(htba_files, tmp
     assert result["attack"] == "htba" and result["non_target_images"] > 0
 
 
-def test_train_ssl_on_files_resumes_to_the_uninterrupted_weights(htba_files, tmp_path,
-                                                                 monkeypatch):
-    import fastbd.training.ssl as ssl_module
+@pytest.mark.parametrize("command, module, function, nth, weights, cache", [
+    # two views × two steps per epoch: the 9th augment call is the first view of epoch 3
+    (["train-ssl", "--file-list", "{htba}/train.txt", "--arch", "smallconv4", "--epochs", "3",
+      "--batch-size", "64", "--method", "mocov3"], "fastbd.training.ssl", "augment", 9,
+     "encoder.pt", "bank.npy"),
+    # two steps per epoch: the 5th loss is the first step of epoch 3
+    (["train-clip", "--csv", "{badnet}/train.csv", "--epochs", "3", "--batch-size", "64"],
+     "fastbd.training.clip", "clip_loss", 5, "clip.pt", "pairs.npy"),
+], ids=["train-ssl", "train-clip"])
+def test_interrupted_training_on_files_resumes_to_the_uninterrupted_weights(
+        htba_files, badnet_files, tmp_path, monkeypatch, command, module, function, nth,
+        weights, cache):
+    import importlib
 
-    flags = ["train-ssl", "--file-list", str(htba_files / "train.txt"), "--arch", "smallconv4",
-             "--epochs", "3", "--batch-size", "64", "--method", "mocov3"]
+    trainer = importlib.import_module(module)
+    flags = [f.format(htba=htba_files, badnet=badnet_files) for f in command]
     _run(*flags, "--out", str(tmp_path / "whole"))
     calls = []
-    real_augment = ssl_module.augment
+    real = getattr(trainer, function)
 
     def interrupt_in_epoch_three(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 9:  # two views × two steps per epoch: the first view of epoch 3
+        if len(calls) == nth:
             raise KeyboardInterrupt
-        return real_augment(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(ssl_module, "augment", interrupt_in_epoch_three)
+    monkeypatch.setattr(trainer, function, interrupt_in_epoch_three)
     out = tmp_path / "cut"
     assert main(["--quiet", *flags, "--out", str(out)]) == 130
-    assert (out / "train_state.pt").is_file() and (out / "bank.npy").is_file()
-    assert not (out / "encoder.pt").exists()
-    monkeypatch.setattr(ssl_module, "augment", real_augment)
+    assert (out / "train_state.pt").is_file() and (out / cache).is_file()
+    assert not (out / weights).exists()
+    monkeypatch.setattr(trainer, function, real)
     _run(*flags, "--out", str(out))
-    whole = torch.load(tmp_path / "whole" / "encoder.pt", weights_only=True)
-    resumed = torch.load(out / "encoder.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / weights, weights_only=True)
+    resumed = torch.load(out / weights, weights_only=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    assert not (out / "train_state.pt").exists() and not (out / "bank.npy").exists()
-
-
-def test_train_clip_on_a_csv_resumes_to_the_uninterrupted_weights(badnet_files, tmp_path,
-                                                                    monkeypatch):
-    import fastbd.training.clip as clip_module
-
-    flags = ["train-clip", "--csv", str(badnet_files / "train.csv"), "--epochs", "3",
-             "--batch-size", "64"]
-    _run(*flags, "--out", str(tmp_path / "whole"))
-    calls = []
-    real_loss = clip_module.clip_loss
-
-    def interrupt_in_epoch_three(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # two steps per epoch: the first step of epoch 3
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(clip_module, "clip_loss", interrupt_in_epoch_three)
-    out = tmp_path / "cut"
-    assert main(["--quiet", *flags, "--out", str(out)]) == 130
-    assert (out / "train_state.pt").is_file() and (out / "pairs.npy").is_file()
-    monkeypatch.setattr(clip_module, "clip_loss", real_loss)
-    _run(*flags, "--out", str(out))
-    whole = torch.load(tmp_path / "whole" / "clip.pt", weights_only=True)
-    resumed = torch.load(out / "clip.pt", weights_only=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    assert not (out / "train_state.pt").exists() and not (out / "pairs.npy").exists()
+    assert not (out / "train_state.pt").exists() and not (out / cache).exists()
 
 
 def _image_folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 40) -> Path:
