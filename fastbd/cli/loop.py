@@ -155,6 +155,8 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
         source = ["--file-list", str(data / "train.txt")]
         val_list = str(data / "val.txt")
         probe_list = args.probe_list or str(data / "train_clean.txt")
+        if args.config is None:  # the world's own threat-model training (SSLThreatConfig)
+            args.config = str(world_ssl_config(steps.out))
     model = ["--arch", args.arch, *_flag("--image-size", args.image_size)]
     training = [*model, *_flag("--method", args.method), *_flag("--epochs", args.epochs),
                 *_flag("--batch-size", args.batch_size), *_flag("--lr", args.lr),
@@ -191,6 +193,22 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
                           "precision": metrics.get("precision"),
                           "recall": metrics.get("recall")}
     return rows
+
+
+def world_ssl_config(out: Path) -> Path:
+    """``SSLThreatConfig().ssl`` (the synthetic world's SimCLR recipe: 40 epochs, crops of
+    50–100 % of the image) as a config file in ``out``, for the world loop's trainings."""
+    from dataclasses import asdict
+
+    from fastbd.storage import write_text_atomically
+    from fastbd.world import SSLThreatConfig
+
+    fields = asdict(SSLThreatConfig().ssl)
+    fields.pop("seed")  # the loop's --seed sets it
+    path, text = out / "world_ssl.json", json.dumps(fields, indent=1)
+    if not path.is_file() or path.read_text() != text:  # a rerun leaves it as it was
+        write_text_atomically(text, path)
+    return path
 
 
 def clip_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
@@ -335,7 +353,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--batch-size", type=int, help="training batch size")
     loop.add_argument("--lr", type=float, help="training peak learning rate")
     loop.add_argument("--config", help="training config file (SSLConfig / CLIPTrainConfig "
-                      "fields)")
+                      "fields; ssl on the synthetic world: its threat model's recipe)")
     loop.add_argument("--n-train", type=int, default=5000,
                       help="synthetic world (no --file-list/--csv): training images")
     loop.add_argument("--n-eval", type=int, default=1000,
