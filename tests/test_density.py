@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fastbd.density import (
     SCORES,
     DensityConfig,
+    Neighbours,
     density_detect,
     density_scores,
     nearest_neighbours,
@@ -74,7 +75,13 @@ def test_duplicates_stay_finite_and_the_row_itself_is_never_its_neighbour():
     assert set(neighbours.indices[0, :2].tolist()) == {30, 35}  # its two copies first
 
 
-def test_neighbour_search_refuses_impossible_k():
+def test_neighbour_search_refuses_impossible_k_and_scores_an_empty_table():
+    for empty in (torch.empty(0, 3), torch.randn(1, 3)):
+        with pytest.raises(ValueError, match="at least 2 points"):
+            nearest_neighbours(empty, 1)
+    table = Neighbours(torch.empty(0, 4, dtype=torch.float64), torch.empty(0, 4, dtype=torch.long))
+    for score in SCORES:
+        assert density_scores(table, score).shape == (0,)
     points = torch.randn(5, 3)
     for k in (0, 5):
         with pytest.raises(ValueError, match="k must be in"):

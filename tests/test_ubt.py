@@ -303,3 +303,29 @@ def test_adaptive_split_takes_at_least_the_floor_and_grows_with_the_far_tail(mon
     assert floor.numel() == round(0.01 * 950)  # no far tail: the floor
     with pytest.raises(ValueError, match="split"):
         Config(split="auto")
+
+
+def test_adaptive_split_takes_in_a_poison_rate_it_is_not_told():
+    """End to end on the world: 5 % poisoned pairs, a clean reference trained on the clean
+    world — the adaptive split holds nearly all of them, the paper's 1 % a fifth."""
+    from dataclasses import replace
+
+    from fastbd.clipdefense import suspicious_split
+    from fastbd.training.clip import CLIPTrainConfig
+    from fastbd.world import CLIPThreatConfig, build_clip_threat
+    from fastbd.world.synthetic import WorldConfig
+
+    config = CLIPThreatConfig(world=replace(WorldConfig(), n_train=1500, n_eval=10),
+                              attack="badnet", rate=0.05, train=CLIPTrainConfig(epochs=6))
+    poisoned = build_clip_threat(config, cache_dir=None, verbose=False)
+    clean = build_clip_threat(replace(config, attack="none"), cache_dir=None, verbose=False)
+    tokens = tokenize(poisoned.tokenizer, poisoned.poisoned.captions, 32)
+    truth = poisoned.poisoned.poison_mask
+    caught = {}
+    for adaptive in (False, True):
+        _, suspicious, _ = suspicious_split(clean.model, poisoned.poisoned.images, tokens, 0.01,
+                                            "cpu", adaptive=adaptive)
+        caught[adaptive] = (int(truth[suspicious].sum()), suspicious.numel())
+    assert caught[False] == (15, 15)  # the fixed 1 %: all poisoned, 60 of 75 left out
+    found, size = caught[True]  # measured: 71 of the 75
+    assert found >= 0.9 * int(truth.sum()) and size <= 2 * int(truth.sum())

@@ -336,6 +336,13 @@ def test_loop_ssl_runs_the_papers_loop_and_a_rerun_skips_finished_steps(tmp_path
     _run(*flags)
     assert {k: v for k, v in _mtimes(out).items() if "loop." not in k and "manifest" not in k} \
         == {k: v for k, v in finished.items() if "loop." not in k and "manifest" not in k}
+    before = _mtimes(out / "data")
+    _run(*flags[:-2], "--epochs", "2", *flags[-2:])  # another recipe: retrain, then redo after
+    assert _mtimes(out / "data") == before  # the export is unchanged and kept
+    assert json.loads((out / "train-poisoned" / "train_ssl.json").read_text())[
+        "config"]["epochs"] == 2
+    assert json.loads((out / "train-poisoncam" / "train_ssl.json").read_text())[
+        "config"]["epochs"] == 2  # the steps after it ran again on the new encoder
 
 
 def test_loop_clip_defends_and_compares(tmp_path):

@@ -32,8 +32,9 @@ STEPS_FILE = "loop_steps.json"
 
 
 class Steps:
-    """Runs a loop's steps through ``fastbd.cli.main``; a step whose command finished before
-    (recorded in ``STEPS_FILE``, its result's manifest present) is skipped."""
+    """Runs a loop's steps, in order, through ``fastbd.cli.main``; a step whose command finished
+    before (recorded in ``STEPS_FILE``, its result's manifest present) is skipped — until one
+    step runs again, after which every later step runs too (its inputs may have changed)."""
 
     def __init__(self, out: Path, common: list[str]) -> None:
         self.out = out
@@ -43,6 +44,7 @@ class Steps:
             self.done: dict[str, list[str]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.done = {}  # none yet, or unreadable: every step runs
+        self.rerunning = False
 
     def run(self, name: str, argv: list[str]) -> Path:
         """Run ``fastbd <argv> --out <out>/<name>``; its output folder. A failed or
@@ -52,8 +54,9 @@ class Steps:
 
         folder = self.out / name
         argv = [*argv, "--out", str(folder)]
-        if self.done.get(name) == argv and (folder / MANIFEST).is_file():
+        if not self.rerunning and self.done.get(name) == argv and (folder / MANIFEST).is_file():
             return folder
+        self.rerunning = True
         if argv[0] in _detector_names() and (folder / "search_state.pt").is_file():
             argv = [*argv, "--resume"]
         start = time.perf_counter()

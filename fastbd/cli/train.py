@@ -38,34 +38,23 @@ def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, s
     return 0
 
 
-def drop_cache(path: Path, keep: bool) -> None:
-    """Remove the memory-mapped image cache a finished run read from (and its manifest)
-    unless ``keep``: a successful run leaves no full copy of the images behind."""
-    if keep:
-        return
-    from fastbd.data.bank import remove_cache
-
-    remove_cache(path)
-
-
-def ssl_config(args: argparse.Namespace, base):
-    """``base`` (an ``SSLConfig``) with the ``--config`` file's fields on top, then the flags'
-    method, epochs, batch size, lr and seed."""
+def training_config(args: argparse.Namespace, base, nested: dict[str, type] | None = None):
+    """``base`` (an ``SSLConfig`` or ``CLIPTrainConfig``) with the ``--config`` file's fields
+    on top (``nested``: its fields holding config classes), then the flags' method (SSL only),
+    epochs, batch size, lr and seed."""
     from dataclasses import replace
 
     from fastbd.configfile import load_config
-    from fastbd.data.augment import AugmentConfig
-    from fastbd.training.ssl import SSLConfig
 
-    base = load_config(args.config, SSLConfig, {"augment": AugmentConfig}, base=base)
-    chosen = {name: getattr(args, name) for name in ("method", "epochs", "batch_size", "lr")
-              if getattr(args, name) is not None}
-    return replace(base, seed=args.seed, **chosen)
+    base = load_config(args.config, type(base), nested, base=base)
+    chosen = {name: getattr(args, name, None) for name in ("method", "epochs", "batch_size", "lr")}
+    return replace(base, seed=args.seed, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def cmd_train_ssl(args: argparse.Namespace) -> int:
     if args.file_list or args.image_folder:
         return train_ssl_on_files(args)
+    from fastbd.data.augment import AugmentConfig
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
     if args.arch is not None:
@@ -74,7 +63,7 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     config = SSLThreatConfig(world=world_config(args, ssl=True), attack=args.attack,
                              target=args.target, fraction=args.fraction, width=args.width,
                              seed=args.seed, trigger_options=trigger_options(args))
-    config.ssl = ssl_config(args, config.ssl)
+    config.ssl = training_config(args, config.ssl, {"augment": AugmentConfig})
     out = prepare_out(args.out)
     threat = build_ssl_threat(config, cache_dir=args.cache, device=args.device,
                               retrain=args.retrain, verbose=not args.quiet)
@@ -87,7 +76,8 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
 def train_ssl_on_files(args: argparse.Namespace) -> int:
     """Train ``--arch`` from scratch on the images of a file list or an ImageFolder (labels
     unused); the weights are the backbone's own state dict, what ``--checkpoint`` reads."""
-    from fastbd.data.bank import ImageBank
+    from fastbd.data.augment import AugmentConfig
+    from fastbd.data.bank import ImageBank, remove_cache
     from fastbd.models import encoder_by_name
     from fastbd.training.ssl import SSLConfig, train_ssl
 
@@ -100,11 +90,12 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
     bank, report = ImageBank.from_files(paths, encoder.image_size, crop_ratio=encoder.crop_ratio,
                                         skip_bad=args.skip_bad, cache=cache,
                                         verbose=not args.quiet)
-    config = ssl_config(args, SSLConfig())
+    config = training_config(args, SSLConfig(), {"augment": AugmentConfig})
     history = train_ssl(encoder, bank.images, config, device=args.device, verbose=not args.quiet,
                         checkpoint=out / "train_state.pt")
-    del bank
-    drop_cache(cache, args.keep_cache)
+    del bank  # the memory map, before its file goes
+    if not args.keep_cache:
+        remove_cache(cache)
     record = {"arch": arch, "image_size": encoder.image_size, "images": len(report.kept),
               "skipped": report.skipped, "seconds": history.seconds,
               "images_per_second": history.images_per_second,
@@ -125,7 +116,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                          "trains the 32-px tiny CLIP)")
     config = CLIPThreatConfig(world=world_config(args), attack=args.attack, target=args.target,
                               rate=args.rate, seed=args.seed,
-                              train=clip_train_config(args, CLIPTrainConfig()))
+                              train=training_config(args, CLIPTrainConfig()))
     out = prepare_out(args.out)
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
@@ -133,37 +124,21 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                        "train_clip.json", {**threat.to_dict(), "arch": "tiny"})
 
 
-def clip_train_config(args: argparse.Namespace, base):
-    """``base`` (a ``CLIPTrainConfig``) with the ``--config`` file's fields on top, then the
-    flags' epochs, batch size, lr and seed."""
-    from dataclasses import replace
-
-    from fastbd.configfile import load_config
-    from fastbd.training.clip import CLIPTrainConfig
-
-    base = load_config(args.config, CLIPTrainConfig, base=base)
-    chosen = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr")
-              if getattr(args, name) is not None}
-    return replace(base, seed=args.seed, **chosen)
-
-
 def train_clip_on_csv(args: argparse.Namespace) -> int:
     """Train ``--arch`` from scratch on the pairs of a CSV or of WebDataset shards."""
-    from fastbd.models.clip import load_clip
+    from fastbd.models.clip import clip_image_size, load_clip
     from fastbd.training.clip import CLIPTrainConfig, train_clip
 
     out = prepare_out(args.out)
     model = load_clip(args.arch, None, image_size=args.image_size, seed=args.seed)
     cache = out / "pairs.npy"
     pairs = load_clip_pairs(args, args.csv, model, cache)
-    config = clip_train_config(args, CLIPTrainConfig())
+    config = training_config(args, CLIPTrainConfig())
     history = train_clip(model, pairs.images, pairs.tokens, config, device=args.device,
                          verbose=not args.quiet, checkpoint=out / "train_state.pt")
     del pairs
     if not args.keep_cache:
         remove_pairs_cache(cache)
-    from fastbd.models.clip import clip_image_size
-
     record = {"arch": args.arch, "image_size": clip_image_size(model),
               "seconds": history.seconds, "pairs_per_second": history.pairs_per_second,
               "final_loss": history.losses[-1] if history.losses else None,

@@ -49,6 +49,8 @@ def nearest_neighbours(points: torch.Tensor, k: int, *, chunk: int = 4096,
     from fastbd.ops import cosine_topk
 
     n = points.shape[0]
+    if n < 2:
+        raise ValueError(f"neighbours need at least 2 points, got {n}")
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
     unit = F.normalize(points.float(), dim=1)
