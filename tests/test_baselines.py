@@ -130,7 +130,10 @@ def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp
         abl(model, images, tokens, reference=reference, config=config, verbose=False,
             checkpoint_dir=tmp_path, save_every_s=0.0)
     monkeypatch.setattr(abl_module, "batch_clip_loss", loss)
-    assert torch.load(tmp_path / "abl-ascent.pt", weights_only=True)["units_done"] == 1
+    saved = torch.load(tmp_path / "abl-ascent.pt", weights_only=True)
+    assert saved["units_done"] == 1 and saved["seconds"] > 0
+    saved["seconds"] = 1000.0  # a marker the resumed run's stage time must include
+    torch.save(saved, tmp_path / "abl-ascent.pt")
     resumed = abl(model, images, tokens, reference=reference, config=config, verbose=False,
                   checkpoint_dir=tmp_path)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
@@ -139,7 +142,9 @@ def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abl-ascent.pt", "abl-split.pt"]
     resumed.save(tmp_path, weights=False)  # the saved result supersedes the training state
     assert not list(tmp_path.glob("abl-*.pt"))
-    assert resumed.timings["unlearn"] >= full.timings["unlearn"] / 3  # the earlier epoch counts
+    # The interrupted run's time counts (checked with a marker, not a wall-clock ratio to the
+    # uninterrupted run, which a busy machine makes anything).
+    assert 1000.0 <= resumed.timings["unlearn"] < 1000.0 + full.timings["unlearn"] + 60
 
 
 def test_baseline_bad_inputs(pairs, models):
