@@ -57,8 +57,12 @@ class Steps:
         if not self.rerunning and self.done.get(name) == argv and (folder / MANIFEST).is_file():
             return folder
         self.rerunning = True
-        if argv[0] in _detector_names() and (folder / "search_state.pt").is_file():
-            argv = [*argv, "--resume"]
+        state = folder / "search_state.pt"
+        if argv[0] in _detector_names() and state.is_file():
+            if (folder / MANIFEST).is_file():
+                state.unlink()  # a finished search, now redone with other inputs
+            else:
+                argv = [*argv, "--resume"]  # an interrupted one: continue it
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # each step's own summary: in its files
             status = main([*self.common, *argv])
