@@ -4,7 +4,7 @@ For every attack and rate, ``fastbd loop clip`` exports the poisoned synthetic w
 backdoored tiny CLIP and a clean reference on the unpoisoned rows, measures zero-shot CA/ASR
 (the planted trigger) and runs UBT with its default (``adaptive``) split; then ``fastbd ubt``
 with the paper's ``fixed`` 1 % split on the same models and ``fastbd eval clip`` after it.
-Clean models (a second clean CLIP, another seed) give the check statistic's distribution on
+Clean models (clean CLIPs of two other seeds) give the check statistic's distribution on
 models without a backdoor, next to the poisoned models'.
 
 ``python bench/rate_sweep.py --jobs 2`` writes ``rate_sweep.json`` and prints the tables;
@@ -118,7 +118,7 @@ def main() -> int:
         cells = list(pool.map(lambda job: cell(work, *job, sizes, epochs),
                               [(a, r) for a in ATTACKS for r in RATES]))
         clean = list(pool.map(lambda job: clean_check(work, *job, epochs),
-                              [(a, 1) for a in ATTACKS]))
+                              [(a, seed) for a in ATTACKS for seed in (1, 2)]))
     results = {"cells": cells, "clean": clean}
     path = Path(args.json or work / "rate_sweep.json")
     path.write_text(json.dumps(results, indent=2))

@@ -26,6 +26,25 @@ def models():
     return tiny_clip(small, seed=1).eval(), tiny_clip(small, seed=2).eval()
 
 
+@pytest.fixture(scope="module")
+def learnable():
+    """120 pairs of 4 classes whose images are a class colour plus noise, and a tiny CLIP
+    trained on them until matched pairs score above unmatched ones."""
+    from fastbd.training.clip import CLIPTrainConfig, train_clip
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(120) % 4
+    colours = torch.tensor([[230, 20, 20], [20, 20, 230], [20, 230, 20], [230, 230, 20]])
+    noise = torch.randint(-20, 21, (120, 3, 32, 32), generator=g)
+    images = (colours[labels][:, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
+    names = ["red circle", "blue square", "green bar", "yellow star"]
+    tokens = tokenize(clip_tokenizer(), [f"a photo of a {names[i]}." for i in labels], 32)
+    model = tiny_clip(TinyCLIPConfig(text_layers=1), seed=4)
+    train_clip(model, images, tokens, CLIPTrainConfig(epochs=15, batch_size=40, warmup_steps=5),
+               verbose=False)
+    return images, tokens, labels, model.eval()
+
+
 def brute_cosine(model, images, tokens):
     with torch.no_grad():
         out = []
@@ -88,10 +107,9 @@ def test_unlearning_lowers_the_top_pairs_similarity(pairs, models):
     assert float(after.mean()) < float(before.mean())
 
 
-def test_declined_check_leaves_the_model_unchanged(pairs, models):
-    images, tokens = pairs
-    model, reference = models
-    result = defend(model, images, tokens, reference=reference,
+def test_declined_check_leaves_the_model_unchanged(learnable):
+    images, tokens, _, model = learnable
+    result = defend(model, images, tokens, reference=model,
                     config=config(skip_check=False, check_threshold=1e9), verbose=False)
     assert not result.poisoned and result.relevance is None
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values(),
@@ -160,18 +178,43 @@ def test_retain_pool_keeps_the_most_similar_normal_pairs(gen, fraction):
         assert float(sim[pool].min()) >= float(sim[rest].max())
 
 
-def test_check_statistic_is_a_z_score_against_normal_pairs(pairs, models):
+def test_check_statistic_measures_cross_matching_against_matched_and_unmatched_pairs(
+        learnable):
+    """The statistic computed pair by pair with ``similarities``: the top block's off-diagonal
+    pairs against matched and caption-shifted D_normal pairs."""
     from fastbd.ubt.defend import check_statistic
 
-    images, tokens = pairs
-    model, _ = models
-    normal = torch.arange(20, 120)
-    top = torch.tensor([0.9, 0.7])
-    baseline = similarities(model, images[normal], tokens[normal], "cpu")
-    expected = (0.8 - float(baseline.mean())) / float(baseline.std())
-    got = check_statistic(model, images, tokens, top, normal, Config(check_sample=1000), "cpu")
-    assert math.isclose(got, expected, rel_tol=1e-5)
-    assert check_statistic(model, images, tokens, top, normal[:1], Config(), "cpu") == math.inf
+    images, tokens, _, model = learnable
+    normal, top = torch.arange(20, 120), torch.tensor([3, 6, 8, 13])
+    cfg = Config(check_sample=1000)
+    sample = normal[torch.randperm(normal.numel(),
+                                   generator=torch.Generator().manual_seed(cfg.seed + 2))]
+    matched = float(similarities(model, images[sample], tokens[sample], "cpu").mean())
+    unmatched = float(similarities(model, images[sample], tokens[sample.roll(1)], "cpu").mean())
+    assert matched > unmatched
+    a, b = zip(*[(i, j) for i in top.tolist() for j in top.tolist() if i != j], strict=True)
+    cross = float(similarities(model, images[list(a)], tokens[list(b)], "cpu").mean())
+    got = check_statistic(model, images, tokens, top, normal, cfg, "cpu")
+    assert math.isclose(got, (cross - unmatched) / (matched - unmatched), rel_tol=1e-4)
+    assert check_statistic(model, images, tokens, top, normal[:1], cfg, "cpu") == math.inf
+    assert check_statistic(model, images, tokens, top[:1], normal, cfg, "cpu") == math.inf
+
+
+def test_check_statistic_calls_a_set_that_cross_matches_poisoned_and_strangers_clean(
+        learnable):
+    """Top pairs of one class match each other's captions — as a backdoor's triggered images
+    all match the target captions — and score above the ½ threshold; pairs of four different
+    classes match only their own captions and score below it."""
+    from fastbd.ubt.defend import check_statistic
+
+    images, tokens, labels, model = learnable
+    normal, cfg = torch.arange(20, 120), Config()
+    one_class = torch.nonzero(labels[:20] == 1).flatten()
+    strangers = torch.tensor([0, 1, 2, 3])
+    assert check_statistic(model, images, tokens, one_class, normal, cfg, "cpu") \
+        >= cfg.check_threshold
+    assert check_statistic(model, images, tokens, strangers, normal, cfg, "cpu") \
+        < cfg.check_threshold
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])

@@ -1,7 +1,10 @@
 """UBT end to end on a small SIG-poisoned world with ground truth: the backdoor is real before
 (ASR asserted), the top pairs are the poisoned ones, unlearning removes the backdoor at a small
-CA cost, and the same defense declines on a clean model (check statistic below threshold).
+CA cost, and the same defense declines on clean models (check statistic below threshold): the
+clean reference itself and a clean model trained independently (another seed).
 The full-size figures for every attack are in the README (``fastbd demo ubt``)."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,10 +23,14 @@ TRAIN = CLIPTrainConfig(epochs=12, batch_size=100, warmup_steps=20)
 def threats(tmp_path_factory):
     cache = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    return {attack: build_clip_threat(CLIPThreatConfig(world=WORLD, attack=attack, rate=0.02,
-                                                       train=TRAIN),
-                                      cache_dir=cache, verbose=False)
-            for attack in ("none", "sig")}
+    threats = {attack: build_clip_threat(CLIPThreatConfig(world=WORLD, attack=attack, rate=0.02,
+                                                          train=TRAIN),
+                                         cache_dir=cache, verbose=False)
+               for attack in ("none", "sig")}
+    threats["other clean"] = build_clip_threat(
+        CLIPThreatConfig(world=WORLD, attack="none", seed=1, train=replace(TRAIN, seed=1)),
+        cache_dir=cache, verbose=False)
+    return threats
 
 
 @pytest.mark.slow
@@ -49,3 +56,8 @@ def test_ubt_removes_a_real_backdoor_and_spares_a_clean_model(threats):
     for a, b in zip(clean.model.state_dict().values(), declined.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+    other = threats["other clean"]
+    independent = defend(other.model, clean.poisoned.images, clean_tokens, reference=clean.model,
+                         config=Config(), verbose=False)
+    assert not independent.poisoned, independent.check_statistic
+    assert independent.check_statistic < result.check_statistic

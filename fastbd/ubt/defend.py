@@ -5,11 +5,14 @@
 2. Overfit a copy of the model: ``(S − 1)²`` on suspicious batches + InfoNCE on normal batches.
 3. Rank the suspicious pairs by similarity under the overfit model; keep the top
    ``ceil(sqrt(|D_susp|))``.
-4. Poisoned-model check: how far the top pairs' mean similarity under the overfit model lies
-   above that model's similarity on ordinary training pairs (a sample of D_normal), in units of
-   the latter's standard deviation. Overfitting lifts a backdoor's pairs above the typical clean
-   pair; a clean model's lowest-similarity pairs (mismatched captions) stay below it. Below
-   ``check_threshold`` the model is returned unchanged (``poisoned=False``).
+4. Poisoned-model check (ours; the paper has none): does the model match the top pairs'
+   images with each other's captions? ``(mean off-diagonal cosine of the k×k top block − μ_u) /
+   (μ_m − μ_u)`` under the model being defended, with μ_m its mean cosine over matched D_normal
+   pairs and μ_u over D_normal images with another pair's caption: 0 when the top images and
+   captions are as unrelated as random pairs, 1 when they match as true pairs do. A backdoor
+   makes every triggered image match every target caption (≈ 1); a clean model's
+   lowest-similarity pairs are unrelated mismatches, each memorised alone (≈ 0). Below
+   ``check_threshold`` (½, halfway) the model is returned unchanged (``poisoned=False``).
 5. Token relevance (Chefer) of the top captions under the poisoned model; masked captions keep
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
@@ -42,6 +45,7 @@ from fastbd.clipdefense import (
     stage_epochs,
 )
 from fastbd.devices import device_of
+from fastbd.models.clip import encode_images, encode_texts
 from fastbd.schedules import adamw
 from fastbd.storage import (
     NO_STAGES,
@@ -83,8 +87,8 @@ class Config:
     (which sits at the low end) is not re-taught. ``masked_captions``: unlearn (image, masked
     caption) pairs too.
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
-    poisoned, calibrated on the synthetic world's clean and poisoned models (docs/methods.md);
-    ``check_sample``: D_normal pairs the statistic's baseline is measured on."""
+    poisoned — halfway between unrelated (0) and matched (1) pairs; ``check_sample``: D_normal
+    pairs the statistic's baselines are measured on."""
 
     susp_fraction: float = 0.01
     split: str = "adaptive"
@@ -101,7 +105,7 @@ class Config:
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
     retain_fraction: float = 0.5
-    check_threshold: float = -1.0
+    check_threshold: float = 0.5
     check_sample: int = 1000
     skip_check: bool = False
     seed: int = 0
@@ -194,24 +198,37 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     model.eval()
 
 
-def check_statistic(tuned: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                    top_similarity: torch.Tensor, normal: torch.Tensor, config: Config,
-                    device: torch.device) -> float:
-    """Step 4: ``(mean(top_similarity) − μ) / σ`` with μ, σ the overfit model's similarity over
-    up to ``check_sample`` random D_normal pairs. ±inf when σ is 0 (the sign of the
-    difference); +inf when D_normal has fewer than 2 pairs — with no baseline the check cannot
-    decline."""
+def check_statistic(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                    top: torch.Tensor, normal: torch.Tensor, config: Config,
+                    device: torch.device | str) -> float:
+    """Step 4: how well ``model`` matches the ``top`` pairs' (int64 ``k``) images with each
+    other's captions, ``(mean_{a≠b} cos(image_a, caption_b) − μ_u) / (μ_m − μ_u)``, where μ_m is
+    the mean cosine of up to ``check_sample`` random D_normal pairs and μ_u that of the same
+    images with the next sampled pair's caption. +inf when it cannot be measured (fewer than 2
+    top pairs or D_normal pairs, or a model that rates matched pairs no higher than unmatched
+    ones): without a measurement the check cannot decline."""
     g = torch.Generator().manual_seed(config.seed + 2)
     sample = normal[torch.randperm(normal.numel(), generator=g)[:config.check_sample]]
-    top = float(top_similarity.mean())
-    if sample.numel() < 2:
+    if top.numel() < 2 or sample.numel() < 2:
         return math.inf
-    baseline = similarities(tuned, images[sample], tokens[sample], device)
-    spread = float(baseline.std())
-    difference = top - float(baseline.mean())
-    if spread == 0.0:
-        return math.copysign(math.inf, difference)
-    return difference / spread
+    sample_images, sample_captions = pair_features(model, images, tokens, sample, device)
+    matched = float((sample_images * sample_captions).sum(-1).mean())
+    unmatched = float((sample_images * sample_captions.roll(1, 0)).sum(-1).mean())
+    if matched <= unmatched:
+        return math.inf
+    top_images, top_captions = pair_features(model, images, tokens, top, device)
+    block = top_images @ top_captions.T
+    off_diagonal = block[~torch.eye(top.numel(), dtype=torch.bool)]
+    return (float(off_diagonal.mean()) - unmatched) / (matched - unmatched)
+
+
+def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                  rows: torch.Tensor, device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm float32 image and caption embeddings (``r×E`` each, on the CPU) of pairs
+    ``rows``."""
+    return (encode_images(model, images[rows], device=device).cpu(),
+            encode_texts(model, tokens[rows], device=device).cpu())
 
 
 def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
@@ -251,10 +268,9 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     k = min(k, n_susp)
     order = torch.argsort(overfit_sim, descending=True)
     topk = suspicious[order[:k]]
-    statistic = check_statistic(tuned, images, tokens, overfit_sim[order[:k]], normal, config,
-                                device)
-    timings["rank"] = time.perf_counter() - start
     purified = copy.deepcopy(model).to(device).eval()
+    statistic = check_statistic(purified, images, tokens, topk, normal, config, device)
+    timings["rank"] = time.perf_counter() - start
     poisoned = config.skip_check or statistic >= config.check_threshold
     result = UBTResult(model=purified, suspicious=suspicious,
                        reference_similarity=reference_sim, timings=timings,
