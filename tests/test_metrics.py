@@ -25,6 +25,9 @@ def test_detection_metrics_match_sklearn(gen, n):
     tn, fp, fn, tp = skm.confusion_matrix(truth, predicted, labels=[0, 1]).ravel()
     assert (m.tp, m.fp, m.tn, m.fn) == (tp, fp, tn, fn)
     assert m.auroc == pytest.approx(skm.roc_auc_score(truth, scores))
+    assert m.auprc == pytest.approx(skm.average_precision_score(truth, scores))
+    without = detection_metrics(predicted, truth)
+    assert without.auroc is None and without.auprc is None
 
 
 def test_auroc_continuous_scores(gen):

@@ -6,6 +6,7 @@ images cluster by colour, patched ones sit far away along the last axis, and exa
 that hide most of the patch move a patched image out of its cluster.
 """
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,9 @@ from fastbd.detection.classifier import (
     paste_triggers,
 )
 from fastbd.detection.flip import crop_windows, flip_counts, select_test_images
-from fastbd.detection.search import SearchState, drop_count, run_search
+from fastbd.detection.pipeline import implausibility, plan_search
+from fastbd.detection.search import SearchState, drop_count, expected_scored, run_search
+from fastbd.eval.metrics import auroc, average_precision
 from fastbd.models.encoders import Encoder
 from fastbd.ops import window_masks
 from fastbd.patchsearch import PatchSearch
@@ -236,12 +239,20 @@ def test_pipeline_finds_the_poisons(tmp_path, precision):
     assert result.topk_accuracy == 1.0
     assert result.trigger_scores["topk_trigger_overlap"] == 1.0
     assert result.metrics.recall >= 0.95 and result.metrics.precision >= 0.7
+    assert result.metrics.auroc == pytest.approx(auroc(result.margins, truth))
+    assert result.metrics.auprc == pytest.approx(average_precision(result.margins, truth))
+    assert result.metrics.auroc >= 0.95 and result.metrics.auprc >= 0.8
+    assert result.warnings == []
     assert set(result.timings) >= {"features", "clustering", "candidates", "flip_test",
                                    "classifier"}
     lines = [f"img{i}.png {i % 3}" for i in range(len(truth))]
     result.save(tmp_path, file_list_lines=lines, truth=truth)
     assert np.array_equal(np.load(tmp_path / "removed.npy"), result.removed.numpy())
     assert np.allclose(np.load(tmp_path / "scores.npy"), result.scores.numpy())
+    assert np.allclose(np.load(tmp_path / "margins.npy"), result.margins.numpy())
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["warnings"] == [] and saved["metrics"]["auprc"] == result.metrics.auprc
+    assert saved["plan"]["clusters"] == result.config["n_clusters"]
     kept = (tmp_path / "filtered.txt").read_text().splitlines()
     assert kept == [line for line, r in zip(lines, result.removed.tolist(), strict=True)
                     if not r]
@@ -440,6 +451,44 @@ def test_otsu_threshold_separates_a_gap_and_rejects_flat_input():
         otsu_threshold(torch.ones(5))
     with pytest.raises(ValueError, match="two distinct"):
         otsu_threshold(torch.empty(0))
+
+
+def test_expected_scored_counts_the_rounds():
+    # 8 clusters, 2 each: rounds of 8, 6 (drop 2), 5, 4, 3, 2, 1 remaining clusters
+    assert expected_scored(8, 2, 0.25, 10_000) == 2 * (8 + 6 + 5 + 4 + 3 + 2 + 1)
+    assert expected_scored(8, 2, 0.25, 20) == 20
+
+
+def test_search_plan_fits_the_budget_and_keeps_a_resumed_search(caplog):
+    config = Config(n_clusters=400, n_masks=64, test_set_size=150)
+    same, plan = plan_search(config, 4000, 64, images_per_second=500.0)
+    assert same.n_clusters == 400 and plan["chosen_by"] == "the data"
+    assert plan["estimated_seconds"] == pytest.approx(
+        expected_scored(400, 2, 0.25, 4000) * 214 / 500.0)
+    assert "set search_budget_s" in caplog.text  # ~29 min, no budget
+    budgeted, plan = plan_search(replace(config, search_budget_s=120.0), 4000, 64, 500.0)
+    assert plan["estimated_seconds"] <= 120.0 < plan_search(
+        replace(config, n_clusters=budgeted.n_clusters + 10), 4000, 64, 500.0)[1][
+            "estimated_seconds"] * 1.3
+    assert 2 <= budgeted.n_clusters < 400 and "budget" in plan["chosen_by"]
+    saved = {"data_clusters": 400, "config": {"n_clusters": 350}}
+    resumed, plan = plan_search(replace(config, search_budget_s=120.0), 4000, 64, 500.0, saved)
+    assert resumed.n_clusters == 350 and plan["chosen_by"] == "the resumed search"
+    other_data = plan_search(config, 4000, 64, 500.0, {**saved, "data_clusters": 300})[0]
+    assert other_data.n_clusters == 400  # another data rule: a new search (refused on resume)
+
+
+def test_implausible_results_are_flagged():
+    margins = torch.tensor([5.0, 4.0, -0.5, -0.4, -3.0, -3.0, -3.0, -3.0, -3.0, -3.0])
+    removed = margins > 0
+    assert implausibility(margins, 0.0, removed, torch.tensor([0, 1]), 0.2) == []
+    wide = margins > -0.6
+    warnings = implausibility(margins, -0.6, wide, torch.tensor([0, 1]), 0.2)
+    assert len(warnings) == 2
+    assert "40.0% of the images removed" in warnings[0] and "margin -0.60" in warnings[1]
+    disagree = implausibility(margins, 0.0, removed, torch.tensor([0, 4, 5]), 0.5)
+    assert disagree == ["only 1 of the search's top 3 are removed: the classifier disagrees "
+                        "with the search"]
 
 
 def test_pasted_triggers_land_inside_the_margin(gen):

@@ -8,7 +8,7 @@ import torch
 
 from fastbd.models.clip import clip_tokenizer, tokenize
 from fastbd.report.markdown import markdown_report
-from fastbd.report.plots import token_heatmap_figure
+from fastbd.report.plots import attention_grid_figure, token_heatmap_figure
 
 
 def test_token_heatmap_names_pairs_flags_tokens_and_has_a_colour_bar():
@@ -25,6 +25,25 @@ def test_token_heatmap_names_pairs_flags_tokens_and_has_a_colour_bar():
     assert "relevance" in colour_bar.get_ylabel()
     unlabelled = token_heatmap_figure(relevance, tokens, tokenizer)
     assert [t.get_text() for t in unlabelled.axes[0].get_yticklabels()] == ["#0", "#1"]
+
+
+def test_attention_grid_shows_each_image_its_map_and_its_window():
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    maps = torch.rand(5, 16, 16)
+    windows = torch.tensor([[0, 0], [3, 5], [10, 10], [2, 9], [7, 1]])
+    fig = attention_grid_figure(images, maps, windows, 6, image_ids=[8, 1, 40, 3, 77],
+                                poisoned=[True, True, False, True, False])
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 15  # image, map, image with window — for each of the 5
+    for i in range(5):
+        image_ax, map_ax, window_ax = drawn[3 * i:3 * i + 3]
+        assert (image_ax.images[0].get_array() == images[i].permute(1, 2, 0).numpy()).all()
+        assert (map_ax.images[0].get_array() == maps[i].numpy()).all()
+        (box,) = window_ax.patches
+        y, x = windows[i].tolist()
+        assert box.get_xy() == (x - 0.5, y - 0.5) and box.get_width() == 6
+    assert [ax.get_title() for ax in drawn[::3]] == [
+        "#8 poisoned", "#1 poisoned", "#40 clean", "#3 poisoned", "#77 clean"]
 
 
 def test_markdown_report_holds_the_decision_tables_and_pictures():

@@ -91,6 +91,14 @@ class Config:
     * ``precision`` of the clustering features, masked views and flip tests: ``fp32``, ``bf16``
       (a bfloat16 copy of the encoder, and ``mask_fill`` / ``paste`` write bfloat16 input), or
       ``auto`` — bf16 on CUDA, fp32 elsewhere; the result records the one used;
+    * ``search_budget_s``: when set, the cluster count is lowered until the search's estimated
+      time (``expected_scored`` images × the encoder passes each costs ÷ the features stage's
+      measured throughput) fits it; the plan is logged and kept in ``DetectionResult.plan``
+      (a resumed search keeps the saved run's cluster count);
+    * ``warn_removed_fraction``: a result that removes more than this share of the images is
+      flagged implausible (published poison rates are 0.5–10 %), as is one whose decision
+      threshold lies at a negative margin or whose classifier removes fewer than half of the
+      search's top-k (``DetectionResult.warnings``);
     * ``exported_patches``: the candidate windows of the best-scored images written one PNG
       each (``all_top_poison_patches/``, PatchSearch's layout, which its classifier reads);
     * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host
@@ -119,6 +127,8 @@ class Config:
     precision: str = "auto"
     bank_placement: str = "auto"
     exported_patches: int = 100
+    search_budget_s: float | None = None
+    warn_removed_fraction: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +141,7 @@ class Config:
             topk_poisons=at_least(1), drop_top_fraction=fraction(high_open=True),
             reference_size=at_least(1), batch_size=at_least(1), precision=one_of(*PRECISIONS),
             bank_placement=one_of(*BANK_PLACEMENTS), exported_patches=at_least(0),
+            search_budget_s=above(0), warn_removed_fraction=fraction(),
             seed=at_least(0))
 
     def for_device(self, device: torch.device) -> Config:
@@ -174,7 +185,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "paper": Config(),
-    "fast": Config(n_masks=64, test_set_size=150,
+    "fast": Config(n_masks=64, test_set_size=150, search_budget_s=600.0,
                    classifier=ClassifierConfig(n_models=1, iterations=300, width=16,
                                                batch_size=64, paste_size=(40, 80))),
 }

@@ -10,7 +10,9 @@ classifier trained on the top-k triggers; classification of every image.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from fastbd.detection.config import PRECISIONS, Config
 from fastbd.detection.flip import crop_windows, flip_counts
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
-from fastbd.detection.search import AGGREGATES, SearchState, run_search
+from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, embed_images, working_copy
 from fastbd.storage import StageFiles, fingerprint
@@ -77,7 +79,8 @@ def search_settings(config: Config) -> dict[str, object]:
     """The fields of a (scaled) config that shape the search — all but the classifier's, the
     encoding batch size and where the images are kept, which a resumed run may change."""
     settings = config.to_dict()
-    for name in ("classifier", "batch_size", "bank_placement", "exported_patches"):
+    for name in ("classifier", "batch_size", "bank_placement", "exported_patches",
+                 "search_budget_s", "warn_removed_fraction"):
         del settings[name]
     return settings
 
@@ -147,6 +150,13 @@ class Detector:
         features = embed_images(infer, bank, batch_size=config.batch_size, device=device)
         _sync(device)
         timer.add("features", time.perf_counter() - start, n)
+        saved_run = None
+        if resume and state_path is not None and state_path.is_file():
+            saved_run = SearchState.load(state_path).run
+        data_clusters = config.n_clusters
+        passes = self.method.encoder_passes(config)
+        config, plan = plan_search(config, n, passes, n / max(timer.seconds["features"], 1e-9),
+                                   saved_run)
         start = time.perf_counter()
         clustering, labels, distances = self.method.fit_clustering(features, config)
         timer.add("clustering", time.perf_counter() - start)
@@ -164,6 +174,7 @@ class Detector:
 
         state = None
         run = {"method": self.method.name, "config": search_settings(config),
+               "data_clusters": data_clusters,
                "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
         if resume:
             if state_path is None or not state_path.is_file():
@@ -180,7 +191,6 @@ class Detector:
         top_maps = state.top_maps
         context = SearchContext(encoder, encode_assign, clustering, bank, labels, config, device,
                                 dtype)
-        passes = self.method.encoder_passes(config)
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,14 +267,77 @@ class Detector:
             method=self.method.name, scores=scores, removed=removed, ranking=ranking, topk=topk,
             windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
             test_index=test_index.cpu(), top_patches=patches, margins=margin,
+            top_images=bank[topk.to(bank.device)].cpu(),
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
-            classifier=classifier_info)
+            classifier=classifier_info, plan=plan)
+        result.warnings = implausibility(margin, threshold, removed, topk,
+                                         config.warn_removed_fraction)
+        for warning in result.warnings:
+            log.warning("%s: %s", self.method.name, warning)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
         result.checkpoint_files = classifier_stages.existing()
         self.result_ = result
         return self
+
+
+def plan_search(config: Config, n_images: int, passes: int, images_per_second: float,
+                saved_run: dict | None = None) -> tuple[Config, dict[str, object]]:
+    """The (scaled) ``config`` with its cluster count fitted to ``config.search_budget_s``,
+    and the plan: clusters, images the search is expected to score (``expected_scored``), the
+    encoder passes that costs (``passes`` per image for the candidates plus one per test image
+    for the flip test) and its estimated seconds at ``images_per_second`` (the features stage's
+    throughput). ``saved_run``: a resumed search's ``run`` record; its cluster count is kept
+    when only the budget set it apart (the same count before the budget), so a rerun on a
+    machine of another speed continues the same search.
+    Logged; warns when the estimate exceeds 15 minutes and no budget limits it."""
+    per_image = passes + config.test_set_size
+
+    def estimate(clusters: int) -> tuple[int, float]:
+        scored = expected_scored(clusters, config.samples_per_cluster, config.prune_fraction,
+                                 n_images)
+        return scored, scored * per_image / images_per_second
+
+    clusters, reason = config.n_clusters, "the data"
+    if saved_run and saved_run.get("data_clusters") == clusters:
+        clusters, reason = int(saved_run["config"]["n_clusters"]), "the resumed search"
+    elif config.search_budget_s is not None and estimate(clusters)[1] > config.search_budget_s:
+        while clusters > 2 and estimate(clusters)[1] > config.search_budget_s:
+            clusters = max(2, math.floor(clusters * 0.9))
+        reason = f"the {config.search_budget_s:g} s search budget"
+    scored, seconds = estimate(clusters)
+    plan = {"clusters": clusters, "chosen_by": reason, "expected_scored": scored,
+            "encoder_passes_per_image": per_image, "images_per_second": images_per_second,
+            "estimated_seconds": seconds, "budget_s": config.search_budget_s}
+    log.info("search plan: %d clusters (set by %s), ~%d of %d images scored, ~%.0f s at %.0f "
+             "images/s", clusters, reason, scored, n_images, seconds, images_per_second)
+    if seconds > 900 and config.search_budget_s is None:
+        log.warning("the search is estimated to take %.0f min; set search_budget_s (or fewer "
+                    "n_clusters) to bound it", seconds / 60)
+    return replace(config, n_clusters=clusters), plan
+
+
+def implausibility(margins: torch.Tensor, threshold: float, removed: torch.Tensor,
+                   topk: torch.Tensor, max_removed_fraction: float) -> list[str]:
+    """What makes a classification implausible, one sentence each: more than
+    ``max_removed_fraction`` of the images removed; a decision threshold at a negative margin
+    (images the classifier itself rates clean are removed); fewer than half of the search's
+    ``topk`` removed (the classifier disagrees with the search). ``margins`` float ``N``,
+    ``removed`` bool ``N``, ``topk`` int64 ``k``."""
+    warnings = []
+    share = float(removed.double().mean())
+    if share > max_removed_fraction:
+        warnings.append(f"{share:.1%} of the images removed, above the "
+                        f"{max_removed_fraction:.0%} a poisoning attack plausibly reaches")
+    if threshold < 0 and bool((removed & (margins < 0)).any()):
+        warnings.append(f"the decision threshold lies at margin {threshold:.2f} < 0: images the "
+                        "classifier rates clean are removed")
+    agreed = int(removed[topk].sum())
+    if topk.numel() and 2 * agreed < topk.numel():
+        warnings.append(f"only {agreed} of the search's top {topk.numel()} are removed: the "
+                        "classifier disagrees with the search")
+    return warnings
 
 
 def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
@@ -273,7 +346,7 @@ def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
     if truth.numel() != result.scores.numel():
         raise ValueError(f"ground truth has {truth.numel()} entries for "
                          f"{result.scores.numel()} images")
-    result.metrics = detection_metrics(result.removed, truth, result.poison_probability)
+    result.metrics = detection_metrics(result.removed, truth, result.margins)
     result.topk_accuracy = float(truth[result.topk].double().mean())
     if boxes is not None:
         boxes = torch.as_tensor(boxes).long().cpu()

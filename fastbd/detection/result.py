@@ -15,13 +15,16 @@ from fastbd.storage import ResultFiles, remove_files
 class DetectionResult:
     """Per-image ``scores`` (float64 ``N``, 0 = unscored), ``removed`` (bool ``N``, predicted
     poisonous), ``ranking`` (indices by decreasing score), the top-k poisons ``topk`` with their
-    candidate ``windows`` (``k×2``, top-left) and attention ``maps`` (``k×S×S``), the trigger
+    candidate ``windows`` (``k×2``, top-left) and attention ``maps`` (``k×S×S``), their images
+    ``top_images`` (uint8 ``k×3×S×S``), the trigger
     ``triggers`` (uint8 ``k×3×w×w``), ``cluster_labels`` (``N``), per-stage ``timings`` (seconds)
     and ``throughput`` (images encoded per second), the ``config``, the search ``rounds``, and
     with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores;
     ``test_index`` (int64: the flip test's images), ``top_patches`` (uint8 ``m×3×w×w``: the
     candidate windows of the ``m`` best-scored images), ``margins`` (float32 ``N``: the poison
-    classifier's ensemble margin, poison logit − clean logit); ``checkpoint_files``: the run's
+    classifier's ensemble margin, poison logit − clean logit); ``plan``: the search's cluster count, why, and its
+    estimated size and time (``plan_search``); ``warnings``: what makes the
+    result implausible (``implausibility``), also logged; ``checkpoint_files``: the run's
     training-state files, deleted by ``save``."""
 
     method: str
@@ -41,11 +44,14 @@ class DetectionResult:
     top_patches: torch.Tensor = field(
         default_factory=lambda: torch.empty(0, 3, 1, 1, dtype=torch.uint8))
     margins: torch.Tensor | None = None
+    top_images: torch.Tensor | None = None
     poison_probability: torch.Tensor | None = None
     classifier: dict = field(default_factory=dict)
     metrics: DetectionMetrics | None = None
     topk_accuracy: float | None = None
     trigger_scores: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
     checkpoint_files: list[Path] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
@@ -54,7 +60,8 @@ class DetectionResult:
             "removed": int(self.removed.sum()), "scored": int((self.scores != 0).sum()),
             "topk": self.topk.tolist(), "windows": self.windows.tolist(),
             "timings_s": self.timings, "throughput_img_per_s": self.throughput,
-            "rounds": self.rounds, "classifier": self.classifier, "config": self.config}
+            "rounds": self.rounds, "classifier": self.classifier, "config": self.config,
+            "plan": self.plan, "warnings": self.warnings}
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_dict()
         if self.topk_accuracy is not None:
@@ -70,6 +77,8 @@ class DetectionResult:
         if self.metrics is not None:
             line += (f" (precision {self.metrics.precision:.1%}, recall "
                      f"{self.metrics.recall:.1%})")
+        if self.warnings:
+            line += f" — implausible: {'; '.join(self.warnings)}"
         return line
 
     def save(self, directory: str | Path, file_list_lines: list[str] | None = None,
@@ -109,9 +118,13 @@ class DetectionResult:
         images = []
         if self.triggers.numel():
             save_image_grid(self.triggers, files.path("top_triggers.png"))
-            save_attention_grid(self.maps, files.path("attention_maps.png"))
-            images += [("Top trigger candidates", "top_triggers.png"),
-                       ("Their attention maps", "attention_maps.png")]
+            images.append(("Top trigger candidates", "top_triggers.png"))
+        if self.triggers.numel() and self.top_images is not None:
+            flags = None if truth is None else torch.as_tensor(truth).bool()[self.topk].tolist()
+            save_attention_grid(self.top_images, self.maps, self.windows,
+                                self.triggers.shape[-1], files.path("attention_maps.png"),
+                                self.topk.tolist(), flags)
+            images.append(("Their images, attention maps and windows", "attention_maps.png"))
         save_score_histogram(self.scores, files.path("score_distribution.png"), truth)
         images.append(("Poison scores", "score_distribution.png"))
         files.text("report.md", markdown_report(f"{self.method} report", self.decision(),

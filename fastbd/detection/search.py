@@ -91,6 +91,18 @@ def drop_count(remaining: int, prune_fraction: float) -> int:
     return min(remaining, max(1, math.floor(prune_fraction * remaining)))
 
 
+def expected_scored(n_clusters: int, samples_per_cluster: int, prune_fraction: float,
+                    n_images: int) -> int:
+    """Images a search over ``n_clusters`` clusters scores when no cluster runs out of members:
+    ``samples_per_cluster`` per remaining cluster per round, ``drop_count`` clusters dropped
+    after each (at most ``n_images``)."""
+    remaining, total = n_clusters, 0
+    while remaining:
+        total += remaining * samples_per_cluster
+        remaining -= drop_count(remaining, prune_fraction)
+    return min(total, n_images)
+
+
 # prune(remaining cluster ids, cluster scores float64 K, prune_fraction, images scored this
 # round) -> the clusters that stay, in the order the next round visits them
 PruneFn = Callable[[list[int], torch.Tensor, float, int], list[int]]

@@ -1,4 +1,5 @@
-"""Metrics: detection (TP/FP/TN/FN, precision, recall, F1, AUROC), CA, ASR, trigger boxes."""
+"""Metrics: detection (TP/FP/TN/FN, precision, recall, F1, AUROC, AUPRC), CA, ASR, trigger
+boxes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class DetectionMetrics:
     recall: float
     f1: float
     auroc: float | None = None
+    auprc: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -78,7 +80,9 @@ def average_precision(scores: torch.Tensor, truth: torch.Tensor) -> float:
 
 def detection_metrics(predicted: torch.Tensor, truth: torch.Tensor,
                       scores: torch.Tensor | None = None) -> DetectionMetrics:
-    """Detection quality of a predicted poison mask against the ground truth (both ``N``)."""
+    """Detection quality of a predicted poison mask against the ground truth (both ``N``);
+    with ``scores`` (float ``N``, higher = more poisonous) and both classes present, their
+    AUROC and AUPRC (average precision) too."""
     predicted, truth = _as_bool("predicted", predicted), _as_bool("truth", truth)
     if predicted.numel() != truth.numel():
         raise ValueError(f"predicted has {predicted.numel()} entries, truth {truth.numel()}")
@@ -89,10 +93,10 @@ def detection_metrics(predicted: torch.Tensor, truth: torch.Tensor,
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    area = None
+    areas: dict[str, float] = {}
     if scores is not None and 0 < int(truth.sum()) < truth.numel():
-        area = auroc(scores, truth)
-    return DetectionMetrics(tp, fp, tn, fn, precision, recall, f1, area)
+        areas = {"auroc": auroc(scores, truth), "auprc": average_precision(scores, truth)}
+    return DetectionMetrics(tp, fp, tn, fn, precision, recall, f1, **areas)
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:

@@ -39,17 +39,47 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 10,
     return _save(fig, path)
 
 
-def save_attention_grid(maps: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
-    """float ``k×S×S`` maps in a grid (per-map colour scale)."""
-    k = maps.shape[0]
-    columns = min(columns, max(1, k))
-    rows = math.ceil(k / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns, rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
+def save_attention_grid(images: torch.Tensor, maps: torch.Tensor, windows: torch.Tensor,
+                        window: int, path: str | Path, image_ids: Sequence[int] | None = None,
+                        poisoned: Sequence[bool] | None = None) -> Path:
+    """``attention_grid_figure`` written to ``path`` as a PNG."""
+    return _save(attention_grid_figure(images, maps, windows, window, image_ids, poisoned), path)
+
+
+def attention_grid_figure(images: torch.Tensor, maps: torch.Tensor, windows: torch.Tensor,
+                          window: int, image_ids: Sequence[int] | None = None,
+                          poisoned: Sequence[bool] | None = None, per_row: int = 4):
+    """Each candidate side by side: its image (uint8 ``k×3×S×S``), its attention map (float
+    ``k×S×S``, per-map colour scale) and the image with the chosen ``window``-px window
+    (``windows`` int ``k×2``, top-left y, x) outlined; ``per_row`` candidates per row, titled
+    with ``image_ids`` (bank rows) and, where known, ``poisoned``."""
+    from matplotlib.patches import Rectangle
+
+    k = images.shape[0]
+    if maps.shape[0] != k or windows.shape[0] != k:
+        raise ValueError(f"{k} images, {maps.shape[0]} maps and {windows.shape[0]} windows")
+    per_row = min(per_row, max(1, k))
+    rows = math.ceil(k / per_row)
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.2, rows * 1.45),
+                             squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-        if i < k:
-            ax.imshow(maps[i].cpu().numpy(), cmap="inferno")
-    return _save(fig, path)
+    for i in range(k):
+        image_ax, map_ax, window_ax = axes[i // per_row, 3 * (i % per_row):3 * (i % per_row) + 3]
+        picture = images[i].permute(1, 2, 0).cpu().numpy()
+        label = f"#{image_ids[i]}" if image_ids is not None else f"{i + 1}"
+        if poisoned is not None:
+            label += " poisoned" if poisoned[i] else " clean"
+        image_ax.imshow(picture)
+        image_ax.set_title(label, fontsize=7)
+        map_ax.imshow(maps[i].cpu().numpy(), cmap="inferno")
+        map_ax.set_title("map", fontsize=7)
+        window_ax.imshow(picture)
+        y, x = (int(v) for v in windows[i])
+        window_ax.add_patch(Rectangle((x - 0.5, y - 0.5), window, window, fill=False,
+                                      edgecolor="lime", linewidth=1.2))
+        window_ax.set_title("window", fontsize=7)
+    return fig
 
 
 def save_score_histogram(scores: torch.Tensor, path: str | Path,
