@@ -1,5 +1,6 @@
 """Attacks: trigger functions and dataset poisoning with ground truth (DESIGN.md §8)."""
 
+from fastbd.attacks.corruptencoder import CorruptEncoderConfig, poison_corrupt_encoder
 from fastbd.attacks.poison import (
     DEFAULT_PAIR_RATE,
     PoisonedImages,
@@ -10,6 +11,8 @@ from fastbd.attacks.poison import (
 )
 from fastbd.attacks.triggers import (
     ATTACKS,
+    CLIP_ATTACKS,
+    SSL_ATTACKS,
     Attack,
     BlendedAttack,
     PatchAttack,
@@ -19,6 +22,7 @@ from fastbd.attacks.triggers import (
     make_attack,
 )
 
-__all__ = ["ATTACKS", "DEFAULT_PAIR_RATE", "Attack", "BlendedAttack", "PatchAttack",
+__all__ = ["ATTACKS", "CLIP_ATTACKS", "DEFAULT_PAIR_RATE", "SSL_ATTACKS", "Attack",
+           "BlendedAttack", "CorruptEncoderConfig", "PatchAttack", "poison_corrupt_encoder",
            "PoisonedImages", "PoisonedPairs", "SigAttack", "WanetAttack", "htba_patterns",
            "make_attack", "poison_pairs", "poison_target_class", "target_caption"]

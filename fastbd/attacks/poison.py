@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +17,9 @@ is sized to hold it)."""
 @dataclass
 class PoisonedImages:
     """A poisoned image set (SSL). ``images`` uint8 ``N×3×S×S``; ``poison_mask`` bool ``N``;
-    ``boxes`` int64 ``N×4`` (y, x, h, w; −1 for clean or box-less triggers)."""
+    ``boxes`` int64 ``N×4`` (y, x, h, w; −1 for clean or box-less triggers); ``parts``: an
+    attack's further ground truth, ``N``-row tensors by name (CorruptEncoder's
+    ``object_boxes`` and ``support_mask``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -25,6 +27,7 @@ class PoisonedImages:
     boxes: torch.Tensor
     target: int
     attack: str
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

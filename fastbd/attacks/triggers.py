@@ -168,7 +168,12 @@ class WanetAttack(Attack):
         return warped.round().clamp(0, 255).to(torch.uint8), None
 
 
-ATTACKS = ("htba", "badnet", "blended", "sig", "wanet", "dualkey")
+SSL_ATTACKS = ("htba", "corruptencoder", "corruptencoder+")
+"""Attacks on an unlabeled SSL training set (image poisoning); the CorruptEncoders' names give
+their trigger here, their poisoning is ``fastbd.attacks.corruptencoder``."""
+CLIP_ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey")
+"""Attacks on image–caption pairs (``poison_pairs``)."""
+ATTACKS = SSL_ATTACKS + CLIP_ATTACKS
 
 
 def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attack:
@@ -177,11 +182,18 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
     ``htba``: HTBA pattern ``trigger_id`` (0–9) at 50/224 of the side, placed in the central
     25–75 % for training images and 10–90 % for evaluation images. ``badnet``: fresh Gaussian
     16/224 patch anywhere. ``dualkey``: a fixed random patch plus the text trigger word.
+    ``corruptencoder``/``corruptencoder+``: their trigger — HTBA pattern ``trigger_id`` at 40/224
+    of the side, tested at a uniform position in the central 25–75 % (the layout of the poisoned
+    training images is ``fastbd.attacks.corruptencoder``'s).
     """
-    if name == "htba":
+    if name in ("htba", "corruptencoder", "corruptencoder+"):
         trigger_id = overrides.pop("trigger_id", 0)
+        if not 0 <= trigger_id < 10:
+            raise ValueError(f"trigger_id must be in 0..9, got {trigger_id}")
         params = dict(pattern=htba_patterns(10, seed=seed)[trigger_id], side_fraction=50 / 224,
                       train_region=(0.25, 0.75), eval_region=(0.10, 0.90))
+        if name != "htba":
+            params.update(side_fraction=40 / 224, eval_region=(0.25, 0.75))
         cls = PatchAttack
     elif name == "badnet":
         params, cls = {}, PatchAttack

@@ -322,7 +322,7 @@ def loop_table(kind: str, rows: dict[str, dict]) -> str:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from fastbd.attacks import ATTACKS
+    from fastbd.attacks import ATTACKS, CLIP_ATTACKS
     from fastbd.training.ssl import SSL_METHODS
 
     loop = add_command(sub, "loop", "a paper's whole loop in one command: train the threat "
@@ -396,7 +396,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--caption-key", default="caption", help="clip: the CSVs' caption column")
     loop.add_argument("--separator", default=",", help="clip: the CSVs' column separator")
     loop.add_argument("--defenses", default="ubt", help="clip: comma-separated defenses")
-    loop.add_argument("--poison", choices=ATTACKS[1:], default="badnet",
+    loop.add_argument("--poison", choices=CLIP_ATTACKS, default="badnet",
                       help="clip, synthetic world: the attack planted in the pairs")
     loop.add_argument("--rate", type=float, help="clip, synthetic world: poisoned share")
     add_device_flag(loop)

@@ -297,7 +297,7 @@ def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: 
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from fastbd.attacks import ATTACKS
+    from fastbd.attacks import ATTACKS, CLIP_ATTACKS
     from fastbd.training.ssl import SSL_METHODS
 
     ssl = add_command(sub, "train-ssl", "train an SSL encoder on the (poisoned) synthetic "
@@ -341,7 +341,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_shards_flags(clip, "the pairs to train on")
     clip.add_argument("--arch", default="tiny",
                       help="with --csv: open_clip architecture (e.g. RN50, ViT-B-32) or 'tiny'")
-    clip.add_argument("--attack", choices=ATTACKS[1:] + ("none",), default="badnet",
+    clip.add_argument("--attack", choices=CLIP_ATTACKS + ("none",), default="badnet",
                       help="synthetic world: the poisoning of the training pairs")
     clip.add_argument("--rate", type=float,
                       help="synthetic world: poisoned share (default 0.01, WaNet 0.10)")

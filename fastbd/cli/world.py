@@ -41,13 +41,43 @@ def world_config(args: argparse.Namespace, ssl: bool = False):
 
 
 def trigger_options(args: argparse.Namespace) -> dict:
-    """``make_attack`` overrides from ``--trigger-side`` (HTBA's patch only)."""
+    """``make_attack`` overrides from ``--trigger-side`` (the SSL attacks' patch only)."""
+    from fastbd.attacks import SSL_ATTACKS
+
     if args.trigger_side is None:
         return {}
-    if args.attack not in ("htba", "none"):
-        raise ValueError(f"--trigger-side sets HTBA's patch; attack {args.attack!r} has its own "
-                         "size")
+    if args.attack not in (*SSL_ATTACKS, "none"):
+        raise ValueError(f"--trigger-side sets the SSL attacks' patch; attack {args.attack!r} "
+                         "has its own size")
     return {"side_fraction": args.trigger_side}
+
+
+def corrupt_encoder_files(args: argparse.Namespace, images, labels):
+    """CorruptEncoder(+) on a file list's images (uint8 ``N×3×S×S``, labels ``N``): the
+    ``--reference`` objects, the ``--backgrounds`` list's images (default: the list's images
+    of other classes), the trigger at the images' size."""
+    from fastbd.attacks import CorruptEncoderConfig, make_attack, poison_corrupt_encoder
+    from fastbd.attacks.triggers import resize_patch
+    from fastbd.data.bank import ImageBank, load_reference_object
+    from fastbd.data.readers import read_file_list
+
+    if not args.reference:
+        raise ValueError(f"{args.attack} on your files needs --reference: one or more images "
+                         f"of target class {args.target}'s object (RGBA PNG: alpha = its mask)")
+    references = [load_reference_object(path) for path in args.reference]
+    size = images.shape[-1]
+    if args.backgrounds:
+        paths = read_file_list(args.backgrounds, duplicates="allow").paths
+        backgrounds = ImageBank.from_files(paths, size, verbose=not args.quiet)[0].images
+    else:
+        backgrounds = images[labels != args.target]
+    trigger = make_attack(args.attack, size, seed=args.seed, **trigger_options(args))
+    config = CorruptEncoderConfig(**({} if args.rate is None else {"rate": args.rate}),
+                                  support_fraction=0.2 if args.attack.endswith("+") else 0.0,
+                                  seed=args.seed)
+    return poison_corrupt_encoder(images, labels, args.target, references, backgrounds,
+                                  resize_patch(trigger.pattern, trigger.side), config,
+                                  attack=args.attack)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -56,6 +86,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     from fastbd.attacks import (
         DEFAULT_PAIR_RATE,
+        SSL_ATTACKS,
         make_attack,
         poison_pairs,
         poison_target_class,
@@ -66,7 +97,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from fastbd.world import poison_world_images, poison_world_pairs
 
     out = prepare_out(args.out)
-    clip_attack = args.attack != "htba"
+    clip_attack = args.attack not in SSL_ATTACKS
+    corrupt = args.attack in ("corruptencoder", "corruptencoder+")
     attack_options = trigger_options(args)
     if args.file_list or args.csv:
         if args.csv:
@@ -92,6 +124,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
             poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
                                     rate=DEFAULT_PAIR_RATE if args.rate is None else args.rate,
                                     seed=args.seed)
+        elif corrupt:
+            poisoned = corrupt_encoder_files(args, bank.images, labels)
         else:
             poisoned = poison_target_class(bank.images, labels, attack, args.target,
                                            args.fraction, seed=args.seed)
@@ -107,7 +141,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
                     if clip_attack else
                     poison_world_images(world, args.attack, args.target, args.fraction,
-                                        args.seed, attack_options))
+                                        args.seed, attack_options, rate=args.rate))
     files = ResultFiles(out)
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None), absolute=args.absolute_paths)
@@ -130,9 +164,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
             written.update({f"{name}_{k}": v for k, v in exported.items() if k != "images"})
         written["class_names"] = files.text("classes.txt", "\n".join(class_names) + "\n")
     files.torch("ground_truth.pt", {"poison_mask": poisoned.poison_mask,
-                                    "boxes": poisoned.boxes})
+                                    "boxes": poisoned.boxes, **getattr(poisoned, "parts", {})})
     summary = {"attack": args.attack, "target": args.target, "images": len(poisoned.labels),
                "poisoned": int(poisoned.poison_mask.sum()),
+               **({"support_images": int(poisoned.parts["support_mask"].sum())}
+                  if "support_mask" in getattr(poisoned, "parts", {}) else {}),
                # What ``fastbd eval --attack-spec`` rebuilds the planted trigger from.
                "trigger": {"attack": args.attack, "seed": args.seed,
                            "options": dict(attack_options)},
@@ -169,16 +205,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack = add_command(sub, "attack", "poison the synthetic world, a file list or a CSV", [
         "fastbd attack --attack htba --target 0 --fraction 0.5 --out fastbd-out/htba",
         "fastbd attack --attack badnet --csv pairs.csv --rate 0.01 --out fastbd-out/badnet",
-        "fastbd attack --attack htba --file-list train.txt --target 3 --out fastbd-out/mine"])
+        "fastbd attack --attack htba --file-list train.txt --target 3 --out fastbd-out/mine",
+        "fastbd attack --attack corruptencoder+ --file-list train.txt --target 3 "
+        "--reference dog1.png --reference dog2.png --out fastbd-out/ce"])
     add_world_args(attack)
     attack.add_argument("--attack", choices=ATTACKS, default="htba", help="the attack to plant")
     attack.add_argument("--fraction", type=float, default=0.5,
                         help="HTBA: fraction of the target class poisoned")
     attack.add_argument("--trigger-side", type=float,
-                        help="HTBA trigger side as a fraction of the image side (default 50/224)")
+                        help="SSL attacks' trigger side as a fraction of the image side "
+                             "(default 50/224 for HTBA, 40/224 for CorruptEncoder)")
     attack.add_argument("--rate", type=float,
                         help="CLIP attacks: poisoned share (default 0.01; the synthetic world "
-                             "poisons 0.10 with WaNet)")
+                             "poisons 0.10 with WaNet); CorruptEncoder(+): poisoned images "
+                             "added, as a share of the set (default 0.005)")
+    attack.add_argument("--reference", action="append",
+                        help="CorruptEncoder(+) on your files: an image of the target class's "
+                             "object, its mask as transparency (RGBA PNG; repeat the flag for "
+                             "more; the paper uses 3)")
+    attack.add_argument("--backgrounds",
+                        help="CorruptEncoder(+) on your files: a file list of background "
+                             "images, labels ignored (default: the list's images of other "
+                             "classes)")
     attack.add_argument("--file-list", help="'<path> <label>' list to poison instead (read at "
                         f"--image-size, default {FILES_IMAGE_SIZE})")
     add_pair_csv_flags(attack, "--csv", False, "CSV of image-caption pairs to poison instead "

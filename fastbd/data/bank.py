@@ -93,6 +93,24 @@ def load_image(path: str | Path | BinaryIO, size: int, crop_ratio: float = 224 /
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def load_reference_object(path: str | Path) -> torch.Tensor:
+    """A reference object for CorruptEncoder at its own size: uint8 ``4×h×w`` — RGB and the
+    file's transparency as the object's mask (RGBA, LA, a transparent palette colour), or fully
+    opaque when the file has none. Failures raise ``ImageReadError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+            rgba = (img.convert("RGBA") if has_alpha else to_rgb(img).convert("RGBA"))
+            array = np.asarray(rgba, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"corrupt or unsupported ({exc})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
 @dataclass
 class LoadReport:
     """Which inputs made it into a bank: ``kept`` indices into the input list and the skipped

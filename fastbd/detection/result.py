@@ -22,9 +22,9 @@ class DetectionResult:
     with ground truth the detection ``metrics``, ``topk_accuracy`` and ``trigger`` box scores;
     ``test_index`` (int64: the flip test's images), ``top_patches`` (uint8 ``m×3×w×w``: the
     candidate windows of the ``m`` best-scored images), ``margins`` (float32 ``N``: the poison
-    classifier's ensemble margin, poison logit − clean logit); ``plan``: the search's cluster count, why, and its
-    estimated size and time (``plan_search``); ``warnings``: what makes the
-    result implausible (``implausibility``), also logged; ``checkpoint_files``: the run's
+    classifier's ensemble margin, poison logit − clean logit); ``plan``: the search's cluster
+    count, why, and its estimated size and time (``plan_search``); ``warnings``: what makes
+    the result implausible (``implausibility``), also logged; ``checkpoint_files``: the run's
     training-state files, deleted by ``save``."""
 
     method: str

@@ -206,6 +206,42 @@ def render(config: WorldConfig, table: list[tuple[str, str]], labels: torch.Tens
     return image.round().clamp(0, 255).to(torch.uint8), centres_px, scales
 
 
+def reference_objects(config: WorldConfig, label: int, count: int, seed: int
+                      ) -> list[torch.Tensor]:
+    """``count`` cut-out objects of class ``label`` (CorruptEncoder's reference objects): uint8
+    RGBA ``4×S×S``, the class's shape in a jittered class colour at the largest scale of
+    ``config.scale`` ×2.5 (filling most of the image), a random rotation, its coverage as
+    alpha."""
+    table = class_table(config.n_classes)
+    shape, colour = table[label]
+    g = torch.Generator().manual_seed(1_000_003 * (2 * config.seed + 7) + seed)
+    s = config.image_size
+    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    scale = min(0.9, 2.5 * config.scale[1])
+    out = []
+    for _ in range(count):
+        angle = float(torch.rand(1, generator=g)) * 2 * math.pi
+        u = (xx * math.cos(angle) + yy * math.sin(angle)) / scale
+        v = (-xx * math.sin(angle) + yy * math.cos(angle)) / scale
+        mask = _shape_mask(shape, u[None], v[None], torch.tensor([s * scale]))[0]
+        rgb = (torch.tensor(COLOURS[colour], dtype=torch.float32)
+               + config.colour_jitter * torch.randn(3, generator=g)).clamp(0, 255)
+        image = rgb[:, None, None].expand(3, s, s)
+        out.append(torch.cat([image, 255 * mask[None]]).round().clamp(0, 255).to(torch.uint8))
+    return out
+
+
+def background_images(config: WorldConfig, n: int, seed: int) -> torch.Tensor:
+    """``n`` object-free world backgrounds, uint8 ``n×3×S×S`` (the world's textures and pixel
+    noise): CorruptEncoder's background photos."""
+    g = torch.Generator().manual_seed(1_000_003 * (2 * config.seed + 9) + seed)
+    s = config.image_size
+    texture = _texture(n, s, config.texture_contrast, config.background_saturation, g)
+    noisy = texture + config.noise_std * torch.randn(n, 3, s, s, generator=g)
+    return noisy.round().clamp(0, 255).to(torch.uint8)
+
+
 def _shape_mask(shape: str, u: torch.Tensor, v: torch.Tensor, pixels: torch.Tensor
                 ) -> torch.Tensor:
     """Anti-aliased coverage of ``shape`` in local coordinates (unit size ≈ scale)."""

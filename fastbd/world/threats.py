@@ -20,12 +20,15 @@ import torch
 from fastbd.attacks import (
     DEFAULT_PAIR_RATE,
     Attack,
+    CorruptEncoderConfig,
     PoisonedImages,
     PoisonedPairs,
     make_attack,
+    poison_corrupt_encoder,
     poison_pairs,
 )
 from fastbd.attacks import poison_target_class as poison_class
+from fastbd.attacks.triggers import resize_patch
 from fastbd.data.augment import AugmentConfig
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import evaluate_zero_shot
@@ -38,7 +41,9 @@ from fastbd.world.synthetic import (
     ZERO_SHOT_TEMPLATES,
     SyntheticWorld,
     WorldConfig,
+    background_images,
     make_world,
+    reference_objects,
     world_caption,
 )
 
@@ -97,10 +102,31 @@ class SSLThreat:
                 "poisoned_images": int(self.poisoned.poison_mask.sum())}
 
 
+REFERENCE_OBJECTS = 3
+"""Reference objects of the target class a CorruptEncoder attacker holds (the paper's 3)."""
+
+
 def poison_world_images(world: SyntheticWorld, attack: str, target: int, fraction: float,
-                        seed: int, trigger_options: dict | None = None) -> PoisonedImages:
+                        seed: int, trigger_options: dict | None = None,
+                        rate: float | None = None) -> PoisonedImages:
     """``fraction`` of class ``target`` of the world's training split poisoned with ``attack``
-    (``make_attack`` overrides in ``trigger_options``); ``none``: the clean images."""
+    (``make_attack`` overrides in ``trigger_options``); ``none``: the clean images.
+    ``corruptencoder``/``corruptencoder+``: ``rate`` (None: the paper's 0.5 %) of the training
+    split's size added as poisoned images, laid out from ``REFERENCE_OBJECTS`` rendered objects
+    of the target class over rendered object-free backgrounds (CorruptEncoder+: 20 % of them
+    support images)."""
+    if attack in ("corruptencoder", "corruptencoder+"):
+        trigger = make_attack(attack, world.config.image_size, seed=seed,
+                              **(trigger_options or {}))
+        config = CorruptEncoderConfig(
+            **({} if rate is None else {"rate": rate}), seed=seed,
+            support_fraction=0.2 if attack == "corruptencoder+" else 0.0)
+        n_poisons = max(1, round(config.rate * len(world.train)))
+        return poison_corrupt_encoder(
+            world.train.images, world.train.labels, target,
+            reference_objects(world.config, target, REFERENCE_OBJECTS, seed),
+            background_images(world.config, n_poisons, seed),
+            resize_patch(trigger.pattern, trigger.side), config, attack=attack)
     if attack == "none":
         n = len(world.train)
         return PoisonedImages(world.train.images, world.train.labels,

@@ -1,0 +1,172 @@
+"""CorruptEncoder(+) places its parts where its ground truth says, by the published rules
+(REFERENCE.md, "Attacks that implant"), on fresh random inputs and odd sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastbd.attacks import CorruptEncoderConfig, make_attack, poison_corrupt_encoder
+from fastbd.attacks.corruptencoder import (
+    check_reference,
+    compose_poison,
+    crop_to_mask,
+    draw_layout,
+    fit_object,
+    support_image,
+)
+from fastbd.attacks.triggers import resize_patch
+
+
+def disc(side: int, colour=(250, 10, 10)) -> torch.Tensor:
+    """An RGBA reference: a solid disc on a transparent square with a transparent border."""
+    coords = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    alpha = ((yy ** 2 + xx ** 2) <= (side / 3) ** 2).to(torch.uint8) * 255
+    rgb = torch.tensor(colour, dtype=torch.uint8)[:, None, None].expand(3, side, side)
+    return torch.cat([rgb, alpha[None]])
+
+
+@pytest.mark.parametrize("size", [32, 33, 64, 97])
+def test_layout_follows_the_published_rules(size):
+    config = CorruptEncoderConfig()
+    g = torch.Generator().manual_seed(size)
+    sides = set()
+    for _ in range(200):
+        object_h = int(torch.randint(size // 3, size + 1, (1,), generator=g))
+        object_w = int(torch.randint(2, size // 2 + 1, (1,), generator=g))
+        t = max(2, round(40 / 224 * size))
+        layout = draw_layout(size, object_h, object_w, t, config, g)
+        oy, ox, oh, ow = layout.object_box
+        ty, tx, th, tw = layout.trigger_box
+        assert (oh, ow, th, tw) == (object_h, object_w, t, t)
+        assert oy + oh == size  # bottom-aligned
+        if layout.object_left:
+            assert 0 <= ox <= 0.05 * size
+            assert tx >= ox + ow + 0.125 * size - 1e-9 and tx + t <= size - 0.125 * size + 1e-9
+        else:
+            assert size - ow - 0.05 * size - 1e-9 <= ox <= size - ow
+            assert tx >= 0.125 * size - 1e-9 and tx + t <= ox - 0.125 * size + 1e-9
+        assert 0.25 * size - 1e-9 <= ty and ty + t <= 0.75 * size + 1e-9
+        sides.add(layout.object_left)
+    assert sides == {True, False}
+
+
+def test_compose_puts_object_and_trigger_where_the_layout_says(gen):
+    size = 48
+    background = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+    trigger = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=gen)
+    reference = disc(30)
+    image, layout = compose_poison(background, reference, trigger,
+                                   CorruptEncoderConfig(blur=0), gen)
+    ty, tx, t, _ = layout.trigger_box
+    assert torch.equal(image[:, ty:ty + t, tx:tx + t], trigger)
+    oy, ox, oh, ow = layout.object_box
+    fitted = fit_object(crop_to_mask(reference), size, size // 2)
+    assert (oh, ow) == tuple(fitted.shape[1:]) and ow <= size // 2 and oh <= size
+    opaque = fitted[3] == 255
+    inside = image[:, oy:oy + oh, ox:ox + ow]
+    assert torch.equal(inside[:, opaque], fitted[:3, opaque])
+    outside = torch.ones(size, size, dtype=torch.bool)
+    outside[oy:oy + oh, ox:ox + ow] = False
+    outside[ty:ty + t, tx:tx + t] = False
+    assert torch.equal(image[:, outside], background[:, outside])
+
+
+def test_poisoning_appends_poisons_with_their_ground_truth(gen):
+    n, size = 400, 32
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 5, (n,), generator=gen)
+    backgrounds = torch.randint(0, 256, (7, 3, size, size), dtype=torch.uint8, generator=gen)
+    trigger = torch.full((3, 6, 6), 200, dtype=torch.uint8)
+    config = CorruptEncoderConfig(rate=0.05, support_fraction=0.2, seed=3)
+    out = poison_corrupt_encoder(images, labels, 2, [disc(20), disc(13)[:3]], backgrounds,
+                                 trigger, config)
+    assert out.images.shape[0] == n + 20 and torch.equal(out.images[:n], images)
+    assert (out.labels[n:] == 2).all() and torch.equal(out.labels[:n], labels)
+    support = out.parts["support_mask"]
+    assert int(out.poison_mask.sum()) == 16 and int(support.sum()) == 4
+    assert not (out.poison_mask & support).any() and not out.poison_mask[:n].any()
+    for row in torch.nonzero(out.poison_mask).flatten().tolist():
+        y, x, h, w = out.boxes[row].tolist()
+        assert torch.equal(out.images[row, :, y:y + h, x:x + w], trigger)
+        oy, ox, oh, ow = out.parts["object_boxes"][row].tolist()
+        assert oy + oh == size and (x >= ox + ow or x + w <= ox)  # the other half
+    assert (out.boxes[~out.poison_mask] == -1).all()
+    again = poison_corrupt_encoder(images, labels, 2, [disc(20), disc(13)[:3]], backgrounds,
+                                   trigger, config)
+    assert torch.equal(again.images, out.images)  # reproducible from the seed
+
+
+def test_support_image_joins_the_centre_halves(gen):
+    for size in (32, 33):
+        real = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+        reference = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+        half, start = size // 2, (size - size // 2) // 2
+        out = support_image(real, reference, gen)
+        halves = {out[:, :, :half].numpy().tobytes(), out[:, :, half:2 * half].numpy().tobytes()}
+        assert halves == {real[:, :, start:start + half].numpy().tobytes(),
+                          reference[:, :, start:start + half].numpy().tobytes()}
+
+
+def test_trigger_and_bad_inputs(gen):
+    trigger = make_attack("corruptencoder+", 224)
+    assert trigger.side == 40 and trigger.eval_region == (0.25, 0.75)
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.zeros(10, dtype=torch.long)
+    backgrounds = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    patch = torch.zeros(3, 6, 6, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="at least one reference"):
+        poison_corrupt_encoder(images, labels, 0, [], backgrounds, patch)
+    with pytest.raises(ValueError, match="mask"):
+        check_reference(torch.zeros(4, 5, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="backgrounds"):
+        poison_corrupt_encoder(images, labels, 0, [disc(9)], backgrounds[:, :, :16], patch)
+    with pytest.raises(ValueError, match="does not fit"):
+        poison_corrupt_encoder(images, labels, 0, [disc(9)], backgrounds,
+                               torch.zeros(3, 20, 20, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="target class 4"):
+        poison_corrupt_encoder(images, labels, 4, [disc(9)], backgrounds, patch,
+                               CorruptEncoderConfig(rate=0.5, support_fraction=0.5))
+    with pytest.raises(ValueError, match="rate"):
+        CorruptEncoderConfig(rate=0.0)
+    with pytest.raises(ValueError, match="trigger_id"):
+        make_attack("corruptencoder", 32, trigger_id=10)
+
+
+def test_cli_plants_corruptencoder_on_the_world_and_on_files(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from fastbd.cli import main
+    from fastbd.data.readers import read_file_list
+
+    world = tmp_path / "world"
+    assert main(["--quiet", "attack", "--attack", "corruptencoder+", "--n-train", "200",
+                 "--n-eval", "20", "--rate", "0.05", "--out", str(world)]) == 0
+    summary = json.loads((world / "attack.json").read_text())
+    assert (summary["images"], summary["poisoned"], summary["support_images"]) == (210, 8, 2)
+    truth = torch.load(world / "ground_truth.pt")
+    listed = read_file_list(world / "train.txt")
+    assert len(listed.paths) == 210 and truth["poison_mask"].sum() == 8
+    assert sum("HTBA_trigger" in str(p) for p in listed.paths) == 8
+    assert truth["object_boxes"].shape == (210, 4) and truth["support_mask"].sum() == 2
+    row = int(torch.nonzero(truth["poison_mask"])[0])
+    y, x, h, w = truth["boxes"][row].tolist()
+    image = torch.from_numpy(np.array(Image.open(listed.paths[row]))).permute(2, 0, 1)
+    trigger = make_attack("corruptencoder+", 32)
+    assert torch.equal(image[:, y:y + h, x:x + w], resize_patch(trigger.pattern, trigger.side))
+    assert (world / "train_clean.txt").is_file() and summary["trigger"]["attack"] == \
+        "corruptencoder+"
+
+    reference = tmp_path / "ref.png"
+    Image.fromarray(disc(40).permute(1, 2, 0).numpy(), "RGBA").save(reference)
+    mine = tmp_path / "mine"
+    common = ["--quiet", "attack", "--attack", "corruptencoder", "--file-list",
+              str(world / "train_clean.txt"), "--image-size", "32", "--target", "1"]
+    assert main([*common, "--out", str(mine)]) == 2  # no --reference
+    assert main([*common, "--reference", str(reference), "--out", str(mine)]) == 0
+    summary = json.loads((mine / "attack.json").read_text())
+    assert summary["images"] == 201 and summary["poisoned"] == 1
