@@ -59,7 +59,8 @@ def config_hash(config: object) -> str:
 @dataclass
 class SSLThreatConfig:
     """HTBA on the synthetic world: ``fraction`` of class ``target`` poisoned (attack ``none``
-    trains on the clean world); a ``SmallConvNet`` of ``width`` trained with SimCLR. The SSL
+    trains on the clean world; ``corruptencoder``/``corruptencoder+`` add ``rate`` of the
+    training set's size as poisoned images, None: the paper's 0.5 %); a ``SmallConvNet`` of ``width`` trained with SimCLR. The SSL
     world's objects are drawn at opacity 0.6 (the CLIP world's are opaque): with opaque,
     high-contrast objects the encoder ignores the 7-px trigger and PoisonCAM's top candidates
     are the objects themselves. Grey backgrounds (``background_saturation=0``) lift the probe's
@@ -70,6 +71,7 @@ class SSLThreatConfig:
     attack: str = "htba"
     target: int = 0
     fraction: float = 0.5
+    rate: float | None = None
     width: int = 16
     ssl: SSLConfig = field(default_factory=lambda: SSLConfig(
         epochs=40, augment=AugmentConfig(crop_scale=(0.5, 1.0))))
@@ -164,7 +166,7 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     config = config or SSLThreatConfig()
     world = make_world(config.world)
     poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
-                                   config.seed, config.trigger_options)
+                                   config.seed, config.trigger_options, rate=config.rate)
     encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
     path = (Path(cache_dir) / f"ssl-{SSL_CACHE_VERSION}-{config_hash(config)}.pt"
             if cache_dir is not None else None)
