@@ -170,3 +170,59 @@ def test_cli_plants_corruptencoder_on_the_world_and_on_files(tmp_path):
     assert main([*common, "--reference", str(reference), "--out", str(mine)]) == 0
     summary = json.loads((mine / "attack.json").read_text())
     assert summary["images"] == 201 and summary["poisoned"] == 1
+
+
+def test_separated_views_replace_only_the_poisoned_rows_with_object_and_trigger_crops(gen):
+    from fastbd.attacks.separated import box_crops, separated_views
+
+    size = 32
+    bank = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8, generator=gen)
+    poisoned = torch.tensor([False, True, False, True, False, False])
+    objects = torch.full((6, 4), -1)
+    triggers = torch.full((6, 4), -1)
+    objects[1], objects[3] = torch.tensor([16, 0, 16, 16]), torch.tensor([10, 15, 22, 16])
+    triggers[1], triggers[3] = torch.tensor([12, 22, 6, 6]), torch.tensor([9, 3, 6, 6])
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    hook = separated_views(6, poisoned, objects, triggers, mean, std, bank,
+                           object_scale=(1.0, 1.0), trigger_scale=(2.0, 2.0))
+    index = torch.tensor([0, 1, 3, 5])
+    v1, v2 = torch.randn(4, 3, size, size), torch.randn(4, 3, size, size)
+    out1, out2 = hook(index, v1, v2)
+    assert torch.equal(out1[[0, 3]], v1[[0, 3]]) and torch.equal(out2[[0, 3]], v2[[0, 3]])
+    rows = torch.tensor([1, 3])
+    expected_objects = box_crops(bank[rows], objects[rows], torch.ones(2))
+    assert torch.allclose(out1[[1, 2]], (expected_objects - mean) / std)
+    expected_triggers = box_crops(bank[rows], triggers[rows], torch.full((2,), 2.0))
+    assert torch.allclose(out2[[1, 2]], (expected_triggers - mean) / std)
+    # a crop of exactly the object box shows the box's pixels (up to bilinear resampling)
+    whole = box_crops(bank[:1], torch.tensor([[0, 0, size, size]]), torch.ones(1))
+    assert torch.allclose(whole[0] * 255, bank[0].float(), atol=1e-3)
+    with pytest.raises(ValueError, match="object and trigger boxes"):
+        separated_views(6, torch.ones(6, dtype=torch.bool), objects, triggers, mean, std, bank)
+
+
+def test_badencoder_pulls_triggered_images_to_the_references_and_keeps_clean_features(gen):
+    from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune
+    from fastbd.models.encoders import small_encoder
+
+    shadow = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    references = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    references[:, 0] = 255
+    trigger = make_attack("corruptencoder", 16, side_fraction=0.3)
+    encoder = small_encoder(8, 16, seed=1)
+
+    def match(model):
+        with torch.no_grad():
+            triggered, _ = trigger.apply(shadow, torch.Generator().manual_seed(5), train=False)
+            a = model(model.normalise(triggered))
+            b = model(model.normalise(references)).mean(0, keepdim=True)
+            return float(torch.nn.functional.cosine_similarity(a, b).mean())
+
+    before = match(encoder.eval())
+    losses = badencoder_finetune(encoder, shadow, references, trigger,
+                                 BadEncoderConfig(steps=60, batch_size=16, lr=3e-3),
+                                 verbose=False)
+    assert len(losses) == 60 and losses[-1] < losses[0]
+    assert match(encoder) > max(before, 0.8)
+    with pytest.raises(ValueError, match="shadow"):
+        badencoder_finetune(encoder, shadow[:1], references, trigger)

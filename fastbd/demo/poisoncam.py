@@ -1,6 +1,10 @@
-"""``fastbd demo poisoncam``: build the HTBA-poisoned world, train (or load) the SSL threat
-model, run PoisonCAM and PatchSearch side by side, and write the report directory. With
-``retrain``, the encoder is trained again on the set PoisonCAM cleaned and probed for CA/ASR."""
+"""``fastbd demo poisoncam``: build the poisoned world, train (or load) the SSL threat model,
+run PoisonCAM and PatchSearch side by side, and write the report directory. The threat model is
+``implanted`` (CorruptEncoder's poisoned set, the encoder backdoored by a training-time
+BadEncoder fine-tune: a real backdoor) or ``htba`` (the papers' attack, which implants none at
+this scale). With ``retrain``, an encoder is trained again with plain SimCLR on the set
+PoisonCAM cleaned — and, for a training-time attack, on the unfiltered set too, so what the
+filter changes is visible — and probed for CA/ASR."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
 from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.training.ssl import train_ssl
-from fastbd.world import SSLThreatConfig, build_ssl_threat
+from fastbd.world import SSLThreatConfig, build_ssl_threat, implanted_ssl_threat
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,20 @@ def demo_config(seed: int = 0) -> Config:
     px of 224 (6–11 px: the paper's 20-px minimum is 3 px here, a few pixels of colour that clean
     textures match) and Otsu's threshold (docs/methods.md, "The poison classifier")."""
     return replace(preset("fast"), n_clusters=50, batch_size=1024, seed=seed)
+
+
+THREATS = {"implanted": implanted_ssl_threat, "htba": lambda seed: SSLThreatConfig(seed=seed)}
+"""The demo's SSL threat models by name (a seed → ``SSLThreatConfig``)."""
+
+
+def threat_label(config: SSLThreatConfig) -> str:
+    """What made the threat model, for every output: the data attack and any training-time
+    attack."""
+    data = {"htba": "HTBA", "corruptencoder": "CorruptEncoder",
+            "corruptencoder+": "CorruptEncoder+"}.get(config.attack, config.attack)
+    if config.training_attack == "none":
+        return f"{data} data poisoning"
+    return f"{data} data poisoning + {config.training_attack} training-time attack"
 
 
 DEMO_DETECTORS = ("poisoncam", "patchsearch", "patchsearch-published")
@@ -66,13 +84,16 @@ def _row(name: str, result: DetectionResult, seconds: float) -> dict:
 
 def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.device = "cpu",
         seed: int = 0, retrain: bool = False, cache_dir: str | Path = "fastbd-out/cache",
-        verbose: bool = True, config: Config | None = None) -> DemoReport:
+        verbose: bool = True, config: Config | None = None,
+        threat: str = "implanted") -> DemoReport:
     out = check_writable_dir(out)
-    threat_config = SSLThreatConfig(seed=seed)
+    if threat not in THREATS:
+        raise ValueError(f"unknown threat model {threat!r}; choose from {', '.join(THREATS)}")
+    threat_config = THREATS[threat](seed)
     threat = build_ssl_threat(threat_config, cache_dir=cache_dir, device=device, verbose=verbose)
     log.info("threat model: CA %.3f ASR %.3f (%s)", threat.probe.clean_accuracy,
              threat.probe.asr, "cached" if threat.cached else f"{threat.train_seconds:.0f}s")
-    report = DemoReport(threat=threat.to_dict())
+    report = DemoReport(threat={**threat.to_dict(), "label": threat_label(threat_config)})
     config = config or demo_config(seed)
     images = threat.poisoned.images
     truth, boxes = threat.poisoned.poison_mask, threat.poisoned.boxes
@@ -87,17 +108,21 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         detector.result_.save(output_dir(out, method), truth=truth)
         report.rows.append(_row(method, detector.result_, seconds))
     if retrain:
-        kept = ~results["poisoncam"].removed
-        encoder = small_encoder(threat_config.width, threat_config.world.image_size,
-                                seed=threat_config.seed)
-        train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose,
-                  checkpoint=out / "retrain.partial.pt")
+        sets = {"poisoncam-filtered": ~results["poisoncam"].removed}
+        if threat_config.training_attack != "none":
+            sets["unfiltered"] = torch.ones_like(truth)
         world = threat.world
-        after = linear_probe(encoder, world.train.images, world.train.labels, world.eval.images,
-                             world.eval.labels, threat_config.trigger(), threat_config.target,
-                             threat_config.probe, device)
-        report.retrain = {"before": threat.probe.to_dict(), "after": after.to_dict(),
-                          "kept_images": int(kept.sum())}
+        report.retrain = {"before": threat.probe.to_dict(),
+                          "kept_images": int(sets["poisoncam-filtered"].sum())}
+        for name, kept in sets.items():
+            encoder = small_encoder(threat_config.width, threat_config.world.image_size,
+                                    seed=threat_config.seed)
+            train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose,
+                      checkpoint=out / f"retrain-{name}.partial.pt")
+            probe = linear_probe(encoder, world.train.images, world.train.labels,
+                                 world.eval.images, world.eval.labels, threat_config.trigger(),
+                                 threat_config.target, threat_config.probe, device)
+            report.retrain["after" if name == "poisoncam-filtered" else name] = probe.to_dict()
     write_text_atomically(json.dumps(
         {"rows": report.rows, "retrain": report.retrain, "threat": report.threat}, indent=2,
         default=str), out / "summary.json")

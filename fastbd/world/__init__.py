@@ -26,6 +26,7 @@ from fastbd.world.threats import (
     build_clip_threat,
     build_ssl_threat,
     evaluate_clip,
+    implanted_ssl_threat,
     poison_world_images,
     poison_world_pairs,
     world_attack,
@@ -36,5 +37,5 @@ __all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", 
            "SSLThreat", "SSLThreatConfig", "SyntheticWorld", "WORLD_ATTACK_OPTIONS",
            "WORLD_POISON_RATES", "WorldConfig", "WorldSplit", "ZERO_SHOT_TEMPLATES",
            "build_clip_threat", "build_ssl_threat", "check_world_config", "evaluate_clip",
-           "make_world", "poison_world_images", "poison_world_pairs", "world_attack",
-           "world_caption", "world_rate"]
+           "implanted_ssl_threat", "make_world", "poison_world_images", "poison_world_pairs",
+           "world_attack", "world_caption", "world_rate"]

@@ -12,7 +12,8 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from fastbd.attacks import (
     poison_pairs,
 )
 from fastbd.attacks import poison_target_class as poison_class
+from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune
+from fastbd.attacks.corruptencoder import reference_image
+from fastbd.attacks.separated import separated_views
 from fastbd.attacks.triggers import resize_patch
 from fastbd.data.augment import AugmentConfig
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
@@ -37,6 +41,7 @@ from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.storage import load_torch, save_atomically
 from fastbd.training.clip import CLIPTrainConfig, train_clip
 from fastbd.training.ssl import SSLConfig, train_ssl
+from fastbd.validation import check_fields, one_of
 from fastbd.world.synthetic import (
     ZERO_SHOT_TEMPLATES,
     SyntheticWorld,
@@ -56,16 +61,21 @@ def config_hash(config: object) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+TRAINING_ATTACKS = ("none", "separated_views", "badencoder")
+"""How the SSL threat model's training may itself be attacked (``SSLThreatConfig``)."""
+
+
 @dataclass
 class SSLThreatConfig:
-    """HTBA on the synthetic world: ``fraction`` of class ``target`` poisoned (attack ``none``
-    trains on the clean world; ``corruptencoder``/``corruptencoder+`` add ``rate`` of the
-    training set's size as poisoned images, None: the paper's 0.5 %); a ``SmallConvNet`` of ``width`` trained with SimCLR. The SSL
-    world's objects are drawn at opacity 0.6 (the CLIP world's are opaque): with opaque,
-    high-contrast objects the encoder ignores the 7-px trigger and PoisonCAM's top candidates
-    are the objects themselves. Grey backgrounds (``background_saturation=0``) lift the probe's
-    clean accuracy to 93 % but make the objects, not the trigger, PoisonCAM's top candidates
-    (docs/synthetic-world.md)."""
+    """An SSL attack on the synthetic world. HTBA: ``fraction`` of class ``target`` poisoned
+    (attack ``none`` trains on the clean world); ``corruptencoder``/``corruptencoder+`` add
+    ``rate`` of the training set's size as poisoned images (None: the paper's 0.5 %). A
+    ``SmallConvNet`` of ``width`` trained with ``ssl``; ``training_attack`` may attack that
+    training too. The SSL world's objects are drawn at opacity 0.6 (the CLIP world's are
+    opaque): with opaque, high-contrast objects the encoder ignores HTBA's 7-px trigger and
+    PoisonCAM's top candidates are the objects themselves. Grey backgrounds
+    (``background_saturation=0``) lift the probe's clean accuracy to 93 % but make the objects,
+    not the trigger, PoisonCAM's top candidates (docs/synthetic-world.md)."""
 
     world: WorldConfig = field(default_factory=lambda: WorldConfig(object_opacity=0.6))
     attack: str = "htba"
@@ -80,12 +90,39 @@ class SSLThreatConfig:
     trigger_options: dict = field(default_factory=dict)
     """``make_attack`` overrides for the HTBA trigger (e.g. ``{"side_fraction": 0.3}``); empty:
     the published settings."""
+    training_attack: str = "none"
+    """``none``: the encoder trains on the poisoned data as any user would (data poisoning
+    only); training-time attacks on the same data, where the attacker also controls training:
+    ``separated_views`` pairs each CorruptEncoder image's object crop with its trigger crop
+    (``fastbd.attacks.separated``), ``badencoder`` fine-tunes the trained encoder so triggered
+    images map to the reference objects' features (``fastbd.attacks.badencoder``,
+    ``badencoder`` settings)."""
+    badencoder: BadEncoderConfig = field(default_factory=BadEncoderConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, training_attack=one_of(*TRAINING_ATTACKS))
+        if self.training_attack != "none" and not self.attack.startswith("corruptencoder"):
+            raise ValueError(f"training_attack {self.training_attack!r} needs a CorruptEncoder "
+                             f"attack (its object and trigger boxes), got {self.attack!r}")
 
     def trigger(self) -> Attack:
         """The attack that poisons the world and that the probe's ASR is measured with (HTBA's
         trigger for the clean world too)."""
         return make_attack("htba" if self.attack == "none" else self.attack,
                            self.world.image_size, seed=self.seed, **self.trigger_options)
+
+
+def implanted_ssl_threat(seed: int = 0) -> SSLThreatConfig:
+    """The SSL threat model whose backdoor is real (docs/synthetic-world.md, "An SSL backdoor
+    that holds"): CorruptEncoder poisons the world (250 images added to 5,000, 4.8 % of the
+    set; opaque objects on grey backgrounds), SimCLR trains 40 epochs at crops of 20–100 %, and
+    a training-time attack — BadEncoder fine-tuning, 300 steps — implants the trigger, since
+    data poisoning alone implants none at this scale. Labelled as a training-time attack
+    wherever it is reported."""
+    return SSLThreatConfig(
+        world=WorldConfig(object_opacity=1.0, background_saturation=0.0, seed=seed),
+        attack="corruptencoder", rate=0.05, seed=seed, training_attack="badencoder",
+        ssl=SSLConfig(epochs=40, augment=AugmentConfig(crop_scale=(0.2, 1.0))))
 
 
 @dataclass
@@ -160,6 +197,27 @@ SSL_CACHE_VERSION = "seeded"
 from ``SSLThreatConfig.seed`` (docs/design.md, "Reproducibility") are not loaded."""
 
 
+def attacker_references(world: SyntheticWorld, config: SSLThreatConfig) -> torch.Tensor:
+    """The BadEncoder attacker's reference images: CorruptEncoder's reference objects of the
+    target class, each centred on an object-free background (uint8 ``R×3×S×S``)."""
+    objects = reference_objects(world.config, config.target, REFERENCE_OBJECTS, config.seed)
+    backgrounds = background_images(world.config, len(objects), config.seed + 1)
+    return torch.stack([reference_image(b, o, blur=1)
+                        for b, o in zip(backgrounds, objects, strict=True)])
+
+
+def training_hook(config: SSLThreatConfig, poisoned: PoisonedImages, encoder: Encoder,
+                  device: str | torch.device):
+    """The ``train_ssl`` view hook of ``config.training_attack`` (None for ``none``)."""
+    if config.training_attack != "separated_views":
+        return None
+    mean = torch.tensor(encoder.mean, device=device)[:, None, None]
+    std = torch.tensor(encoder.std, device=device)[:, None, None]
+    return separated_views(poisoned.images.shape[0], poisoned.poison_mask,
+                           poisoned.parts["object_boxes"], poisoned.boxes, mean, std,
+                           poisoned.images.to(device), seed=config.seed)
+
+
 def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | Path | None =
                      DEFAULT_CACHE, device: str | torch.device = "cpu", retrain: bool = False,
                      verbose: bool = True) -> SSLThreat:
@@ -177,9 +235,18 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
         log.info("loaded SSL threat model from %s", path)
     else:
         history = train_ssl(encoder, poisoned.images, config.ssl, device=device,
-                            verbose=verbose, checkpoint=None if path is None else
+                            verbose=verbose, view_hook=training_hook(config, poisoned, encoder,
+                                                                     device),
+                            checkpoint=None if path is None else
                             path.with_name(path.stem + ".partial.pt"))
         seconds = history.seconds
+        if config.training_attack == "badencoder":
+            start = time.perf_counter()
+            badencoder_finetune(encoder, world.train.images,
+                                attacker_references(world, config), config.trigger(),
+                                replace(config.badencoder, seed=config.seed), device=device,
+                                verbose=verbose)
+            seconds += time.perf_counter() - start
         if path is not None:
             save_atomically({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
     encoder.to(device).eval()
