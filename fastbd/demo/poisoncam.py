@@ -8,6 +8,7 @@ filter changes is visible — and probed for CA/ASR."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -20,9 +21,10 @@ from fastbd import registry
 from fastbd.detection import Config, DetectionResult, preset
 from fastbd.eval.probe import linear_probe
 from fastbd.models.encoders import small_encoder
-from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
+from fastbd.storage import check_writable_dir, output_dir, save_atomically, write_text_atomically
 from fastbd.training.ssl import train_ssl
 from fastbd.world import SSLThreatConfig, build_ssl_threat, implanted_ssl_threat
+from fastbd.world.threats import SSL_CACHE_VERSION, config_hash, load_cached
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,26 @@ def _row(name: str, result: DetectionResult, seconds: float) -> dict:
             "seconds": seconds}
 
 
+def retrained_encoder(config: SSLThreatConfig, images: torch.Tensor, kept: torch.Tensor,
+                      cache_dir: str | Path | None, device: str | torch.device, verbose: bool,
+                      checkpoint: Path):
+    """An encoder trained with the threat model's plain SSL recipe (``config.ssl``, no
+    training-time attack) on ``images[kept]`` (``kept`` bool ``N``), cached under
+    ``cache_dir`` by the config's hash and the whole mask's."""
+    encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
+    key = hashlib.sha1(config_hash(config).encode() + kept.cpu().numpy().tobytes()).hexdigest()
+    path = (Path(cache_dir) / f"ssl-retrain-{SSL_CACHE_VERSION}-{key[:12]}.pt"
+            if cache_dir is not None else None)
+    if path is not None and load_cached(path, "encoder", encoder) is not None:
+        return encoder.to(device).eval()
+    history = train_ssl(encoder, images[kept], config.ssl, device=device, verbose=verbose,
+                        checkpoint=checkpoint)
+    if path is not None:
+        save_atomically({"encoder": encoder.state_dict(), "train_seconds": history.seconds},
+                        path)
+    return encoder.to(device).eval()
+
+
 def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.device = "cpu",
         seed: int = 0, retrain: bool = False, cache_dir: str | Path = "fastbd-out/cache",
         verbose: bool = True, config: Config | None = None,
@@ -115,10 +137,8 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         report.retrain = {"before": threat.probe.to_dict(),
                           "kept_images": int(sets["poisoncam-filtered"].sum())}
         for name, kept in sets.items():
-            encoder = small_encoder(threat_config.width, threat_config.world.image_size,
-                                    seed=threat_config.seed)
-            train_ssl(encoder, images[kept], threat_config.ssl, device=device, verbose=verbose,
-                      checkpoint=out / f"retrain-{name}.partial.pt")
+            encoder = retrained_encoder(threat_config, images, kept, cache_dir, device, verbose,
+                                        out / f"retrain-{name}.partial.pt")
             probe = linear_probe(encoder, world.train.images, world.train.labels,
                                  world.eval.images, world.eval.labels, threat_config.trigger(),
                                  threat_config.target, threat_config.probe, device)

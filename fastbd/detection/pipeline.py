@@ -34,6 +34,9 @@ from fastbd.models.encoders import Encoder, embed_images, working_copy
 from fastbd.storage import StageFiles, fingerprint
 
 log = logging.getLogger(__name__)
+MAP_TIES_KEPT = 8
+"""At most this many times ``topk_poisons`` attention maps are kept while the search runs
+(the best ones and those tied with them)."""
 
 class _Timer:
     """Seconds and images per stage, accumulated into the given dicts (a search state's, so an
@@ -210,9 +213,16 @@ class Detector:
             timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
             for row, score, amap in zip(rows.tolist(), scores.tolist(), maps.cpu(), strict=True):
                 top_maps[row] = (score, amap)
-            keep = sorted(top_maps.items(), key=lambda kv: -kv[1][0])[:config.topk_poisons]
+            # The best topk_poisons maps and every map tied with the last of them (up to
+            # MAP_TIES_KEPT × topk_poisons): a method's ranking may break ties either way.
+            ordered = sorted(top_maps.items(), key=lambda kv: -kv[1][0])
+            cut = ordered[:config.topk_poisons]
+            if len(ordered) > len(cut):
+                last = cut[-1][1][0]
+                cut = [kv for kv in ordered if kv[1][0] >= last][
+                    :MAP_TIES_KEPT * config.topk_poisons]
             top_maps.clear()
-            top_maps.update(keep)
+            top_maps.update(cut)
             return scores, windows
 
         state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
