@@ -179,7 +179,7 @@ def test_cli_trigger_side_sets_the_htba_patch_everywhere(tmp_path, capsys, monke
     assert bool((truth["boxes"][truth["poison_mask"], 2:] == 10).all())
     assert main(["--quiet", "attack", "--attack", "badnet", "--trigger-side", "0.3",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "--trigger-side sets HTBA's patch; attack 'badnet'" in capsys.readouterr().err
+    assert "--trigger-side sets the SSL attacks' patch; attack 'badnet'" in capsys.readouterr().err
     assert main(["--quiet", "attack", "--trigger-side", "1.5", "--out", str(tmp_path / "y")]) == 2
     assert "htba: side_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
