@@ -9,8 +9,9 @@ JSON, exits 1 when a target is missed.
   CA ≥ 60 %; ASR ≥ 30 % poisoned, ≤ 5 % clean; training ≤ 300 s) and a tiny CLIP on the clean
   world and under each CLIP attack (``WORLD_CLIP_TARGETS``).
 * ``poisoncam``: PoisonCAM, PatchSearch (fastbd's variant) and PatchSearch as published, with
-  the demo's config on each seed's world; PoisonCAM recall ≥ 95 %, precision ≥ 70 %, top-20
-  windows on the trigger ≥ 90 %.
+  the demo's config on each seed's demo threat model (``implanted``: CorruptEncoder data and a
+  BadEncoder training-time attack); PoisonCAM recall ≥ 95 %, precision ≥ 80 %, top-20 windows
+  on the trigger ≥ 90 %.
 * ``ubt``: the UBT demo; after UBT every attack with a real backdoor (ASR before ≥ 50 %) has
   ASR ≤ 2 % and CA ≥ CA before − 2 points, BadNet's top set is ≥ 90 % poisoned, the clean
   model is declined and left unchanged.
@@ -31,7 +32,7 @@ WORLD_CLIP_TARGETS = {"none": (0.60, None, 0.05), "badnet": (0.60, 0.80, None),
                       "blended": (None, 0.50, None), "sig": (None, 0.50, None),
                       "wanet": (None, 0.50, None), "dualkey": (None, 0.50, None)}
 """Per CLIP attack: (CA at least, ASR at least, ASR at most); None: no bound."""
-POISONCAM_TARGETS = {"recall": 0.95, "precision": 0.70, "trigger_overlap": 0.90}
+POISONCAM_TARGETS = {"recall": 0.95, "precision": 0.80, "trigger_overlap": 0.90}
 
 
 def within(value: float, low: float | None, high: float | None) -> bool:
