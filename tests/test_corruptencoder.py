@@ -226,3 +226,21 @@ def test_badencoder_pulls_triggered_images_to_the_references_and_keeps_clean_fea
     assert match(encoder) > max(before, 0.8)
     with pytest.raises(ValueError, match="shadow"):
         badencoder_finetune(encoder, shadow[:1], references, trigger)
+
+
+def test_reference_objects_keep_their_mask_and_bad_files_are_named(tmp_path):
+    from PIL import Image
+
+    from fastbd.data.bank import ImageReadError, load_reference_object
+
+    rgba = disc(12)
+    Image.fromarray(rgba.permute(1, 2, 0).numpy(), "RGBA").save(tmp_path / "cut.png")
+    assert torch.equal(load_reference_object(tmp_path / "cut.png"), rgba)
+    Image.fromarray(rgba[:3].permute(1, 2, 0).numpy(), "RGB").save(tmp_path / "plain.png")
+    plain = load_reference_object(tmp_path / "plain.png")
+    assert torch.equal(plain[:3], rgba[:3]) and (plain[3] == 255).all()
+    with pytest.raises(ImageReadError, match="missing.png: file not found"):
+        load_reference_object(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match="corrupt or unsupported"):
+        load_reference_object(tmp_path / "bad.png")

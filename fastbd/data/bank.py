@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -61,6 +61,21 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
     return img.convert("RGB")
 
 
+@contextmanager
+def reading_image(label: object) -> Iterator[None]:
+    """Inside, any failure to read an image — missing, corrupt, unsupported, or so large that
+    PIL refuses to decode it (a decompression bomb) — becomes ``ImageReadError`` naming
+    ``label``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageReadError(label, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(label, f"too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(label, f"corrupt or unsupported ({exc})") from None
+
+
 def load_image(path: str | Path | BinaryIO, size: int, crop_ratio: float = 224 / 256, *,
                name: str | None = None) -> torch.Tensor:
     """One file (a path, or an open binary file such as a shard member's bytes, then named
@@ -71,25 +86,18 @@ def load_image(path: str | Path | BinaryIO, size: int, crop_ratio: float = 224 /
     label = name if name is not None else path
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-    try:
-        with Image.open(path) as img:
-            img = to_rgb(img)
-            short = round(size / crop_ratio)
-            w, h = img.size
-            scale = short / min(w, h)
-            if (round(w * scale), round(h * scale)) != (w, h):
-                img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))),
-                                 Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            array = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(label, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(label, f"too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(label, f"corrupt or unsupported ({exc})") from None
+    with reading_image(label), Image.open(path) as img:
+        img = to_rgb(img)
+        short = round(size / crop_ratio)
+        w, h = img.size
+        scale = short / min(w, h)
+        if (round(w * scale), round(h * scale)) != (w, h):
+            img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                             Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -97,17 +105,10 @@ def load_reference_object(path: str | Path) -> torch.Tensor:
     """A reference object for CorruptEncoder at its own size: uint8 ``4×h×w`` — RGB and the
     file's transparency as the object's mask (RGBA, LA, a transparent palette colour), or fully
     opaque when the file has none. Failures raise ``ImageReadError`` naming the file."""
-    try:
-        with Image.open(path) as img:
-            has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
-            rgba = (img.convert("RGBA") if has_alpha else to_rgb(img).convert("RGBA"))
-            array = np.asarray(rgba, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"corrupt or unsupported ({exc})") from None
+    with reading_image(path), Image.open(path) as img:
+        has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+        rgba = img.convert("RGBA") if has_alpha else to_rgb(img).convert("RGBA")
+        array = np.asarray(rgba, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
