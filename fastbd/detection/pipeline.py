@@ -149,17 +149,23 @@ class Detector:
         timer = _Timer()
         mean, std = encoder.mean, encoder.std
 
+        saved = None
+        if resume:
+            if state_path is None or not state_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+            saved = SearchState.load(state_path)
+            if saved.scores.numel() != n:
+                raise ValueError(f"the saved search covers {saved.scores.numel()} images, "
+                                 f"this dataset has {n}")
+
         start = time.perf_counter()
         features = embed_images(infer, bank, batch_size=config.batch_size, device=device)
         _sync(device)
         timer.add("features", time.perf_counter() - start, n)
-        saved_run = None
-        if resume and state_path is not None and state_path.is_file():
-            saved_run = SearchState.load(state_path).run
         data_clusters = config.n_clusters
         passes = self.method.encoder_passes(config)
         config, plan = plan_search(config, n, passes, n / max(timer.seconds["features"], 1e-9),
-                                   saved_run)
+                                   saved.run if saved is not None else None)
         start = time.perf_counter()
         clustering, labels, distances = self.method.fit_clustering(features, config)
         timer.add("clustering", time.perf_counter() - start)
@@ -175,20 +181,14 @@ class Detector:
                 raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
             return clustering.assign(out)
 
-        state = None
         run = {"method": self.method.name, "config": search_settings(config),
                "data_clusters": data_clusters,
                "clustering": fingerprint(labels.cpu(), test_index.cpu(), samples=n)}
-        if resume:
-            if state_path is None or not state_path.is_file():
-                raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-            state = SearchState.load(state_path)
-            if state.scores.numel() != n:
-                raise ValueError(f"the saved search covers {state.scores.numel()} images, "
-                                 f"this dataset has {n}")
-            _check_same_search(state.run, run, state_path)
-            log.info("resuming the search at round %d", state.round)
-        if state is None:
+        if saved is not None:
+            _check_same_search(saved.run, run, state_path)
+            log.info("resuming the search at round %d", saved.round)
+            state = saved
+        else:
             state = SearchState.start(labels, config.n_clusters, config.seed, run)
         timer = timer.into(state.stage_seconds, state.stage_images)
         top_maps = state.top_maps

@@ -211,18 +211,18 @@ def check_statistic(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
     sample = normal[torch.randperm(normal.numel(), generator=g)[:config.check_sample]]
     if top.numel() < 2 or sample.numel() < 2:
         return math.inf
-    sample_images, sample_captions = pair_features(model, images, tokens, sample, device)
+    sample_images, sample_captions = unit_embeddings(model, images, tokens, sample, device)
     matched = float((sample_images * sample_captions).sum(-1).mean())
     unmatched = float((sample_images * sample_captions.roll(1, 0)).sum(-1).mean())
     if matched <= unmatched:
         return math.inf
-    top_images, top_captions = pair_features(model, images, tokens, top, device)
+    top_images, top_captions = unit_embeddings(model, images, tokens, top, device)
     block = top_images @ top_captions.T
     off_diagonal = block[~torch.eye(top.numel(), dtype=torch.bool)]
     return (float(off_diagonal.mean()) - unmatched) / (matched - unmatched)
 
 
-def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+def unit_embeddings(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                   rows: torch.Tensor, device: torch.device | str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm float32 image and caption embeddings (``r×E`` each, on the CPU) of pairs
