@@ -46,12 +46,15 @@ def default_device() -> str:
 
 def prepare_out(out: str | Path) -> Path:
     """The command's output folder, checked before any work: writable, and emptied of the
-    result an earlier run left there (so it never looks like this run's)."""
+    result an earlier run left there (so it never looks like this run's) — by rank 0 under
+    torchrun, the others waiting for it."""
+    from fastbd.distributed import barrier, world
     from fastbd.storage import check_writable_dir, remove_result
 
-    folder = check_writable_dir(out)
-    remove_result(folder)
-    return folder
+    if world().main:
+        remove_result(check_writable_dir(out))
+    barrier()
+    return Path(out)
 
 
 def duplicates_policy(args: argparse.Namespace) -> str:

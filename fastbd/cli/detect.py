@@ -46,6 +46,7 @@ def run_detector(args: argparse.Namespace) -> int:
     from fastbd import registry
     from fastbd.data.bank import ImageBank, remove_cache
     from fastbd.data.readers import names_ground_truth, read_ground_truth
+    from fastbd.distributed import world
     from fastbd.models import encoder_by_name
 
     paths, labels, lines = read_labelled_images(args.file_list, args.image_folder,
@@ -70,8 +71,10 @@ def run_detector(args: argparse.Namespace) -> int:
     detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
                  ground_truth=truth, verbose=not args.quiet)
     result = detector.result_
-    result.save(out, file_list_lines=lines, truth=truth)
     del bank
+    if not world().main:  # rank 0 writes the result
+        return 0
+    result.save(out, file_list_lines=lines, truth=truth)
     if not args.keep_cache:
         remove_cache(cache)
     summary = {"removed": int(result.removed.sum()), "images": len(lines),
@@ -127,4 +130,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         det.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
         add_duplicates_flag(det)
         add_device_flag(det)
-        det.set_defaults(run=run_detector, resumable=True)
+        det.set_defaults(run=run_detector, resumable=True, distributed=True)

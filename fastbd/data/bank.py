@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from fastbd.distributed import barrier, broadcast_object, gather_objects, shard, world
 from fastbd.storage import atomic_path, scratch_file, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,23 @@ class ImageBank:
         ``.npy``, beside a ``.json`` manifest of what it was built from (the files' paths, sizes
         and modification times, ``size``, ``crop_ratio``, the report); it is reused only when
         the manifest matches, so a changed file list or image rebuilds it. ``workers`` threads
-        decode the files (default: the CPU count, at most 8); the bank keeps the list's order."""
+        decode the files (default: the CPU count, at most 8); the bank keeps the list's order.
+        In a ``torch.distributed`` world with ``cache`` (on a filesystem every rank sees), each
+        rank reads its shard of the files into the one cache rank 0 creates
+        (``_read_shared``); every rank must call this."""
         if not paths:
             raise ValueError("no image paths given")
         manifest = None
         if cache is not None:
             manifest = {"size": size, "crop_ratio": crop_ratio, "files": _files_key(paths)}
-            reused = _reuse_cache(Path(cache), manifest, skip_bad)
-            if reused is not None:
-                return reused
+            reusable = broadcast_object(
+                _reuse_cache(Path(cache), manifest, skip_bad) is not None if world().main
+                else None)
+            if reusable:
+                return _reuse_cache(Path(cache), manifest, skip_bad)
+            if world().size > 1:
+                return _read_shared(paths, size, crop_ratio, skip_bad, Path(cache), manifest,
+                                    verbose, workers)
         shape = (len(paths), 3, size, size)
         if cache is None:
             images, report = _read_into(torch.empty(shape, dtype=torch.uint8), paths, size,
@@ -227,12 +236,67 @@ class ImageBank:
         return cls.load(cache), report
 
 
+def _read_shared(paths: Sequence[str | Path], size: int, crop_ratio: float, skip_bad: bool,
+                 cache: Path, manifest: dict, verbose: bool, workers: int | None
+                 ) -> tuple[ImageBank, LoadReport]:
+    """``ImageBank.from_files`` with the reading split over the ranks: rank 0 creates the
+    memory-mapped file, each rank fills the rows of its shard of ``paths`` (kept rows first
+    within the shard), rank 0 compacts out skipped files, renames it over ``cache`` and writes
+    the manifest; then every rank maps it. A bad file on any rank raises on every rank."""
+    shape = (len(paths), 3, size, size)
+    partial = None
+    if world().main:
+        _manifest_path(cache).unlink(missing_ok=True)
+        partial = scratch_file(cache)
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape).flush()
+    partial = Path(broadcast_object(partial))
+    rows = shard(len(paths))
+    try:
+        target = torch.from_numpy(np.lib.format.open_memmap(partial, mode="r+"))
+        error, kept, skipped = None, [], []
+        try:
+            _, report = _read_into(target[rows.start:rows.stop], paths[rows.start:rows.stop],
+                                   size, crop_ratio, skip_bad, verbose, workers,
+                                   allow_empty=True)
+            kept, skipped = [rows.start + i for i in report.kept], report.skipped
+        except ImageReadError as failure:
+            error = (failure.path, failure.reason)  # picklable: travels to every rank
+        del target
+        reports = gather_objects((rows.start, error, kept, skipped))
+        failures = [failure for _, failure, _, _ in reports if failure is not None]
+        if failures:
+            raise ImageReadError(*failures[0])
+        report = LoadReport(kept=[i for _, _, part, _ in reports for i in part],
+                            skipped=[s for _, _, _, part in reports for s in part])
+        if not report.kept:
+            raise ValueError("none of the images could be read")
+        if world().main:
+            if report.skipped:  # each shard's kept rows, compacted into a file of their own
+                filled = torch.from_numpy(np.load(partial, mmap_mode="r"))
+                rows_kept = torch.cat([torch.arange(start, start + len(part))
+                                       for start, _, part, _ in reports])
+                ImageBank(filled[rows_kept]).save(cache)
+                del filled
+                log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
+                            report.skipped[0][0])
+            else:
+                os.replace(partial, cache)
+            manifest.update(kept=report.kept, skipped=report.skipped)
+            write_text_atomically(json.dumps(manifest), _manifest_path(cache))
+        barrier()
+    finally:
+        if world().main:
+            partial.unlink(missing_ok=True)
+    return ImageBank.load(cache), report
+
+
 def _read_into(target: torch.Tensor, paths: Sequence[str | Path], size: int, crop_ratio: float,
-               skip_bad: bool, verbose: bool, workers: int | None
+               skip_bad: bool, verbose: bool, workers: int | None, allow_empty: bool = False
                ) -> tuple[torch.Tensor, LoadReport]:
     """Read ``paths`` into the rows of uint8 ``target`` (``len(paths)×3×size×size``), bad
-    files skipped with ``skip_bad`` (else their ``ImageReadError`` raised). Returns the filled
-    rows and the report."""
+    files skipped with ``skip_bad`` (else their ``ImageReadError`` raised; a warning says how
+    many were, unless ``allow_empty``: a shard, whose caller sums up). Returns the filled rows
+    and the report; none kept raises unless ``allow_empty``."""
     report = LoadReport()
     workers = workers or min(8, os.cpu_count() or 1)
     with closing(_ordered_reads(list(paths), size, crop_ratio, workers)) as reads:
@@ -245,6 +309,8 @@ def _read_into(target: torch.Tensor, paths: Sequence[str | Path], size: int, cro
             else:
                 target[len(report.kept)] = image
                 report.kept.append(i)
+    if allow_empty:
+        return target[:len(report.kept)], report
     if report.skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(report.skipped),
                     report.skipped[0][0])

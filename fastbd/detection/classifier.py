@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fastbd.data.augment import colour_jitter, random_resized_crop
 from fastbd.detection.config import ClassifierConfig
 from fastbd.devices import conv_memory_format
+from fastbd.distributed import gather_objects, shard, world
 from fastbd.models.encoders import Encoder
 from fastbd.models.linear import fit_linear
 from fastbd.ops import paste
@@ -285,7 +286,9 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     ``stages.save_every_s`` seconds and when it finishes; with ``resume`` a member continues
     from its state — a finished one is loaded, not retrained — and the ensemble ends with the
     very weights of an uninterrupted run. A state saved for other settings or data is ignored
-    (that member starts afresh); without ``resume`` every member starts afresh."""
+    (that member starts afresh); without ``resume`` every member starts afresh. In a
+    ``torch.distributed`` world the members are dealt over the ranks (each seeded by its index
+    alone, so the ensemble does not depend on the world size) and gathered on every rank."""
     device = images.device
     size = images.shape[-1]
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
@@ -293,8 +296,8 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     val_rows = torch.cat([val_pos, val_neg]).to(device)
     val_x = (images[val_rows].float() / 255 - mean_t) / std_t
     val_y = torch.cat([torch.ones(val_pos.numel()), torch.zeros(val_neg.numel())]).long()
-    models, report = [], ClassifierReport([], [])
-    for member in range(config.n_models):
+    trained = {}
+    for member in shard(config.n_models):  # members dealt over the ranks
         torch.manual_seed(seed * 101 + member)
         g = torch.Generator().manual_seed(seed * 7919 + member)
         model = PoisonNet(config.width, size, imagenet_stem=config.recipe == "published").to(
@@ -309,7 +312,6 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                               (images, pool, triggers, val_pos, val_neg), {"model": model},
                               optimizer, schedule, {"batches": g}, device, stages.save_every_s)
         steps = saved.restore(refuse_other=False) if resume else 0
-        report.resumed_seconds += saved.seconds_before
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
         if steps and "sampler" in saved.extra:
@@ -347,12 +349,29 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                                      "sampler": sampler.state()}, final=True)
         bar.close()
         model.eval()
-        models.append(model)
-        report.weights.append(sampler.epochs if config.recipe == "published" else 1)
-        report.iterations.append(steps)
-        report.best_f1.append(max(best, 0.0))
+        trained[member] = (model, sampler.epochs if config.recipe == "published" else 1, steps,
+                           max(best, 0.0), saved.seconds_before)
         log.info("poison classifier %d: stopped after %d iterations, best validation F1 %.3f",
                  member + 1, steps, best)
+    if world().size > 1:  # every rank gets every member (weights travel on the CPU)
+        shared = gather_objects({m: (net.cpu().state_dict(), *rest)
+                                 for m, (net, *rest) in trained.items()})
+        trained = {}
+        for part in shared:
+            for m, (weights, *rest) in part.items():
+                net = PoisonNet(config.width, size, imagenet_stem=config.recipe == "published")
+                net.load_state_dict(weights)
+                trained[m] = (net.to(device, memory_format=conv_memory_format(device)).eval(),
+                              *rest)
+    report = ClassifierReport([], [])
+    models = []
+    for member in range(config.n_models):
+        model, weight, steps, best, resumed = trained[member]
+        models.append(model)
+        report.weights.append(weight)
+        report.iterations.append(steps)
+        report.best_f1.append(best)
+        report.resumed_seconds += resumed
     return models, report
 
 

@@ -20,9 +20,10 @@ class ClusteringModel:
     @classmethod
     def fit(cls, features: torch.Tensor, n_clusters: int, n_iter: int, seed: int
             ) -> tuple[ClusteringModel, torch.Tensor, torch.Tensor]:
-        """k-means (cosine, k-means++) on ``N×D`` features; returns the model, labels ``N`` and
-        distances ``N``."""
-        model = KMeans(n_clusters, n_iter, metric="cosine", seed=seed).fit(features)
+        """k-means (cosine, k-means++) on ``N×D`` features, the assignments sharded over the
+        ranks of a ``torch.distributed`` world; returns the model, labels ``N`` and distances
+        ``N``."""
+        model = KMeans(n_clusters, n_iter, metric="cosine", seed=seed, sharded=True).fit(features)
         return cls(model.cluster_centers_), model.labels_, model.distances_
 
     def assign(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +55,7 @@ class L2ClusteringModel:
         g = torch.Generator().manual_seed(seed)
         start = features[torch.randperm(features.shape[0], generator=g)[:n_clusters]
                          .to(features.device)].float()
-        model = KMeans(n_clusters, n_iter, metric="l2", init=start).fit(features)
+        model = KMeans(n_clusters, n_iter, metric="l2", init=start, sharded=True).fit(features)
         centroids = model.cluster_centers_.float()
         labels, distances = kmeans_assign(features.float(), centroids.to(features.device),
                                           metric="l2")

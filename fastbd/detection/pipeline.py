@@ -20,7 +20,6 @@ import torch
 from fastbd.data.bank import ImageBank, place_images
 from fastbd.detection.classifier import (
     clean_pool,
-    ensemble_logits,
     otsu_threshold,
     train_poison_classifier,
 )
@@ -29,8 +28,10 @@ from fastbd.detection.flip import crop_windows, flip_counts
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
 from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
+from fastbd.detection.sharded import score_round, sharded_features, sharded_logits
+from fastbd.distributed import broadcast_object, world
 from fastbd.eval.metrics import box_iou, detection_metrics
-from fastbd.models.encoders import Encoder, embed_images, working_copy
+from fastbd.models.encoders import Encoder, working_copy
 from fastbd.storage import StageFiles, fingerprint
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,14 @@ class Detector:
                                  f"this dataset has {n}")
 
         start = time.perf_counter()
-        features = embed_images(infer, bank, batch_size=config.batch_size, device=device)
+        features = sharded_features(infer, bank, config.batch_size, device)
         _sync(device)
         timer.add("features", time.perf_counter() - start, n)
         data_clusters = config.n_clusters
         passes = self.method.encoder_passes(config)
-        config, plan = plan_search(config, n, passes, n / max(timer.seconds["features"], 1e-9),
+        # rank 0's measured speed plans the search for every rank: they must agree on it
+        speed = broadcast_object(n / max(timer.seconds["features"], 1e-9))
+        config, plan = plan_search(config, n, passes, speed,
                                    saved.run if saved is not None else None)
         start = time.perf_counter()
         clustering, labels, distances = self.method.fit_clustering(features, config)
@@ -195,8 +198,8 @@ class Detector:
         context = SearchContext(encoder, encode_assign, clustering, bank, labels, config, device,
                                 dtype)
 
-        def score_batch(rows: torch.Tensor, gen: torch.Generator
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        def score_block(rows: torch.Tensor, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             t0 = time.perf_counter()
             windows, maps = self.method.candidates(context, rows, gen)
             _sync(device)
@@ -211,25 +214,22 @@ class Detector:
                                      size, config.window))
             _sync(device)
             timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
-            for row, score, amap in zip(rows.tolist(), scores.tolist(), maps.cpu(), strict=True):
-                top_maps[row] = (score, amap)
-            # The best topk_poisons maps and every map tied with the last of them (up to
-            # MAP_TIES_KEPT × topk_poisons): a method's ranking may break ties either way.
-            ordered = sorted(top_maps.items(), key=lambda kv: -kv[1][0])
-            cut = ordered[:config.topk_poisons]
-            if len(ordered) > len(cut):
-                last = cut[-1][1][0]
-                cut = [kv for kv in ordered if kv[1][0] >= last][
-                    :MAP_TIES_KEPT * config.topk_poisons]
-            top_maps.clear()
-            top_maps.update(cut)
-            return scores, windows
+            return scores, windows, maps
 
+        def score_batch(rows: torch.Tensor, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+            # Blocks of candidates_per_batch dealt over the ranks; the best topk_poisons maps
+            # and every map tied with the last of them (up to MAP_TIES_KEPT × topk_poisons)
+            # kept: a method's ranking may break ties either way.
+            return score_round(rows, gen, config.candidates_per_batch, score_block, top_maps,
+                               config.topk_poisons, MAP_TIES_KEPT)
+
+        here = world()
         state = run_search(state, score_batch, samples_per_cluster=config.samples_per_cluster,
                            prune_fraction=config.prune_fraction,
                            aggregate=self.method.cluster_score, prune=self.method.prune,
-                           seed=config.seed, checkpoint=state_path, verbose=verbose,
-                           max_rounds=max_rounds)
+                           seed=config.seed, checkpoint=state_path if here.main else None,
+                           verbose=verbose, max_rounds=max_rounds)
 
         scores = state.scores
         ranking = self.method.rank(scores)
@@ -261,8 +261,8 @@ class Detector:
                                                  classifier, mean, std, seed=config.seed,
                                                  verbose=verbose, stages=classifier_stages,
                                                  resume=resume)
-        logits = ensemble_logits(models, bank, mean, std, config.batch_size,
-                                 weights=report.weights).cpu()
+        logits = sharded_logits(models, bank, mean, std, config.batch_size,
+                                report.weights).cpu()
         margin = logits[:, 1] - logits[:, 0]
         threshold = 0.0
         if classifier.threshold == "otsu" and bool(margin.max() > margin.min()):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastbd.distributed import gather_rows, shard
 from fastbd.ops._backend import OpSpec, choose_backend, external_backend, register
 from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 
@@ -142,6 +143,10 @@ class KMeans:
         init_sample: run k-means++ on at most this many random rows (``None``: all rows).
         chunk_size: rows per matmul in the torch assignment.
         backend: ``triton``, ``torch`` or ``cuml``; default by device (see ``fastbd.ops``).
+        sharded: in a ``torch.distributed`` world, each rank assigns its shard of whole
+            ``chunk_size`` chunks and the labels and distances are gathered, so every rank runs
+            the same Lloyd iterations as one process and ends with the same model (every rank
+            must call ``fit``; the init and the centroid update run on every rank, on all rows).
 
     After ``fit``: ``cluster_centers_`` (float32 ``K×D``), ``labels_``, ``distances_`` (to the
     assigned centroid), ``inertia_`` (their sum), ``n_iter_``, ``init_centers_``, ``backend_``.
@@ -162,7 +167,7 @@ class KMeans:
     def __init__(self, n_clusters: int, n_iter: int = 20, *, metric: str = "cosine",
                  init: str | torch.Tensor = "k-means++", seed: int = 0, tol: float = 0.0,
                  init_sample: int | None = None, chunk_size: int = 8192,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, sharded: bool = False) -> None:
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
@@ -180,6 +185,7 @@ class KMeans:
         self.init_sample = init_sample
         self.chunk_size = chunk_size
         self.backend = backend
+        self.sharded = sharded
 
     # -- public API -----------------------------------------------------------------------
     def fit(self, x: torch.Tensor) -> KMeans:
@@ -202,8 +208,7 @@ class KMeans:
         labels = None
         self.n_iter_ = 0
         for _ in range(self.n_iter):
-            new_labels, distances = _assign(data, centers.to(data.dtype), self.metric,
-                                            self.chunk_size, assign_backend, x_sq)
+            new_labels, distances = self._assign_all(data, centers, assign_backend, x_sq)
             self.n_iter_ += 1
             new_centers = self._update(data, new_labels, distances)
             shift = float((new_centers - centers).pow(2).sum())
@@ -212,8 +217,7 @@ class KMeans:
             if converged or shift <= self.tol and self.tol > 0:
                 break
         self.cluster_centers_ = centers
-        self.labels_, self.distances_ = _assign(data, centers.to(data.dtype), self.metric,
-                                                self.chunk_size, assign_backend, x_sq)
+        self.labels_, self.distances_ = self._assign_all(data, centers, assign_backend, x_sq)
         self.inertia_ = float(self.distances_.double().sum())
         return self
 
@@ -254,6 +258,18 @@ class KMeans:
 
     def _assign_backend(self) -> str | None:
         return None if self.backend_ == "cuml" else self.backend_
+
+    def _assign_all(self, data: torch.Tensor, centers: torch.Tensor, backend: str,
+                    x_sq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and distances of every row (``sharded``: this rank's chunks, gathered)."""
+        centers = centers.to(data.dtype)
+        if not self.sharded:
+            return _assign(data, centers, self.metric, self.chunk_size, backend, x_sq)
+        rows = shard(data.shape[0], self.chunk_size)
+        labels, distances = _assign(data[rows.start:rows.stop], centers, self.metric,
+                                    self.chunk_size, backend,
+                                    None if x_sq is None else x_sq[rows.start:rows.stop])
+        return gather_rows(labels), gather_rows(distances)
 
     def _update(self, data: torch.Tensor, labels: torch.Tensor,
                 distances: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Scale-out over ``torch.distributed``: the shards and collectives of a one-rank world, and the
+commands under ``torchrun`` with 1 and 2 gloo ranks on the CPU giving the single-process
+results — including a rank that dies mid-search and a resume with another number of ranks.
+
+Each ``torchrun`` job runs in a subprocess with a hard timeout and ``--dist-timeout``, so a hung
+collective fails the test instead of the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastbd import distributed
+from fastbd.cli import main
+
+ENTRY = Path(__file__).with_name("distributed_entry.py")
+JOB_TIMEOUT_S = 420
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 100])
+@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_shards_tile_the_rows_in_whole_blocks(n, block, size):
+    shards = [distributed.shard(n, block, rank=r, size=size) for r in range(size)]
+    rows = [i for part in shards for i in part]
+    assert rows == list(range(n))  # contiguous, in rank order, each row once
+    for part in shards:
+        assert part.start % block == 0  # a shard starts on a block boundary
+        assert part.stop == n or part.stop % block == 0
+    counts = [-(-len(part) // block) for part in shards]
+    assert max(counts) - min(counts) <= 1  # blocks dealt evenly
+
+
+def test_one_rank_collectives_are_the_identity(gen):
+    x = torch.randn(7, 3, generator=gen)
+    assert distributed.world() == distributed.World(0, 1, 0)
+    assert distributed.gather_rows(x) is x
+    assert distributed.gather_with_grad(x, 7) is x
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(5) == 5
+    assert distributed.map_shards(7, 2, lambda rows: x[rows.start:rows.stop]).equal(x)
+
+
+def test_a_command_that_runs_in_one_process_is_refused_under_a_larger_world(monkeypatch,
+                                                                             capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert main(["attack", "--attack", "htba", "--out", "unused"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def world_files(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist-world")
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "160", "--n-eval", "40",
+                 "--out", str(out)]) == 0
+    # small enough for seconds per job; two classifier members so that they are dealt out
+    config = {"n_masks": 16, "test_set_size": 40, "search_budget_s": None,
+              "exported_patches": 10, "classifier": {
+                  "n_models": 2, "iterations": 40, "width": 8, "batch_size": 32,
+                  "feature_samples": 64, "feature_steps": 20}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _job(ranks: int | None, args: list[str], env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    """``fastbd --threads 1 <args>`` alone (``ranks=None``) or under ``torchrun`` with
+    ``ranks`` gloo ranks of one thread each."""
+    launch = [sys.executable, str(ENTRY)] if ranks is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={ranks}", str(ENTRY)]
+    variables = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*launch, "--threads", "1", "--dist-timeout", "120", *args],
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=variables)
+
+
+def _detect(detector: str, files: Path, out: Path, ranks: int | None, *extra: str,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return _job(ranks, [detector, "--file-list", str(files / "train.txt"), "--arch",
+                        "smallconv4", "--config", str(files / "config.json"), "--device",
+                        "cpu", "--out", str(out), *extra], env)
+
+
+RESULT_ARRAYS = ("scores.npy", "removed.npy", "margins.npy", "cluster_labels.npy",
+                 "test_images.npy")
+
+
+def _same_result(a: Path, b: Path) -> None:
+    for name in RESULT_ARRAYS:
+        np.testing.assert_array_equal(np.load(a / name), np.load(b / name), err_msg=name)
+    summary_a, summary_b = (json.loads((d / "result.json").read_text()) for d in (a, b))
+    for key in ("topk", "windows", "rounds", "removed", "classifier"):
+        assert summary_a.get(key) == summary_b.get(key), key
+    patches = sorted(p.name for p in (a / "all_top_poison_patches").iterdir())
+    assert patches == sorted(p.name for p in (b / "all_top_poison_patches").iterdir())
+    for name in patches:  # the exported candidate windows, byte for byte
+        assert (a / "all_top_poison_patches" / name).read_bytes() == (
+            b / "all_top_poison_patches" / name).read_bytes()
+    for name in ("top_triggers.png", "attention_maps.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _ok(job: subprocess.CompletedProcess) -> None:
+    assert job.returncode == 0, job.stderr[-3000:]
+
+
+@pytest.mark.parametrize("detector", ["poisoncam", "patchsearch"])
+def test_a_detector_gives_the_single_process_result_on_one_and_two_ranks(world_files, tmp_path,
+                                                                         detector):
+    _ok(_detect(detector, world_files, tmp_path / "alone", None))
+    for ranks in (1, 2):
+        _ok(_detect(detector, world_files, tmp_path / f"ranks{ranks}", ranks))
+        _same_result(tmp_path / "alone", tmp_path / f"ranks{ranks}")
+    assert not (tmp_path / "ranks2" / "bank.npy").exists()  # the shared cache was removed
+
+
+def test_a_dead_rank_ends_the_job_resumably_and_another_world_size_finishes_it(world_files,
+                                                                               tmp_path):
+    _ok(_detect("poisoncam", world_files, tmp_path / "alone", None))
+    out = tmp_path / "faulty"
+    died = _detect("poisoncam", world_files, out, 2,
+                   env={"FASTBD_TEST_DIE_RANK": "1", "FASTBD_TEST_DIE_AFTER": "2"})
+    assert died.returncode != 0
+    assert "rank" in died.stderr and "--resume" in died.stderr, died.stderr[-3000:]
+    saved = torch.load(out / "search_state.pt", weights_only=False)
+    assert saved["round"] == 2  # the two completed rounds, written by rank 0
+    _ok(_detect("poisoncam", world_files, out, None, "--resume"))  # one rank finishes it
+    _same_result(tmp_path / "alone", out)
+
+    out = tmp_path / "interrupted"  # and the other way: one process stops, two ranks resume
+    died = _detect("poisoncam", world_files, out, None,
+                   env={"FASTBD_TEST_DIE_RANK": "0", "FASTBD_TEST_DIE_AFTER": "3"})
+    assert died.returncode == 17
+    _ok(_detect("poisoncam", world_files, out, 2, "--resume"))
+    _same_result(tmp_path / "alone", out)
