@@ -183,7 +183,6 @@ def gather_with_grad(local: torch.Tensor, total: int) -> torch.Tensor:
     here = world()
     if here.size == 1:
         return local
-    from torch.distributed.nn.functional import all_gather
 
     sizes = [len(shard(total, rank=r, size=here.size)) for r in range(here.size)]
     longest = max(sizes)
@@ -191,8 +190,41 @@ def gather_with_grad(local: torch.Tensor, total: int) -> torch.Tensor:
         local = torch.cat([local, local.new_zeros((longest - local.shape[0],
                                                    *local.shape[1:]))])
     with _collective("gathering features"):
-        parts = all_gather(local)
+        parts = differentiable("all_gather")(local)
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def differentiable(name: str) -> Callable:
+    """``torch.distributed.nn.functional.<name>``: the collective on the autograd graph. Its
+    deprecation warning (pointing at a private module) is silenced; the public function is
+    kept."""
+    import warnings
+
+    from torch.distributed.nn import functional
+
+    collective = getattr(functional, name)
+
+    def call(tensor: torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return collective(tensor)
+
+    return call
+
+
+def sharded_forward(encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
+                    ) -> torch.Tensor:
+    """``encode`` of a global batch ``inputs`` (``B×…``, the same on every rank), each rank
+    encoding its ``shard`` and the outputs gathered on the autograd graph (``gather_with_grad``):
+    ``B×…`` on every rank. A batch smaller than the world raises ``ValueError``."""
+    here = world()
+    if here.size == 1:
+        return encode(inputs)
+    if inputs.shape[0] < here.size:
+        raise ValueError(f"a batch of {inputs.shape[0]} cannot be shared by {here.size} ranks; "
+                         "use larger batches or fewer ranks")
+    rows = shard(inputs.shape[0])
+    return gather_with_grad(encode(inputs[rows.start:rows.stop]), inputs.shape[0])
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastbd.distributed import world
+
 log = logging.getLogger(__name__)
 
 
@@ -331,7 +333,10 @@ class TrainingState:
     a CUDA ``device``'s) RNG are saved and restored. ``extra``: the loop's own plain values
     (losses, early-stopping history), saved with ``save(..., extra=)`` and set by ``restore``.
     ``seconds``: training time over every run (the clock starts at ``restore``). A ``save``
-    sooner than ``save_every_s`` after the previous one is skipped unless it is ``final``."""
+    sooner than ``save_every_s`` after the previous one is skipped unless it is ``final``.
+    ``writer``: whether this process writes (and removes) the file — by default rank 0 of a
+    ``torch.distributed`` world, whose ranks train in lock-step and hold the same state; every
+    rank reads it."""
 
     path: str | Path | None
     config: dict
@@ -342,8 +347,10 @@ class TrainingState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     save_every_s: float = 0.0
+    writer: bool | None = None
 
     def __post_init__(self) -> None:
+        self.writer = world().main if self.writer is None else self.writer
         self.path = None if self.path is None else Path(self.path)
         self.device = torch.device(self.device)
         self.run = ({"config": self.config, "data": fingerprint(*self.data)}
@@ -398,7 +405,8 @@ class TrainingState:
         """Write the state after ``units_done`` units (atomically; skipped within
         ``save_every_s`` of the previous save unless ``final``)."""
         now = time.perf_counter()
-        if self.path is None or (not final and now - self._last_save < self.save_every_s):
+        if self.path is None or not self.writer or (
+                not final and now - self._last_save < self.save_every_s):
             return
         global_rng = {"cpu": torch.random.get_rng_state()}
         if self.device.type == "cuda":
@@ -414,7 +422,7 @@ class TrainingState:
 
     def remove(self) -> None:
         """Delete the file (training finished)."""
-        if self.path is not None:
+        if self.path is not None and self.writer:
             self.path.unlink(missing_ok=True)
 
 
@@ -441,6 +449,8 @@ class StageFiles:
     resumed_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds earlier runs spent on the stages this run loaded or continued (set by the
     stages' code, added to the result's timings)."""
+    writer: bool | None = None
+    """Whether this process writes the files (``TrainingState.writer``; default: rank 0)."""
 
     def path(self, stage: str) -> Path | None:
         if self.directory is None:
@@ -460,7 +470,8 @@ class StageFiles:
 
     def save(self, stage: str, payload: dict) -> None:
         path = self.path(stage)
-        if path is not None:
+        writes = world().main if self.writer is None else self.writer
+        if path is not None and writes:
             save_atomically({"run": self.run, "payload": payload}, path)
 
     def training_state(self, stage: str, modules: dict[str, nn.Module],
@@ -471,7 +482,7 @@ class StageFiles:
         ``optimizer`` and ``generators``, a state of another run ignored; the seconds earlier
         runs spent go to ``resumed_seconds[stage]``."""
         state = TrainingState(self.path(stage), self.run, (), modules, optimizer, None,
-                              generators, device, self.save_every_s)
+                              generators, device, self.save_every_s, self.writer)
         done = state.restore(refuse_other=False)
         if done:
             log.info("%s: continuing after %d completed units", stage, done)

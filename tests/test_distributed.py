@@ -144,3 +144,80 @@ def test_a_dead_rank_ends_the_job_resumably_and_another_world_size_finishes_it(w
     assert died.returncode == 17
     _ok(_detect("poisoncam", world_files, out, 2, "--resume"))
     _same_result(tmp_path / "alone", out)
+
+
+def test_a_sharded_training_step_has_the_whole_batch_gradients():
+    """One CLIP step on 2 ranks — BatchNorm frozen and trained over the global batch, shards of
+    unequal size — against plain torch on the whole batch (``distributed_gradients.py``)."""
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(ENTRY.with_name("distributed_gradients.py"))],
+                         capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert job.returncode == 0, job.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory) -> Path:
+    """A BadNet pair set and a tiny CLIP trained on it (one process): the model the defenses
+    start from."""
+    out = tmp_path_factory.mktemp("dist-clip")
+    assert main(["--quiet", "attack", "--attack", "badnet", "--n-train", "160", "--n-eval",
+                 "40", "--rate", "0.05", "--out", str(out)]) == 0
+    assert main(["--quiet", "--threads", "1", "train-clip", "--csv", str(out / "train.csv"),
+                 "--epochs", "2", "--batch-size", "32", "--out", str(out / "clip")]) == 0
+    configs = {"ubt": {"overfit_min_steps": 6, "unlearn_min_steps": 6, "batch_size": 16,
+                       "check_sample": 64, "skip_check": True},
+               "cleanclip": {"epochs": 1, "batch_size": 32, "warmup_steps": 2},
+               "abl": {"min_steps": 4, "batch_size": 8, "susp_fraction": 0.1}}
+    for name, config in configs.items():
+        (out / f"{name}.json").write_text(json.dumps(config))
+    return out
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    """Equal up to the rounding of another reduction order (sharded encoding, all-reduced
+    gradients and BatchNorm statistics), which AdamW turns into steps of up to its lr where a
+    gradient is 0 up to rounding (an attention key's bias): at most 0.1 % of the weights off by
+    more than 1e-4 relative + 1e-5, none by more than 1e-3. A wrong split moves most weights
+    (one step's gradients are checked tightly by ``distributed_gradients.py``)."""
+    first, second = (torch.load(p, weights_only=True) for p in (a, b))
+    assert first.keys() == second.keys()
+    total = off = 0
+    for key in first:
+        x, y = first[key].float(), second[key].float()
+        assert x.numel() == 0 or float((x - y).abs().max()) <= 1e-3, key
+        total += x.numel()
+        off += int((~torch.isclose(y, x, rtol=1e-4, atol=1e-5)).sum())
+    assert off <= 1e-3 * total, f"{off} of {total} weights differ"
+
+
+TRAINING_JOBS = {
+    "train-clip": (["train-clip", "--csv", "{clip}/train.csv", "--epochs", "1",
+                    "--batch-size", "32"], "clip.pt"),
+    "train-ssl": (["train-ssl", "--file-list", "{ssl}/train.txt", "--arch", "smallconv4",
+                   "--epochs", "1", "--batch-size", "40", "--method", "byol"], "encoder.pt"),
+    "ubt": (["ubt", "--csv", "{clip}/train.csv", "--checkpoint", "{clip}/clip/clip.pt",
+             "--reference-checkpoint", "{clip}/clip/clip.pt", "--config", "{clip}/ubt.json"],
+            "model.pt"),
+    "cleanclip": (["cleanclip", "--csv", "{clip}/val.csv", "--checkpoint",
+                   "{clip}/clip/clip.pt", "--config", "{clip}/cleanclip.json"], "model.pt"),
+    "abl": (["abl", "--csv", "{clip}/train.csv", "--checkpoint", "{clip}/clip/clip.pt",
+             "--reference-checkpoint", "{clip}/clip/clip.pt", "--config", "{clip}/abl.json"],
+            "model.pt"),
+}
+
+
+@pytest.mark.parametrize("command", list(TRAINING_JOBS))
+def test_training_and_clip_defenses_give_the_single_process_model_on_one_and_two_ranks(
+        command, world_files, clip_files, tmp_path):
+    flags, weights = TRAINING_JOBS[command]
+    flags = [f.format(clip=clip_files, ssl=world_files) for f in flags] + ["--device", "cpu"]
+    _ok(_job(None, [*flags, "--out", str(tmp_path / "alone")]))
+    for ranks in (1, 2):
+        _ok(_job(ranks, [*flags, "--out", str(tmp_path / f"ranks{ranks}")]))
+        _same_weights(tmp_path / "alone" / weights, tmp_path / f"ranks{ranks}" / weights)
+    if weights == "model.pt":  # the defenses' selections are exactly the single process's
+        alone, two = (json.loads((tmp_path / d / "result.json").read_text())
+                      for d in ("alone", "ranks2"))
+        for key in ("suspicious", "suspicious_poisoned", "topk"):
+            assert alone.get(key) == two.get(key), key

@@ -22,6 +22,7 @@ from fastbd.clipdefense import (
     stage_epochs,
 )
 from fastbd.devices import device_of
+from fastbd.distributed import average_gradients
 from fastbd.schedules import adamw
 from fastbd.training.clip import batch_clip_loss, finetune_mode, shuffled_batches
 from fastbd.validation import above, at_least, check_fields
@@ -84,6 +85,7 @@ def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, referen
             loss = -batch_clip_loss(tuned, images[picked], tokens[picked], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(tuned.parameters())
             optimizer.step()
         saved.save(epoch + 1, final=epoch + 1 == epochs)
     tuned.eval()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fastbd.clipdefense import DefenseResult, check_pairs, defense_stages, masked_tokens
 from fastbd.data.augment import AugmentConfig, augment
 from fastbd.devices import device_of
+from fastbd.distributed import average_gradients, sharded_forward
 from fastbd.models.clip import clip_mean_std
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
@@ -97,15 +98,18 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
             batch_images, batch_tokens = images[rows].to(device), tokens[rows].to(device)
             image_features, text_features = pair_features(tuned, batch_images, batch_tokens,
                                                           device)
-            view = tuned.encode_image(augment(batch_images, config.augment, mean, std,
-                                              _device_generator(g, device)))
-            caption_view = tuned.encode_text(augment_tokens(batch_tokens, config.token_drop, g))
+            # every rank augments the whole batch alike and encodes its shard of the views
+            view = sharded_forward(tuned.encode_image, augment(
+                batch_images, config.augment, mean, std, _device_generator(g, device)))
+            caption_view = sharded_forward(tuned.encode_text,
+                                           augment_tokens(batch_tokens, config.token_drop, g))
             scale = tuned.logit_scale
             loss = (config.cross_modal_weight * clip_loss(image_features, text_features, scale)
                     + config.in_modal_weight * (clip_loss(image_features, view, scale)
                                                 + clip_loss(text_features, caption_view, scale)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(tuned.parameters())
             optimizer.step()
             schedule.step()
             bar.update()

@@ -21,6 +21,7 @@ from fastbd.cli.common import (
 def run_clip_defense(args: argparse.Namespace) -> int:
     from fastbd import registry
     from fastbd.configfile import load_config
+    from fastbd.distributed import world
     from fastbd.models.clip import load_clip
 
     entry = registry.clip_defense(args.command)
@@ -37,6 +38,8 @@ def run_clip_defense(args: argparse.Namespace) -> int:
                                          args.reference_checkpoint).to(args.device)
     result = entry.run(model, pairs.images, pairs.tokens, config=config, device=args.device,
                        verbose=not args.quiet, checkpoint_dir=out, **options)
+    if not world().main:  # rank 0 writes the result
+        return 0
     result.save(out, truth=pairs.truth, tokens=pairs.tokens, tokenizer=pairs.tokenizer)
     if not args.keep_cache:
         remove_pairs_cache(cache)
@@ -81,4 +84,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         add_duplicates_flag(defense)
         defense.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")
         add_device_flag(defense)
-        defense.set_defaults(run=run_clip_defense, continued_by_rerun=True)
+        defense.set_defaults(run=run_clip_defense, continued_by_rerun=True, distributed=True)

@@ -26,9 +26,13 @@ from fastbd.cli.world import add_world_args, trigger_options, world_config
 
 def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, summary: str,
                 record: dict) -> int:
-    """Write trained weights and the run's summary as one result; print the evaluation."""
+    """Write trained weights and the run's summary as one result (rank 0 under torchrun);
+    print the evaluation."""
+    from fastbd.distributed import world
     from fastbd.storage import ResultFiles
 
+    if not world().main:
+        return 0
     files = ResultFiles(out)
     files.torch(weights, state)
     if evaluation is not None:
@@ -51,9 +55,20 @@ def training_config(args: argparse.Namespace, base, nested: dict[str, type] | No
     return replace(base, seed=args.seed, **{k: v for k, v in chosen.items() if v is not None})
 
 
+def one_process_world(command: str, data_flags: str) -> None:
+    """Refuse the synthetic world's threat training under a larger torchrun world (it builds
+    and caches a world, an attack and a probe in one process)."""
+    from fastbd.distributed import world
+
+    if world().size > 1:
+        raise ValueError(f"{command} on the synthetic world runs in one process; under "
+                         f"torchrun train on {data_flags}")
+
+
 def cmd_train_ssl(args: argparse.Namespace) -> int:
     if args.file_list or args.image_folder:
         return train_ssl_on_files(args)
+    one_process_world("train-ssl", "--file-list or --image-folder")
     from fastbd.data.augment import AugmentConfig
     from fastbd.world import SSLThreatConfig, build_ssl_threat
 
@@ -108,6 +123,7 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
 def cmd_train_clip(args: argparse.Namespace) -> int:
     if args.csv or args.shards:
         return train_clip_on_csv(args)
+    one_process_world("train-clip", "--csv or --shards")
     from fastbd.training.clip import CLIPTrainConfig
     from fastbd.world import CLIPThreatConfig, build_clip_threat
 
@@ -324,7 +340,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ssl.add_argument("--width", type=int, default=16, help="the small conv encoder's width")
     add_training_flags(ssl, "SSLConfig's", "SSLConfig (augment: AugmentConfig)")
     ssl.add_argument("--out", default="fastbd-out/train-ssl", help="output folder")
-    ssl.set_defaults(run=cmd_train_ssl, continued_by_rerun=True)
+    ssl.set_defaults(run=cmd_train_ssl, continued_by_rerun=True, distributed=True)
 
     clip = add_command(sub, "train-clip", "train a CLIP on (poisoned) synthetic-world pairs or "
                        "on your CSV", [
@@ -347,7 +363,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="synthetic world: poisoned share (default 0.01, WaNet 0.10)")
     add_training_flags(clip, "CLIPTrainConfig's (8)", "CLIPTrainConfig")
     clip.add_argument("--out", default="fastbd-out/train-clip", help="output folder")
-    clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True)
+    clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True, distributed=True)
 
     evaluate = add_command(sub, "eval", "evaluate saved weights on the synthetic world or on "
                            "your files: linear-probe CA/ASR (ssl) or zero-shot CA/ASR and "

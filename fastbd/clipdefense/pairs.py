@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbd.distributed import map_shards
 from fastbd.models.clip import encode_images, encode_texts
 from fastbd.models.encoders import working_copy
 from fastbd.ops import pair_cosine
@@ -28,6 +29,9 @@ SPLIT_RULES = {"susp_fraction": fraction(low_open=True, high_open=True),
 the split rule (``fixed``: that fraction; ``adaptive``: at least that fraction, more when more
 pairs lie far below the rest — ``far_low_share``), batches of ≥ 2 pairs, a
 seed ≥ 0."""
+SIMILARITY_BLOCK = 1024
+"""Pairs per block of the sharded similarity pass: a multiple of ``encode_images``' and
+``encode_texts``' batches, so a shard encodes in the batches one process does."""
 FAR_OUT = 3.0
 """Tukey's outer-fence multiple of the interquartile range: values beyond it are "far out"."""
 
@@ -49,9 +53,18 @@ def check_pairs(images: torch.Tensor, tokens: torch.Tensor, model: nn.Module) ->
 
 def similarities(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                  device: torch.device | str) -> torch.Tensor:
-    """Cosine of every pair, float32 ``N`` (``pair_cosine`` of the two towers' embeddings)."""
-    return pair_cosine(encode_images(model, images, device=device),
-                       encode_texts(model, tokens, device=device)).cpu()
+    """Cosine of every pair, float32 ``N`` (``pair_cosine`` of the two towers' embeddings); in a
+    ``torch.distributed`` world each rank computes its shard of whole ``SIMILARITY_BLOCK``-pair
+    blocks (the encoders' batches divide it) and the shards are gathered."""
+
+    def shard_cosines(rows: range) -> torch.Tensor:
+        if not rows:
+            return torch.empty(0)
+        part = slice(rows.start, rows.stop)
+        return pair_cosine(encode_images(model, images[part], device=device),
+                           encode_texts(model, tokens[part], device=device)).cpu()
+
+    return map_shards(images.shape[0], SIMILARITY_BLOCK, shard_cosines)
 
 
 def far_low_share(similarity: torch.Tensor) -> float:

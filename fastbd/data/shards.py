@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastbd.data.bank import ImageBank, ImageReadError, LoadReport, load_image
+from fastbd.distributed import barrier, world
 from fastbd.storage import scratch_file, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -103,16 +104,37 @@ def read_shard_pairs(urls: str | Path | list[str | Path], size: int, *, crop_rat
     ``skip_bad``; one without a caption or with a malformed ``json`` member raises
     ``ValueError``. With ``cache`` the images are written to that ``.npy`` as they are decoded
     and memory-mapped (reused, with a ``.pairs.json`` of captions and keys beside it, while the
-    shards, ``size`` and ``crop_ratio`` are unchanged)."""
+    shards, ``size`` and ``crop_ratio`` are unchanged). In a ``torch.distributed`` world with
+    ``cache`` (on a filesystem every rank sees), rank 0 streams the shards into it while the
+    others wait, then every rank maps it (every rank must call this)."""
     from fastbd.data.bank import _files_key
 
     shards = expand_shards(urls)
     manifest = {"size": size, "crop_ratio": crop_ratio, "caption_key": caption_key,
                 "skip_bad": skip_bad, "shards": _files_key(shards)}
     if cache is not None:
+        if world().size > 1 and not world().main:
+            barrier()  # rank 0 builds it
+            reused = _reuse(Path(cache), manifest)
+            if reused is None:
+                raise ValueError(f"rank 0 left no usable shard bank at {cache}: is it on a "
+                                 "filesystem every rank sees?")
+            return reused
         reused = _reuse(Path(cache), manifest)
         if reused is not None:
+            barrier()
             return reused
+    built = _stream_shards(shards, manifest, size, crop_ratio, caption_key, skip_bad, cache,
+                           verbose)
+    if cache is not None:
+        barrier()
+    return built
+
+
+def _stream_shards(shards: list[str], manifest: dict, size: int, crop_ratio: float,
+                   caption_key: str, skip_bad: bool, cache: str | Path | None, verbose: bool
+                   ) -> ShardPairs:
+    """``read_shard_pairs``' reading and caching, in this process."""
     rows: list[torch.Tensor] = []
     captions, keys, metas = [], [], []
     report = LoadReport()

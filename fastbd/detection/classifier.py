@@ -310,7 +310,8 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                "mean": list(mean), "std": list(std)}
         saved = TrainingState(stages.path(f"member{member}"), run,
                               (images, pool, triggers, val_pos, val_neg), {"model": model},
-                              optimizer, schedule, {"batches": g}, device, stages.save_every_s)
+                              optimizer, schedule, {"batches": g}, device, stages.save_every_s,
+                              writer=True)  # each rank writes the members it trains
         steps = saved.restore(refuse_other=False) if resume else 0
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastbd.distributed import average_gradients, sharded_forward, world
 from fastbd.models.clip import clip_normalise
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
+from fastbd.training.global_bn import global_batch_norm
 from fastbd.validation import above, at_least, check_fields
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,13 @@ def finetune_mode(model: nn.Module) -> nn.Module:
 def pair_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image and text features ``B×E`` of uint8 images ``B×3×S×S`` and token ids
-    ``B×L``, on the autograd graph (the training-time counterpart of ``encode_*``)."""
-    return (model.encode_image(clip_normalise(images.to(device), model)),
-            model.encode_text(tokens.to(device)))
+    ``B×L``, on the autograd graph (the training-time counterpart of ``encode_*``). In a
+    ``torch.distributed`` world each rank encodes its shard of the batch and gets the whole
+    batch's features (``sharded_forward``): a loss of them is the whole batch's on every rank,
+    and ``average_gradients`` after ``backward`` makes the step one process's."""
+    return (sharded_forward(lambda x: model.encode_image(clip_normalise(x.to(device), model)),
+                            images),
+            sharded_forward(lambda t: model.encode_text(t.to(device)), tokens))
 
 
 def trained_pair_cosines(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
@@ -121,7 +127,10 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``.
 
     ``checkpoint``: as in ``fastbd.training.ssl.train_ssl`` — the state after every epoch, continued
-    from when present, removed at the end. The caller's global RNG is left as it was."""
+    from when present, removed at the end. The caller's global RNG is left as it was. In a
+    ``torch.distributed`` world every rank trains on its shard of each batch (``pair_features``,
+    BatchNorm over the global batch, gradients averaged): the model of one process, up to
+    reduction-order rounding; rank 0 writes the checkpoint."""
     config = config or CLIPTrainConfig()
     n = images.shape[0]
     if tokens.shape[0] != n:
@@ -129,7 +138,11 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     if n < 2:
         raise ValueError("contrastive training needs at least 2 pairs")
     device = torch.device(device)
-    with seeded_rng(config.seed, device):
+    if min(config.batch_size, n) < world().size:
+        raise ValueError(f"batches of {min(config.batch_size, n)} pairs cannot be shared by "
+                         f"{world().size} ranks")
+    model.to(device)  # before the BatchNorms are swapped: they share its tensors
+    with seeded_rng(config.seed, device), global_batch_norm(model):
         return _train_clip(model, images, tokens, config, device, verbose, checkpoint)
 
 
@@ -153,11 +166,10 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             rows = order[step * batch:(step + 1) * batch]
-            pixels = clip_normalise(images[rows].to(device), model)
-            loss = clip_loss(model.encode_image(pixels), model.encode_text(tokens[rows].to(device)),
-                             model.logit_scale)
+            loss = batch_clip_loss(model, images[rows], tokens[rows], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(model.parameters())
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))

@@ -20,9 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.data.augment import AugmentConfig, augment
+from fastbd.distributed import average_gradients, sharded_forward, world
 from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
+from fastbd.training.global_bn import global_batch_norm
 from fastbd.validation import above, at_least, check_fields, fraction, one_of
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,12 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     starts, training continues after its last epoch, and an interrupted run resumed this way ends
     with the weights of an uninterrupted one; a checkpoint of another run (other config or image
     count) is an error. The file is removed when training ends. Randomness follows
-    ``config.seed`` alone; the caller's global RNG is left as it was."""
+    ``config.seed`` alone; the caller's global RNG is left as it was.
+
+    In a ``torch.distributed`` world every rank draws the same batches and views and encodes
+    its shard of them, the projections are gathered on the autograd graph, BatchNorm normalises
+    over the global batch and the gradients are averaged: the encoder of one process, up to
+    reduction-order rounding; rank 0 writes the checkpoint."""
     config = config or SSLConfig()
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} "
@@ -119,6 +126,9 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     n = images.shape[0]
     if n < 2:
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
+    if min(config.batch_size, n) < world().size:
+        raise ValueError(f"batches of {min(config.batch_size, n)} images cannot be shared by "
+                         f"{world().size} ranks")
     device = torch.device(device)
     with seeded_rng(config.seed, device):
         return _train(encoder, images, config, device, verbose, view_hook, checkpoint)
@@ -159,39 +169,48 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
     bank = images.to(device)
     bar = tqdm(total=total, initial=len(losses), desc=config.method, disable=not verbose,
                unit="step")
-    for epoch in range(first_epoch, config.epochs):
-        order = torch.randperm(n, generator=order_gen)
-        for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch].to(device)
-            rows = bank[index]
-            v1 = augment(rows, config.augment, mean, std, g)
-            v2 = augment(rows, config.augment, mean, std, g)
-            if view_hook is not None:
-                v1, v2 = view_hook(index, v1, v2)
-            if config.method == "simclr":
-                loss = nt_xent(head(encoder(v1)), head(encoder(v2)), config.temperature)
-            else:
-                with torch.no_grad():
-                    t1, t2 = target_net(v1), target_net(v2)
-                p1, p2 = predictor(head(encoder(v1))), predictor(head(encoder(v2)))
-                if config.method == "byol":
-                    loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+
+    def online(views: torch.Tensor) -> torch.Tensor:
+        return head(encoder(views))
+
+    with global_batch_norm(*modules.values()):
+        for epoch in range(first_epoch, config.epochs):
+            order = torch.randperm(n, generator=order_gen)
+            for step in range(steps_per_epoch):
+                index = order[step * batch:(step + 1) * batch].to(device)
+                rows = bank[index]
+                v1 = augment(rows, config.augment, mean, std, g)
+                v2 = augment(rows, config.augment, mean, std, g)
+                if view_hook is not None:
+                    v1, v2 = view_hook(index, v1, v2)
+                # each rank encodes its shard of the views (the whole batch on one rank)
+                if config.method == "simclr":
+                    loss = nt_xent(sharded_forward(online, v1), sharded_forward(online, v2),
+                                   config.temperature)
                 else:
-                    loss = (moco_loss(p1, t2, config.temperature)
-                            + moco_loss(p2, t1, config.temperature))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if momentum:
-                progress = len(losses) / max(1, total)
-                tau = 1 - (1 - config.momentum) * (math.cos(math.pi * progress) + 1) / 2
-                _ema_update(target_net, nn.Sequential(encoder, head), tau)
-            losses.append(float(loss.detach()))
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if epoch + 1 < config.epochs:
-            saved.save(epoch + 1, extra={"losses": losses})
+                    with torch.no_grad():
+                        t1, t2 = sharded_forward(target_net, v1), sharded_forward(target_net, v2)
+                    p1 = sharded_forward(lambda v: predictor(online(v)), v1)
+                    p2 = sharded_forward(lambda v: predictor(online(v)), v2)
+                    if config.method == "byol":
+                        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+                    else:
+                        loss = (moco_loss(p1, t2, config.temperature)
+                                + moco_loss(p2, t1, config.temperature))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params)
+                optimizer.step()
+                schedule.step()
+                if momentum:
+                    progress = len(losses) / max(1, total)
+                    tau = 1 - (1 - config.momentum) * (math.cos(math.pi * progress) + 1) / 2
+                    _ema_update(target_net, nn.Sequential(encoder, head), tau)
+                losses.append(float(loss.detach()))
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if epoch + 1 < config.epochs:
+                saved.save(epoch + 1, extra={"losses": losses})
     bar.close()
     steps_now = total - first_epoch * steps_per_epoch
     seconds_now = saved.seconds - saved.seconds_before

@@ -45,6 +45,7 @@ from fastbd.clipdefense import (
     stage_epochs,
 )
 from fastbd.devices import device_of
+from fastbd.distributed import average_gradients
 from fastbd.models.clip import encode_images, encode_texts
 from fastbd.schedules import adamw
 from fastbd.storage import (
@@ -155,6 +156,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                     loss = loss + batch_clip_loss(tuned, images[other], tokens[other], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(tuned.parameters())
             optimizer.step()
         saved.save(epoch + 1, final=epoch + 1 == epochs)
     return tuned.eval()
@@ -193,6 +195,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
                     model, all_images[normal[picks]], all_tokens[normal[picks]], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(model.parameters())
             optimizer.step()
         saved.save(epoch + 1, final=epoch + 1 == epochs)
     model.eval()
