@@ -111,14 +111,17 @@ def table(benchmarks: dict | None = None, gpu: str = "") -> str:
         got = measured_s(benchmarks, e.benchmark)
         lines.append(
             f"| {e.name} | {e.size} | {e.bytes / 1e9:,.2f} | {e.flop / 1e12:,.3f} | "
-            f"{e.bound('H100')} | {_time(e.floor_s('H100'))} | {_time(e.floor_s('H200'))} | "
-            f"{_time(e.overhead * e.floor_s('H100'))} | "
-            f"{_time(got) + (' ' + gpu if gpu else '') if got is not None else 'not yet'} | "
+            f"{e.bound('H100')} | {readable_time(e.floor_s('H100'))} | "
+            f"{readable_time(e.floor_s('H200'))} | "
+            f"{readable_time(e.overhead * e.floor_s('H100'))} | "
+            f"{readable_time(got) + (' ' + gpu if gpu else '') if got is not None else 'not yet'}"
+            " | "
             f"{e.why} |")
     return "\n".join(lines)
 
 
-def _time(seconds: float) -> str:
+def readable_time(seconds: float) -> str:
+    """``seconds`` as ms, s or min, whichever reads best."""
     if seconds >= 60:
         return f"{seconds / 60:,.1f} min"
     if seconds >= 1:

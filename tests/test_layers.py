@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fastbd"
 
 LAYERS = [
-    {"fastbd", "validation", "devices", "schedules"},
+    {"fastbd", "validation", "devices", "schedules", "distributed"},
     {"storage"},
     {"configfile"},
     {"kernels"},

@@ -31,12 +31,19 @@ from tqdm.auto import tqdm
 from fastbd.data.augment import colour_jitter, random_resized_crop
 from fastbd.detection.config import ClassifierConfig
 from fastbd.devices import conv_memory_format
-from fastbd.distributed import gather_objects, shard, world
+from fastbd.distributed import (
+    average_gradients,
+    gather_objects,
+    shard,
+    sharded_forward,
+    world,
+)
 from fastbd.models.encoders import Encoder
 from fastbd.models.linear import fit_linear
 from fastbd.ops import paste
 from fastbd.schedules import warmup_cosine
 from fastbd.storage import NO_STAGES, StageFiles, TrainingState
+from fastbd.training.global_bn import global_batch_norm
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +295,10 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     very weights of an uninterrupted run. A state saved for other settings or data is ignored
     (that member starts afresh); without ``resume`` every member starts afresh. In a
     ``torch.distributed`` world the members are dealt over the ranks (each seeded by its index
-    alone, so the ensemble does not depend on the world size) and gathered on every rank."""
+    alone, so the ensemble does not depend on the world size) and gathered on every rank; with
+    ``config.data_parallel`` and fewer members than ranks every rank trains every member on its
+    shard of each batch (gradients averaged, BatchNorm over the whole batch: one process's
+    ensemble up to reduction-order rounding)."""
     device = images.device
     size = images.shape[-1]
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32)[:, None, None]
@@ -296,8 +306,11 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
     val_rows = torch.cat([val_pos, val_neg]).to(device)
     val_x = (images[val_rows].float() / 255 - mean_t) / std_t
     val_y = torch.cat([torch.ones(val_pos.numel()), torch.zeros(val_neg.numel())]).long()
+    # members dealt over the ranks; with data_parallel and fewer members than ranks, each
+    # member's batches are shared by every rank instead (not bit-exact: docs/scaling.md)
+    data_parallel = config.data_parallel and config.n_models < world().size
     trained = {}
-    for member in shard(config.n_models):  # members dealt over the ranks
+    for member in range(config.n_models) if data_parallel else shard(config.n_models):
         torch.manual_seed(seed * 101 + member)
         g = torch.Generator().manual_seed(seed * 7919 + member)
         model = PoisonNet(config.width, size, imagenet_stem=config.recipe == "published").to(
@@ -311,7 +324,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
         saved = TrainingState(stages.path(f"member{member}"), run,
                               (images, pool, triggers, val_pos, val_neg), {"model": model},
                               optimizer, schedule, {"batches": g}, device, stages.save_every_s,
-                              writer=True)  # each rank writes the members it trains
+                              writer=world().main if data_parallel else True)
         steps = saved.restore(refuse_other=False) if resume else 0
         history: list[int] = list(saved.extra.get("history", [])) if steps else []
         best = float(saved.extra.get("best", 0.0)) if steps else 0.0
@@ -323,28 +336,33 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                    desc=f"classifier {member + 1}/{config.n_models}", disable=not verbose,
                    unit="it")
         done = bool(saved.extra.get("done")) if steps else False
-        for step in range(steps + 1, (steps if done else config.iterations) + 1):
-            model.train()
-            x, y = make_batch(images, sampler.rows(), triggers, config, mean_t, std_t, g)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            steps = step
-            bar.update()
-            if validates_after(step, config):
-                model.eval()
-                with torch.no_grad():
-                    f1 = _f1(model(val_x).cpu(), val_y)
-                history.append(published_f1_percent(f1) if config.recipe == "published"
-                               else round(100 * f1))
-                best = max(best, f1)
-                bar.set_postfix(f1=f"{f1:.2f}")
-                if stops_early(history, config):
-                    break
-            saved.save(steps, extra={"history": history, "best": best,
-                                     "sampler": sampler.state()})
+
+        with global_batch_norm(*([model] if data_parallel else [])):
+            for step in range(steps + 1, (steps if done else config.iterations) + 1):
+                model.train()
+                x, y = make_batch(images, sampler.rows(), triggers, config, mean_t, std_t, g)
+                logits = sharded_forward(model, x) if data_parallel else model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if data_parallel:
+                    average_gradients(model.parameters())
+                optimizer.step()
+                schedule.step()
+                steps = step
+                bar.update()
+                if validates_after(step, config):
+                    model.eval()
+                    with torch.no_grad():
+                        f1 = _f1(model(val_x).cpu(), val_y)
+                    history.append(published_f1_percent(f1) if config.recipe == "published"
+                                   else round(100 * f1))
+                    best = max(best, f1)
+                    bar.set_postfix(f1=f"{f1:.2f}")
+                    if stops_early(history, config):
+                        break
+                saved.save(steps, extra={"history": history, "best": best,
+                                         "sampler": sampler.state()})
         if not done:
             saved.save(steps, extra={"history": history, "best": best, "done": True,
                                      "sampler": sampler.state()}, final=True)
@@ -354,7 +372,7 @@ def train_poison_classifier(images: torch.Tensor, pool: torch.Tensor, triggers: 
                            max(best, 0.0), saved.seconds_before)
         log.info("poison classifier %d: stopped after %d iterations, best validation F1 %.3f",
                  member + 1, steps, best)
-    if world().size > 1:  # every rank gets every member (weights travel on the CPU)
+    if world().size > 1 and not data_parallel:  # every rank gets every member (on the CPU)
         shared = gather_objects({m: (net.cpu().state_dict(), *rest)
                                  for m, (net, *rest) in trained.items()})
         trained = {}

@@ -38,6 +38,12 @@ class ClassifierConfig:
     after the first update and every ``val_every`` after it with the F1 truncated to integer %
     and the stop after more than ``patience`` validations, and each member weighted in the
     ensemble by the passes over the pool it started.
+
+    In a ``torch.distributed`` world the members are dealt over the ranks, and the ensemble is
+    the single process's exactly; with fewer members than ranks the others wait. With
+    ``data_parallel`` every rank then trains every member on its shard of each batch instead —
+    faster, and equal to one process's up to rounding, which this small SGD training amplifies
+    about as much as another CPU thread count does (docs/scaling.md).
     """
 
     n_models: int = 5
@@ -60,6 +66,7 @@ class ClassifierConfig:
     pool_cleaning_fraction: float = 0.1
     threshold: str = "otsu"
     recipe: str = "fastbd"
+    data_parallel: bool = False
 
     def __post_init__(self) -> None:
         check_fields(
@@ -86,7 +93,11 @@ class Config:
     * flip test: ``test_set_size`` test images, ``candidates_per_batch`` candidates per encoder
       pass;
     * search: ``samples_per_cluster`` new images per remaining cluster per round, the lowest
-      ``prune_fraction`` of clusters dropped per round (at least one), ``topk_poisons``;
+      ``prune_fraction`` of clusters dropped per round (at least one), ``topk_poisons``; each
+      round's images are scored in blocks of ``search_block``, each with a random stream of its
+      own — the unit dealt to the ranks of a ``torch.distributed`` world (docs/scaling.md), so
+      the result depends on the block size but never on the number of ranks; smaller blocks
+      spread a round's few images over more ranks;
     * classifier: the top ``drop_top_fraction`` by score are left out of its training pool;
     * ``precision`` of the clustering features, masked views and flip tests: ``fp32``, ``bf16``
       (a bfloat16 copy of the encoder, and ``mask_fill`` / ``paste`` write bfloat16 input), or
@@ -118,6 +129,7 @@ class Config:
     test_set_size: int = 1000
     candidates_per_batch: int = 16
     samples_per_cluster: int = 2
+    search_block: int = 4
     prune_fraction: float = 0.25
     topk_poisons: int = 20
     drop_top_fraction: float = 0.10
@@ -137,7 +149,8 @@ class Config:
             kmeans_iters=at_least(1), n_masks=at_least(1), window=at_least(1),
             mask_strategy=one_of(*MASK_STRATEGIES), mask_block=at_least(1),
             test_set_size=at_least(1), candidates_per_batch=at_least(1),
-            samples_per_cluster=at_least(1), prune_fraction=fraction(high_open=True),
+            samples_per_cluster=at_least(1), search_block=at_least(1),
+            prune_fraction=fraction(high_open=True),
             topk_poisons=at_least(1), drop_top_fraction=fraction(high_open=True),
             reference_size=at_least(1), batch_size=at_least(1), precision=one_of(*PRECISIONS),
             bank_placement=one_of(*BANK_PLACEMENTS), exported_patches=at_least(0),

@@ -218,10 +218,10 @@ class Detector:
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-            # Blocks of candidates_per_batch dealt over the ranks; the best topk_poisons maps
+            # Blocks of search_block images dealt over the ranks; the best topk_poisons maps
             # and every map tied with the last of them (up to MAP_TIES_KEPT × topk_poisons)
             # kept: a method's ranking may break ties either way.
-            return score_round(rows, gen, config.candidates_per_batch, score_block, top_maps,
+            return score_round(rows, gen, config.search_block, score_block, top_maps,
                                config.topk_poisons, MAP_TIES_KEPT)
 
         here = world()

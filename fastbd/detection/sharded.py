@@ -2,7 +2,7 @@
 process group): features of the bank, the rounds of the cluster search, the ensemble's logits.
 
 Every split is into blocks a single process also computes one at a time (an encoding batch, a
-block of ``candidates_per_batch`` candidates drawn with its own generator), so the gathered result
+block of ``Config.search_block`` candidates drawn with its own generator), so the gathered result
 is the single-process result whatever the world size (``fastbd.distributed``).
 """
 
