@@ -93,9 +93,15 @@ def poisoncam(n_images: int, ranks: int, image_size: int = 224, dim: int = 768) 
         + (maps_bytes / HOST_PICKLE if ranks > 1 else 0.0),
         "classifier": all_gather_s(n_images * 8, ranks),
     }
+    volumes = {"features (once)": n_images * dim * 4,
+               "k-means labels and distances (per iteration)": n_images * 12,
+               "search scores and windows (first round)": rounds[0] * 20,
+               "search attention maps (first round, at most)": min(
+                   rounds[0], ranks * 8 * config.topk_poisons) * image_size ** 2 * 4,
+               "classifier logits (once)": n_images * 8}
     return {"stages_s": stages, "communication_s": communication, "rounds": len(rounds),
             "scored": sum(rounds), "search_blocks": sum(math.ceil(r / block) for r in rounds),
-            "busiest_rank_blocks": sum(busiest)}
+            "busiest_rank_blocks": sum(busiest), "gathered_bytes": volumes}
 
 
 def ubt(n_pairs: int, ranks: int, batch: int = 64, epochs: int = 5) -> dict:
@@ -111,8 +117,12 @@ def ubt(n_pairs: int, ranks: int, batch: int = 64, epochs: int = 5) -> dict:
               "overfit": overfit_steps * step_compute, "unlearn": unlearn_steps * step_compute}
     communication = {"reference pass": all_gather_s(n_pairs * 4, ranks),
                      "overfit": overfit_steps * step_comm, "unlearn": unlearn_steps * step_comm}
+    volumes = {"similarities (once)": n_pairs * 4,
+               "gradients (all-reduced per training step)": CLIP_B32_PARAMS * 4,
+               "features (gathered per training step)": 4 * batch * 512 * 4}
     return {"stages_s": stages, "communication_s": communication,
-            "steps": {"overfit": overfit_steps, "unlearn": unlearn_steps}}
+            "steps": {"overfit": overfit_steps, "unlearn": unlearn_steps},
+            "gathered_bytes": volumes}
 
 
 def table(name: str, model, size: int) -> str:
@@ -135,6 +145,11 @@ def table(name: str, model, size: int) -> str:
     lines.append("| **total** | " + " | ".join(
         f"**{readable_time(totals[w])}**" + ("" if w == 1 else f" ({totals[1] / totals[w]:.1f}×)")
         for w in worlds) + " |")
+    lines += ["", "What each collective gathers (the whole, which every rank receives; 32 GPUs): "
+              + "; ".join(
+        f"{what} {size / 1e6:,.1f} MB" if size >= 1e6 else f"{what} {size / 1e3:,.0f} kB"
+        for what, size in
+        results[32]["gathered_bytes"].items()) + "."]
     return "\n".join(lines)
 
 

@@ -80,10 +80,13 @@ def world_files(tmp_path_factory) -> Path:
 def _job(ranks: int | None, args: list[str], env: dict[str, str] | None = None
          ) -> subprocess.CompletedProcess:
     """``fastbd --threads 1 <args>`` alone (``ranks=None``) or under ``torchrun`` with
-    ``ranks`` gloo ranks of one thread each."""
-    launch = [sys.executable, str(ENTRY)] if ranks is None else [
+    ``ranks`` gloo ranks of one thread each — launched as the docs say (``-m fastbd``), or
+    through ``distributed_entry.py`` when ``env`` injects a fault."""
+    faulty = any(name.startswith("FASTBD_TEST_") for name in env or {})
+    command = [str(ENTRY)] if faulty else ["-m", "fastbd"]
+    launch = [sys.executable, *command] if ranks is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={ranks}", str(ENTRY)]
+        f"--nproc_per_node={ranks}", *command]
     variables = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*launch, "--threads", "1", "--dist-timeout", "120", *args],
                           capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=variables)
@@ -148,10 +151,13 @@ def test_a_dead_rank_ends_the_job_resumably_and_another_world_size_finishes_it(w
                                                                                tmp_path):
     _ok(_detect("poisoncam", world_files, tmp_path / "alone", None))
     out = tmp_path / "faulty"
+    # rank 0 dies as round 3 starts, after it saved round 2 (another rank's death could come
+    # while rank 0 is still writing, which leaves round 1's state: resumable too, but the test
+    # wants a known round); rank 1 says what happened and how to continue
     died = _detect("poisoncam", world_files, out, 2,
-                   env={"FASTBD_TEST_DIE_RANK": "1", "FASTBD_TEST_DIE_AFTER": "2"})
+                   env={"FASTBD_TEST_DIE_RANK": "0", "FASTBD_TEST_DIE_AFTER": "2"})
     assert died.returncode != 0
-    assert "rank" in died.stderr and "--resume" in died.stderr, died.stderr[-3000:]
+    assert "(rank 1 of 2)" in died.stderr and "--resume" in died.stderr, died.stderr[-3000:]
     saved = torch.load(out / "search_state.pt", weights_only=False)
     assert saved["round"] == 2  # the two completed rounds, written by rank 0
     _ok(_detect("poisoncam", world_files, out, None, "--resume"))  # one rank finishes it
@@ -240,6 +246,18 @@ def test_training_and_clip_defenses_give_the_single_process_model_on_one_and_two
                       for d in ("alone", "ranks2"))
         for key in ("suspicious", "suspicious_poisoned", "topk"):
             assert alone.get(key) == two.get(key), key
+
+
+def test_training_stopped_on_two_ranks_is_finished_by_one_process(clip_files, tmp_path):
+    flags = ["train-clip", "--csv", str(clip_files / "train.csv"), "--epochs", "2",
+             "--batch-size", "32", "--device", "cpu"]
+    _ok(_job(None, [*flags, "--out", str(tmp_path / "alone")]))
+    out = tmp_path / "stopped"
+    died = _job(2, [*flags, "--out", str(out)], env={"FASTBD_TEST_DIE_AFTER_SAVE": "1"})
+    assert died.returncode != 0 and (out / "train_state.pt").is_file()
+    _ok(_job(None, [*flags, "--out", str(out)]))  # the rerun continues after epoch 1
+    assert not (out / "train_state.pt").exists()
+    _same_weights(tmp_path / "alone" / "clip.pt", out / "clip.pt")
 
 
 def test_a_bad_image_in_one_ranks_shard_is_skipped_or_named_as_by_one_process(world_files,
