@@ -119,9 +119,8 @@ def shard(n: int, block: int = 1, *, rank: int | None = None, size: int | None =
     return range(min(n, first * block), min(n, last * block))
 
 
-def _collective_device(tensor: torch.Tensor) -> torch.device:
-    """Where a collective on ``tensor`` must run: the rank's GPU under NCCL, the CPU under
-    gloo."""
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must be: the rank's GPU under NCCL, the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -133,7 +132,7 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     here = world()
     if here.size == 1:
         return local
-    device = _collective_device(local)
+    device = _collective_device()
     counts = torch.tensor([local.shape[0]], device=device)
     all_counts = [torch.zeros_like(counts) for _ in range(here.size)]
     with _collective("gathering rows"):
@@ -237,7 +236,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     params = [p for p in parameters if p.requires_grad]
     if not params:
         return
-    device = _collective_device(params[0])
+    device = _collective_device()
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       .to(device, torch.float32) for p in params])
     with _collective("averaging gradients"):

@@ -203,11 +203,10 @@ class ImageBank:
         manifest = None
         if cache is not None:
             manifest = {"size": size, "crop_ratio": crop_ratio, "files": _files_key(paths)}
-            reusable = broadcast_object(
-                _reuse_cache(Path(cache), manifest, skip_bad) is not None if world().main
-                else None)
-            if reusable:
-                return _reuse_cache(Path(cache), manifest, skip_bad)
+            # rank 0 decides; the others map the cache only once it is known to be usable
+            reused = _reuse_cache(Path(cache), manifest, skip_bad) if world().main else None
+            if broadcast_object(reused is not None):
+                return reused or _reuse_cache(Path(cache), manifest, skip_bad)
             if world().size > 1:
                 return _read_shared(paths, size, crop_ratio, skip_bad, Path(cache), manifest,
                                     verbose, workers)

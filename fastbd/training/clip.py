@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastbd.distributed import average_gradients, sharded_forward, world
+from fastbd.distributed import average_gradients, sharded_forward
 from fastbd.models.clip import clip_normalise
 from fastbd.models.encoders import seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
@@ -138,9 +138,6 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     if n < 2:
         raise ValueError("contrastive training needs at least 2 pairs")
     device = torch.device(device)
-    if min(config.batch_size, n) < world().size:
-        raise ValueError(f"batches of {min(config.batch_size, n)} pairs cannot be shared by "
-                         f"{world().size} ranks")
     model.to(device)  # before the BatchNorms are swapped: they share its tensors
     with seeded_rng(config.seed, device), global_batch_norm(model):
         return _train_clip(model, images, tokens, config, device, verbose, checkpoint)

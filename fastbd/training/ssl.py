@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.data.augment import AugmentConfig, augment
-from fastbd.distributed import average_gradients, sharded_forward, world
+from fastbd.distributed import average_gradients, sharded_forward
 from fastbd.models.encoders import Encoder, seeded_rng
 from fastbd.schedules import adamw, warmup_cosine
 from fastbd.storage import TrainingState
@@ -126,9 +126,6 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     n = images.shape[0]
     if n < 2:
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
-    if min(config.batch_size, n) < world().size:
-        raise ValueError(f"batches of {min(config.batch_size, n)} images cannot be shared by "
-                         f"{world().size} ranks")
     device = torch.device(device)
     with seeded_rng(config.seed, device):
         return _train(encoder, images, config, device, verbose, view_hook, checkpoint)
