@@ -1,128 +1,236 @@
-"""UBT at poison rates the defender does not know: attack × rate × split rule through the CLI.
+"""UBT with the reference a defender has, at poison rates the defender does not know.
 
-For every attack and rate, ``fastbd loop clip`` exports the poisoned synthetic world, trains the
-backdoored tiny CLIP and a clean reference on the unpoisoned rows, measures zero-shot CA/ASR
-(the planted trigger) and runs UBT with its default (``adaptive``) split; then ``fastbd ubt``
-with the paper's ``fixed`` 1 % split on the same models and ``fastbd eval clip`` after it.
-Clean models (clean CLIPs of two other seeds) give the check statistic's distribution on
-models without a backdoor, next to the poisoned models'.
+Every cell (world seed × attack × rate) trains — or loads from the threat-model cache — a tiny
+CLIP on the poisoned synthetic world and judges it with a clean reference trained on a disjoint
+world of the same look (``fastbd.world.independent_reference``: world seed + 2000), never on
+the training pairs. Each cell runs UBT with its default split (``adaptive``) and ranking
+(``cross-match``), UBT with the paper's fixed 1 % split, UBT with the paper's ranking
+(``overfit``), CleanCLIP (1,000 clean pairs of another disjoint world, as the demo) and ABL;
+zero-shot CA/ASR after each. Clean models — the clean CLIP of each seed's world and one trained
+with another training seed — give the check statistic's distribution without a backdoor.
 
-``python bench/rate_sweep.py --jobs 2`` writes ``rate_sweep.json`` and prints the tables;
-``--small`` runs a minute-sized version. Each command runs with ``--threads 1``.
+    python bench/rate_sweep.py --jobs 2                  # the full sweep (hours on 2 cores)
+    python bench/rate_sweep.py --seeds 0 --rates 0.01    # a part of it
+
+Finished cells are kept in the JSON (``bench/results/rate-sweep-<machine>.json``) and skipped
+on a rerun, so the sweep can be run in parts and continued after an interruption; each run
+rewrites the "UBT rate sweep" section of ``docs/results.md`` from everything in the JSON.
+Each worker uses one torch thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
-ATTACKS = ("badnet", "blended", "sig")
+ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey")
 RATES = (0.005, 0.01, 0.02, 0.05)
+UBT_VARIANTS = {"ubt": {}, "ubt-fixed": {"split": "fixed"}, "ubt-overfit": {"ranking": "overfit"}}
+"""UBT as fastbd runs it, with the paper's fixed 1 % split, with the paper's overfit ranking."""
+CLEAN_PAIRS = 1000
 
 
-def fastbd(*args: str) -> float:
-    """One ``fastbd`` command in a subprocess, one torch thread; its seconds."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fastbd", "--quiet", "--threads", "1", *args],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"fastbd {' '.join(args)}: {done.stderr.strip()}")
-    return time.perf_counter() - start
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
-def read(path: Path) -> dict:
-    return json.loads(path.read_text())
+def base_config(seed: int, rate: float | None, attack: str = "none"):
+    """The demo's threat config for ``seed`` (the same cache entries where ``rate`` is the
+    world's own rate for ``attack``)."""
+    from fastbd.world import CLIPThreatConfig, world_rate
+    from fastbd.world.synthetic import WorldConfig
+
+    return CLIPThreatConfig(world=WorldConfig(seed=seed), seed=seed,
+                            rate=None if rate == world_rate(attack) else rate)
 
 
-def cell(work: Path, attack: str, rate: float, sizes: list[str], epochs: str) -> dict:
-    """One attack at one rate: the loop (adaptive split), then the fixed split on its models."""
-    out = work / f"{attack}-{rate:g}"
-    seconds = {"loop": fastbd("loop", "clip", "--poison", attack, "--rate", str(rate), *sizes,
-                              "--epochs", epochs, "--defenses", "ubt", "--out", str(out))}
-    rows = read(out / "loop.json")["rows"]
-    fixed_config = work / "fixed.json"
-    data = out / "data"
-    seconds["ubt fixed"] = fastbd(
-        "ubt", "--csv", str(data / "train.csv"), "--checkpoint",
-        str(out / "train-poisoned" / "clip.pt"), "--reference-checkpoint",
-        str(out / "train-clean" / "clip.pt"), "--config", str(fixed_config), "--out",
-        str(out / "ubt-fixed"))
-    fastbd("eval", "clip", "--checkpoint", str(out / "ubt-fixed" / "model.pt"), "--eval-csv",
-           str(data / "val.csv"), "--class-names", str(data / "classes.txt"), "--attack-spec",
-           str(data / "attack.json"), "--out", str(out / "eval-ubt-fixed"))
-    adaptive, fixed = read(out / "ubt" / "result.json"), read(out / "ubt-fixed" / "result.json")
-    after_fixed = read(out / "eval-ubt-fixed" / "eval.json")
-    seconds["ubt adaptive"] = sum(adaptive["timings_s"].values())
-    return {"attack": attack, "rate": rate, "poisoned": rows["poisoned"],
-            "adaptive": {**rows["ubt"], "check_statistic": adaptive["check_statistic"],
-                         "declined": not adaptive["poisoned"]},
-            "fixed": {**after_fixed, "suspicious": fixed["suspicious"],
-                      "suspicious_poisoned": fixed.get("suspicious_poisoned"),
-                      "check_statistic": fixed["check_statistic"],
-                      "declined": not fixed["poisoned"]},
-            "seconds": seconds}
+def reference_model(seed: int, cache: str):
+    """The seed's independent reference (trained once, then cached)."""
+    from fastbd.world import build_clip_threat, independent_reference
+
+    return build_clip_threat(independent_reference(base_config(seed, None)), cache_dir=cache,
+                             verbose=False)
 
 
-def clean_check(work: Path, attack: str, seed: int, epochs: str) -> dict:
-    """The check statistic of a clean model (trained on the unpoisoned rows with another
-    seed) against the 1 % cell's clean reference."""
-    out = work / f"{attack}-0.01"
-    model = work / f"clean-{attack}-{seed}"
-    fastbd("train-clip", "--csv", str(out / "data" / "clean.csv"), "--epochs", epochs,
-           "--seed", str(seed), "--out", str(model))
-    fastbd("ubt", "--csv", str(out / "data" / "clean.csv"), "--checkpoint",
-           str(model / "clip.pt"), "--reference-checkpoint", str(out / "train-clean" / "clip.pt"),
-           "--out", str(model / "ubt"))
-    result = read(model / "ubt" / "result.json")
-    return {"attack": attack, "seed": seed, "check_statistic": result["check_statistic"],
-            "declined": not result["poisoned"]}
+def cell(seed: int, attack: str, rate: float, cache: str) -> dict:
+    """One attack at one rate on one seed's world: every defense, CA/ASR after each."""
+    from fastbd.baselines import abl, cleanclip
+    from fastbd.models.clip import tokenize
+    from fastbd.ubt import Config, defend
+    from fastbd.world import build_clip_threat, evaluate_clip
+    from fastbd.world.synthetic import make_world
+
+    base = base_config(seed, rate, attack)
+    threat = build_clip_threat(replace(base, attack=attack), cache_dir=cache, verbose=False)
+    reference = reference_model(seed, cache).model
+    tokens = tokenize(threat.tokenizer, threat.poisoned.captions, base.model.context_length)
+    truth = threat.poisoned.poison_mask
+    images = threat.poisoned.images
+    clean_world = make_world(replace(base.world, seed=seed + 1000, n_train=CLEAN_PAIRS, n_eval=1))
+    clean = (clean_world.train.images,
+             tokenize(threat.tokenizer, clean_world.train.captions, base.model.context_length))
+    before = threat.evaluation
+    out = {"seed": seed, "attack": attack, "rate": rate, "poisoned_pairs": int(truth.sum()),
+           "ca_before": before.clean_accuracy, "asr_before": before.asr, "defenses": {}}
+    runs = {name: (lambda o=overrides: defend(threat.model, images, tokens, reference=reference,
+                                              config=Config(**o), verbose=False))
+            for name, overrides in UBT_VARIANTS.items()}
+    runs["cleanclip"] = lambda: cleanclip(threat.model, *clean, verbose=False)
+    runs["abl"] = lambda: abl(threat.model, images, tokens, reference=reference, verbose=False)
+    for name, run in runs.items():
+        start = time.process_time()
+        result = run()
+        seconds = time.process_time() - start
+        after = evaluate_clip(result.model, threat.tokenizer, threat.world, attack,
+                              base.target, seed, "cpu", base.attack_options)
+        summary = result.summary(truth)
+        out["defenses"][name] = {
+            "ca_after": after.clean_accuracy, "asr_after": after.asr, "cpu_s": seconds,
+            **{k: summary[k] for k in ("suspicious", "suspicious_poisoned", "poisoned",
+                                       "check_statistic", "topk_poisoned") if k in summary},
+            **({"topk": len(summary["topk"])} if "topk" in summary else {})}
+    return out
+
+
+def clean_model(seed: int, training_seed: int, cache: str) -> dict:
+    """UBT on a clean model of seed ``seed``'s world (trained with ``training_seed``), judged by
+    the seed's independent reference: must decline and return it unchanged."""
+    import torch
+
+    from fastbd.models.clip import tokenize
+    from fastbd.ubt import defend
+    from fastbd.world import build_clip_threat
+
+    base = base_config(seed, None)
+    threat = build_clip_threat(replace(base, attack="none", seed=training_seed,
+                                       train=replace(base.train, seed=training_seed)),
+                               cache_dir=cache, verbose=False)
+    tokens = tokenize(threat.tokenizer, threat.poisoned.captions, base.model.context_length)
+    result = defend(threat.model, threat.poisoned.images, tokens,
+                    reference=reference_model(seed, cache).model, verbose=False)
+    unchanged = all(torch.equal(a, b) for a, b in zip(
+        threat.model.state_dict().values(), result.model.state_dict().values(), strict=True))
+    return {"seed": seed, "training_seed": training_seed, "ca": threat.evaluation.clean_accuracy,
+            "check_statistic": result.check_statistic, "declined": not result.poisoned,
+            "unchanged": unchanged, "suspicious": int(result.suspicious.numel())}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
 
 
 def tables(results: dict) -> str:
-    lines = ["| attack | rate | CA before | ASR before | split | suspicious (poisoned) | "
-             "CA after | ASR after | check |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for c in results["cells"]:
-        before = c["poisoned"]
-        for rule in ("adaptive", "fixed"):
-            r = c[rule]
-            lines.append(
-                f"| {c['attack']} | {100 * c['rate']:g} % | {100 * before['clean_accuracy']:.1f} | "
-                f"{100 * before['asr']:.1f} | {rule} | {r['suspicious']} "
-                f"({r['suspicious_poisoned']}) | {100 * r['clean_accuracy']:.1f} | "
-                f"{100 * r['asr']:.1f} | {r['check_statistic']:.2f}"
-                f"{' declined' if r['declined'] else ''} |")
-    lines += ["", "| clean model | check statistic |", "|---|---:|"]
-    lines += [f"| {c['attack']} world, seed {c['seed']} | {c['check_statistic']:.2f}"
-              f"{' declined' if c['declined'] else ''} |" for c in results["clean"]]
+    """The sweep's markdown: one row per cell and defense, the clean models, the check's
+    distribution and the targets' verdicts."""
+    lines = ["| seed | attack | rate | CA / ASR before | defense | suspicious (poisoned) | "
+             "top (poisoned) | check | CA after | ASR after |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    cells = sorted(results["cells"], key=lambda c: (c["seed"], ATTACKS.index(c["attack"]),
+                                                      c["rate"]))
+    for c in cells:
+        first = True
+        for name, d in c["defenses"].items():
+            head = (f"| {c['seed']} | {c['attack']} | {100 * c['rate']:g} % | "
+                    f"{_pct(c['ca_before'])} / {_pct(c['asr_before'])} |" if first
+                    else "| | | | |")
+            first = False
+            susp = (f"{d['suspicious']} ({d['suspicious_poisoned']})"
+                    if d.get("suspicious") else "–")
+            top = f"{d['topk']} ({d['topk_poisoned']})" if "topk" in d else "–"
+            check = (f"{d['check_statistic']:.2f}{'' if d['poisoned'] else ' declined'}"
+                     if "check_statistic" in d else "–")
+            lines.append(f"{head} {name} | {susp} | {top} | {check} | {_pct(d['ca_after'])} | "
+                         f"{_pct(d['asr_after'])} |")
+    lines += ["", "| clean model (world seed, training seed) | CA | suspicious | check | "
+              "declined, unchanged |", "|---|---:|---:|---:|---|"]
+    for m in sorted(results["clean"], key=lambda m: (m["seed"], m["training_seed"])):
+        lines.append(f"| {m['seed']}, {m['training_seed']} | {_pct(m['ca'])} | "
+                     f"{m['suspicious']} | {m['check_statistic']:.2f} | "
+                     f"{'yes' if m['declined'] and m['unchanged'] else 'NO'} |")
+    lines += ["", verdict(cells, results["clean"])]
     return "\n".join(lines)
+
+
+def verdict(cells: list[dict], clean: list[dict]) -> str:
+    """The issue's targets over the cells whose ASR before is ≥ 20 %: UBT's ASR after ≤ 1 %,
+    CA drop ≤ 1 point, ASR after ≤ CleanCLIP's; every clean model declined; the margin between
+    the clean and the poisoned check statistics."""
+    judged = [c for c in cells if c["asr_before"] >= 0.2]
+    misses = []
+    for c in judged:
+        ubt, name = c["defenses"]["ubt"], f"{c['attack']} {100 * c['rate']:g} % seed {c['seed']}"
+        if ubt["asr_after"] > 0.01:
+            misses.append(f"{name}: ASR after {_pct(ubt['asr_after'])} %")
+        if c["ca_before"] - ubt["ca_after"] > 0.01:
+            misses.append(f"{name}: CA −{_pct(c['ca_before'] - ubt['ca_after'])}")
+        if "cleanclip" in c["defenses"] and ubt["asr_after"] > c["defenses"]["cleanclip"][
+                "asr_after"]:
+            misses.append(f"{name}: ASR above CleanCLIP's")
+    poisoned = [c["defenses"]["ubt"]["check_statistic"] for c in judged]
+    clean_stats = [m["check_statistic"] for m in clean]
+    lines = [f"Cells with ASR before ≥ 20 %: {len(judged)} of {len(cells)}; "
+             f"targets missed: {len(misses)}" + ("" if not misses else
+                                                 " — " + "; ".join(misses)) + "."]
+    if poisoned and clean_stats:
+        lines.append(f"Check statistic: poisoned models (ASR ≥ 20 %) {min(poisoned):.2f} to "
+                     f"{max(poisoned):.2f}, clean models {min(clean_stats):.2f} to "
+                     f"{max(clean_stats):.2f} (threshold 0.50); margin "
+                     f"{min(poisoned) - max(clean_stats):.2f}; clean models declined: "
+                     f"{sum(m['declined'] for m in clean)} of {len(clean)}.")
+    return "\n\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="fastbd-out/rate-sweep", help="folder for every run")
+    parser.add_argument("--seeds", default="0,1,2", help="world seeds, comma-separated")
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--rates", default=",".join(map(str, RATES)))
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
-    parser.add_argument("--small", action="store_true", help="600 pairs, 2 epochs")
-    parser.add_argument("--json", help="results file (default <work>/rate_sweep.json)")
+    parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
+    parser.add_argument("--json", default="bench/results/rate-sweep-cpu-amd-epyc.json")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
     args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "fixed.json").write_text(json.dumps({"split": "fixed"}))
-    sizes = ["--n-train", "600", "--n-eval", "200"] if args.small else []
-    epochs = "2" if args.small else "8"
-    with ThreadPoolExecutor(args.jobs) as pool:
-        cells = list(pool.map(lambda job: cell(work, *job, sizes, epochs),
-                              [(a, r) for a in ATTACKS for r in RATES]))
-        clean = list(pool.map(lambda job: clean_check(work, *job, epochs),
-                              [(a, seed) for a in ATTACKS for seed in (1, 2)]))
-    results = {"cells": cells, "clean": clean}
-    path = Path(args.json or work / "rate_sweep.json")
-    path.write_text(json.dumps(results, indent=2))
-    print(tables(results))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {"cells": [], "clean": []}
+    results.setdefault("cells", [])
+    results.setdefault("clean", [])
+    done = {(c["seed"], c["attack"], c["rate"]) for c in results["cells"]}
+    todo = [(s, a, float(r)) for s in seeds for a in args.attacks.split(",")
+            for r in args.rates.split(",") if (s, a, float(r)) not in done]
+    checked = {(m["seed"], m["training_seed"]) for m in results["clean"]}
+    clean_todo = [(s, t) for s in seeds for t in (s, s + 100) if (s, t) not in checked]
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+
+    with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
+        list(pool.map(reference_model, seeds, [args.cache] * len(seeds)))
+        futures = [pool.submit(clean_model, s, t, args.cache) for s, t in clean_todo]
+        futures += [pool.submit(cell, *job, args.cache) for job in todo]
+        for future in futures:
+            row = future.result()
+            results["clean" if "training_seed" in row else "cells"].append(row)
+            save()
+            print(json.dumps(row), flush=True)
+    text = tables(results)
+    if not args.no_docs:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from results_doc import write_section
+
+        write_section("ubt-rate-sweep", "## UBT rate sweep (`bench/rate_sweep.py`)\n\n"
+                      "Independent reference (a disjoint world of the same look), tiny CLIPs on "
+                      "5,000 pairs, zero-shot CA / ASR (%) on 1,000 eval images, one thread per "
+                      "cell, 2-core AMD EPYC.\n\n" + text)
+    print(text)
     return 0
 
 

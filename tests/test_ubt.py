@@ -178,43 +178,151 @@ def test_retain_pool_keeps_the_most_similar_normal_pairs(gen, fraction):
         assert float(sim[pool].min()) >= float(sim[rest].max())
 
 
-def test_check_statistic_measures_cross_matching_against_matched_and_unmatched_pairs(
-        learnable):
-    """The statistic computed pair by pair with ``similarities``: the top block's off-diagonal
-    pairs against matched and caption-shifted D_normal pairs."""
+def unit(x):
+    return F.normalize(x, dim=1)
+
+
+def calibrated_pairs(images, captions, matched=0.8, unmatched=0.1, others=None):
+    from fastbd.ubt.defend import Calibrated
+
+    others = torch.randn(40, images.shape[1]) if others is None else others
+    return Calibrated(unit(images), unit(captions), matched, unmatched, unit(others))
+
+
+def brute_disagreement(model, reference):
+    """The r×r matrix z_model(cos(image_i, caption_j)) − z_reference(…), entry by entry."""
+    r = model.images.shape[0]
+    out = torch.empty(r, r, dtype=torch.float64)
+    for i in range(r):
+        for j in range(r):
+            out[i, j] = sum(sign * (float(c.images[i] @ c.captions[j]) - c.unmatched)
+                            / (c.matched - c.unmatched)
+                            for c, sign in ((model, 1), (reference, -1)))
+    return out
+
+
+@pytest.mark.parametrize("members", ["all", "some", "one", "none"])
+def test_cross_match_equals_the_brute_force_mean_over_the_other_members(gen, members):
+    from fastbd.ubt.defend import cross_match
+
+    r = 13
+    model = calibrated_pairs(torch.randn(r, 8, generator=gen), torch.randn(r, 8, generator=gen))
+    reference = calibrated_pairs(torch.randn(r, 8, generator=gen),
+                                 torch.randn(r, 8, generator=gen), 0.6, -0.05)
+    mask = {"all": torch.ones(r, dtype=torch.bool), "some": torch.rand(r, generator=gen) < 0.5,
+            "one": torch.arange(r) == 4, "none": torch.zeros(r, dtype=torch.bool)}[members]
+    d = brute_disagreement(model, reference)
+    expected = torch.zeros(r, dtype=torch.float64)
+    for i in range(r):
+        others = [j for j in range(r) if mask[j] and j != i]
+        if others:
+            expected[i] = (d[i, others].sum() + d[others, i].sum()) / (2 * len(others))
+    torch.testing.assert_close(cross_match(model, reference, mask), expected)
+
+
+def planted_block(gen, r=60, block=8, classes=4):
+    """Pairs of ``classes`` natural classes (image and caption near the class direction under
+    both models; the reference, trained on other data, matches them less well), and ``block``
+    pairs (rows 40…) whose images the model — not the reference — matches with a shared
+    "target" direction, as a backdoor does: their captions point there under both models,
+    their images under the model only."""
+    dims = 16
+    labels = torch.arange(r) % classes
+    basis = torch.eye(dims)
+    noise = lambda: 0.1 * torch.randn(r, dims, generator=gen)  # noqa: E731
+    images, captions = basis[labels] + noise(), basis[labels] + noise()
+    ref_images, ref_captions = basis[labels] + 2.5 * noise(), basis[labels] + 2.5 * noise()
+    poison = torch.arange(40, 40 + block)
+    target = basis[classes]
+    images[poison] = target + noise()[poison]
+    captions[poison] = target + noise()[poison]
+    ref_captions[poison] = target + noise()[poison]
+    random_labels = torch.randint(0, classes, (80,), generator=gen)
+    others = [basis[random_labels] + scale * 0.1 * torch.randn(80, dims, generator=gen)
+              for scale in (1, 2.5)]  # D_normal captions, each model's own
+    model = calibrated_pairs(images, captions, 0.9, 0.0, others[0])
+    reference = calibrated_pairs(ref_images, ref_captions, 0.7, 0.0, others[1])
+    return model, reference, poison
+
+
+def test_backdoor_block_finds_the_pairs_only_the_model_matches(gen):
+    """The planted block is found among natural class blocks that both models see, and the
+    check statistic of the block is ≥ ½ while a class block scores below it."""
+    from fastbd.ubt.defend import backdoor_block, check_statistic
+
+    model, reference, poison = planted_block(gen)
+    top = backdoor_block(model, reference, poison.numel())
+    assert set(top.tolist()) == set(poison.tolist())
+    assert check_statistic(model, reference, top) >= Config().check_threshold
+    one_class = torch.arange(0, 40, 4)[:poison.numel()]
+    assert check_statistic(model, reference, one_class) < Config().check_threshold
+
+
+def brute_block_match(c, top):
+    """2·(share of random captions below caption b for image a, ties half) − 1, over a ≠ b."""
+    shares = []
+    for a in top.tolist():
+        for b in top.tolist():
+            if a == b:
+                continue
+            block = float(c.images[a] @ c.captions[b])
+            randoms = (c.others @ c.images[a]).tolist()
+            shares.append(sum(1.0 if r < block else 0.5 if r == block else 0.0
+                              for r in randoms) / len(randoms))
+    return 2 * sum(shares) / len(shares) - 1
+
+
+def test_check_statistic_combines_the_two_models_rank_matches(gen):
+    """min(m, ½ − r): ≥ ½ exactly when the model matches the block halfway to true pairs or
+    more and the reference no better than random captions."""
     from fastbd.ubt.defend import check_statistic
 
+    model, reference, poison = planted_block(gen)
+    top = torch.tensor([3, 17, 41, 42, 55])
+    expected = min(brute_block_match(model, top), 0.5 - brute_block_match(reference, top))
+    assert math.isclose(check_statistic(model, reference, top), expected, rel_tol=1e-6,
+                        abs_tol=1e-9)
+    assert brute_block_match(model, poison) >= 0.5 and brute_block_match(reference, poison) <= 0
+    assert check_statistic(model, model, poison) < 0.5  # a model agreeing with itself
+    assert check_statistic(model, reference, top[:1]) == math.inf
+    assert check_statistic(None, reference, top) == math.inf
+    assert check_statistic(model, None, top) == math.inf
+
+
+def test_a_weak_reference_does_not_make_a_class_block_a_backdoor(gen):
+    """A reference that separates the classes far less sharply than the model — its cosines
+    much noisier — still ranks an image's own class captions above random ones: a class block
+    stays near 0 while the planted block stays near 1."""
+    from fastbd.ubt.defend import backdoor_block, check_statistic
+
+    model, reference, poison = planted_block(gen)
+    weak = calibrated_pairs(reference.images + 0.2 * torch.randn(reference.images.shape,
+                                                                   generator=gen),
+                            reference.captions, 0.7, 0.0, reference.others)
+    one_class = torch.arange(0, 40, 4)[:poison.numel()]
+    assert check_statistic(model, weak, one_class) < Config().check_threshold
+    top = backdoor_block(model, weak, poison.numel())
+    assert set(top.tolist()) == set(poison.tolist())
+    assert check_statistic(model, weak, top) >= Config().check_threshold
+
+
+def test_calibrated_measures_each_models_scale_on_normal_pairs(learnable):
+    """μ_m and μ_u from ``similarities`` pair by pair over the sampled D_normal pairs (each
+    image with its own caption and with the next sampled pair's); unmeasurable → None."""
+    from fastbd.ubt.defend import calibrated
+
     images, tokens, _, model = learnable
-    normal, top = torch.arange(20, 120), torch.tensor([3, 6, 8, 13])
-    cfg = Config(check_sample=1000)
+    normal, rows, cfg = torch.arange(20, 120), torch.tensor([3, 6, 8, 13]), Config()
     sample = normal[torch.randperm(normal.numel(),
                                    generator=torch.Generator().manual_seed(cfg.seed + 2))]
     matched = float(similarities(model, images[sample], tokens[sample], "cpu").mean())
     unmatched = float(similarities(model, images[sample], tokens[sample.roll(1)], "cpu").mean())
-    assert matched > unmatched
-    a, b = zip(*[(i, j) for i in top.tolist() for j in top.tolist() if i != j], strict=True)
-    cross = float(similarities(model, images[list(a)], tokens[list(b)], "cpu").mean())
-    got = check_statistic(model, images, tokens, top, normal, cfg, "cpu")
-    assert math.isclose(got, (cross - unmatched) / (matched - unmatched), rel_tol=1e-4)
-    assert check_statistic(model, images, tokens, top, normal[:1], cfg, "cpu") == math.inf
-    assert check_statistic(model, images, tokens, top[:1], normal, cfg, "cpu") == math.inf
-
-
-def test_check_statistic_calls_a_set_that_cross_matches_poisoned_and_strangers_clean(
-        learnable):
-    """Top pairs of one class match each other's captions — as a backdoor's triggered images
-    all match the target captions — and score above the ½ threshold; pairs of four different
-    classes match only their own captions and score below it."""
-    from fastbd.ubt.defend import check_statistic
-
-    images, tokens, labels, model = learnable
-    normal, cfg = torch.arange(20, 120), Config()
-    one_class = torch.nonzero(labels[:20] == 1).flatten()
-    strangers = torch.tensor([0, 1, 2, 3])
-    assert check_statistic(model, images, tokens, one_class, normal, cfg, "cpu") \
-        >= cfg.check_threshold
-    assert check_statistic(model, images, tokens, strangers, normal, cfg, "cpu") \
-        < cfg.check_threshold
+    got = calibrated(model, images, tokens, rows, normal, cfg, "cpu")
+    assert math.isclose(got.matched, matched, rel_tol=1e-4)
+    assert math.isclose(got.unmatched, unmatched, rel_tol=1e-4)
+    assert got.images.shape == got.captions.shape == (4, model.text_projection.shape[1])
+    assert got.others.shape == (100, model.text_projection.shape[1])
+    assert calibrated(model, images, tokens, rows, normal[:1], cfg, "cpu") is None
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])

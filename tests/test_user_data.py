@@ -352,8 +352,18 @@ def test_loop_clip_defends_and_compares(tmp_path):
     rows = json.loads((out / "loop.json").read_text())["rows"]
     assert set(rows) == {"poisoned", "ubt", "cleanclip"}
     assert rows["ubt"]["suspicious"] > 0 and rows["ubt"]["retrieval"] is not None
-    clean = (out / "data" / "clean.csv").read_text().splitlines()
-    assert len(clean) == 1 + 160 - 8  # header + the unpoisoned rows
+    # the reference and CleanCLIP learn from a disjoint world of the same look, never from the
+    # training pairs minus the poison (ground truth)
+    assert not (out / "data" / "clean.csv").exists()
+
+    def image_bytes(folder):
+        with open(folder / ("clean.csv" if folder.name == "reference-data" else "train.csv"),
+                  newline="") as handle:
+            return {(folder / row["image"]).read_bytes() for row in csv.DictReader(handle)}
+
+    reference_images = image_bytes(out / "reference-data")
+    assert len(reference_images) > 100
+    assert not reference_images & image_bytes(out / "data")
     assert (out / "train-clean" / "clip.pt").is_file()
 
 

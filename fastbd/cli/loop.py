@@ -4,8 +4,9 @@ and after every detector or defense.
 
 * ``ssl`` (PoisonCAM's Table I protocol): train the SSL threat model on the (poisoned) images →
   linear-probe CA/ASR → each detector → retrain the same way on its ``filtered.txt`` → CA/ASR.
-* ``clip`` (UBT's): train the backdoored CLIP and a clean reference → zero-shot CA/ASR → each
-  defense → CA/ASR of the defended model.
+* ``clip`` (UBT's): train the backdoored CLIP and a clean reference (on other pairs than the
+  training pairs: ``--clean-csv``, or on the synthetic world a disjoint world of the same look)
+  → zero-shot CA/ASR → each defense → CA/ASR of the defended model.
 
 Without ``--file-list``/``--csv`` the loop first exports the poisoned synthetic world
 (``fastbd attack``) and runs on those files. Each step writes its own sub-folder of ``--out``;
@@ -220,6 +221,7 @@ def world_ssl_config(out: Path) -> Path:
 
 def clip_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
     from fastbd import registry
+    from fastbd.world import REFERENCE_WORLD_OFFSET
 
     defenses = _names(args.defenses, registry.CLIP_DEFENSES, "defenses")
     columns = ["--image-key", args.image_key, "--caption-key", args.caption_key,
@@ -231,13 +233,16 @@ def clip_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
         train_csv, eval_csv, class_names = args.csv, args.eval_csv, args.class_names
         clean_csv = args.clean_csv
     else:
-        data = steps.run("data", ["attack", "--attack", args.poison, "--n-train",
-                                  str(args.n_train), "--n-eval", str(args.n_eval), "--seed",
-                                  str(args.seed), *_flag("--rate", args.rate)])
+        world = ["attack", "--attack", args.poison, "--n-train", str(args.n_train), "--n-eval"]
+        data = steps.run("data", [*world, str(args.n_eval), "--seed", str(args.seed),
+                                  *_flag("--rate", args.rate)])
         train_csv, eval_csv = str(data / "train.csv"), str(data / "val.csv")
         class_names = str(data / "classes.txt")
-        clean_csv = args.clean_csv or str(unpoisoned_rows(data / "train.csv",
-                                                          data / "clean.csv"))
+        clean_csv = args.clean_csv
+        if clean_csv is None:
+            other = steps.run("reference-data", [
+                *world, "1", "--seed", str(args.seed + REFERENCE_WORLD_OFFSET)])
+            clean_csv = str(unpoisoned_rows(other / "train.csv", other / "clean.csv"))
     if args.reference_checkpoint is None and clean_csv is None and any(
             registry.CLIP_DEFENSES[d].needs_reference for d in defenses):
         raise ValueError("give --reference-checkpoint (a clean model) or --clean-csv (clean "
@@ -289,8 +294,10 @@ def clip_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
 
 
 def unpoisoned_rows(train_csv: Path, clean_csv: Path) -> Path:
-    """The synthetic world's clean reference pairs: the rows of its exported ``train.csv``
-    whose ``is_backdoor`` is 0 (ground truth only the world's export has)."""
+    """The clean pairs of a synthetic-world export: the rows of its ``train.csv`` whose
+    ``is_backdoor`` is 0. The loop reads them from a *disjoint* world of the same look (seed
+    offset by ``REFERENCE_WORLD_OFFSET``), never from the world being defended, whose clean
+    rows are ground truth no defender has."""
     from io import StringIO
 
     from fastbd.storage import write_text_atomically
@@ -387,9 +394,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--class-names", help="clip: class names in label order (comma-separated "
                       "or a file)")
     loop.add_argument("--templates", help="clip: zero-shot prompt templates file")
-    loop.add_argument("--clean-csv", help="clip: clean pairs (the reference model trains on "
-                      "them, CleanCLIP fine-tunes on them; synthetic world: its unpoisoned "
-                      "rows)")
+    loop.add_argument("--clean-csv", help="clip: clean pairs the reference model trains on and "
+                      "CleanCLIP fine-tunes on — other pairs than the training pairs, as a "
+                      "public model's data is (a model trained on the training pairs minus "
+                      "the poison knows the answer); synthetic world: a disjoint world of the "
+                      "same look")
     loop.add_argument("--reference-checkpoint", help="clip: a clean model (instead of training "
                       "one on --clean-csv)")
     loop.add_argument("--image-key", default="image", help="clip: the CSVs' image column")

@@ -16,7 +16,13 @@ from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
 from fastbd.models.clip import tokenize
 from fastbd.storage import check_writable_dir, output_dir, write_text_atomically
 from fastbd.ubt import Config, defend
-from fastbd.world import CLIPThreat, CLIPThreatConfig, build_clip_threat, evaluate_clip
+from fastbd.world import (
+    CLIPThreat,
+    CLIPThreatConfig,
+    build_clip_threat,
+    evaluate_clip,
+    independent_reference,
+)
 from fastbd.world.synthetic import make_world
 
 log = logging.getLogger(__name__)
@@ -82,13 +88,15 @@ def _defend(method: str, threat: CLIPThreat, reference: torch.nn.Module, tokens:
 def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device = "cpu",
         seed: int = 0, cache_dir: str | Path = "fastbd-out/cache", verbose: bool = True,
         config: UBTDemoConfig | None = None) -> UBTDemoReport:
-    """Train (or load) the clean reference and one poisoned CLIP per attack, defend each with
-    every method, evaluate zero-shot CA/ASR, write ``out/<attack>/<method>/`` and
-    ``out/summary.json``. The clean model goes through UBT too: its check must decline."""
+    """Train (or load) the clean reference — on a disjoint world of the same look
+    (``independent_reference``), as a defender's public model is trained on other data — a
+    clean model and one poisoned CLIP per attack on the world, defend each with every method,
+    evaluate zero-shot CA/ASR, write ``out/<attack>/<method>/`` and ``out/summary.json``. The
+    clean model goes through UBT too: its check must decline."""
     config = config or UBTDemoConfig()
     out = check_writable_dir(out)
     base = replace(config.threat, seed=seed)
-    reference = build_clip_threat(replace(base, attack="none"), cache_dir=cache_dir,
+    reference = build_clip_threat(independent_reference(base), cache_dir=cache_dir,
                                   device=device, verbose=verbose)
     world_config = replace(base.world, seed=base.world.seed + 1000, n_train=config.clean_pairs,
                            n_eval=1)
@@ -97,9 +105,10 @@ def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device =
              tokenize(reference.tokenizer, clean_world.train.captions,
                       base.model.context_length))
     report = UBTDemoReport()
+    report.threats["reference"] = reference.to_dict()
     for attack in ("none", *config.attacks):
-        threat = reference if attack == "none" else build_clip_threat(
-            replace(base, attack=attack), cache_dir=cache_dir, device=device, verbose=verbose)
+        threat = build_clip_threat(replace(base, attack=attack), cache_dir=cache_dir,
+                                   device=device, verbose=verbose)
         report.threats[attack] = threat.to_dict()
         log.info("%s model: CA %.3f ASR %.3f", attack, threat.evaluation.clean_accuracy,
                  threat.evaluation.asr)

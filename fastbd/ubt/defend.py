@@ -3,16 +3,19 @@
 1. Suspicious split: the lowest-similarity pairs under a clean reference model —
    ``susp_fraction`` of them, or more where more lie far below the rest (``split``).
 2. Overfit a copy of the model: ``(S − 1)²`` on suspicious batches + InfoNCE on normal batches.
-3. Rank the suspicious pairs by similarity under the overfit model; keep the top
-   ``ceil(sqrt(|D_susp|))``.
-4. Poisoned-model check (ours; the paper has none): does the model match the top pairs'
-   images with each other's captions? ``(mean off-diagonal cosine of the k×k top block − μ_u) /
-   (μ_m − μ_u)`` under the model being defended, with μ_m its mean cosine over matched D_normal
-   pairs and μ_u over D_normal images with another pair's caption: 0 when the top images and
-   captions are as unrelated as random pairs, 1 when they match as true pairs do. A backdoor
-   makes every triggered image match every target caption (≈ 1); a clean model's
-   lowest-similarity pairs are unrelated mismatches, each memorised alone (≈ 0). Below
-   ``check_threshold`` (½, halfway) the model is returned unchanged (``poisoned=False``).
+3. Rank the suspicious pairs and keep the top ``ceil(sqrt(|D_susp|))``. The paper ranks by
+   similarity under the overfit model (``ranking="overfit"``); with a reference trained on
+   other data that puts memorised clean hard pairs first. fastbd's default
+   (``ranking="cross-match"``) takes the *block* a backdoor forms: pairs whose images the
+   overfit model matches with each other's captions while the reference does not
+   (``backdoor_block``; every triggered image with every target caption).
+4. Poisoned-model check (ours; the paper has none): how the model being defended (``m``) and
+   the reference (``r``) match the top pairs' images with each other's captions, each by rank
+   against random captions (0 = as random captions, 1 = above every random caption). A
+   backdoor's block: the model matches them more like true pairs than random ones (``m ≥ ½``)
+   and the clean reference no better than random captions (``r ≤ 0``). The statistic
+   ``min(m, ½ − r)`` (``check_statistic``) reaches ``check_threshold`` (½) exactly when both
+   hold; below it the model is returned unchanged (``poisoned=False``).
 5. Token relevance (Chefer) of the top captions under the poisoned model; masked captions keep
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
@@ -47,6 +50,7 @@ from fastbd.clipdefense import (
 from fastbd.devices import device_of
 from fastbd.distributed import average_gradients
 from fastbd.models.clip import encode_images, encode_texts
+from fastbd.models.encoders import working_copy
 from fastbd.schedules import adamw
 from fastbd.storage import (
     NO_STAGES,
@@ -61,7 +65,7 @@ from fastbd.training.clip import (
 )
 from fastbd.ubt.relevance import token_relevance
 from fastbd.ubt.result import UBTResult
-from fastbd.validation import above, at_least, check_fields, fraction
+from fastbd.validation import above, at_least, check_fields, fraction, one_of
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,12 @@ class Config:
     that share of D_normal the reference model rates most similar, so poison beyond D_susp
     (which sits at the low end) is not re-taught. ``masked_captions``: unlearn (image, masked
     caption) pairs too.
+    ``ranking`` (step 3): ``cross-match`` (ours: the backdoor's block, ``backdoor_block``) or
+    ``overfit`` (the paper's: similarity under the overfit model).
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
-    poisoned — halfway between unrelated (0) and matched (1) pairs; ``check_sample``: D_normal
-    pairs the statistic's baselines are measured on."""
+    poisoned (½: the model matches the block halfway from random captions to true pairs or
+    more, the reference no better than random captions); ``check_sample``: D_normal pairs each
+    model's scale and random captions come from."""
 
     susp_fraction: float = 0.01
     split: str = "adaptive"
@@ -106,6 +113,7 @@ class Config:
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
     retain_fraction: float = 0.5
+    ranking: str = "cross-match"
     check_threshold: float = 0.5
     check_sample: int = 1000
     skip_check: bool = False
@@ -116,7 +124,8 @@ class Config:
                      overfit_lr=above(0), unlearn_epochs=at_least(0), unlearn_lr=above(0),
                      token_threshold=fraction(), overfit_min_steps=at_least(0),
                      unlearn_min_steps=at_least(0), retain_weight=at_least(0),
-                     retain_fraction=fraction(low_open=True), check_sample=at_least(2))
+                     retain_fraction=fraction(low_open=True), check_sample=at_least(2),
+                     ranking=one_of("cross-match", "overfit"))
 
 
 def retain_pool(reference_sim: torch.Tensor, normal: torch.Tensor, fraction: float
@@ -201,33 +210,149 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     model.eval()
 
 
-def check_statistic(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                    top: torch.Tensor, normal: torch.Tensor, config: Config,
-                    device: torch.device | str) -> float:
-    """Step 4: how well ``model`` matches the ``top`` pairs' (int64 ``k``) images with each
-    other's captions, ``(mean_{a≠b} cos(image_a, caption_b) − μ_u) / (μ_m − μ_u)``, where μ_m is
-    the mean cosine of up to ``check_sample`` random D_normal pairs and μ_u that of the same
-    images with the next sampled pair's caption. +inf when it cannot be measured (fewer than 2
-    top pairs or D_normal pairs, or a model that rates matched pairs no higher than unmatched
-    ones): without a measurement the check cannot decline."""
+@dataclass
+class Calibrated:
+    """Unit-norm image and caption embeddings (float32 ``r×E`` each, on the CPU) of some pairs
+    under one model, with that model's scale: ``matched`` = the mean cosine of true pairs,
+    ``unmatched`` = of an image with another pair's caption (over D_normal samples), and
+    ``others`` (float32 ``m×E``) the captions of those samples. ``z`` puts a cosine on that
+    scale: 0 = as unrelated pairs, 1 = as true pairs, so models with different cosine ranges
+    compare."""
+
+    images: torch.Tensor
+    captions: torch.Tensor
+    matched: float
+    unmatched: float
+    others: torch.Tensor
+
+    def z(self, cosine: torch.Tensor) -> torch.Tensor:
+        return (cosine - self.unmatched) / (self.matched - self.unmatched)
+
+    def block_match(self, top: torch.Tensor) -> float:
+        """How this model matches the ``top`` pairs' (int64 positions ``k``) images with each
+        other's captions, by rank: over a ≠ b, the share of the ``others`` captions that
+        image a matches less than caption b (ties half), as ``2·share − 1`` — 0 when b is
+        to a as a random caption is, 1 when b beats every random caption. A rank, not a
+        cosine: a model that separates classes less sharply (a reference trained on less
+        data) still ranks a caption of an image's own class above most random captions."""
+        k = top.numel()
+        random_cos = (self.images[top] @ self.others.T).sort(dim=1).values  # k×m
+        block = self.images[top] @ self.captions[top].T  # k×k
+        below = torch.searchsorted(random_cos, block.contiguous(), right=False)
+        at_most = torch.searchsorted(random_cos, block.contiguous(), right=True)
+        share = (below + at_most).double() / (2 * random_cos.shape[1])
+        off = ~torch.eye(k, dtype=torch.bool)
+        return float(2 * share[off].mean() - 1)
+
+
+def calibrated(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+               normal: torch.Tensor, config: Config, device: torch.device | str
+               ) -> Calibrated | None:
+    """``Calibrated`` embeddings of pairs ``rows`` under ``model``, its scale measured on up to
+    ``check_sample`` random D_normal pairs (each image against its own caption and against
+    the next sampled pair's); None when it cannot be measured (fewer than 2 D_normal pairs, or
+    a model that rates true pairs no higher than unrelated ones)."""
     g = torch.Generator().manual_seed(config.seed + 2)
     sample = normal[torch.randperm(normal.numel(), generator=g)[:config.check_sample]]
-    if top.numel() < 2 or sample.numel() < 2:
-        return math.inf
+    if sample.numel() < 2:
+        return None
     sample_images, sample_captions = unit_embeddings(model, images, tokens, sample, device)
     matched = float((sample_images * sample_captions).sum(-1).mean())
     unmatched = float((sample_images * sample_captions.roll(1, 0)).sum(-1).mean())
     if matched <= unmatched:
+        return None
+    return Calibrated(*unit_embeddings(model, images, tokens, rows, device), matched, unmatched,
+                      sample_captions)
+
+
+def cross_match(model: Calibrated, reference: Calibrated, members: torch.Tensor) -> torch.Tensor:
+    """For every pair i (of the ``r`` both hold), the mean over the other ``members`` j (bool
+    ``r``) of the disagreement ``z_model(cos) − z_reference(cos)`` between image i and caption j
+    and between image j and caption i — how much more the model than the reference matches i
+    with the members' captions and images. float64 ``r``; computed from sums of embeddings,
+    never an ``r×r`` matrix."""
+    count = members.double().sum() - members.double()
+    total = torch.zeros(members.numel(), dtype=torch.float64)
+    for calibrated_pairs, sign in ((model, 1.0), (reference, -1.0)):
+        images, captions = calibrated_pairs.images.double(), calibrated_pairs.captions.double()
+        own = (images * captions).sum(1) * members.double()
+        with_captions = images @ captions[members].sum(0) - own
+        with_images = captions @ images[members].sum(0) - own
+        span = calibrated_pairs.matched - calibrated_pairs.unmatched
+        for sums in (with_captions, with_images):
+            total += sign * (sums - count * calibrated_pairs.unmatched) / span
+    return total / (2 * count.clamp(min=1))
+
+
+def closest_partners(model: Calibrated, reference: Calibrated, k: int, chunk: int = 1024
+                     ) -> torch.Tensor:
+    """For every pair i (of the ``r`` both hold), the mean of its ``k`` largest symmetric
+    disagreements ``(d(i, j) + d(j, i)) / 2`` over j ≠ i, with ``d(i, j) = z_model(cos(image_i,
+    caption_j)) − z_reference(…)``: how strongly i belongs to *some* group of ``k`` pairs the
+    model matches and the reference does not, whatever the size of other groups. float64
+    ``r``; ``chunk`` rows of the ``r×r`` disagreement at a time."""
+    r = model.images.shape[0]
+    out = torch.zeros(r, dtype=torch.float64)
+    take = min(k, r - 1)
+    if take < 1:
+        return out
+    for start in range(0, r, chunk):
+        rows = slice(start, min(start + chunk, r))
+        sym = torch.zeros(rows.stop - start, r, dtype=torch.float64)
+        for c, sign in ((model, 1.0), (reference, -1.0)):
+            images, captions = c.images.double(), c.captions.double()
+            both = images[rows] @ captions.T + captions[rows] @ images.T
+            sym += sign * (both / 2 - c.unmatched) / (c.matched - c.unmatched)
+        sym[torch.arange(sym.shape[0]), torch.arange(start, rows.stop)] = -math.inf
+        out[rows] = sym.topk(take, dim=1).values.mean(1)
+    return out
+
+
+def backdoor_block(model: Calibrated, reference: Calibrated, k: int, max_rounds: int = 50
+                   ) -> torch.Tensor:
+    """Step 3: the ``k`` suspicious pairs that form the block of a backdoor — pairs whose
+    images the model matches with each other's captions while the reference does not (every
+    poisoned image carries the trigger, every poisoned caption names the target: the model
+    learned to match them all, a clean model sees unrelated pairs). Start from the ``k`` pairs
+    with the strongest ``closest_partners``, then re-rank every pair by its ``cross_match``
+    with the current ``k`` until the set stops changing (at most ``max_rounds``). Returns
+    positions (int64 ``k``) into the pairs ``model`` and ``reference`` hold, best first."""
+    n = model.images.shape[0]
+    score = closest_partners(model, reference, k)
+    members = torch.zeros(n, dtype=torch.bool)
+    order = torch.argsort(score, descending=True, stable=True)[:k]
+    for _ in range(max_rounds):
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[order] = True
+        if torch.equal(chosen, members):
+            break
+        members = chosen
+        order = torch.argsort(cross_match(model, reference, members), descending=True,
+                              stable=True)[:k]
+    return order
+
+
+def check_statistic(model: Calibrated | None, reference: Calibrated | None,
+                    top: torch.Tensor) -> float:
+    """Step 4: is the ``top`` block (int64 positions ``k``) a backdoor's? Each model matches
+    the block's images with each other's captions, by rank against random captions
+    (``Calibrated.block_match``: 0 = as a random caption, 1 = above every random caption):
+    ``m`` under the model being defended, ``r`` under the reference. A backdoor's block is one
+    the model matches more like true pairs than like random ones (``m ≥ ½``) while the clean
+    reference finds the captions no closer to the images than random captions (``r ≤ 0``: a
+    triggered image shows another class than the target its captions name). The statistic is
+    ``min(m, ½ − r)``: at or above ½ exactly when both hold; a clean model's best block fails
+    one side or both — the reference sees a relation the model sees, or the model sees none.
+    +inf when it cannot be measured (fewer than 2 top pairs, or either scale unmeasurable):
+    without a measurement the check cannot decline."""
+    if model is None or reference is None or top.numel() < 2:
         return math.inf
-    top_images, top_captions = unit_embeddings(model, images, tokens, top, device)
-    block = top_images @ top_captions.T
-    off_diagonal = block[~torch.eye(top.numel(), dtype=torch.bool)]
-    return (float(off_diagonal.mean()) - unmatched) / (matched - unmatched)
+    return min(model.block_match(top), 0.5 - reference.block_match(top))
 
 
 def unit_embeddings(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                  rows: torch.Tensor, device: torch.device | str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                    rows: torch.Tensor, device: torch.device | str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm float32 image and caption embeddings (``r×E`` each, on the CPU) of pairs
     ``rows``."""
     return (encode_images(model, images[rows], device=device).cpu(),
@@ -251,6 +376,7 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     check_pairs(images, tokens, model)
     check_pairs(images, tokens, reference)
     device = device_of(model, device)
+    reference = working_copy(reference, device)
     stages = defense_stages(checkpoint_dir, "ubt", config, images, tokens, model, reference,
                             save_every_s)
     timings: dict[str, float] = {}
@@ -269,10 +395,18 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     overfit_sim = similarities(tuned, images[suspicious], tokens[suspicious], device)
     k = config.topk or math.ceil(math.sqrt(n_susp))  # √(|D|·fraction) of the split taken
     k = min(k, n_susp)
-    order = torch.argsort(overfit_sim, descending=True)
-    topk = suspicious[order[:k]]
     purified = copy.deepcopy(model).to(device).eval()
-    statistic = check_statistic(purified, images, tokens, topk, normal, config, device)
+    reference_pairs = calibrated(reference, images, tokens, suspicious, normal, config, device)
+    overfit_pairs = calibrated(tuned, images, tokens, suspicious, normal, config, device)
+    if config.ranking == "cross-match" and reference_pairs is not None \
+            and overfit_pairs is not None:
+        top = backdoor_block(overfit_pairs, reference_pairs, k)
+    else:
+        top = torch.argsort(overfit_sim, descending=True, stable=True)[:k]
+    topk = suspicious[top]
+    statistic = check_statistic(
+        calibrated(purified, images, tokens, suspicious, normal, config, device),
+        reference_pairs, top)
     timings["rank"] = time.perf_counter() - start
     poisoned = config.skip_check or statistic >= config.check_threshold
     result = UBTResult(model=purified, suspicious=suspicious,

@@ -16,6 +16,7 @@ from fastbd.world.synthetic import (
 )
 from fastbd.world.threats import (
     DEFAULT_CACHE,
+    REFERENCE_WORLD_OFFSET,
     WORLD_ATTACK_OPTIONS,
     WORLD_POISON_RATES,
     CLIPEvaluation,
@@ -27,6 +28,7 @@ from fastbd.world.threats import (
     build_ssl_threat,
     evaluate_clip,
     implanted_ssl_threat,
+    independent_reference,
     poison_world_images,
     poison_world_pairs,
     world_attack,
@@ -34,8 +36,10 @@ from fastbd.world.threats import (
 )
 
 __all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", "LAYOUTS",
+           "REFERENCE_WORLD_OFFSET",
            "SSLThreat", "SSLThreatConfig", "SyntheticWorld", "WORLD_ATTACK_OPTIONS",
            "WORLD_POISON_RATES", "WorldConfig", "WorldSplit", "ZERO_SHOT_TEMPLATES",
            "build_clip_threat", "build_ssl_threat", "check_world_config", "evaluate_clip",
-           "implanted_ssl_threat", "make_world", "poison_world_images", "poison_world_pairs",
+           "implanted_ssl_threat", "independent_reference", "make_world", "poison_world_images",
+           "poison_world_pairs",
            "world_attack", "world_caption", "world_rate"]

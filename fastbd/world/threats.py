@@ -302,6 +302,22 @@ class CLIPThreatConfig:
     seed: int = 0
 
 
+REFERENCE_WORLD_OFFSET = 2000
+"""World-seed offset of the clean reference's world: a disjoint world of the same look (new
+images and captions of the same classes and templates), as a public model is trained on other
+data than the pairs it judges."""
+
+
+def independent_reference(config: CLIPThreatConfig) -> CLIPThreatConfig:
+    """The clean reference model a defender has, for the threat ``config``: the same tiny CLIP
+    trained the same way on a clean world of the same look whose seed is offset by
+    ``REFERENCE_WORLD_OFFSET`` — never on the pairs it judges (a model trained on the
+    training pairs minus the poison is ground truth: it has memorised exactly the clean pairs
+    a defense must tell from the poisoned ones)."""
+    return replace(config, attack="none", rate=None,
+                   world=replace(config.world, seed=config.world.seed + REFERENCE_WORLD_OFFSET))
+
+
 @dataclass
 class CLIPEvaluation:
     clean_accuracy: float

@@ -1,0 +1,26 @@
+"""``docs/results.md``: the full result tables, each section written by the script that measures
+it (``write_section``), between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` markers, so one
+script's rerun replaces its own tables and leaves the others'."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastbd.storage import write_text_atomically
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+HEADER = ("# Results\n\nEvery table below is written by the script named in its section; rerun "
+          "it to refresh the section. The README shows one summary table per defense.\n")
+
+
+def write_section(name: str, markdown: str, path: Path = RESULTS) -> Path:
+    """Replace (or append) section ``name`` of ``path`` with ``markdown``, atomically."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) \
+        else f"{text.rstrip()}\n\n{block}\n"
+    write_text_atomically(text, path)
+    return path
