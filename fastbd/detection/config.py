@@ -110,6 +110,12 @@ class Config:
       flagged implausible (published poison rates are 0.5–10 %), as is one whose decision
       threshold lies at a negative margin or whose classifier removes fewer than half of the
       search's top-k (``DetectionResult.warnings``);
+    * ``check``: before anything is removed, decide whether there is a backdoor at all — each
+      top-k trigger candidate is pasted on the test images once more and the share of them it
+      pulls into one cluster measured (``capture_shares``); a backdoor trigger overrides the
+      content of most images, so the check passes when the median top-k candidate captures at
+      least ``check_threshold`` (½: a majority) of the test images outside the cluster it pulls
+      them into. Below it the result removes nothing and says so (``DetectionResult.backdoor``);
     * ``exported_patches``: the candidate windows of the best-scored images written one PNG
       each (``all_top_poison_patches/``, PatchSearch's layout, which its classifier reads);
     * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host
@@ -141,6 +147,8 @@ class Config:
     exported_patches: int = 100
     search_budget_s: float | None = None
     warn_removed_fraction: float = 0.2
+    check: bool = True
+    check_threshold: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +163,7 @@ class Config:
             reference_size=at_least(1), batch_size=at_least(1), precision=one_of(*PRECISIONS),
             bank_placement=one_of(*BANK_PLACEMENTS), exported_patches=at_least(0),
             search_budget_s=above(0), warn_removed_fraction=fraction(),
+            check_threshold=fraction(low_open=True),
             seed=at_least(0))
 
     def for_device(self, device: torch.device) -> Config:

@@ -73,6 +73,36 @@ def crop_windows(images: torch.Tensor, image_index: torch.Tensor, windows: torch
         .permute(0, 3, 1, 2).contiguous()
 
 
+def _pasted_assignments(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+                        triggers: torch.Tensor, mean, std, candidates_per_batch: int,
+                        generator: torch.Generator, dtype: torch.dtype,
+                        corner_positions: int | None):
+    """Yield ``(start, after)`` per batch of candidates: the clusters (int ``count×T``) of the
+    ``T`` bank rows ``test_index`` with candidates ``start … start + count − 1`` (uint8
+    ``c×3×w×w``) pasted at uniform random corners in ``[0, corner_positions)`` per axis
+    (default ``S − w + 1``)."""
+    n_cand, _, window, _ = triggers.shape
+    n_test = test_index.numel()
+    size = images.shape[-1]
+    device = images.device
+    per_batch = max(1, candidates_per_batch)
+    buffer = torch.empty(min(per_batch, max(n_cand, 1)) * n_test, 3, size, size, dtype=dtype,
+                         device=device)
+    test_images = images[test_index.to(device)]  # gathered once: the bank may be HostRows
+    local = torch.arange(n_test, device=device)
+    for start in range(0, n_cand, per_batch):
+        count = min(per_batch, n_cand - start)
+        jobs = count * n_test
+        corners = torch.randint(0, corner_positions or size - window + 1, (jobs, 2),
+                                generator=generator, device=generator.device).to(device)
+        patch_index = torch.arange(count, device=device).repeat_interleave(n_test)
+        view = buffer[:jobs]
+        paste(test_images, triggers[start:start + count].to(device), local.repeat(count),
+              patch_index, corners[:, 0], corners[:, 1], mean=mean, std=std, out=view)
+        after, _ = encode_assign(view)
+        yield start, after.view(count, n_test)
+
+
 @torch.no_grad()
 def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
                 test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
@@ -90,32 +120,70 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
     is PatchSearch's: test images assigned to that cluster after pasting minus before.
     Returns float32 ``c`` on the images' device.
     """
-    n_cand, _, window, _ = triggers.shape
-    n_test = test_index.numel()
-    size = images.shape[-1]
     device = images.device
-    scores = torch.zeros(n_cand, dtype=torch.float32, device=device)
-    if n_cand == 0:
-        return scores
-    per_batch = max(1, candidates_per_batch)
-    buffer = torch.empty(per_batch * n_test, 3, size, size, dtype=dtype, device=device)
-    test_images = images[test_index.to(device)]  # gathered once: the bank may be HostRows
-    test_index = torch.arange(n_test, device=device)
-    for start in range(0, n_cand, per_batch):
-        count = min(per_batch, n_cand - start)
-        jobs = count * n_test
-        corners = torch.randint(0, corner_positions or size - window + 1, (jobs, 2),
-                                generator=generator, device=generator.device).to(device)
-        patch_index = torch.arange(count, device=device).repeat_interleave(n_test)
-        view = buffer[:jobs]
-        paste(test_images, triggers[start:start + count].to(device), test_index.repeat(count),
-              patch_index, corners[:, 0], corners[:, 1], mean=mean, std=std, out=view)
-        after, _ = encode_assign(view)
-        after = after.view(count, n_test)
+    scores = torch.zeros(triggers.shape[0], dtype=torch.float32, device=device)
+    before_labels = test_labels.to(device)[None, :]
+    for start, after in _pasted_assignments(encode_assign, images, test_index, triggers, mean,
+                                            std, candidates_per_batch, generator, dtype,
+                                            corner_positions):
+        count = after.shape[0]
         if source_clusters is None:
-            scores[start:start + count] = (after != test_labels.to(device)).sum(1).float()
+            scores[start:start + count] = (after != before_labels).sum(1).float()
         else:
             target = source_clusters[start:start + count].to(device)[:, None]
-            before = (test_labels.to(device)[None, :] == target).sum(1)
+            before = (before_labels == target).sum(1)
             scores[start:start + count] = ((after == target).sum(1) - before).float()
     return scores
+
+
+@torch.no_grad()
+def capture_shares(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+                   test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
+                   candidates_per_batch: int, generator: torch.Generator,
+                   dtype: torch.dtype = torch.float32, corner_positions: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How strongly each candidate (uint8 ``c×3×w×w``) pulls the test images into one cluster:
+    pasted as in ``flip_counts``, the share of the test images outside cluster ``d`` that move
+    into ``d``, for the cluster ``d`` that most of them move into. A backdoor trigger overrides
+    an image's content and sends most images to its target's cluster (share near its attack
+    success rate); a window of ordinary content scatters the few it moves. Returns (float32
+    shares ``c`` in [0, 1], int64 destination clusters ``c``), on the CPU."""
+    n_cand = triggers.shape[0]
+    shares = torch.zeros(n_cand, dtype=torch.float32)
+    destinations = torch.full((n_cand,), -1, dtype=torch.long)
+    before = test_labels.cpu().long()
+    for start, after in _pasted_assignments(encode_assign, images, test_index, triggers, mean,
+                                            std, candidates_per_batch, generator, dtype,
+                                            corner_positions):
+        after = after.cpu().long()
+        for row, assigned in enumerate(after):
+            moved = assigned[assigned != before]
+            if moved.numel() == 0:
+                continue
+            counts = torch.bincount(moved)
+            destination = int(torch.argmax(counts))
+            outside = int((before != destination).sum())
+            shares[start + row] = float(counts[destination]) / max(outside, 1)
+            destinations[start + row] = destination
+    return shares, destinations
+
+
+@torch.no_grad()
+def escape_shares(encode_assign, images: torch.Tensor, rows: torch.Tensor,
+                  labels: torch.Tensor, patches: torch.Tensor, mean, std, *,
+                  candidates_per_batch: int, generator: torch.Generator,
+                  dtype: torch.dtype = torch.float32, corner_positions: int | None = None
+                  ) -> torch.Tensor:
+    """The other side of ``capture_shares``' duel: for each bank row of ``rows`` (int64 ``r``,
+    in clusters ``labels``), the share of the ``patches`` (uint8 ``p×3×w×w``, each pasted at a
+    uniform random corner) that move it out of its cluster. Returns float32 ``r`` on the
+    CPU."""
+    moved = torch.zeros(rows.numel(), dtype=torch.float32)
+    if patches.shape[0] == 0 or rows.numel() == 0:
+        return moved
+    before = labels.cpu().long()[None, :]
+    for _, after in _pasted_assignments(encode_assign, images, rows, patches, mean, std,
+                                        candidates_per_batch, generator, dtype,
+                                        corner_positions):
+        moved += (after.cpu().long() != before).sum(0).float()
+    return moved / patches.shape[0]

@@ -24,7 +24,7 @@ from fastbd.detection.classifier import (
     train_poison_classifier,
 )
 from fastbd.detection.config import PRECISIONS, Config
-from fastbd.detection.flip import crop_windows, flip_counts
+from fastbd.detection.flip import capture_shares, crop_windows, escape_shares, flip_counts
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
 from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
@@ -84,7 +84,7 @@ def search_settings(config: Config) -> dict[str, object]:
     encoding batch size and where the images are kept, which a resumed run may change."""
     settings = config.to_dict()
     for name in ("classifier", "batch_size", "bank_placement", "exported_patches",
-                 "search_budget_s", "warn_removed_fraction"):
+                 "search_budget_s", "warn_removed_fraction", "check", "check_threshold"):
         del settings[name]
     return settings
 
@@ -242,6 +242,14 @@ class Detector:
         maps = torch.stack([top_maps[i][1] if i in top_maps else torch.zeros(size, size)
                             for i in topk.tolist()])
 
+        check: dict[str, object] = {}
+        if config.check:
+            start = time.perf_counter()
+            check = backdoor_check(context, self.method, test_index, test_labels, topk,
+                                   triggers)
+            timer.add("check", time.perf_counter() - start,
+                      test_index.numel() * (passes + 2 * k))
+
         exported = ranking[:min(config.exported_patches, int(state.scored.sum()))]
         patches = crop_windows(bank, exported, state.windows[exported], config.window).cpu()
 
@@ -268,6 +276,8 @@ class Detector:
         if classifier.threshold == "otsu" and bool(margin.max() > margin.min()):
             threshold = otsu_threshold(margin)
         removed = margin > threshold
+        if check and not check["backdoor"]:
+            removed = torch.zeros_like(removed)
         timer.add("classifier", time.perf_counter() - start + report.resumed_seconds, n)
         classifier_info["threshold"] = threshold
         classifier_info.update(iterations=report.iterations, best_f1=report.best_f1,
@@ -280,9 +290,10 @@ class Detector:
             top_images=bank[topk.to(bank.device)].cpu(),
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
-            classifier=classifier_info, plan=plan)
-        result.warnings = implausibility(margin, threshold, removed, topk,
-                                         config.warn_removed_fraction)
+            classifier=classifier_info, plan=plan, check=check)
+        if not check or check["backdoor"]:
+            result.warnings = implausibility(margin, threshold, removed, topk,
+                                             config.warn_removed_fraction)
         for warning in result.warnings:
             log.warning("%s: %s", self.method.name, warning)
         if ground_truth is not None:
@@ -290,6 +301,50 @@ class Detector:
         result.checkpoint_files = classifier_stages.existing()
         self.result_ = result
         return self
+
+
+def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: torch.Tensor,
+                   test_labels: torch.Tensor, topk: torch.Tensor, triggers: torch.Tensor
+                   ) -> dict[str, object]:
+    """Is there a backdoor at all? A duel between each top-k candidate and the test images'
+    own content. ``capture``: the share of test images the candidate (uint8 ``k×3×w×w``,
+    from top-k image ``topk``) pulls into one cluster when pasted on them
+    (``capture_shares``). ``escape``: the share of the test images' own candidate windows
+    (the method's ``candidates`` on them) that pull the candidate's image out of its cluster
+    when pasted on it (``escape_shares``). Content against content is an even match — a window
+    of an object pasted beside another object wins about as often as it loses, so capture ≈
+    escape, whatever the encoder's sensitivity to pasted patches; a trigger the encoder learned
+    overrides any content (capture ≈ its attack success rate) and keeps its own image in the
+    target's cluster (escape ≈ 0). ``statistic`` = the median over the top-k of capture −
+    escape: about 0 without a backdoor, about 1 with one; ``backdoor`` when it reaches
+    ``config.check_threshold`` (½, halfway). The median needs half of the top-k to be
+    triggers, which a search that found the trigger gives; one freak candidate cannot pass the
+    check. Streams of their own, seeded from ``config.seed``."""
+    config = context.config
+    size = context.bank.shape[-1]
+    corners = method.flip_corner_positions(size, config.window)
+    g = torch.Generator().manual_seed(config.seed + 7919)
+    capture, destinations = capture_shares(
+        context.encode_assign, context.bank, test_index, test_labels, triggers,
+        context.encoder.mean, context.encoder.std,
+        candidates_per_batch=config.candidates_per_batch, generator=g, dtype=context.dtype,
+        corner_positions=corners)
+    test_windows, _ = method.candidates(context, test_index, g)
+    own = crop_windows(context.bank, test_index, test_windows, config.window)
+    escape = escape_shares(
+        context.encode_assign, context.bank, topk, context.labels[topk.to(context.labels.device)],
+        own, context.encoder.mean, context.encoder.std,
+        candidates_per_batch=config.candidates_per_batch, generator=g, dtype=context.dtype,
+        corner_positions=corners)
+    duel = capture - escape
+    statistic = float(duel.median()) if duel.numel() else 0.0
+    backdoor = statistic >= config.check_threshold
+    log.info("backdoor check: median capture − escape %.2f (threshold %.2f): %s", statistic,
+             config.check_threshold, "backdoor" if backdoor else "no backdoor")
+    return {"statistic": statistic, "threshold": config.check_threshold, "backdoor": backdoor,
+            "capture": [round(float(v), 4) for v in capture],
+            "escape": [round(float(v), 4) for v in escape],
+            "destinations": destinations.tolist()}
 
 
 def plan_search(config: Config, n_images: int, passes: int, images_per_second: float,

@@ -24,7 +24,9 @@ class DetectionResult:
     candidate windows of the ``m`` best-scored images), ``margins`` (float32 ``N``: the poison
     classifier's ensemble margin, poison logit − clean logit); ``plan``: the search's cluster
     count, why, and its estimated size and time (``plan_search``); ``warnings``: what makes
-    the result implausible (``implausibility``), also logged; ``checkpoint_files``: the run's
+    the result implausible (``implausibility``), also logged; ``check``: the backdoor check
+    (``backdoor_check``: statistic, threshold, ``backdoor``; empty when it was off) — when it
+    finds no backdoor nothing is removed; ``checkpoint_files``: the run's
     training-state files, deleted by ``save``."""
 
     method: str
@@ -52,6 +54,7 @@ class DetectionResult:
     trigger_scores: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     plan: dict = field(default_factory=dict)
+    check: dict = field(default_factory=dict)
     checkpoint_files: list[Path] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
@@ -61,7 +64,8 @@ class DetectionResult:
             "topk": self.topk.tolist(), "windows": self.windows.tolist(),
             "timings_s": self.timings, "throughput_img_per_s": self.throughput,
             "rounds": self.rounds, "classifier": self.classifier, "config": self.config,
-            "plan": self.plan, "warnings": self.warnings}
+            "plan": self.plan, "warnings": self.warnings, "backdoor": self.backdoor,
+            "check": self.check}
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_dict()
         if self.topk_accuracy is not None:
@@ -69,9 +73,19 @@ class DetectionResult:
         out.update(self.trigger_scores)
         return out
 
+    @property
+    def backdoor(self) -> bool | None:
+        """The backdoor check's verdict (None when it did not run)."""
+        return bool(self.check["backdoor"]) if self.check else None
+
     def decision(self) -> str:
-        """One line: how many images were removed (and the precision/recall when ground truth
-        was known)."""
+        """One line: whether the check found a backdoor, how many images were removed (and the
+        precision/recall when ground truth was known)."""
+        if self.backdoor is False:
+            return (f"{self.method}: no backdoor found (check {self.check['statistic']:.2f} < "
+                    f"{self.check['threshold']:.2f}: no candidate trigger captures most "
+                    f"images); removed 0 of {self.removed.numel()} images, scores and margins "
+                    "saved")
         line = (f"{self.method}: removed {int(self.removed.sum())} of {self.removed.numel()} "
                 "images")
         if self.metrics is not None:

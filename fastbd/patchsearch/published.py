@@ -64,9 +64,10 @@ class PublishedPatchSearchMethod(PatchSearchMethod):
 
 def published_config(config: Config | None = None) -> Config:
     """``config`` (default ``Config()``) with the official code's poison classifier: its
-    training recipe, no pool cleaning, the argmax decision."""
+    training recipe, no pool cleaning, the argmax decision — and no backdoor check (the official
+    code has none)."""
     config = config or Config()
-    return replace(config, classifier=replace(config.classifier, recipe="published",
+    return replace(config, check=False, classifier=replace(config.classifier, recipe="published",
                                               pool_cleaning_rounds=0, threshold="argmax"))
 
 

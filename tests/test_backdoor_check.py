@@ -1,0 +1,135 @@
+"""The SSL detectors' backdoor check (``fastbd.detection.pipeline.backdoor_check``): the duel
+of each top candidate against the test images' own content, on a constructed encoder whose
+clusters are known — a trigger that overrides content passes, content against content does
+not; the two shares against a brute-force count; the check's place in a result."""
+
+import torch
+
+from fastbd.detection.config import Config
+from fastbd.detection.flip import capture_shares, crop_windows, escape_shares
+from fastbd.detection.method import DetectorMethod, SearchContext
+from fastbd.detection.pipeline import backdoor_check
+from fastbd.detection.result import DetectionResult
+from fastbd.patchsearch.published import published_config
+
+SIZE, WINDOW = 12, 6
+MAGENTA = (255, 0, 255)
+
+
+def colour_images(colours) -> torch.Tensor:
+    return torch.tensor(colours, dtype=torch.uint8)[:, :, None, None].expand(
+        -1, 3, SIZE, SIZE).contiguous()
+
+
+def assign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A known "encoder + clustering": cluster 3 when a 2×2 magenta block is anywhere in the
+    image (a learned trigger), else the dominant colour channel (0 red, 1 green, 2 blue)."""
+    magenta = (x[:, 0] > 0.99) & (x[:, 1] < 0.01) & (x[:, 2] > 0.99)
+    block = magenta[:, :-1, :-1] & magenta[:, 1:, :-1] & magenta[:, :-1, 1:] & magenta[:, 1:, 1:]
+    labels = x.mean((2, 3)).argmax(1)
+    labels[block.flatten(1).any(1)] = 3
+    return labels, torch.zeros(labels.shape)
+
+
+class Fixed(DetectorMethod):
+    """Candidates at the top-left corner of every image."""
+
+    name = "fixed"
+
+    def candidates(self, context, rows, generator):
+        return torch.zeros(rows.numel(), 2, dtype=torch.long), None
+
+
+def world(trigger: bool):
+    """Bank rows 0–8: red, green and blue test images; rows 9–10: green images whose top-left
+    window is the candidate — with a magenta trigger in it, or plain green content."""
+    bank = colour_images([(230, 10, 10), (10, 230, 10), (10, 10, 230)] * 3 + [(10, 230, 10)] * 2)
+    if trigger:
+        bank[9:, :, 1:3, 1:3] = torch.tensor(MAGENTA, dtype=torch.uint8)[:, None, None]
+    labels, _ = assign(bank.float() / 255)
+    return bank, labels
+
+
+def context_for(bank, labels):
+    config = Config(window=WINDOW, candidates_per_batch=3, topk_poisons=2, n_clusters=4)
+    encoder = type("E", (), {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})()
+    return SearchContext(encoder, assign, None, bank, labels, config, torch.device("cpu"),
+                         torch.float32)
+
+
+def run_check(trigger: bool) -> dict:
+    bank, labels = world(trigger)
+    context = context_for(bank, labels)
+    test_index, topk = torch.arange(9), torch.tensor([9, 10])
+    triggers = crop_windows(bank, topk, torch.zeros(2, 2, dtype=torch.long), WINDOW)
+    return backdoor_check(context, Fixed(), test_index, labels[test_index], topk, triggers)
+
+
+def test_a_trigger_that_overrides_content_passes_the_check():
+    check = run_check(trigger=True)
+    assert check["capture"] == [1.0, 1.0]  # every test image pulled into cluster 3
+    assert check["destinations"] == [3, 3]
+    assert max(check["escape"]) < 0.5  # only a window covering the trigger frees its image
+    assert check["statistic"] >= Config().check_threshold and check["backdoor"]
+
+
+def test_content_against_content_fails_the_check():
+    check = run_check(trigger=False)
+    assert check["statistic"] < Config().check_threshold and not check["backdoor"]
+
+
+def test_capture_and_escape_equal_a_count_by_hand(gen):
+    """With the corner fixed at the origin, the shares are a direct count of who moved where."""
+    bank = torch.randint(0, 256, (14, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen)
+    labels, _ = assign(bank.float() / 255)
+    patches = torch.randint(0, 256, (5, 3, WINDOW, WINDOW), dtype=torch.uint8, generator=gen)
+    patches[1, :, :2, :2] = torch.tensor(MAGENTA, dtype=torch.uint8)[:, None, None]
+    rows = torch.arange(3, 14)
+
+    def pasted(images, patch):
+        out = images.clone()
+        out[:, :, :WINDOW, :WINDOW] = patch
+        return assign(out.float() / 255)[0]
+
+    capture, destinations = capture_shares(assign, bank, rows, labels[rows], patches, (0, 0, 0),
+                                           (1, 1, 1), candidates_per_batch=2,
+                                           generator=torch.Generator(), corner_positions=1)
+    for c, patch in enumerate(patches):
+        after = pasted(bank[rows], patch)
+        moved = after[after != labels[rows]]
+        if moved.numel() == 0:
+            assert capture[c] == 0 and destinations[c] == -1
+            continue
+        d = int(torch.bincount(moved).argmax())
+        assert destinations[c] == d
+        assert abs(float(capture[c]) - float((moved == d).sum()) /
+                   int((labels[rows] != d).sum())) < 1e-6
+    assert capture[1] == 1.0 and destinations[1] == 3
+    escape = escape_shares(assign, bank, rows, labels[rows], patches, (0, 0, 0), (1, 1, 1),
+                           candidates_per_batch=2, generator=torch.Generator(),
+                           corner_positions=1)
+    for i, row in enumerate(rows.tolist()):
+        moved = sum(int(pasted(bank[row:row + 1], p)[0] != labels[row]) for p in patches)
+        assert abs(float(escape[i]) - moved / len(patches)) < 1e-6
+    empty = patches[:0]
+    assert capture_shares(assign, bank, rows, labels[rows], empty, (0, 0, 0), (1, 1, 1),
+                          candidates_per_batch=2, generator=torch.Generator())[0].numel() == 0
+    assert torch.equal(escape_shares(assign, bank, rows, labels[rows], empty, (0, 0, 0),
+                                     (1, 1, 1), candidates_per_batch=2,
+                                     generator=torch.Generator()), torch.zeros(rows.numel()))
+
+
+def test_no_backdoor_is_said_in_the_decision_and_the_summary():
+    n = 10
+    result = DetectionResult(
+        method="poisoncam", scores=torch.zeros(n, dtype=torch.float64),
+        removed=torch.zeros(n, dtype=torch.bool), ranking=torch.arange(n),
+        topk=torch.arange(2), windows=torch.zeros(2, 2, dtype=torch.long),
+        maps=torch.zeros(2, 4, 4), triggers=torch.zeros(2, 3, 2, 2, dtype=torch.uint8),
+        cluster_labels=torch.zeros(n, dtype=torch.long), timings={}, throughput={}, config={},
+        check={"statistic": 0.21, "threshold": 0.5, "backdoor": False})
+    assert result.backdoor is False
+    assert result.decision().startswith("poisoncam: no backdoor found (check 0.21 < 0.50")
+    assert "removed 0 of 10" in result.decision()
+    assert result.summary()["backdoor"] is False and result.summary()["check"]["statistic"] == 0.21
+    assert published_config().check is False and Config().check is True
