@@ -18,13 +18,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests bench --benchmark-disable
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests bench --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/fastbd demo
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
+	FASTBD_FULL_SWEEPS=1 $(BIN)/python -m pytest -q bench --benchmark-json=bench/results/cpu-latest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

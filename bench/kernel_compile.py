@@ -128,12 +128,15 @@ def _compile_row(job: tuple[str, int, int, str]) -> dict:
     return row
 
 
-def sweep(archs=ARCHS, kernels: list[str] | None = None, workers: int | None = None) -> list[dict]:
-    """One row per (kernel variant, arch, specialisation): the figures, or ``error``."""
+def sweep(archs=ARCHS, kernels: list[str] | None = None, workers: int | None = None,
+          sample: bool = False) -> list[dict]:
+    """One row per (kernel variant, arch, specialisation): the figures, or ``error``.
+    ``sample``: each kernel's first variant only (both specialisations), a quick check."""
     jobs = [(kernel, index, arch, spec)
             for kernel, (_, variants) in kernel_table().items()
             if not kernels or kernel in kernels
-            for index in range(len(variants)) for arch in archs for spec in SPECIALIZATIONS]
+            for index in range(1 if sample else len(variants)) for arch in archs
+            for spec in SPECIALIZATIONS]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_compile_row(job) for job in jobs]
@@ -168,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", nargs="*", help="only these kernels")
     parser.add_argument("--json", help="also write the rows as JSON")
     parser.add_argument("--workers", type=int, help="compiler processes (default: one per core)")
+    parser.add_argument("--sample", action="store_true",
+                        help="each kernel's first variant only (a quick check)")
     args = parser.parse_args(argv)
-    rows = sweep(args.arch, args.kernel, args.workers)
+    rows = sweep(args.arch, args.kernel, args.workers, args.sample)
     print(table(rows))
     if args.json:
         from fastbd.storage import write_text_atomically

@@ -305,6 +305,39 @@ def test_non_utf8_file_lists_name_the_line(world, tmp_path, capsys):
     assert f"{listing}:2: file list is not UTF-8" in one_line_error(capsys)
 
 
+def test_a_line_break_in_an_image_name_is_refused_naming_the_folder(tmp_path, capsys):
+    """filtered.txt holds one path per line: a name with a line break would span two."""
+    root = tmp_path / "folder"
+    for name in ("0/a.png", "0/b.png", "1/n\nx.png", "1/c.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (10, 20, 30)).save(root / name)
+    assert main(["--quiet", "poisoncam", "--image-folder", str(root), "--arch", "smallconv4",
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    error = one_line_error(capsys)
+    assert str(root) in error and "line break" in error
+
+
+def test_a_validation_label_outside_the_probes_classes_names_the_line(world, tmp_path,
+                                                                       capsys):
+    """One val.txt label past the training list's classes would build a wider probe and score
+    those images wrong silently: exit 2, file:line."""
+    source = world / "src"
+    lines = (source / "val.txt").read_text().splitlines()
+    path, _ = lines[1].rsplit(" ", 1)
+    lines[1] = f"{path} 57"
+    bad = tmp_path / "val.txt"
+    bad.write_text("\n".join(lines) + "\n")
+    encoder = tmp_path / "encoder.pt"
+    from fastbd.models.encoders import small_encoder
+
+    torch.save(small_encoder(4, 32).backbone.state_dict(), encoder)
+    assert main(["--quiet", "eval", "ssl", "--checkpoint", str(encoder), "--arch", "smallconv4",
+                 "--train-list", str(source / "train.txt"), "--val-list", str(bad), "--out",
+                 str(tmp_path / "eval")]) == 2
+    error = one_line_error(capsys, "eval")
+    assert f"{bad}:2: label 57" in error
+
+
 def test_unwritable_or_file_typed_out_exits_2_before_any_work(world, tmp_path, capsys,
                                                               monkeypatch):
     import fastbd.world.threats

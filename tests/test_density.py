@@ -169,3 +169,30 @@ def test_cli_density_writes_scores_and_the_filtered_csv(tmp_path):
 
     assert np.load(out / "scores.npy").shape == (120,)
     assert int(np.load(out / "flagged.npy").sum()) == flagged
+
+
+def test_cli_density_saves_its_result_when_the_truth_holds_one_class(tmp_path):
+    """A clean CSV (every is_backdoor 0): the metrics that need both classes are null with a
+    note, the rest of the result is saved, exit 0."""
+    from fastbd.cli import main
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    data = tmp_path / "data"
+    assert main(["--quiet", "attack", "--attack", "badnet", "--n-train", "60", "--n-eval",
+                 "10", "--rate", "0.05", "--out", str(data)]) == 0
+    with open(data / "train.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["is_backdoor"] == "0"]
+    with open(data / "clean.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    torch.save(tiny_clip(TinyCLIPConfig(), seed=2).state_dict(), tmp_path / "clip.pt")
+    out = tmp_path / "density"
+    assert main(["--quiet", "density", "--csv", str(data / "clean.csv"), "--checkpoint",
+                 str(tmp_path / "clip.pt"), "--reference-checkpoint", str(tmp_path / "clip.pt"),
+                 "--k", "8", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    for metrics in (result["metrics"], result["ubt_split"]):
+        assert metrics["auroc"] is None and metrics["auprc"] is None
+        assert "one class" in metrics["note"]
+    assert result["pairs"] == len(rows)

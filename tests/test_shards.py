@@ -102,6 +102,53 @@ def test_a_corrupt_sample_is_refused_or_skipped(exported, tmp_path, capsys):
         read_shard_pairs(str(tmp_path / "shards" / "pairs-{000..009}.tar"), 16, verbose=False)
 
 
+def _torn(shard: Path, how: str) -> None:
+    data = shard.read_bytes()
+    if how == "half":
+        shard.write_bytes(data[:len(data) // 2])
+    elif how == "at-a-member":  # cut where a member ends: no tar error, only the marker gone
+        import tarfile
+
+        with tarfile.open(shard) as archive:
+            third = archive.getmembers()[3]
+        shard.write_bytes(data[:third.offset_data + -(-third.size // 512) * 512])
+    elif how == "random":
+        shard.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
+    else:
+        shard.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["half", "at-a-member", "random", "empty"])
+def test_a_torn_or_foreign_shard_is_refused_or_skipped_by_name(exported, tmp_path, capsys,
+                                                               how):
+    """A half-downloaded, foreign or empty shard is never read in part silently: exit 2 naming
+    the shard, or skipped and listed with --skip-bad."""
+    from fastbd.data.shards import read_shard_pairs
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=60)
+    torn = tmp_path / "shards" / "pairs-001.tar"
+    _torn(torn, how)
+    with pytest.raises(ValueError, match="pairs-001.tar"):
+        read_shard_pairs(pattern, 16, verbose=False)
+    kept = read_shard_pairs(pattern, 16, skip_bad=True, verbose=False)
+    assert len(kept.captions) == 60
+    assert kept.report.skipped[0][0] == str(torn)
+    model = tmp_path / "clip.pt"
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+
+    torch.save(tiny_clip(TinyCLIPConfig()).state_dict(), model)
+    out = tmp_path / "density"
+    flags = ["--quiet", "density", "--shards", pattern, "--checkpoint", str(model), "--out",
+             str(out)]
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "pairs-001.tar" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main([*flags, "--skip-bad"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["pairs"] == 60
+    assert any("pairs-001.tar" in entry[0] for entry in result["skipped"])
+
+
 def test_cli_defense_and_training_on_shards_equal_the_csv_runs(exported, tmp_path):
     pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=50)
     train = ["--epochs", "1", "--batch-size", "32"]

@@ -53,7 +53,7 @@ def split_quality(args: argparse.Namespace, pairs, truth) -> dict[str, object]:
     import torch
 
     from fastbd.clipdefense import suspicious_split
-    from fastbd.eval.metrics import auroc, average_precision, detection_metrics
+    from fastbd.eval.metrics import detection_metrics, ranking_areas
     from fastbd.models.clip import load_clip
     from fastbd.ubt import Config as UBTConfig
 
@@ -64,7 +64,7 @@ def split_quality(args: argparse.Namespace, pairs, truth) -> dict[str, object]:
     split = torch.zeros(similarity.numel(), dtype=torch.bool)
     split[suspicious] = True
     return {"fraction": fraction, **detection_metrics(split, truth).to_dict(),
-            "auroc": auroc(-similarity, truth), "auprc": average_precision(-similarity, truth)}
+            **ranking_areas(-similarity, truth)}
 
 
 def cmd_density(args: argparse.Namespace) -> int:
@@ -85,7 +85,9 @@ def cmd_density(args: argparse.Namespace) -> int:
     pairs = load_clip_pairs(args, args.csv, model, cache)
     result = density_detect(model, pairs.images, pairs.tokens, config=config,
                             device=args.device)
-    extra = {}
+    extra: dict[str, object] = {}
+    if pairs.report.skipped:
+        extra["skipped"] = [list(entry) for entry in pairs.report.skipped]
     if args.reference_checkpoint is not None:
         if pairs.truth is None:
             raise ValueError("--reference-checkpoint compares with UBT's split on ground truth: "

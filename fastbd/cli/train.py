@@ -220,6 +220,7 @@ def eval_ssl(args: argparse.Namespace) -> dict:
     arch = args.arch or f"smallconv{args.width}"
     encoder = encoder_by_name(arch, args.checkpoint, args.image_size)
     if args.train_list:
+        _check_val_classes(args.train_list, args.val_list, duplicates_policy(args))
         train_images, train_labels = _labelled_bank(args.train_list, encoder, args)
         val_images, val_labels = _labelled_bank(args.val_list, encoder, args)
     else:
@@ -233,6 +234,25 @@ def eval_ssl(args: argparse.Namespace) -> dict:
                           args.target, device=args.device).to_dict()
     return {**result, "attack": trigger.name, "arch": arch,
             "checkpoint": str(args.checkpoint)}
+
+
+def _check_val_classes(train_list: str, val_list: str, duplicates: str) -> None:
+    """Refuse a validation label the probe's training list never has (``ValueError`` naming
+    the validation list's line): the probe would grow a class it cannot learn and score every
+    such image wrong without a word."""
+    from fastbd.data.readers import read_file_list
+    from fastbd.storage import read_text_file
+
+    classes = set(read_file_list(train_list, duplicates="allow").labels)
+    listing = read_file_list(val_list, duplicates=duplicates)
+    for label, line in zip(listing.labels, listing.lines, strict=True):
+        if label not in classes:
+            raw = read_text_file(Path(val_list), "file list").splitlines()
+            number = next(i for i, text in enumerate(raw, start=1)
+                          if text.strip() == line.strip())
+            raise ValueError(f"{val_list}:{number}: label {label} is not a class of the probe's "
+                             f"training list {train_list} (its labels: {min(classes)}–"
+                             f"{max(classes)})")
 
 
 def _labelled_bank(file_list: str, encoder, args: argparse.Namespace):

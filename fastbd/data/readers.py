@@ -161,7 +161,9 @@ def write_file_list(path: str | Path, entries: list[tuple[str, int]]) -> Path:
 
 
 def read_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """Paths, labels and class names of an ImageFolder tree."""
+    """Paths, labels and class names of an ImageFolder tree. A path with a line break in a
+    name is refused (``ValueError`` naming it): the file lists fastbd writes (``filtered.txt``)
+    hold one path per line, and such a name would span two."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -172,6 +174,9 @@ def read_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
     for label, name in enumerate(classes):
         for file in sorted((root / name).rglob("*")):
             if file.suffix.lower() in IMAGE_SUFFIXES:
+                if "\n" in str(file) or "\r" in str(file):
+                    raise ValueError(f"{root}: {str(file)!r} has a line break in its name, "
+                                     "which no file list can hold; rename it")
                 paths.append(file)
                 labels.append(label)
     if not paths:

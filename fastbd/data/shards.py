@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,57 @@ def expand_shards(urls: str | Path | list[str | Path]) -> list[str]:
     return expanded
 
 
+TAR_BLOCK = 512
+
+
+def shard_problem(path: str | Path) -> str | None:
+    """What makes shard ``path`` unreadable or incomplete, or None when it is a whole tar
+    archive: an empty file, bytes that are not a tar archive, a member whose data runs past the
+    end of the file, or — for an uncompressed archive — no end-of-archive marker (two zero
+    blocks) after the last member, which is how a download cut at a member boundary looks. Only
+    headers are read (members are seeked over) for an uncompressed shard; a compressed one is
+    decompressed once."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = archive.getmembers()
+            compressed = archive.fileobj is not None and not isinstance(
+                archive.fileobj, io.BufferedReader)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        return f"not a complete tar archive ({error})"
+    if not members:
+        return "holds no members"
+    if compressed:
+        return None
+    last = max(members, key=lambda m: m.offset_data)
+    end = last.offset_data + -(-last.size // TAR_BLOCK) * TAR_BLOCK
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        marker = handle.read(2 * TAR_BLOCK)
+    if len(marker) < 2 * TAR_BLOCK or any(marker):
+        return (f"truncated: no end-of-archive marker after its last member ({last.name}); "
+                "a partial download?")
+    return None
+
+
+def checked_shards(shards: list[str], skip_bad: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """The whole shards of ``shards`` and the (shard, problem) of the others
+    (``shard_problem``); without ``skip_bad`` the first problem raises ``ValueError`` naming
+    the shard."""
+    whole, bad = [], []
+    for shard in shards:
+        problem = shard_problem(shard)
+        if problem is None:
+            whole.append(shard)
+            continue
+        if not skip_bad:
+            raise ValueError(f"shard {shard}: {problem} (--skip-bad skips it)")
+        log.warning("skipping shard %s: %s", shard, problem)
+        bad.append((shard, problem))
+    if not whole:
+        raise ValueError(f"no readable shard among {len(shards)}")
+    return whole, bad
+
+
 def _samples(shards: list[str]) -> Iterator[dict]:
     import webdataset as wds
 
@@ -102,11 +154,14 @@ def read_shard_pairs(urls: str | Path | list[str | Path], size: int, *, crop_rat
     ``size`` (``crop_ratio`` 1: CLIP's resize and centre crop), its ``caption_key`` member as
     the caption. A sample whose image cannot be decoded raises ``ImageReadError`` unless
     ``skip_bad``; one without a caption or with a malformed ``json`` member raises
-    ``ValueError``. With ``cache`` the images are written to that ``.npy`` as they are decoded
-    and memory-mapped (reused, with a ``.pairs.json`` of captions and keys beside it, while the
-    shards, ``size`` and ``crop_ratio`` are unchanged). In a ``torch.distributed`` world with
-    ``cache`` (on a filesystem every rank sees), rank 0 streams the shards into it while the
-    others wait, then every rank maps it (every rank must call this)."""
+    ``ValueError``. Every shard is checked first (``shard_problem``: truncated, empty, not a
+    tar archive): a bad one raises ``ValueError`` naming it, or with ``skip_bad`` is skipped
+    and listed in ``report.skipped``. With ``cache`` the images are written to that ``.npy``
+    as they are decoded and memory-mapped (reused, with a ``.pairs.json`` of captions and keys
+    beside it, while the shards, ``size`` and ``crop_ratio`` are unchanged). In a
+    ``torch.distributed`` world with ``cache`` (on a filesystem every rank sees), rank 0
+    streams the shards into it while the others wait, then every rank maps it (every rank must
+    call this)."""
     from fastbd.data.bank import _files_key
 
     shards = expand_shards(urls)
@@ -138,6 +193,7 @@ def _stream_shards(shards: list[str], manifest: dict, size: int, crop_ratio: flo
     rows: list[torch.Tensor] = []
     captions, keys, metas = [], [], []
     report = LoadReport()
+    shards, report.skipped = checked_shards(shards, skip_bad)
     writer = _RowWriter(Path(cache), size) if cache is not None else None
     try:
         for index, sample in enumerate(tqdm(_samples(shards), desc="shards", unit="pair",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastbd.density.scores import SCORES, density_scores, nearest_neighbours
-from fastbd.eval.metrics import auroc, average_precision, detection_metrics
+from fastbd.eval.metrics import detection_metrics, ranking_areas
 from fastbd.models.clip import encode_images, encode_texts
 from fastbd.models.encoders import working_copy
 from fastbd.storage import ResultFiles
@@ -65,7 +65,7 @@ class DensityResult:
         set) quality against ``truth`` (bool ``N``, True = poisoned)."""
         truth = torch.as_tensor(truth).bool()
         return {**detection_metrics(self.flagged, truth).to_dict(),
-                "auroc": auroc(self.scores, truth), "auprc": average_precision(self.scores, truth)}
+                **ranking_areas(self.scores, truth)}
 
     def decision(self, truth: torch.Tensor | None = None) -> str:
         """One line: how many pairs were flagged (and how many of them are poisoned)."""

@@ -99,6 +99,20 @@ def detection_metrics(predicted: torch.Tensor, truth: torch.Tensor,
     return DetectionMetrics(tp, fp, tn, fn, precision, recall, f1, **areas)
 
 
+ONE_CLASS_NOTE = ("AUROC and AUPRC need both poisoned and clean samples; the ground truth has "
+                  "only one class")
+
+
+def ranking_areas(scores: torch.Tensor, truth: torch.Tensor) -> dict[str, object]:
+    """``{"auroc", "auprc"}`` of ``scores`` (float ``N``, higher = more poisonous) against
+    ``truth`` (bool ``N``); both None, with a ``note`` saying why, when the truth holds one
+    class only (a clean set) — the rest of a result is still worth saving."""
+    truth = _as_bool("truth", truth)
+    if 0 < int(truth.sum()) < truth.numel():
+        return {"auroc": auroc(scores, truth), "auprc": average_precision(scores, truth)}
+    return {"auroc": None, "auprc": None, "note": ONE_CLASS_NOTE}
+
+
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy (clean accuracy, CA)."""
     predicted, labels = torch.as_tensor(predicted).flatten(), torch.as_tensor(labels).flatten()
