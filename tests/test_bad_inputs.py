@@ -338,6 +338,16 @@ def test_a_validation_label_outside_the_probes_classes_names_the_line(world, tmp
     assert f"{bad}:2: label 57" in error
 
 
+@pytest.mark.parametrize("command", ["train-ssl", "train-clip"])
+def test_zero_epochs_is_refused_instead_of_saving_an_untrained_model(tmp_path, capsys,
+                                                                     command):
+    out = tmp_path / "out"
+    assert main(["--quiet", command, "--n-train", "20", "--n-eval", "4", "--epochs", "0",
+                 "--out", str(out)]) == 2
+    assert "epochs is 0" in one_line_error(capsys, command)
+    assert not (out / "manifest.json").exists()
+
+
 def test_unwritable_or_file_typed_out_exits_2_before_any_work(world, tmp_path, capsys,
                                                               monkeypatch):
     import fastbd.world.threats

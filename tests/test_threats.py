@@ -159,6 +159,9 @@ def test_cli_eval_ssl_measures_a_clean_encoder_with_the_htba_trigger(tmp_path, c
              "--n-train", "100", "--n-eval", "30", "--attack", "none", "--out", str(tmp_path)]
     assert main(flags) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
+    printed = capsys.readouterr().out.splitlines()  # --quiet: the one decision line
+    assert printed == [f"eval ssl: clean accuracy {result['clean_accuracy']:.1%}, ASR "
+                       f"{result['asr']:.1%}"]
     from dataclasses import replace
 
     from fastbd.world.synthetic import make_world

@@ -25,9 +25,9 @@ from fastbd.cli.world import add_world_args, trigger_options, world_config
 
 
 def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, summary: str,
-                record: dict) -> int:
+                record: dict, quiet: bool = False) -> int:
     """Write trained weights and the run's summary as one result (rank 0 under torchrun);
-    print the evaluation."""
+    print the evaluation and where the summary went (``quiet``: nothing)."""
     from fastbd.distributed import world
     from fastbd.storage import ResultFiles
 
@@ -35,9 +35,11 @@ def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, s
         return 0
     files = ResultFiles(out)
     files.torch(weights, state)
-    if evaluation is not None:
+    if evaluation is not None and not quiet:
         print(json.dumps(evaluation, indent=2))
-    print(files.json(summary, record))
+    path = files.json(summary, record)
+    if not quiet:
+        print(path)
     files.close()
     return 0
 
@@ -52,7 +54,10 @@ def training_config(args: argparse.Namespace, base, nested: dict[str, type] | No
 
     base = load_config(args.config, type(base), nested, base=base)
     chosen = {name: getattr(args, name, None) for name in ("method", "epochs", "batch_size", "lr")}
-    return replace(base, seed=args.seed, **{k: v for k, v in chosen.items() if v is not None})
+    config = replace(base, seed=args.seed, **{k: v for k, v in chosen.items() if v is not None})
+    if config.epochs == 0:
+        raise ValueError("epochs is 0: that would save an untrained model; give --epochs ≥ 1")
+    return config
 
 
 def one_process_world(command: str, data_flags: str) -> None:
@@ -85,7 +90,7 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     record = {**threat.to_dict(), "arch": threat.encoder.name,
               "image_size": threat.encoder.image_size}
     return save_threat(out, "encoder.pt", threat.encoder.backbone.state_dict(),
-                       threat.probe.to_dict(), "train_ssl.json", record)
+                       threat.probe.to_dict(), "train_ssl.json", record, args.quiet)
 
 
 def train_ssl_on_files(args: argparse.Namespace) -> int:
@@ -117,7 +122,7 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
               "final_loss": history.losses[-1] if history.losses else None,
               "config": history.config}
     return save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None, "train_ssl.json",
-                       record)
+                       record, args.quiet)
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
@@ -137,7 +142,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
                                retrain=args.retrain, verbose=not args.quiet)
     return save_threat(out, "clip.pt", threat.model.state_dict(), threat.evaluation.to_dict(),
-                       "train_clip.json", {**threat.to_dict(), "arch": "tiny"})
+                       "train_clip.json", {**threat.to_dict(), "arch": "tiny"}, args.quiet)
 
 
 def train_clip_on_csv(args: argparse.Namespace) -> int:
@@ -159,7 +164,8 @@ def train_clip_on_csv(args: argparse.Namespace) -> int:
               "seconds": history.seconds, "pairs_per_second": history.pairs_per_second,
               "final_loss": history.losses[-1] if history.losses else None,
               "config": history.config}
-    return save_threat(out, "clip.pt", model.state_dict(), None, "train_clip.json", record)
+    return save_threat(out, "clip.pt", model.state_dict(), None, "train_clip.json", record,
+                       args.quiet)
 
 
 def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
@@ -203,10 +209,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = eval_ssl(args)
     else:
         result = eval_clip(args)
-    print(json.dumps(result, indent=2))
     files = ResultFiles(out)
-    print(files.json("eval.json", result))
+    path = files.json("eval.json", result)
     files.close()
+    if args.quiet:  # one decision line
+        print(f"eval {args.kind}: clean accuracy {result['clean_accuracy']:.1%}, ASR "
+              f"{result['asr']:.1%}")
+    else:
+        print(json.dumps(result, indent=2))
+        print(path)
     return 0
 
 
