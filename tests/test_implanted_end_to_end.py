@@ -27,6 +27,7 @@ def implanted_fixture(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # trains its threat models: minutes on a busy laptop
 def test_poisoncam_finds_the_poisons_of_an_implanted_backdoor(implanted_fixture):
     config, threat = implanted_fixture
     assert threat.probe.asr >= 0.5, threat.probe
@@ -55,6 +56,7 @@ def clean_fixture(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # trains its threat models: minutes on a busy laptop
 def test_poisoncam_removes_nothing_from_clean_data(clean_fixture, tmp_path):
     threat = clean_fixture
     assert threat.probe.clean_accuracy >= 0.6, threat.probe

@@ -44,6 +44,7 @@ def threats(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # trains its threat models: minutes on a busy laptop
 def test_ubt_removes_a_real_backdoor_and_spares_a_clean_model(threats):
     clean, poisoned, reference = threats["none"], threats["sig"], threats["reference"].model
     assert poisoned.evaluation.asr >= 0.5, poisoned.evaluation

@@ -198,6 +198,8 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
         metrics = result.get("metrics") or {}
         rows[detector] = {**evaluated(detector, retrained / "encoder.pt"),
                           "removed": int(result["removed"]),
+                          "backdoor": result.get("backdoor"),
+                          "check": (result.get("check") or {}).get("statistic"),
                           "precision": metrics.get("precision"),
                           "recall": metrics.get("recall")}
     return rows
@@ -312,13 +314,15 @@ def unpoisoned_rows(train_csv: Path, clean_csv: Path) -> Path:
 
 
 def loop_table(kind: str, rows: dict[str, dict]) -> str:
-    """The loop's markdown table: CA, ASR and what each detector removed / defense
-    suspected."""
+    """The loop's markdown table: CA, ASR and what each detector removed (and its backdoor
+    check's verdict) / defense suspected."""
     last = "removed" if kind == "ssl" else "suspicious (poisoned)"
     lines = [f"| model | CA % | ASR % | {last} |", "|---|---:|---:|---:|"]
     for name, row in rows.items():
         if kind == "ssl":
             extra = str(row.get("removed", ""))
+            if row.get("backdoor") is False:
+                extra += f" (no backdoor found: check {row['check']:.2f})"
         elif row.get("suspicious") is None:
             extra = ""
         else:

@@ -1,5 +1,7 @@
 """``fastbd demo poisoncam``: build the poisoned world, train (or load) the SSL threat model,
-run PoisonCAM and PatchSearch side by side, and write the report directory. The threat model is
+run PoisonCAM and PatchSearch side by side, then PoisonCAM on the same world with no attack at
+all (clean images, plain SSL: its backdoor check must find none and remove nothing), and write
+the report directory. The threat model is
 ``implanted`` (CorruptEncoder's poisoned set, the encoder backdoored by a training-time
 BadEncoder fine-tune: a real backdoor) or ``htba`` (the papers' attack, which implants none at
 this scale). With ``retrain``, an encoder is trained again with plain SimCLR on the set
@@ -64,20 +66,26 @@ class DemoReport:
     threat: dict | None = None
 
     def table(self) -> str:
-        head = (f"{'method':<21} {'precision':>9} {'recall':>7} {'F1':>6} {'AUROC':>6} "
-                f"{'removed':>8} {'top-20 acc':>10} {'trigger hit':>11} {'time s':>7}")
+        head = (f"{'method':<21} {'data':<6} {'check':>12} {'precision':>9} {'recall':>7} "
+                f"{'F1':>6} {'AUROC':>6} {'removed':>8} {'top-20 acc':>10} {'trigger hit':>11} "
+                f"{'time s':>7}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r['method']:<21} {100 * r['precision']:>8.1f}% "
+            check = ("off" if r["check"] is None else
+                     f"{r['check']:.2f}{'' if r['backdoor'] else ' none'}")
+            lines.append(f"{r['method']:<21} {r['data']:<6} {check:>12} "
+                         f"{100 * r['precision']:>8.1f}% "
                          f"{100 * r['recall']:>6.1f}% {100 * r['f1']:>5.1f}% "
                          f"{r['auroc']:>6.3f} {r['removed']:>8d} {100 * r['topk_accuracy']:>9.1f}% "
                          f"{100 * r['trigger_overlap']:>10.1f}% {r['seconds']:>7.1f}")
         return "\n".join(lines)
 
 
-def _row(name: str, result: DetectionResult, seconds: float) -> dict:
+def _row(name: str, result: DetectionResult, seconds: float, data: str = "attack") -> dict:
     m = result.metrics
-    return {"method": name, "precision": m.precision, "recall": m.recall, "f1": m.f1,
+    return {"method": name, "data": data, "backdoor": result.backdoor,
+            "check": result.check.get("statistic"),
+            "precision": m.precision, "recall": m.recall, "f1": m.f1,
             "auroc": m.auroc or 0.0, "removed": int(result.removed.sum()),
             "topk_accuracy": result.topk_accuracy or 0.0,
             "trigger_overlap": result.trigger_scores.get("topk_trigger_overlap", 0.0),
@@ -129,6 +137,14 @@ def run(out: str | Path = "fastbd-out/demo/poisoncam", *, device: str | torch.de
         results[method] = detector.result_
         detector.result_.save(output_dir(out, method), truth=truth)
         report.rows.append(_row(method, detector.result_, seconds))
+    clean_config = replace(threat_config, attack="none", training_attack="none")
+    clean = build_ssl_threat(clean_config, cache_dir=cache_dir, device=device, verbose=verbose)
+    start = time.perf_counter()
+    found = registry.detector("poisoncam", config).fit(
+        clean.encoder, clean.poisoned.images, device=device,
+        ground_truth=clean.poisoned.poison_mask, verbose=verbose).result_
+    found.save(output_dir(out, "poisoncam-clean"), truth=clean.poisoned.poison_mask)
+    report.rows.append(_row("poisoncam", found, time.perf_counter() - start, data="clean"))
     if retrain:
         sets = {"poisoncam-filtered": ~results["poisoncam"].removed}
         if threat_config.training_attack != "none":
