@@ -50,11 +50,20 @@ def world(trigger: bool):
     return bank, labels
 
 
-def context_for(bank, labels):
+def assign_patched(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weakly trained "encoder" of the kind a clean world can give: any image that is not one
+    uniform colour — any pasted patch — goes to cluster 3, whatever the patch shows."""
+    uniform = (x - x[:, :, :1, :1]).abs().flatten(1).amax(1) < 1e-6
+    labels = x.mean((2, 3)).argmax(1)
+    labels[~uniform] = 3
+    return labels, torch.zeros(labels.shape)
+
+
+def context_for(bank, labels, encode_assign=assign):
     config = Config(window=WINDOW, candidates_per_batch=3, topk_poisons=2, n_clusters=4)
     encoder = type("E", (), {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})()
-    return SearchContext(encoder, assign, None, bank, labels, config, torch.device("cpu"),
-                         torch.float32)
+    return SearchContext(encoder, encode_assign, None, bank, labels, config,
+                         torch.device("cpu"), torch.float32)
 
 
 def run_check(trigger: bool) -> dict:
@@ -75,6 +84,22 @@ def test_a_trigger_that_overrides_content_passes_the_check():
 
 def test_content_against_content_fails_the_check():
     check = run_check(trigger=False)
+    assert check["statistic"] < Config().check_threshold and not check["backdoor"]
+
+
+def test_what_any_pasted_patch_does_is_not_taken_for_a_trigger():
+    """An encoder that sends every patched image to one cluster: a plain window captures most
+    test images and nothing displaces its (already patched) image — capture − escape alone
+    would call it a backdoor; what pasting the test images' own windows does is subtracted."""
+    bank, _ = world(trigger=False)
+    bank[9:, :, 8:, 8:] = torch.tensor((200, 30, 30), dtype=torch.uint8)[:, None, None]
+    labels, _ = assign_patched(bank.float() / 255)
+    context = context_for(bank, labels, assign_patched)
+    test_index, topk = torch.arange(9), torch.tensor([9, 10])
+    triggers = crop_windows(bank, topk, torch.zeros(2, 2, dtype=torch.long), WINDOW)
+    check = backdoor_check(context, Fixed(), test_index, labels[test_index], topk, triggers)
+    assert min(check["capture"]) >= 0.5 and max(check["escape"]) == 0.0
+    assert min(check["pasting"]) >= 0.5
     assert check["statistic"] < Config().check_threshold and not check["backdoor"]
 
 

@@ -327,7 +327,12 @@ def test_loop_ssl_runs_the_papers_loop_and_a_rerun_skips_finished_steps(tmp_path
     assert _mtimes(out / "train-poisoned") == before  # trained once
     rows = json.loads((out / "loop.json").read_text())["rows"]
     assert set(rows) == {"poisoned", "poisoncam"}
-    assert rows["poisoncam"]["removed"] > 0 and rows["poisoncam"]["recall"] is not None
+    row = rows["poisoncam"]
+    assert row["recall"] is not None
+    if row["backdoor"] is False:  # a 1-epoch encoder of 160 images may learn no backdoor
+        assert row["removed"] == 0 and "no backdoor found" in (out / "loop.md").read_text()
+    else:
+        assert row["removed"] > 0
     assert rows["poisoned"]["non_target_images"] == rows["poisoncam"]["non_target_images"]
     assert "| poisoncam |" in (out / "loop.md").read_text()
     retrained = json.loads((out / "train-poisoncam" / "train_ssl.json").read_text())

@@ -110,12 +110,12 @@ class Config:
       flagged implausible (published poison rates are 0.5–10 %), as is one whose decision
       threshold lies at a negative margin or whose classifier removes fewer than half of the
       search's top-k (``DetectionResult.warnings``);
-    * ``check``: before anything is removed, decide whether there is a backdoor at all — each
-      top-k trigger candidate is pasted on the test images once more and the share of them it
-      pulls into one cluster measured (``capture_shares``); a backdoor trigger overrides the
-      content of most images, so the check passes when the median top-k candidate captures at
-      least ``check_threshold`` (½: a majority) of the test images outside the cluster it pulls
-      them into. Below it the result removes nothing and says so (``DetectionResult.backdoor``);
+    * ``check``: before anything is removed, decide whether there is a backdoor at all
+      (``backdoor_check``): each top-k candidate's duel with the test images — the share it
+      pulls into one cluster, minus what pasting ordinary windows does, minus the share of the
+      test images' own windows that move its image — and a backdoor when the median reaches
+      ``check_threshold`` (½). Below it the result removes nothing and says so
+      (``DetectionResult.backdoor``);
     * ``exported_patches``: the candidate windows of the best-scored images written one PNG
       each (``all_top_poison_patches/``, PatchSearch's layout, which its classifier reads);
     * ``bank_placement`` of the images: ``device`` (moved there whole), ``host`` (left in host

@@ -187,3 +187,17 @@ def escape_shares(encode_assign, images: torch.Tensor, rows: torch.Tensor,
                                         corner_positions):
         moved += (after.cpu().long() != before).sum(0).float()
     return moved / patches.shape[0]
+
+
+@torch.no_grad()
+def pasted_clusters(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+                    patches: torch.Tensor, mean, std, *, candidates_per_batch: int,
+                    generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                    corner_positions: int | None = None) -> torch.Tensor:
+    """The clusters (int64 ``p×T``, on the CPU) of the ``T`` test images with each of the
+    ``patches`` (uint8 ``p×3×w×w``) pasted at uniform random corners, as ``flip_counts``
+    pastes."""
+    rows = [after.cpu().long() for _, after in _pasted_assignments(
+        encode_assign, images, test_index, patches, mean, std, candidates_per_batch, generator,
+        dtype, corner_positions)]
+    return torch.cat(rows) if rows else torch.empty(0, test_index.numel(), dtype=torch.long)

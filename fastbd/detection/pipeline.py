@@ -24,7 +24,13 @@ from fastbd.detection.classifier import (
     train_poison_classifier,
 )
 from fastbd.detection.config import PRECISIONS, Config
-from fastbd.detection.flip import capture_shares, crop_windows, escape_shares, flip_counts
+from fastbd.detection.flip import (
+    capture_shares,
+    crop_windows,
+    escape_shares,
+    flip_counts,
+    pasted_clusters,
+)
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
 from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
@@ -248,7 +254,7 @@ class Detector:
             check = backdoor_check(context, self.method, test_index, test_labels, topk,
                                    triggers)
             timer.add("check", time.perf_counter() - start,
-                      test_index.numel() * (passes + 2 * k))
+                      test_index.numel() * (passes + 3 * k))
 
         exported = ranking[:min(config.exported_patches, int(state.scored.sum()))]
         patches = crop_windows(bank, exported, state.windows[exported], config.window).cpu()
@@ -308,41 +314,53 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
                    ) -> dict[str, object]:
     """Is there a backdoor at all? A duel between each top-k candidate and the test images'
     own content. ``capture``: the share of test images the candidate (uint8 ``k×3×w×w``,
-    from top-k image ``topk``) pulls into one cluster when pasted on them
-    (``capture_shares``). ``escape``: the share of the test images' own candidate windows
-    (the method's ``candidates`` on them) that pull the candidate's image out of its cluster
-    when pasted on it (``escape_shares``). Content against content is an even match — a window
-    of an object pasted beside another object wins about as often as it loses, so capture ≈
-    escape, whatever the encoder's sensitivity to pasted patches; a trigger the encoder learned
-    overrides any content (capture ≈ its attack success rate) and keeps its own image in the
-    target's cluster (escape ≈ 0). ``statistic`` = the median over the top-k of capture −
-    escape: about 0 without a backdoor, about 1 with one; ``backdoor`` when it reaches
-    ``config.check_threshold`` (½, halfway). The median needs half of the top-k to be
-    triggers, which a search that found the trigger gives; one freak candidate cannot pass the
-    check. Streams of their own, seeded from ``config.seed``."""
+    from top-k image ``topk``) pulls into one cluster d when pasted on them
+    (``capture_shares``). ``pasting``: the share that pasting ordinary content — the test
+    images' own candidate windows (the method's ``candidates`` on them), k of them — pulls into
+    the same d: what any pasted patch does to this encoder (a weakly trained one may send
+    every patched image to one cluster). ``escape``: the share of those own windows that pull
+    the candidate's image out of its cluster when pasted on it (``escape_shares``). Content
+    against content is an even match — capture beyond pasting ≈ escape; a trigger the encoder
+    learned overrides any content (capture ≈ its attack success rate, beyond anything pasting
+    ordinary content does) and keeps its own image in the target's cluster (escape ≈ 0).
+    ``statistic`` = the median over the top-k of capture − pasting − escape: about 0 without a
+    backdoor, about 1 with one; ``backdoor`` when it reaches ``config.check_threshold`` (½,
+    halfway). The median needs half of the top-k to be triggers, which a search that found the
+    trigger gives; one freak candidate cannot pass the check. Streams of their own, seeded from
+    ``config.seed``."""
     config = context.config
     size = context.bank.shape[-1]
     corners = method.flip_corner_positions(size, config.window)
     g = torch.Generator().manual_seed(config.seed + 7919)
-    capture, destinations = capture_shares(
-        context.encode_assign, context.bank, test_index, test_labels, triggers,
-        context.encoder.mean, context.encoder.std,
-        candidates_per_batch=config.candidates_per_batch, generator=g, dtype=context.dtype,
-        corner_positions=corners)
+    mean, std = context.encoder.mean, context.encoder.std
+    shared = {"candidates_per_batch": config.candidates_per_batch, "generator": g,
+              "dtype": context.dtype, "corner_positions": corners}
+    capture, destinations = capture_shares(context.encode_assign, context.bank, test_index,
+                                           test_labels, triggers, mean, std, **shared)
     test_windows, _ = method.candidates(context, test_index, g)
     own = crop_windows(context.bank, test_index, test_windows, config.window)
+    ordinary = own[torch.randperm(own.shape[0], generator=g)[:triggers.shape[0]].to(
+        own.device)]
+    after = pasted_clusters(context.encode_assign, context.bank, test_index, ordinary, mean,
+                            std, **shared)
+    before = test_labels.cpu().long()
+    pasting = torch.zeros_like(capture)
+    for i, d in enumerate(destinations.tolist()):
+        outside = before != d
+        if d >= 0 and after.numel() and bool(outside.any()):
+            pasting[i] = float(((after == d) & outside).sum(1).float().mean()
+                               / outside.sum())
     escape = escape_shares(
         context.encode_assign, context.bank, topk, context.labels[topk.to(context.labels.device)],
-        own, context.encoder.mean, context.encoder.std,
-        candidates_per_batch=config.candidates_per_batch, generator=g, dtype=context.dtype,
-        corner_positions=corners)
-    duel = capture - escape
+        own, mean, std, **shared)
+    duel = capture - pasting - escape
     statistic = float(duel.median()) if duel.numel() else 0.0
     backdoor = statistic >= config.check_threshold
-    log.info("backdoor check: median capture − escape %.2f (threshold %.2f): %s", statistic,
-             config.check_threshold, "backdoor" if backdoor else "no backdoor")
+    log.info("backdoor check: median capture − pasting − escape %.2f (threshold %.2f): %s",
+             statistic, config.check_threshold, "backdoor" if backdoor else "no backdoor")
     return {"statistic": statistic, "threshold": config.check_threshold, "backdoor": backdoor,
             "capture": [round(float(v), 4) for v in capture],
+            "pasting": [round(float(v), 4) for v in pasting],
             "escape": [round(float(v), 4) for v in escape],
             "destinations": destinations.tolist()}
 
