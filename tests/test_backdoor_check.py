@@ -6,7 +6,7 @@ not; the two shares against a brute-force count; the check's place in a result."
 import torch
 
 from fastbd.detection.config import Config
-from fastbd.detection.flip import capture_shares, crop_windows, escape_shares
+from fastbd.detection.flip import capture_shares, crop_windows, pasted_clusters, pulled_into
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.pipeline import backdoor_check
 from fastbd.detection.result import DetectionResult
@@ -103,8 +103,9 @@ def test_what_any_pasted_patch_does_is_not_taken_for_a_trigger():
     assert check["statistic"] < Config().check_threshold and not check["backdoor"]
 
 
-def test_capture_and_escape_equal_a_count_by_hand(gen):
-    """With the corner fixed at the origin, the shares are a direct count of who moved where."""
+def test_pasted_clusters_and_capture_equal_a_count_by_hand(gen):
+    """With the corner fixed at the origin, the clusters after pasting and the capture shares
+    are a direct count of who moved where; no patch or no row gives empty results."""
     bank = torch.randint(0, 256, (14, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen)
     labels, _ = assign(bank.float() / 255)
     patches = torch.randint(0, 256, (5, 3, WINDOW, WINDOW), dtype=torch.uint8, generator=gen)
@@ -116,32 +117,28 @@ def test_capture_and_escape_equal_a_count_by_hand(gen):
         out[:, :, :WINDOW, :WINDOW] = patch
         return assign(out.float() / 255)[0]
 
-    capture, destinations = capture_shares(assign, bank, rows, labels[rows], patches, (0, 0, 0),
-                                           (1, 1, 1), candidates_per_batch=2,
-                                           generator=torch.Generator(), corner_positions=1)
-    for c, patch in enumerate(patches):
-        after = pasted(bank[rows], patch)
-        moved = after[after != labels[rows]]
+    after = pasted_clusters(assign, bank, rows, patches, (0, 0, 0), (1, 1, 1),
+                            candidates_per_batch=2, generator=torch.Generator(),
+                            corner_positions=1)
+    assert torch.equal(after, torch.stack([pasted(bank[rows], p) for p in patches]))
+    capture, destinations = capture_shares(after, labels[rows])
+    for c in range(len(patches)):
+        moved = after[c][after[c] != labels[rows]]
         if moved.numel() == 0:
             assert capture[c] == 0 and destinations[c] == -1
             continue
         d = int(torch.bincount(moved).argmax())
         assert destinations[c] == d
-        assert abs(float(capture[c]) - float((moved == d).sum()) /
-                   int((labels[rows] != d).sum())) < 1e-6
+        expected = float((moved == d).sum()) / int((labels[rows] != d).sum())
+        assert abs(float(capture[c]) - expected) < 1e-6
+        assert abs(pulled_into(after[c:c + 1], labels[rows], d) - expected) < 1e-6
     assert capture[1] == 1.0 and destinations[1] == 3
-    escape = escape_shares(assign, bank, rows, labels[rows], patches, (0, 0, 0), (1, 1, 1),
-                           candidates_per_batch=2, generator=torch.Generator(),
-                           corner_positions=1)
-    for i, row in enumerate(rows.tolist()):
-        moved = sum(int(pasted(bank[row:row + 1], p)[0] != labels[row]) for p in patches)
-        assert abs(float(escape[i]) - moved / len(patches)) < 1e-6
-    empty = patches[:0]
-    assert capture_shares(assign, bank, rows, labels[rows], empty, (0, 0, 0), (1, 1, 1),
-                          candidates_per_batch=2, generator=torch.Generator())[0].numel() == 0
-    assert torch.equal(escape_shares(assign, bank, rows, labels[rows], empty, (0, 0, 0),
-                                     (1, 1, 1), candidates_per_batch=2,
-                                     generator=torch.Generator()), torch.zeros(rows.numel()))
+    none = pasted_clusters(assign, bank, rows, patches[:0], (0, 0, 0), (1, 1, 1),
+                           candidates_per_batch=2, generator=torch.Generator())
+    assert none.shape == (0, rows.numel()) and capture_shares(none, labels[rows])[0].numel() == 0
+    assert pulled_into(none, labels[rows], 0) == 0.0
+    assert pasted_clusters(assign, bank, rows[:0], patches, (0, 0, 0), (1, 1, 1),
+                           candidates_per_batch=2, generator=torch.Generator()).shape == (5, 0)
 
 
 def test_no_backdoor_is_said_in_the_decision_and_the_summary():

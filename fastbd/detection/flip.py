@@ -137,67 +137,44 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
 
 
 @torch.no_grad()
-def capture_shares(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
-                   test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
-                   candidates_per_batch: int, generator: torch.Generator,
-                   dtype: torch.dtype = torch.float32, corner_positions: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How strongly each candidate (uint8 ``c×3×w×w``) pulls the test images into one cluster:
-    pasted as in ``flip_counts``, the share of the test images outside cluster ``d`` that move
-    into ``d``, for the cluster ``d`` that most of them move into. A backdoor trigger overrides
-    an image's content and sends most images to its target's cluster (share near its attack
-    success rate); a window of ordinary content scatters the few it moves. Returns (float32
-    shares ``c`` in [0, 1], int64 destination clusters ``c``), on the CPU."""
-    n_cand = triggers.shape[0]
-    shares = torch.zeros(n_cand, dtype=torch.float32)
-    destinations = torch.full((n_cand,), -1, dtype=torch.long)
-    before = test_labels.cpu().long()
-    for start, after in _pasted_assignments(encode_assign, images, test_index, triggers, mean,
-                                            std, candidates_per_batch, generator, dtype,
-                                            corner_positions):
-        after = after.cpu().long()
-        for row, assigned in enumerate(after):
-            moved = assigned[assigned != before]
-            if moved.numel() == 0:
-                continue
-            counts = torch.bincount(moved)
-            destination = int(torch.argmax(counts))
-            outside = int((before != destination).sum())
-            shares[start + row] = float(counts[destination]) / max(outside, 1)
-            destinations[start + row] = destination
-    return shares, destinations
-
-
-@torch.no_grad()
-def escape_shares(encode_assign, images: torch.Tensor, rows: torch.Tensor,
-                  labels: torch.Tensor, patches: torch.Tensor, mean, std, *,
-                  candidates_per_batch: int, generator: torch.Generator,
-                  dtype: torch.dtype = torch.float32, corner_positions: int | None = None
-                  ) -> torch.Tensor:
-    """The other side of ``capture_shares``' duel: for each bank row of ``rows`` (int64 ``r``,
-    in clusters ``labels``), the share of the ``patches`` (uint8 ``p×3×w×w``, each pasted at a
-    uniform random corner) that move it out of its cluster. Returns float32 ``r`` on the
-    CPU."""
-    moved = torch.zeros(rows.numel(), dtype=torch.float32)
-    if patches.shape[0] == 0 or rows.numel() == 0:
-        return moved
-    before = labels.cpu().long()[None, :]
-    for _, after in _pasted_assignments(encode_assign, images, rows, patches, mean, std,
-                                        candidates_per_batch, generator, dtype,
-                                        corner_positions):
-        moved += (after.cpu().long() != before).sum(0).float()
-    return moved / patches.shape[0]
-
-
-@torch.no_grad()
-def pasted_clusters(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+def pasted_clusters(encode_assign, images: torch.Tensor, rows: torch.Tensor,
                     patches: torch.Tensor, mean, std, *, candidates_per_batch: int,
                     generator: torch.Generator, dtype: torch.dtype = torch.float32,
                     corner_positions: int | None = None) -> torch.Tensor:
-    """The clusters (int64 ``p×T``, on the CPU) of the ``T`` test images with each of the
-    ``patches`` (uint8 ``p×3×w×w``) pasted at uniform random corners, as ``flip_counts``
-    pastes."""
-    rows = [after.cpu().long() for _, after in _pasted_assignments(
-        encode_assign, images, test_index, patches, mean, std, candidates_per_batch, generator,
+    """The clusters (int64 ``p×r``, on the CPU) of the bank rows ``rows`` (int64 ``r``) with
+    each of the ``patches`` (uint8 ``p×3×w×w``) pasted at uniform random corners, as
+    ``flip_counts`` pastes."""
+    found = [after.cpu().long() for _, after in _pasted_assignments(
+        encode_assign, images, rows, patches, mean, std, candidates_per_batch, generator,
         dtype, corner_positions)]
-    return torch.cat(rows) if rows else torch.empty(0, test_index.numel(), dtype=torch.long)
+    return torch.cat(found) if found else torch.empty(0, rows.numel(), dtype=torch.long)
+
+
+def capture_shares(after: torch.Tensor, before: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How strongly each pasted candidate pulls the test images into one cluster: from their
+    clusters ``after`` (int64 ``c×T``, ``pasted_clusters``) and ``before`` (int64 ``T``), the
+    share of the test images outside cluster ``d`` that moved into ``d``, for the cluster ``d``
+    most of them moved into. A backdoor trigger overrides an image's content and sends most
+    images to its target's cluster (share near its attack success rate); a window of ordinary
+    content scatters the few it moves. Returns (float32 shares ``c`` in [0, 1], int64
+    destination clusters ``c``, −1 where none moved)."""
+    shares = torch.zeros(after.shape[0], dtype=torch.float32)
+    destinations = torch.full((after.shape[0],), -1, dtype=torch.long)
+    for row, assigned in enumerate(after):
+        moved = assigned[assigned != before]
+        if moved.numel() == 0:
+            continue
+        destination = int(torch.bincount(moved).argmax())
+        shares[row] = pulled_into(assigned[None], before, destination)
+        destinations[row] = destination
+    return shares, destinations
+
+
+def pulled_into(after: torch.Tensor, before: torch.Tensor, cluster: int) -> float:
+    """The mean over the rows of ``after`` (int64 ``p×T``) of the share of the ``T`` images
+    outside ``cluster`` (by ``before``, int64 ``T``) that it holds in ``cluster``."""
+    outside = before != cluster
+    if after.numel() == 0 or not bool(outside.any()):
+        return 0.0
+    return float(((after == cluster) & outside).sum(1).float().mean() / outside.sum())

@@ -27,9 +27,9 @@ from fastbd.detection.config import PRECISIONS, Config
 from fastbd.detection.flip import (
     capture_shares,
     crop_windows,
-    escape_shares,
     flip_counts,
     pasted_clusters,
+    pulled_into,
 )
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
@@ -319,7 +319,7 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
     images' own candidate windows (the method's ``candidates`` on them), k of them — pulls into
     the same d: what any pasted patch does to this encoder (a weakly trained one may send
     every patched image to one cluster). ``escape``: the share of those own windows that pull
-    the candidate's image out of its cluster when pasted on it (``escape_shares``). Content
+    the candidate's image out of its cluster when pasted on it. Content
     against content is an even match — capture beyond pasting ≈ escape; a trigger the encoder
     learned overrides any content (capture ≈ its attack success rate, beyond anything pasting
     ordinary content does) and keeps its own image in the target's cluster (escape ≈ 0).
@@ -335,24 +335,20 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
     mean, std = context.encoder.mean, context.encoder.std
     shared = {"candidates_per_batch": config.candidates_per_batch, "generator": g,
               "dtype": context.dtype, "corner_positions": corners}
-    capture, destinations = capture_shares(context.encode_assign, context.bank, test_index,
-                                           test_labels, triggers, mean, std, **shared)
+    before = test_labels.cpu().long()
+    capture, destinations = capture_shares(pasted_clusters(
+        context.encode_assign, context.bank, test_index, triggers, mean, std, **shared), before)
     test_windows, _ = method.candidates(context, test_index, g)
     own = crop_windows(context.bank, test_index, test_windows, config.window)
     ordinary = own[torch.randperm(own.shape[0], generator=g)[:triggers.shape[0]].to(
         own.device)]
     after = pasted_clusters(context.encode_assign, context.bank, test_index, ordinary, mean,
                             std, **shared)
-    before = test_labels.cpu().long()
-    pasting = torch.zeros_like(capture)
-    for i, d in enumerate(destinations.tolist()):
-        outside = before != d
-        if d >= 0 and after.numel() and bool(outside.any()):
-            pasting[i] = float(((after == d) & outside).sum(1).float().mean()
-                               / outside.sum())
-    escape = escape_shares(
-        context.encode_assign, context.bank, topk, context.labels[topk.to(context.labels.device)],
-        own, mean, std, **shared)
+    pasting = torch.tensor([pulled_into(after, before, d) if d >= 0 else 0.0
+                            for d in destinations.tolist()])
+    own_clusters = context.labels[topk.to(context.labels.device)].cpu().long()
+    escape = (pasted_clusters(context.encode_assign, context.bank, topk, own, mean, std,
+                              **shared) != own_clusters).float().mean(0)
     duel = capture - pasting - escape
     statistic = float(duel.median()) if duel.numel() else 0.0
     backdoor = statistic >= config.check_threshold
