@@ -52,11 +52,14 @@ def load_config(path: str | Path | None, cls: type[T], nested: dict[str, type] |
         return base
     raw = read_config_file(path)
     refuse_unknown_keys(raw, cls, str(path))
-    try:
-        for name, inner in (nested or {}).items():
-            if name in raw:
-                refuse_unknown_keys(raw[name], inner, f"{path}: {name}")
+    for name, inner in (nested or {}).items():
+        if name in raw:
+            refuse_unknown_keys(raw[name], inner, f"{path}: {name}")
+            try:
                 raw[name] = replace(getattr(base, name), **raw[name])
+            except ValueError as error:
+                raise ValueError(f"{path}: in section {name!r}: {error}") from None
+    try:
         return replace(base, **raw)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None

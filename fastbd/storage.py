@@ -121,13 +121,20 @@ def output_dir(root: str | Path, *parts: str) -> Path:
     folder = root
     for part in parts:
         folder = folder / part
-        if folder.is_symlink():
-            raise ValueError(f"{folder} is a symbolic link; fastbd writes only inside {root} "
-                             "(remove the link)")
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} is a file, not a folder")
+        check_sub_folder(root, folder)
         folder.mkdir(exist_ok=True)
     return folder
+
+
+def check_sub_folder(root: str | Path, folder: str | Path) -> None:
+    """``folder`` (inside the output folder ``root``) can hold a result's files: not a
+    symbolic link, not a file (``ValueError`` naming it)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise ValueError(f"{folder} is a symbolic link; fastbd writes only inside {root} "
+                         "(remove the link)")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder")
 
 
 def check_writable_dir(path: str | Path) -> Path:

@@ -235,7 +235,8 @@ def test_unusable_config_files_exit_2_naming_the_file(world, tmp_path, capsys):
     ('{"n_clusters": 0}', "n_clusters must be ≥ 2, got 0"),
     ('{"prune_fraction": 1.5}', "prune_fraction must be in [0, 1), got 1.5"),
     ('{"window": 2.5}', "window must be an integer, got 2.5 (float)"),
-    ('{"classifier": {"width": 0}}', "width must be ≥ 1, got 0"),
+    ('{"classifier": {"width": 0}}', "in section 'classifier': width must be ≥ 1, got 0"),
+    ('{"classifier": {"lr": -1}}', "in section 'classifier': lr must be > 0"),
     ('{"classifier": {"paste_size": [80, 20]}}', "paste_size must be (lo, hi)"),
     ('{"mask_strategy": "circles"}', "mask_strategy must be one of full, interval, random"),
 ])
@@ -391,6 +392,120 @@ def test_negative_labels_and_duplicates(world, tmp_path, capsys, caplog):
     args[args.index("--file-list") + 1] = str(listing)
     assert main(args) == 2
     assert "line 61 repeats line 1" in one_line_error(capsys)
+
+
+def test_a_symlinked_result_sub_folder_is_refused_before_any_work(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "all_top_poison_patches").symlink_to(elsewhere, target_is_directory=True)
+    assert main(detect_args(world, out)) == 2
+    assert "all_top_poison_patches is a symbolic link" in one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["all_top_poison_patches"]  # no work done
+    assert not any(elsewhere.iterdir())
+
+
+def test_a_label_too_large_for_a_class_index_names_the_line(world, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    first = (world / "src" / "train.txt").read_text().splitlines()[0]
+    listing.write_text(f"{world / 'src'}/{first}\n{world / 'src'}/{first[:-2]} "
+                       f"{10**30}\n")
+    args = detect_args(world, tmp_path / "out")
+    args[args.index("--file-list") + 1] = str(listing)
+    assert main(args) == 2
+    assert f"{listing}:2: label {10**30} is not a class index" in one_line_error(capsys)
+
+
+def test_a_too_long_caption_names_the_csv_line_before_any_image_is_read(clip_csv, tmp_path,
+                                                                       capsys):
+    root, csv_path = clip_csv
+    rows = Path(csv_path).read_text().splitlines()
+    header = rows[0].split(",")
+    long_row = rows[3].split(",")
+    long_row[header.index("caption")] = "a " * 200 + "cat"
+    bad = root / "long.csv"
+    bad.write_text("\n".join([*rows[:3], ",".join(long_row), "missing.png,a dog,1,0"]) + "\n")
+    assert main(["--quiet", "cleanclip", "--csv", str(bad), "--checkpoint", str(root / "m.pt"),
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    error = one_line_error(capsys, "cleanclip")
+    assert f"{bad}:4: the caption needs" in error  # not the missing image of line 5
+
+
+def test_window_argmax_refuses_a_float_window_by_name():
+    from fastbd.ops import window_argmax
+
+    with pytest.raises(ValueError, match="window must be a positive int or a"):
+        window_argmax(torch.zeros(4, 4), 2.5)
+    with pytest.raises(ValueError, match="window height must be a positive int"):
+        window_argmax(torch.zeros(4, 4), (0, 2))
+
+
+def test_an_attack_on_a_csv_without_labels_names_the_column(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,caption\na.png,a cat\na.png,a dog\n")
+    assert main(["--quiet", "attack", "--attack", "badnet", "--csv", str(pairs), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert f"{pairs}: no column 'label'" in one_line_error(capsys, "attack")
+
+
+def test_a_reference_object_without_transparency_is_warned_about(tmp_path, caplog):
+    from fastbd.data.bank import load_reference_object
+
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(tmp_path / "opaque.png")
+    with caplog.at_level("WARNING", logger="fastbd"):
+        obj = load_reference_object(tmp_path / "opaque.png")
+    assert obj.shape == (4, 4, 6) and bool((obj[3] == 255).all())
+    assert "opaque.png has no transparency" in caplog.text
+    caplog.clear()
+    Image.new("RGBA", (6, 4), (200, 10, 10, 0)).save(tmp_path / "cut.png")
+    with caplog.at_level("WARNING", logger="fastbd"):
+        load_reference_object(tmp_path / "cut.png")
+    assert "transparency" not in caplog.text
+
+
+@pytest.mark.parametrize("lines,expected", [
+    (["0", "1", "1", "0", "0"], [False, True, True, False, False]),  # one flag per image
+    (["1", "3"], [False, True, False, True, False]),  # indices
+    (["4"], [False, False, False, False, True]),
+])
+def test_a_ground_truth_text_file_of_flags_or_indices(tmp_path, lines, expected):
+    from fastbd.data.readers import read_ground_truth
+
+    path = tmp_path / "truth.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert read_ground_truth(path, 5).tolist() == expected
+
+
+def test_an_ambiguous_or_repeated_ground_truth_is_refused(tmp_path):
+    from fastbd.data.readers import read_ground_truth
+
+    path = tmp_path / "truth.txt"
+    path.write_text("0\n1\n")
+    with pytest.raises(ValueError, match="could be flags or indices"):
+        read_ground_truth(path, 2)
+    path.write_text("3\n1\n3\n")
+    with pytest.raises(ValueError, match=r"truth.txt:3: index 3 is listed again \(line 1\)"):
+        read_ground_truth(path, 5)
+    path.write_text("1\n99999999999999999999999\n")
+    with pytest.raises(ValueError, match=r"truth.txt:2: index 99999999999999999999999 is not"):
+        read_ground_truth(path, 5)
+
+
+def test_files_skipped_by_an_attack_are_listed_in_attack_json(world, tmp_path):
+    listing = tmp_path / "list.txt"
+    source = [f"{world / 'src'}/{line}"
+              for line in (world / "src" / "train.txt").read_text().splitlines()[:20]]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    listing.write_text("\n".join([*source, f"{tmp_path / 'broken.png'} 3"]) + "\n")
+    out = tmp_path / "out"
+    assert main(["--quiet", "attack", "--attack", "htba", "--file-list", str(listing),
+                 "--image-size", "32", "--fraction", "0.5", "--target", "1", "--skip-bad",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "attack.json").read_text())
+    assert summary["images"] == 20
+    assert [Path(entry[0]).name for entry in summary["skipped"]] == ["broken.png"]
 
 
 def test_mask_fill_refuses_a_nan_fill_and_a_float_window():

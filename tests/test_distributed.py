@@ -156,7 +156,7 @@ def test_a_dead_rank_ends_the_job_resumably_and_another_world_size_finishes_it(w
     # wants a known round); rank 1 says what happened and how to continue
     died = _detect("poisoncam", world_files, out, 2,
                    env={"FASTBD_TEST_DIE_RANK": "0", "FASTBD_TEST_DIE_AFTER": "2"})
-    assert died.returncode != 0
+    assert died.returncode == 1  # torchrun's own exit code after a child failed (README)
     assert "(rank 1 of 2)" in died.stderr and "--resume" in died.stderr, died.stderr[-3000:]
     saved = torch.load(out / "search_state.pt", weights_only=False)
     assert saved["round"] == 2  # the two completed rounds, written by rank 0

@@ -15,10 +15,11 @@ import torch
 from fastbd.cli import main
 
 
-def _write_shards(csv_path: Path, folder: Path, per_shard: int, corrupt: int | None = None
-                  ) -> str:
+def _write_shards(csv_path: Path, folder: Path, per_shard: int, corrupt: int | None = None,
+                  unflagged: int | None = None) -> str:
     """The CSV's pairs as shards of ``per_shard`` samples (png, txt, json with label and
-    is_backdoor), in the CSV's order; sample ``corrupt`` gets bytes no decoder reads."""
+    is_backdoor), in the CSV's order; sample ``corrupt`` gets bytes no decoder reads, sample
+    ``unflagged`` a json without ``is_backdoor``."""
     import webdataset as wds
 
     with open(csv_path, newline="") as handle:
@@ -32,7 +33,8 @@ def _write_shards(csv_path: Path, folder: Path, per_shard: int, corrupt: int | N
                               "png": b"not an image" if i == corrupt else image,
                               "txt": row["caption"],
                               "json": {"label": int(row["label"]),
-                                       "is_backdoor": int(row["is_backdoor"])}})
+                                       **({} if i == unflagged else
+                                          {"is_backdoor": int(row["is_backdoor"])})}})
     last = (len(rows) - 1) // per_shard
     return str(folder / f"pairs-{{000..{last:03d}}}.tar")
 
@@ -86,8 +88,9 @@ def test_a_corrupt_sample_is_refused_or_skipped(exported, tmp_path, capsys):
 
     pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=60,
                             corrupt=7)
-    with pytest.raises(ImageReadError, match="000007"):
+    with pytest.raises(ImageReadError, match="000007") as raised:
         read_shard_pairs(pattern, 16, verbose=False)
+    assert "BytesIO" not in str(raised.value)  # the sample is named, not the in-memory file
     kept = read_shard_pairs(pattern, 16, skip_bad=True, verbose=False)
     assert 7 not in kept.report.kept and len(kept.captions) == 119
     assert "000007" in kept.report.skipped[0][0]
@@ -192,3 +195,16 @@ def test_cli_density_on_shards_lists_the_flagged_samples(exported, tmp_path):
     assert len(listed) == int(flagged.sum()) > 0
     assert listed == [f"pairs-{i // 50:03d}.tar/{i:06d}" for i in np.flatnonzero(flagged)]
     assert "auroc" in json.loads((out / "result.json").read_text())["metrics"]
+
+
+def test_one_sample_without_ground_truth_is_named_in_a_warning(exported, tmp_path, caplog):
+    """The ground truth of shards is used only when every sample has it: one sample without
+    ``is_backdoor`` drops it for the run — said in a warning naming that sample."""
+    from fastbd.data.shards import read_shard_pairs
+
+    pattern = _write_shards(exported / "train.csv", tmp_path / "shards", per_shard=60,
+                            unflagged=65)
+    with caplog.at_level("WARNING", logger="fastbd"):
+        read = read_shard_pairs(pattern, 16, verbose=False)
+    assert read.truth is None and read.labels is not None
+    assert "pairs-001.tar/000065" in caplog.text and "is_backdoor" in caplog.text

@@ -212,6 +212,6 @@ def test_cli_eval_clip_loads_a_train_clip_checkpoint_and_names_one_that_does_not
              str(tmp_path)]
     assert main([*flags, "--checkpoint", str(checkpoint)]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert 0.0 <= result["clean_accuracy"] <= 1.0 and result["attack"] == "htba"
+    assert 0.0 <= result["clean_accuracy"] <= 1.0 and result["attack"] == "badnet"
     assert main([*flags, "--checkpoint", str(wrong)]) == 2
     assert f"checkpoint {wrong} does not fit the 'tiny' CLIP" in capsys.readouterr().err

@@ -225,6 +225,56 @@ def test_eval_clip_on_the_exported_world_equals_the_world_evaluation(badnet_file
         assert from_files[key] == getattr(expected, key)
 
 
+def test_eval_clip_scores_a_users_own_triggered_images_and_needs_no_captions(badnet_files,
+                                                                          tmp_path, capsys):
+    """``--triggered-csv``: images that already carry the trigger are scored as they are — the
+    same ASR as triggering the clean images with that trigger; a CSV without captions gives
+    zero-shot accuracy (retrieval null)."""
+    from fastbd.data.bank import ImageBank
+    from fastbd.data.readers import read_csv_pairs, save_png
+    from fastbd.models.clip import TinyCLIPConfig, tiny_clip
+    from fastbd.world import world_attack
+
+    torch.save(tiny_clip(TinyCLIPConfig(), seed=3).state_dict(), tmp_path / "clip.pt")
+    val = read_csv_pairs(badnet_files / "val.csv")
+    images = ImageBank.from_files(val.paths, 32, crop_ratio=1.0, verbose=False)[0].images
+    triggered, _ = world_attack("badnet", 32).apply(torch.as_tensor(images),
+                                                   torch.Generator().manual_seed(1), train=False)
+    rows = ["image,label"]
+    for i, (image, label) in enumerate(zip(triggered, val.columns["label"], strict=True)):
+        save_png(image, tmp_path / f"t{i}.png")
+        rows.append(f"t{i}.png,{label}")
+    (tmp_path / "triggered.csv").write_text("\n".join(rows) + "\n")
+    no_captions = tmp_path / "val-no-captions.csv"
+    no_captions.write_text("\n".join(["image,label"] + [
+        f"{path},{label}" for path, label in zip(val.paths, val.columns["label"], strict=True)
+    ]) + "\n")
+    common = ["eval", "clip", "--checkpoint", str(tmp_path / "clip.pt"), "--class-names",
+              str(badnet_files / "classes.txt"), "--seed", "0"]
+    _run(*common, "--eval-csv", str(badnet_files / "val.csv"), "--attack-spec",
+         str(badnet_files / "attack.json"), "--out", str(tmp_path / "applied"))
+    _run(*common, "--eval-csv", str(no_captions), "--triggered-csv",
+         str(tmp_path / "triggered.csv"), "--out", str(tmp_path / "given"))
+    applied = json.loads((tmp_path / "applied" / "eval.json").read_text())
+    given = json.loads((tmp_path / "given" / "eval.json").read_text())
+    for key in ("clean_accuracy", "patched_accuracy", "asr"):
+        assert given[key] == applied[key]
+    assert given["attack"] == "triggered-csv:triggered.csv" and given["retrieval"] is None
+    assert applied["retrieval"] is not None
+    capsys.readouterr()
+    assert main(["--quiet", *common, "--eval-csv", str(no_captions), "--triggered-csv",
+                 str(tmp_path / "triggered.csv"), "--attack", "badnet", "--out",
+                 str(tmp_path / "both")]) == 2
+    assert "would trigger them again" in capsys.readouterr().err
+
+
+def test_a_missing_csv_column_is_named_with_its_flag(badnet_files, tmp_path, capsys):
+    assert main(["--quiet", "train-clip", "--csv", str(badnet_files / "train.csv"),
+                 "--caption-key", "text", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "no column 'text'" in error and "--caption-key" in error
+
+
 def test_the_attack_spec_rebuilds_the_planted_trigger_not_the_published_one(badnet_files):
     from argparse import Namespace
 

@@ -44,15 +44,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prepare_out(out: str | Path) -> Path:
-    """The command's output folder, checked before any work: writable, and emptied of the
-    result an earlier run left there (so it never looks like this run's) — by rank 0 under
-    torchrun, the others waiting for it."""
+def prepare_out(out: str | Path, sub_folders: tuple[str, ...] = ()) -> Path:
+    """The command's output folder, checked before any work: writable, its ``sub_folders``
+    (those the result writes into) usable, and emptied of the result an earlier run left there
+    (so it never looks like this run's) — by rank 0 under torchrun, the others waiting for
+    it."""
     from fastbd.distributed import barrier, world
-    from fastbd.storage import check_writable_dir, remove_result
+    from fastbd.storage import check_sub_folder, check_writable_dir, remove_result
 
     if world().main:
         remove_result(check_writable_dir(out))
+        for name in sub_folders:
+            check_sub_folder(out, Path(out) / name)
     barrier()
     return Path(out)
 
@@ -113,9 +116,11 @@ def add_shards_flags(parser: argparse.ArgumentParser, what: str) -> None:
                         help="--shards: the member extension holding each caption")
 
 
-def load_clip_pairs(args: argparse.Namespace, csv_path: str | None, model, cache: Path):
+def load_clip_pairs(args: argparse.Namespace, csv_path: str | None, model, cache: Path | None,
+                    captions_required: bool = True):
     """The pairs of ``csv_path`` or of ``--shards`` (exactly one given) for ``model``, read
-    at ``--image-size`` (default the model's) through the memory-mapped ``cache``."""
+    at ``--image-size`` (default the model's) through the memory-mapped ``cache``; without
+    ``captions_required`` a CSV may lack the caption column (``tokens`` None)."""
     from fastbd.clipdefense.loading import load_pairs, load_shard_pairs
     from fastbd.models.clip import tokenizer_name
 
@@ -127,7 +132,8 @@ def load_clip_pairs(args: argparse.Namespace, csv_path: str | None, model, cache
     if shards:
         return load_shard_pairs(shards, model, caption_key=args.caption_member, **common)
     return load_pairs(csv_path, model, image_key=args.image_key, caption_key=args.caption_key,
-                      separator=args.separator, duplicates=duplicates_policy(args), **common)
+                      separator=args.separator, duplicates=duplicates_policy(args),
+                      captions_required=captions_required, **common)
 
 
 def remove_pairs_cache(cache: Path) -> None:

@@ -46,13 +46,14 @@ def run_detector(args: argparse.Namespace) -> int:
     from fastbd import registry
     from fastbd.data.bank import ImageBank, remove_cache
     from fastbd.data.readers import names_ground_truth, read_ground_truth
+    from fastbd.detection.result import PATCH_FOLDER
     from fastbd.distributed import world
     from fastbd.models import encoder_by_name
 
     paths, labels, lines = read_labelled_images(args.file_list, args.image_folder,
                                                 duplicates_policy(args))
     config = load_detector_config(args)
-    out = prepare_out(args.out)
+    out = prepare_out(args.out, sub_folders=(PATCH_FOLDER,))
     lines = [f"{listed_path(p, out, args.absolute_paths)} {label}"
              for p, label in zip(paths, labels, strict=True)]
     encoder = encoder_by_name(args.arch, args.checkpoint, args.image_size)
@@ -119,7 +120,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         det.add_argument("--ground-truth", default="names",
                          help="for the metrics only: 'names' (files with HTBA_trigger in "
                               "their path are poisoned), 'none', or a file "
-                              "(.npy of N booleans or of indices, or one index per line)")
+                              "(.npy of N booleans or of indices; text: one poisoned index "
+                              "per line, or one 0/1 flag per image)")
         det.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")
         det.add_argument("--resume", action="store_true",
                          help="continue the search and the poison classifier's training "

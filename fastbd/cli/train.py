@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from fastbd.cli.common import (
@@ -22,6 +23,8 @@ from fastbd.cli.common import (
     remove_pairs_cache,
 )
 from fastbd.cli.world import add_world_args, trigger_options, world_config
+
+log = logging.getLogger("fastbd")
 
 
 def save_threat(out: Path, weights: str, state: dict, evaluation: dict | None, summary: str,
@@ -194,7 +197,7 @@ def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
         pattern = load_image(args.trigger, max(8, round(side * image_size)), crop_ratio=1.0)
         return PatchAttack(name=f"patch:{Path(args.trigger).name}", image_size=image_size,
                            pattern=pattern, side_fraction=side, eval_region=(0.10, 0.90))
-    name = default if args.attack == "none" else args.attack
+    name = default if args.attack in (None, "none") else args.attack
     options = trigger_options(args) if name == "htba" else {}
     return make_attack(name, image_size, seed=args.seed, **options)
 
@@ -206,6 +209,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = prepare_out(args.out)
     if args.kind == "ssl":
+        if args.triggered_csv:
+            raise ValueError("--triggered-csv is for eval clip (eval ssl triggers the "
+                             "validation images with --attack, --trigger or --attack-spec)")
         result = eval_ssl(args)
     else:
         result = eval_clip(args)
@@ -292,8 +298,12 @@ def eval_clip(args: argparse.Namespace) -> dict:
         from fastbd.world import evaluate_clip
         from fastbd.world.synthetic import make_world
 
+        if args.triggered_csv:
+            raise ValueError("--triggered-csv needs --eval-csv or --shards (its clean "
+                             "counterpart) and --class-names")
         world = make_world(world_config(args))
-        return evaluate_clip(model, tokenizer, world, args.attack, args.target, args.seed,
+        attack = "badnet" if args.attack in (None, "none") else args.attack
+        return evaluate_clip(model, tokenizer, world, attack, args.target, args.seed,
                              args.device).to_dict()
     from fastbd.data.readers import read_lines
     from fastbd.eval.zeroshot import GENERIC_TEMPLATES, evaluate_zero_shot
@@ -308,18 +318,45 @@ def eval_clip(args: argparse.Namespace) -> dict:
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"every template needs a {{}} for the class name: {bad[0]!r}")
-    pairs = load_clip_pairs(args, args.eval_csv, model, None)
+    pairs = load_clip_pairs(args, args.eval_csv, model, None, captions_required=False)
     if pairs.labels is None:
         raise ValueError(f"{args.eval_csv or args.shards}: no labels (a 'label' column, or a "
                          "'label' in every shard sample's json: the class index of each image, "
                          "in --class-names order)")
-    labels = pairs.labels
-    trigger = eval_trigger(args, clip_image_size(model), "badnet")
-    result = evaluate_zero_shot(model, tokenizer, pairs.images, labels, names, templates,
+    if pairs.tokens is None:
+        log.info("%s has no %r column: zero-shot only, retrieval not measured", args.eval_csv,
+                 args.caption_key)
+    trigger = (_triggered_set(args, model) if args.triggered_csv
+               else eval_trigger(args, clip_image_size(model), "badnet"))
+    result = evaluate_zero_shot(model, tokenizer, pairs.images, pairs.labels, names, templates,
                                 trigger, args.target, tokens=pairs.tokens, seed=args.seed,
                                 device=args.device)
     return {**result.to_dict(), "arch": args.arch, "checkpoint": str(args.checkpoint),
-            "images": int(labels.numel())}
+            "images": int(pairs.labels.numel())}
+
+
+def _triggered_set(args: argparse.Namespace, model):
+    """``--triggered-csv``: images that already carry the trigger, with their true labels."""
+    from fastbd.clipdefense.loading import load_pairs
+    from fastbd.eval.zeroshot import TriggeredSet
+    from fastbd.models.clip import tokenizer_name
+
+    given = [flag for flag, value in (("--attack", args.attack), ("--trigger", args.trigger),
+                                      ("--attack-spec", args.attack_spec)) if value is not None]
+    if given:
+        raise ValueError(f"--triggered-csv holds images already triggered; {given[0]} would "
+                         "trigger them again (give one or the other)")
+    pairs = load_pairs(args.triggered_csv, model, tokenizer_name=tokenizer_name(args.arch),
+                       image_key=args.image_key, caption_key=args.caption_key,
+                       separator=args.separator, image_size=args.image_size,
+                       skip_bad=args.skip_bad, duplicates=duplicates_policy(args),
+                       verbose=not args.quiet, captions_required=False)
+    if pairs.labels is None:
+        raise ValueError(f"{args.triggered_csv}: no 'label' column (each triggered image's "
+                         "true class, in --class-names order: ASR counts those outside the "
+                         "target class)")
+    return TriggeredSet(pairs.images, pairs.labels,
+                        f"triggered-csv:{Path(args.triggered_csv).name}")
 
 
 def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: str) -> None:
@@ -416,10 +453,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="the weights to evaluate")
     evaluate.add_argument("--arch", help="the checkpoint's architecture (ssl: as train-ssl's, "
                           "default smallconv<--width>; clip: as train-clip's, default tiny)")
-    evaluate.add_argument("--attack", choices=ATTACKS + ("none",), default="htba",
-                          help="the trigger whose attack success rate is measured ('none': the "
-                               "trigger a poisoned model would carry — HTBA for ssl, BadNet for "
-                               "clip)")
+    evaluate.add_argument("--attack", choices=ATTACKS + ("none",),
+                          help="the trigger whose attack success rate is measured (default and "
+                               "'none': the trigger a poisoned model would carry — HTBA for "
+                               "ssl, BadNet for clip)")
     evaluate.add_argument("--trigger", help="a trigger image (PNG) pasted as a patch instead "
                           "of --attack's")
     evaluate.add_argument("--attack-spec", help="the attack.json fastbd attack wrote: measure "
@@ -435,9 +472,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                           "train on clean labelled data)")
     evaluate.add_argument("--val-list", help="ssl: '<path> <label>' list it is scored on")
     add_pair_csv_flags(evaluate, "--eval-csv", False,
-                       "clip: labelled pairs (image, caption and label columns) to score on")
+                       "clip: labelled images to score on (image and label columns; a "
+                       "caption column adds retrieval)")
     add_shards_flags(evaluate, "clip: labelled pairs to score on (a 'label' in each sample's "
                      "json)")
+    evaluate.add_argument("--triggered-csv", help="clip: your own triggered evaluation images "
+                          "(image and label columns: each image's true class), scored as they "
+                          "are for ASR instead of triggering --eval-csv's images")
     evaluate.add_argument("--class-names", help="clip, --eval-csv: class names in label order, "
                           "comma-separated or a file with one per line")
     evaluate.add_argument("--templates", help="clip, --eval-csv: file of prompt templates, one "

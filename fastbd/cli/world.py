@@ -100,6 +100,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     clip_attack = args.attack not in SSL_ATTACKS
     corrupt = args.attack in ("corruptencoder", "corruptencoder+")
     attack_options = trigger_options(args)
+    skipped = []
     if args.file_list or args.csv:
         if args.csv:
             pairs = read_csv_pairs(args.csv, image_key=args.image_key,
@@ -113,7 +114,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         size = args.image_size or FILES_IMAGE_SIZE
         bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
                                             verbose=not args.quiet)
-        labels = labels[report.kept]
+        labels, skipped = labels[report.kept], report.skipped
         attack = make_attack(args.attack, size, seed=args.seed, **attack_options)
         if clip_attack:
             if captions is None:
@@ -172,7 +173,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
                # What ``fastbd eval --attack-spec`` rebuilds the planted trigger from.
                "trigger": {"attack": args.attack, "seed": args.seed,
                            "options": dict(attack_options)},
-               "files": {k: str(v) for k, v in written.items() if k != "images"}}
+               "files": {k: str(v) for k, v in written.items() if k != "images"},
+               # Input images --skip-bad left out (file, reason): not in the exported set.
+               **({"skipped": [list(entry) for entry in skipped]} if skipped else {})}
     print(files.json("attack.json", summary))
     files.close()
     return 0

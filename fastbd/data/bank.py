@@ -73,7 +73,10 @@ def reading_image(label: object) -> Iterator[None]:
         raise ImageReadError(label, "file not found") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(label, f"too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ImageReadError(label, "corrupt or unsupported (not an image format PIL reads)"
+                             ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(label, f"corrupt or unsupported ({exc})") from None
 
 
@@ -110,6 +113,10 @@ def load_reference_object(path: str | Path) -> torch.Tensor:
         has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
         rgba = img.convert("RGBA") if has_alpha else to_rgb(img).convert("RGBA")
         array = np.asarray(rgba, dtype=np.uint8)
+    if not has_alpha:
+        log.warning("reference object %s has no transparency: the whole image is pasted as an "
+                    "opaque rectangle (CorruptEncoder pastes an object cut out by its alpha "
+                    "mask: give an RGBA PNG)", path)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -54,13 +54,7 @@ def read_file_list(path: str | Path, root: str | Path | None = None, *,
         name, _, label = line.rpartition(" ")
         if not name:
             raise ValueError(f"{path}:{number}: expected '<path> <label>', got {line!r}")
-        try:
-            value = int(label)
-        except ValueError:
-            raise ValueError(f"{path}:{number}: label {label!r} is not an integer") from None
-        if value < 0:
-            raise ValueError(f"{path}:{number}: label {value} is negative (labels are class "
-                             "indices 0, 1, …)")
+        value = class_index(label, f"{path}:{number}: label")
         file = Path(name)
         file = file if file.is_absolute() else base / file
         if file in first_line:
@@ -77,6 +71,25 @@ def read_file_list(path: str | Path, root: str | Path | None = None, *,
 
 
 DUPLICATE_POLICIES = ("warn", "refuse", "allow")
+
+MAX_CLASSES = 2**24
+"""More classes than any labelled data set has (ImageNet-21k: 21,841); a larger label is a
+corrupt field, refused where it is read rather than overflowing an int64 tensor later."""
+
+
+def class_index(text: str, what: str) -> int:
+    """``text`` as a class index in ``[0, MAX_CLASSES)``; ``ValueError`` naming ``what`` (the
+    file, line and field) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"{what} {value} is negative (labels are class indices 0, 1, …)")
+    if value >= MAX_CLASSES:
+        raise ValueError(f"{what} {text.strip()} is not a class index (at most "
+                         f"{MAX_CLASSES - 1:,})")
+    return value
 
 
 def _report_duplicates(path: Path, repeated: list[tuple[int, int, object]], policy: str,
@@ -109,7 +122,9 @@ def names_ground_truth(paths: list[Path] | list[str], marker: str = TRIGGER_MARK
 def read_ground_truth(path: str | Path, n: int) -> torch.Tensor:
     """bool ``N`` ground truth from a file: a ``.npy`` of ``N`` booleans (or 0/1), a ``.npy`` of
     int indices of the poisoned images, or a text file with one index per line (``#``
-    comments allowed). Raises ``ValueError`` naming the file and the problem."""
+    comments allowed) or one 0/1 flag per image (``N`` lines of 0 and 1 with a value
+    repeated; ``N`` ≤ 2 lines of distinct 0/1 could be either and are refused). An index
+    listed twice is refused. Raises ``ValueError`` naming the file (and line)."""
     path = Path(path)
     if path.suffix == ".npy":
         import numpy as np
@@ -127,15 +142,34 @@ def read_ground_truth(path: str | Path, n: int) -> torch.Tensor:
                              f"{array.dtype} of shape {tuple(array.shape)}")
         indices = array.long()
     else:
-        numbers = []
+        numbers, first_line = [], {}
+        repeated = None
         for number, line in enumerate(read_text_file(path, "ground truth").splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             try:
-                numbers.append(int(line))
+                value = int(line)
             except ValueError:
                 raise ValueError(f"{path}:{number}: {line!r} is not an image index") from None
+            if value in first_line and repeated is None:
+                repeated = (first_line[value], number, value)
+            first_line.setdefault(value, number)
+            numbers.append(value)
+        if len(numbers) == n and set(numbers) <= {0, 1}:
+            if repeated is not None:
+                return torch.tensor(numbers, dtype=torch.bool)
+            raise ValueError(f"ground truth {path}: {n} line(s) of distinct 0/1 could be flags "
+                             "or indices; give a .npy of booleans or of indices")
+        if repeated is not None:
+            first, again, value = repeated
+            raise ValueError(f"{path}:{again}: index {value} is listed again (line {first}); "
+                             f"a ground-truth file holds one index per poisoned image or one "
+                             f"0/1 flag per image ({n} lines)")
+        outside = next((v for v in numbers if not 0 <= v < n), None)
+        if outside is not None:
+            raise ValueError(f"{path}:{first_line[outside]}: index {outside} is not in "
+                             f"[0, {n})")
         indices = torch.tensor(numbers, dtype=torch.long)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
         raise ValueError(f"ground truth {path}: indices must be in [0, {n}), got "
@@ -190,19 +224,20 @@ class CSVPairs:
     ``columns`` by name, and the CSV ``line`` each row ends on (for messages)."""
 
     paths: list[Path]
-    captions: list[str]
+    captions: list[str] | None
     columns: dict[str, list[str]] = field(default_factory=dict)
     lines: list[int] = field(default_factory=list)
 
 
 def read_csv_pairs(path: str | Path, *, image_key: str = "image", caption_key: str = "caption",
                    separator: str = ",", root: str | Path | None = None,
-                   duplicates: str = "warn") -> CSVPairs:
+                   duplicates: str = "warn", captions_required: bool = True) -> CSVPairs:
     """Pairs from a CSV/TSV with a header (UTF-8, a byte-order mark allowed); other columns
     (e.g. ``is_backdoor``) are kept. A row with fewer or more fields than the header, or an
     empty image path, raises ``ValueError`` naming the file and line. ``duplicates``: rows
     with the same image and caption are logged (``warn``), refused (``refuse``) or accepted
-    (``allow``) — the same image with other captions is normal (COCO-style data)."""
+    (``allow``) — the same image with other captions is normal (COCO-style data). Without
+    ``captions_required`` a CSV with no ``caption_key`` column gives ``captions`` None."""
     if duplicates not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got "
                          f"{duplicates!r}")
@@ -212,10 +247,13 @@ def read_csv_pairs(path: str | Path, *, image_key: str = "image", caption_key: s
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
         fields = reader.fieldnames or []
+        if not captions_required and caption_key not in fields:
+            caption_key = None
         for key in (image_key, caption_key):
-            if key not in fields:
-                raise ValueError(f"{path}: no column {key!r} (columns: {fields}); set "
-                                 "image_key/caption_key/separator")
+            if key is not None and key not in fields:
+                raise ValueError(f"{path}: no column {key!r} (columns: {fields}); name the "
+                                 "columns with --image-key/--caption-key/--separator (in "
+                                 "Python: image_key=, caption_key=, separator=)")
         rows, numbers = [], []
         for row in reader:
             if None in row:
@@ -239,32 +277,26 @@ def read_csv_pairs(path: str | Path, *, image_key: str = "image", caption_key: s
     seen: dict[tuple[Path, str], int] = {}
     repeated = []
     for number, file, row in zip(numbers, paths, rows, strict=True):
-        key = (file, row[caption_key])
+        key = (file, row[caption_key] if caption_key is not None else "")
         if key in seen:
             repeated.append((seen[key], number, file))
         else:
             seen[key] = number
     _report_duplicates(path, repeated, duplicates, "image-caption pair")
     others = {k: [r[k] for r in rows] for k in fields if k not in (image_key, caption_key)}
-    return CSVPairs(paths, [r[caption_key] for r in rows], others, numbers)
+    captions = None if caption_key is None else [r[caption_key] for r in rows]
+    return CSVPairs(paths, captions, others, numbers)
 
 
 def csv_labels(path: str | Path, pairs: CSVPairs, column: str = "label") -> list[int]:
-    """The integer class labels of ``pairs`` from its ``column`` (all 0 when the CSV has none);
-    a value that is not a non-negative integer raises ``ValueError`` naming the row."""
+    """The integer class labels of ``pairs`` from its ``column``; a CSV without the column, or
+    a value that is not a class index, raises ``ValueError`` naming the file (and row)."""
     values = pairs.columns.get(column)
     if values is None:
-        return [0] * len(pairs.paths)
-    labels = []
-    for line, value in zip(pairs.lines, values, strict=True):
-        try:
-            label = int(value)
-        except ValueError:
-            raise ValueError(f"{path}:{line}: {column} {value!r} is not an integer") from None
-        if label < 0:
-            raise ValueError(f"{path}:{line}: {column} {label} is negative")
-        labels.append(label)
-    return labels
+        raise ValueError(f"{path}: no column {column!r} of class indices (columns: "
+                         f"{sorted(pairs.columns)} besides the image and caption)")
+    return [class_index(value, f"{path}:{line}: {column}")
+            for line, value in zip(pairs.lines, values, strict=True)]
 
 
 def write_csv_pairs(path: str | Path, rows: list[dict[str, object]], *, separator: str = ","

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastbd.data.bank import ImageBank, ImageReadError, LoadReport, load_image
+from fastbd.data.readers import MAX_CLASSES
 from fastbd.distributed import barrier, world
 from fastbd.storage import scratch_file, write_text_atomically
 
@@ -223,7 +224,7 @@ def _stream_shards(shards: list[str], manifest: dict, size: int, crop_ratio: flo
     if report.skipped:
         log.warning("skipped %d unreadable sample(s), e.g. %s: %s", len(report.skipped),
                     *report.skipped[0])
-    labels, truth = _labels_and_truth(metas)
+    labels, truth = _labels_and_truth(metas, keys)
     if cache is None:
         bank = ImageBank(torch.stack(rows))
     else:
@@ -235,15 +236,27 @@ def _stream_shards(shards: list[str], manifest: dict, size: int, crop_ratio: flo
     return ShardPairs(bank, captions, keys, labels, truth, report)
 
 
-def _labels_and_truth(metas: list[dict]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _labels_and_truth(metas: list[dict], keys: list[str]
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The samples' ``label`` and ``is_backdoor`` fields, each None unless every sample has it
+    (a field most samples have and some lack is warned about, naming one that lacks it)."""
     def column(name: str):
-        if not metas or not all(name in m for m in metas):
+        lacking = [key for key, meta in zip(keys, metas, strict=True) if name not in meta]
+        if lacking and len(lacking) < len(metas):
+            log.warning("%d of %d samples have no %r in their json (e.g. %s): no sample's %s is "
+                        "used", len(lacking), len(metas), name, lacking[0], name)
+        if not metas or lacking:
             return None
         return [m[name] for m in metas]
 
     labels, flags = column("label"), column("is_backdoor")
-    if labels is not None and not all(isinstance(v, int) and v >= 0 for v in labels):
-        raise ValueError("a sample's json 'label' is not a non-negative integer")
+    if labels is not None:
+        bad = next((key for key, v in zip(keys, labels, strict=True)
+                    if isinstance(v, bool) or not isinstance(v, int)
+                    or not 0 <= v < MAX_CLASSES), None)
+        if bad is not None:
+            raise ValueError(f"{bad}: the json 'label' is not a class index (an integer in "
+                             f"[0, {MAX_CLASSES:,}))")
     return (None if labels is None else torch.tensor(labels, dtype=torch.int64),
             None if flags is None else torch.tensor([bool(v) for v in flags]))
 
@@ -268,7 +281,7 @@ def _reuse(cache: Path, manifest: dict) -> ShardPairs | None:
         return None
     if bank.images.shape[0] != len(sidecar["captions"]):
         return None
-    labels, truth = _labels_and_truth(sidecar["metas"])
+    labels, truth = _labels_and_truth(sidecar["metas"], sidecar["keys"])
     report = LoadReport(kept=sidecar["kept"], skipped=[tuple(s) for s in sidecar["skipped"]])
     log.info("reusing the shard bank %s (%d pairs)", cache, len(sidecar["captions"]))
     return ShardPairs(bank, sidecar["captions"], sidecar["keys"], labels, truth, report)

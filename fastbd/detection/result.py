@@ -10,6 +10,10 @@ import torch
 from fastbd.eval.metrics import DetectionMetrics
 from fastbd.storage import ResultFiles, remove_files
 
+PATCH_FOLDER = "all_top_poison_patches"
+"""The sub-folder of a saved result holding one PNG per exported patch (PatchSearch's layout,
+which its official classifier reads)."""
+
 
 @dataclass
 class DetectionResult:
@@ -128,7 +132,7 @@ class DetectionResult:
                                                strict=True) if not gone]
             files.text("filtered.txt", "".join(f"{line}\n" for line in kept))
         for i, patch in enumerate(self.top_patches):
-            save_png(patch, files.path(f"all_top_poison_patches/{i:05d}.png"))
+            save_png(patch, files.path(f"{PATCH_FOLDER}/{i:05d}.png"))
         images = []
         if self.triggers.numel():
             save_image_grid(self.triggers, files.path("top_triggers.png"))

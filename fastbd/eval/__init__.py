@@ -12,6 +12,7 @@ from fastbd.eval.metrics import (
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import (
     GENERIC_TEMPLATES,
+    TriggeredSet,
     ZeroShotResult,
     evaluate_zero_shot,
     retrieval_recall,
@@ -20,6 +21,6 @@ from fastbd.eval.zeroshot import (
 )
 
 __all__ = ["GENERIC_TEMPLATES", "DetectionMetrics", "ProbeConfig", "ProbeResult",
-           "ZeroShotResult", "accuracy", "attack_success_rate", "auroc", "box_iou", "catch_rate",
-           "detection_metrics", "evaluate_zero_shot", "linear_probe", "retrieval_recall",
-           "zero_shot_predict", "zero_shot_weights"]
+           "TriggeredSet", "ZeroShotResult", "accuracy", "attack_success_rate", "auroc",
+           "box_iou", "catch_rate", "detection_metrics", "evaluate_zero_shot", "linear_probe",
+           "retrieval_recall", "zero_shot_predict", "zero_shot_weights"]

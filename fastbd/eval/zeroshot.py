@@ -54,6 +54,17 @@ def retrieval_recall(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
 
 
 @dataclass
+class TriggeredSet:
+    """Images that already carry a trigger (a user's own triggered evaluation set): uint8
+    ``images`` ``N×3×S×S``, their true classes ``labels`` int64 ``N`` (before triggering) and a
+    ``name`` for the result's ``attack`` field."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str
+
+
+@dataclass
 class ZeroShotResult:
     """Zero-shot ``clean_accuracy`` on clean images, ``asr`` (share of triggered non-target
     images classified as ``target``), ``patched_accuracy`` on the triggered images, and image–
@@ -73,32 +84,45 @@ class ZeroShotResult:
 
 def evaluate_zero_shot(model: nn.Module, tokenizer, images: torch.Tensor, labels: torch.Tensor,
                        class_names: list[str], templates: tuple[str, ...] | list[str],
-                       trigger: Attack, target: int, *, tokens: torch.Tensor | None = None,
-                       seed: int = 0, device: torch.device | str = "cpu") -> ZeroShotResult:
+                       trigger: Attack | TriggeredSet, target: int, *,
+                       tokens: torch.Tensor | None = None, seed: int = 0,
+                       device: torch.device | str = "cpu") -> ZeroShotResult:
     """Zero-shot CA of uint8 ``images`` ``N×3×S×S`` with int64 ``labels`` ``N`` (prompts:
     ``templates`` filled with ``class_names``); ASR and patched accuracy on the images
     triggered by ``trigger`` (evaluation placement, drawn from ``seed``; a dual-key trigger's
-    text goes in front of every prompt); with the captions' ``tokens`` ``N×L``, retrieval
-    recall@1/5/10 of the clean pairs."""
-    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(f"need as many labels as images (at least one), got "
-                         f"{images.shape[0]} images and {labels.shape[0]} labels")
-    if int(labels.max()) >= len(class_names) or int(labels.min()) < 0:
-        raise ValueError(f"labels run 0–{int(labels.max())} but {len(class_names)} class "
-                         "names were given")
+    text goes in front of every prompt) or on a ``TriggeredSet``'s images as they are; with
+    the captions' ``tokens`` ``N×L``, retrieval recall@1/5/10 of the clean pairs."""
+    _check_labels("", images, labels, class_names)
     if not 0 <= target < len(class_names):
         raise ValueError(f"target {target} is not one of the {len(class_names)} classes")
     weights = zero_shot_weights(model, tokenizer, class_names, templates, device=device)
     clean = accuracy(zero_shot_predict(model, images, weights, device=device), labels)
-    triggered, _ = trigger.apply(images, torch.Generator().manual_seed(seed + 1), train=False)
-    if trigger.caption_prefix():
-        weights = zero_shot_weights(model, tokenizer, class_names, templates,
-                                    prefix=trigger.caption_prefix(), device=device)
+    if isinstance(trigger, TriggeredSet):
+        _check_labels("triggered ", trigger.images, trigger.labels, class_names)
+        triggered, triggered_labels = trigger.images, trigger.labels
+    else:
+        triggered, _ = trigger.apply(images, torch.Generator().manual_seed(seed + 1),
+                                     train=False)
+        triggered_labels = labels
+        if trigger.caption_prefix():
+            weights = zero_shot_weights(model, tokenizer, class_names, templates,
+                                        prefix=trigger.caption_prefix(), device=device)
     patched = zero_shot_predict(model, triggered, weights, device=device)
     retrieval = None
     if tokens is not None:
         retrieval = retrieval_recall(encode_images(model, images, device=device),
                                      encode_texts(model, tokens, device=device))
-    return ZeroShotResult(clean_accuracy=clean, patched_accuracy=accuracy(patched, labels),
-                          asr=attack_success_rate(patched, labels, target), target=target,
-                          attack=trigger.name, retrieval=retrieval)
+    return ZeroShotResult(clean_accuracy=clean,
+                          patched_accuracy=accuracy(patched, triggered_labels),
+                          asr=attack_success_rate(patched, triggered_labels, target),
+                          target=target, attack=trigger.name, retrieval=retrieval)
+
+
+def _check_labels(what: str, images: torch.Tensor, labels: torch.Tensor,
+                  class_names: list[str]) -> None:
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"need as many labels as {what}images (at least one), got "
+                         f"{images.shape[0]} images and {labels.shape[0]} labels")
+    if int(labels.max()) >= len(class_names) or int(labels.min()) < 0:
+        raise ValueError(f"{what}labels run 0–{int(labels.max())} but {len(class_names)} class "
+                         "names were given")

@@ -162,16 +162,19 @@ def context_length_of(model: nn.Module) -> int:
     return int(getattr(model, "context_length", model.positional_embedding.shape[0]))
 
 
-def tokenize(tokenizer, captions: list[str], context_length: int) -> torch.Tensor:
-    """int64 ``N×L`` token ids; raises if a caption does not fit (open_clip would truncate it
-    silently, dropping words and moving EOT)."""
+def tokenize(tokenizer, captions: list[str], context_length: int,
+             names: list[str] | None = None) -> torch.Tensor:
+    """int64 ``N×L`` token ids; raises ``ValueError`` if a caption does not fit (open_clip
+    would truncate it silently, dropping words and moving EOT), naming it by ``names[i]`` (e.g.
+    ``file.csv:12``) or, without names, by its 1-based position."""
     encode = getattr(tokenizer, "encode", None)
     if encode is not None:
         for i, caption in enumerate(captions):
             length = len(encode(caption)) + 2  # SOT and EOT
             if length > context_length:
-                raise ValueError(f"caption {i} needs {length} tokens, longer than the context "
-                                 f"({context_length} tokens): {caption[:80]!r}")
+                where = names[i] if names is not None else f"caption #{i + 1}"
+                raise ValueError(f"{where}: the caption needs {length} tokens, longer than the "
+                                 f"context ({context_length} tokens): {caption[:80]!r}")
     return tokenizer(captions, context_length=context_length)
 
 

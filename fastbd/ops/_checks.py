@@ -58,6 +58,17 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_window(name: str, value: object) -> tuple[int, int]:
+    """A window given as a side ``w`` or a ``(height, width)`` pair of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_positive_int(name, value), value
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return (check_positive_int(f"{name} height", value[0]),
+                check_positive_int(f"{name} width", value[1]))
+    raise ValueError(f"{name} must be a positive int or a (height, width) pair of them, got "
+                     f"{value!r}")
+
+
 def channel_affine(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                    channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``scale``, ``bias`` (float32, shape ``C``) with ``x_norm = u8 * scale + bias``.

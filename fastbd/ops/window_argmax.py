@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbd.ops._backend import OpSpec, choose_backend, external_backend, register
-from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+from fastbd.ops._checks import FLOAT_DTYPES, check_finite, check_tensor, check_window
 
 register(OpSpec("window_argmax", ("torch",), {"cuda": ("torch",)}))
 
@@ -57,9 +57,7 @@ def window_argmax(maps: torch.Tensor, window: int | tuple[int, int], *,
     check_tensor("maps", maps, ndim=(2, 3), dtypes=FLOAT_DTYPES + (torch.float64,))
     single = maps.ndim == 2
     batch = maps[None] if single else maps
-    wh, ww = (window, window) if isinstance(window, int) else tuple(window)
-    check_positive_int("window height", wh)
-    check_positive_int("window width", ww)
+    wh, ww = check_window("window", window)
     height, width = batch.shape[1:]
     if wh > height or ww > width:
         raise ValueError(f"window {wh}×{ww} is larger than the map {height}×{width}")
