@@ -192,3 +192,23 @@ def test_pair_cosine_zero_rows_and_strides(gen, backend):
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_finite_check_by_sum_is_exact(dtype):
+    """``all_finite`` decides by a sum: a NaN or Inf anywhere fails it, finite values whose
+    sum overflows (or cancels to ±Inf) do not."""
+    from fastbd.ops import all_finite
+
+    big = torch.finfo(dtype).max
+    huge = torch.full((64,), big, dtype=dtype)  # the sum overflows: all values finite
+    assert all_finite(huge) and all_finite(torch.cat([huge, -huge]))
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        values = torch.randn(1000).to(dtype)
+        values[617] = bad
+        assert not all_finite(values)
+        with pytest.raises(ValueError, match="contains 1 NaN/Inf"):
+            pair_cosine(values.float().view(100, 10), torch.ones(100, 10))
+    both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # sums to NaN
+    assert not all_finite(both)

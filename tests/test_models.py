@@ -309,3 +309,31 @@ def test_state_dict_mismatch_counts_and_names_examples():
     assert state_dict_mismatch(model, state) == (
         "1 missing keys, e.g. 1.bias; 1 unexpected keys, e.g. extra; "
         "1 keys of another shape (checkpoint vs model), e.g. 0.weight (5, 3) vs (4, 3)")
+
+
+def test_cpu_forwards_in_eval_mode_run_in_chunks_under_the_activation_budget(monkeypatch):
+    """An eval-mode CPU forward splits a batch into chunks whose largest activation fits
+    ``CPU_CHUNK_BYTES`` (found by one probing forward per input shape), with the features of
+    the whole batch; training mode keeps the batch whole (BatchNorm's batch statistics)."""
+    import fastbd.models.encoders as encoders
+    from fastbd.models.encoders import largest_activation_bytes
+
+    encoder = encoders.small_encoder(8, 16).eval()
+    x = torch.randn(50, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    per_image = largest_activation_bytes(encoder.backbone, x[:1])
+    first_conv = next(m for m in encoder.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    stride = first_conv.stride[0]
+    assert per_image >= first_conv.out_channels * (16 // stride) ** 2 * 4  # its output at least
+    monkeypatch.setattr(encoders, "CPU_CHUNK_BYTES", per_image * 7)
+    calls = []
+    hook = encoder.backbone.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        chunked = encoder(x)
+        assert calls[1:] == [7] * 7 + [1]  # after the one-image probe
+        whole = encoder.backbone(x)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    calls.clear()
+    encoder.train()
+    encoder(x)
+    hook.remove()
+    assert calls == [50]

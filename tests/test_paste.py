@@ -68,6 +68,33 @@ def test_torch_reference_matches_pixel_definition(gen, resize, use_alpha, normal
     torch.testing.assert_close(got.double(), want, atol=1e-4 if normalise else 1, rtol=0)
 
 
+@pytest.mark.parametrize("resize", [False, True])
+@pytest.mark.parametrize("use_alpha", [False, True])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_whole_and_clipped_boxes_in_one_call_match_the_pixel_definition(gen, resize, use_alpha,
+                                                                        normalise):
+    """The reference blends boxes that lie whole in the image in one indexed write per size and
+    clipped or resized ones one by one: a call holding both kinds, into a fresh tensor and into
+    a reused ``out`` buffer, against the per-pixel definition."""
+    images, patches, patch_sizes, jobs, sizes, alpha = make_jobs(gen, n_jobs=60)
+    own = patch_sizes[jobs[:, 1]]
+    jobs[:30, 2:] = torch.randint(0, 3, (30, 2), generator=gen)  # inside the image …
+    sizes[:30] = own[:30]  # … at their own size: whole boxes, resized or not
+    target = sizes if resize else own
+    whole = ((jobs[:, 2:] >= 0) & (jobs[:, 2:] + target <= 15)).all(1) & (target == own).all(1)
+    assert 0 < int(whole.sum()) < 60
+    kwargs = dict(patch_sizes=patch_sizes, sizes=sizes if resize else None,
+                  alpha=alpha if use_alpha else None, opacity=0.8, backend="torch",
+                  **(dict(mean=MEAN, std=STD) if normalise else {}))
+    got = paste(images, patches, *jobs.T, **kwargs)
+    reused = torch.full_like(got, float("nan") if normalise else 7)
+    assert paste(images, patches, *jobs.T, out=reused, **kwargs) is reused
+    assert torch.equal(reused, got)
+    want = naive_paste(images, patches, patch_sizes.tolist(), jobs.tolist(), target.tolist(),
+                       alpha if use_alpha else None, 0.8, normalise)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 if normalise else 1, rtol=0)
+
+
 @pytest.mark.parametrize("device,backend", CPU_BACKENDS + CUDA_BACKENDS)
 @pytest.mark.parametrize("resize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16, torch.bfloat16])

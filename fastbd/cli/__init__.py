@@ -68,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     from fastbd import distributed
+    from fastbd.devices import keep_cpu_heap
 
     args = build_parser().parse_args(argv)
+    keep_cpu_heap()  # CPU batches reuse freed memory instead of faulting in fresh pages
     if args.threads is not None:
         import torch
 

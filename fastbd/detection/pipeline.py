@@ -38,6 +38,7 @@ from fastbd.detection.sharded import score_round, sharded_features, sharded_logi
 from fastbd.distributed import broadcast_object, world
 from fastbd.eval.metrics import box_iou, detection_metrics
 from fastbd.models.encoders import Encoder, working_copy
+from fastbd.ops import all_finite
 from fastbd.storage import StageFiles, fingerprint
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Detector:
         def encode_assign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
                 out = infer(x).float()
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
             return clustering.assign(out)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbd.ops import all_finite
 from fastbd.storage import load_state_dict_file, state_dict_mismatch
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,47 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGENET_CROP = 224 / 256
 
+CPU_CHUNK_BYTES = 4 * 2**20
+"""The largest activation one CPU forward of an encoder in eval mode may allocate (bytes). glibc
+serves an allocation above its mmap threshold (adaptive, at most 32 MiB on 64-bit Linux) with
+fresh pages it returns to the system on ``free``, and trims the heap's top past twice that
+threshold: a forward of thousands of images then faults every activation's pages in anew,
+batch after batch (measured: a third of the flip test's CPU time, 2–6 M page faults a run).
+With activations at an eighth of that ceiling the heap's pages are reused instead (8 MiB still
+faulted hundreds of thousands of times a run, 4 and 2 MiB a few thousand) —
+``bench/bench_chunked_forward.py`` measures both ways."""
+
+
+def largest_activation_bytes(module: nn.Module, example: torch.Tensor) -> int:
+    """The bytes of the largest output any sub-module of ``module`` produces for ``example``
+    (one forward, no gradients)."""
+    sizes = [example.numel() * example.element_size()]
+
+    def record(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(sizes)
+
 
 class Encoder(nn.Module):
     """A backbone plus its input convention. ``forward``: float ``N×3×S×S`` → ``N×D``.
 
     ``mean``/``std`` normalise [0, 1] pixels; files are read at ``image_size`` through the
     model's eval transform: the shorter side resized to ``image_size / crop_ratio``, then a
-    centre crop (``crop_ratio`` 1: resize only, as CLIP and fastbd's own encoders read)."""
+    centre crop (``crop_ratio`` 1: resize only, as CLIP and fastbd's own encoders read).
+
+    In eval mode on the CPU a large batch is run in chunks of rows whose largest activation
+    stays under ``CPU_CHUNK_BYTES`` (found once per input shape and dtype by one probing
+    forward): each image's features are computed alone either way, so only the allocator's work
+    changes. Training mode runs the batch whole (batch statistics need it)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -47,9 +82,24 @@ class Encoder(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.name = name
         self.crop_ratio = float(crop_ratio)
+        self._chunk_rows: dict[tuple, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        if self.training or x.device.type != "cpu" or x.shape[0] <= 1:
+            return self.backbone(x)
+        rows = self.cpu_chunk_rows(x)
+        if x.shape[0] <= rows:
+            return self.backbone(x)
+        return torch.cat([self.backbone(x[start:start + rows])
+                          for start in range(0, x.shape[0], rows)])
+
+    def cpu_chunk_rows(self, x: torch.Tensor) -> int:
+        """How many rows of inputs shaped like ``x`` one CPU forward takes in eval mode."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._chunk_rows:
+            per_image = largest_activation_bytes(self.backbone, x[:1])
+            self._chunk_rows[key] = max(1, CPU_CHUNK_BYTES // per_image)
+        return self._chunk_rows[key]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,7 +148,7 @@ def embed_images(encoder: Encoder, images: torch.Tensor, *, batch_size: int = 51
     encoder.train(was_training)
     features = torch.cat(chunks) if chunks else torch.empty(0, encoder.feature_dim,
                                                             device=device)
-    if not bool(torch.isfinite(features).all()):
+    if not all_finite(features):
         raise ValueError(f"encoder {encoder.name} returned NaN/Inf features")
     return nn.functional.normalize(features, dim=1) if normalize else features
 

@@ -12,9 +12,11 @@ from fastbd.ops._backend import (
     register_backend,
     unregister_backend,
 )
+from fastbd.ops._checks import all_finite
 from fastbd.ops.mask_fill import mask_fill, random_block_pattern, window_masks
 
 __all__ = [
+    "all_finite",
     "available_backends",
     "backend_available",
     "choose_backend",

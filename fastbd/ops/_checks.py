@@ -38,9 +38,20 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return next(iter(devices.values()))
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/Inf (one host read). A sum decides — any NaN or Inf makes
+    it non-finite — with no tensor of flags allocated (float16/bfloat16 summed in float32);
+    only a non-finite sum, a bad value or finite values too large to sum, is checked element
+    by element."""
+    if not value.is_floating_point() or not value.numel():
+        return True
+    wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    return bool(torch.isfinite(value.sum(dtype=wide))) or bool(torch.isfinite(value).all())
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
-    """Reject NaN/Inf in a float tensor (one device-wide reduction)."""
-    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+    """Reject NaN/Inf in a float tensor (``all_finite``), counting them in the message."""
+    if not all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
 

@@ -205,6 +205,8 @@ class _PasteJob:
                           self.job_table, self.scale, self.bias, out, self.opacity,
                           resize=self.resize, normalise=self.normalise)
             return out
+        if out.dtype == torch.float32 and out.is_contiguous():  # normalised: composed in place
+            return _paste_reference(images, patches, alpha, self, canvas=out)
         canvas = _paste_reference(images, patches, alpha, self)
         if self.normalise:
             return out.copy_(canvas)
@@ -245,16 +247,34 @@ def _check_range(name: str, index: torch.Tensor, limit: int) -> None:
         raise ValueError(f"{name} out of range [0, {limit})")
 
 
-def _paste_reference(images, patches, alpha, job: _PasteJob) -> torch.Tensor:
+def _paste_reference(images, patches, alpha, job: _PasteJob,
+                     canvas: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference, differentiable in float ``images``, ``patches`` and ``alpha``: float32
-    ``J×C×S×S`` in 0–255 units, or normalised when the job normalises. Backgrounds are
-    gathered in one batch and each job's patch blended in its box; resized patches come from
-    ``F.interpolate`` (bilinear, align_corners=False), computed once per distinct (patch, size)."""
+    ``J×C×S×S`` in 0–255 units, or normalised when the job normalises — written into
+    ``canvas`` (float32 ``J×C×S×S``) when given. Backgrounds are gathered in one batch; the
+    jobs whose patch lands whole inside the image at its own size are blended in one indexed
+    write per patch size, the others (clipped at the border, resized) one by one; resized
+    patches come from ``F.interpolate`` (bilinear, align_corners=False), computed once per
+    distinct (patch, size)."""
     size = images.shape[-1]
-    canvas = images[job.job_table[:, 0]].float()
+    backgrounds = torch.index_select(images, 0, job.job_table[:, 0])
+    if canvas is None:
+        canvas = backgrounds.float()
+    else:
+        canvas.copy_(backgrounds)
     opaque = alpha is None and job.opacity == 1.0
+    table = job.job_table
+    whole = ((table[:, 2] >= 0) & (table[:, 3] >= 0) & (table[:, 2] + table[:, 4] <= size)
+             & (table[:, 3] + table[:, 5] <= size))
+    if job.resize:  # a resized patch's own size is not its box's
+        own = job.patch_sizes.long()[table[:, 1]]
+        whole &= (own[:, 0] == table[:, 4]) & (own[:, 1] == table[:, 5])
+    for th, tw in torch.unique(table[whole][:, 4:6], dim=0).tolist():
+        jobs = torch.nonzero(whole & (table[:, 4] == th) & (table[:, 5] == tw)).flatten()
+        _blend_boxes(canvas, patches, alpha, job.opacity, opaque, table[jobs], jobs, th, tw)
     resized: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for t, (_, p, y, x, th, tw) in enumerate(job.job_table.tolist()):
+    for t, (_, p, y, x, th, tw) in zip(torch.nonzero(~whole).flatten().tolist(),
+                                       table[~whole].tolist(), strict=True):
         key = (p, th, tw)
         if key not in resized:
             ph, pw = job.patch_sizes[p].tolist()
@@ -281,6 +301,30 @@ def _paste_reference(images, patches, alpha, job: _PasteJob) -> torch.Tensor:
         if torch.is_grad_enabled() and (behind.requires_grad or w.requires_grad):
             behind = behind.clone()  # the blend's backward needs it after canvas is written
         canvas[t, :, y0:y1, x0:x1] = behind * (1.0 - w) + front[crop] * w
-    if job.normalise:
+    if not job.normalise:
+        return canvas
+    if canvas.requires_grad:
         return canvas * job.scale[:, None, None] + job.bias[:, None, None]
-    return canvas
+    return canvas.mul_(job.scale[:, None, None]).add_(job.bias[:, None, None])
+
+
+def _blend_boxes(canvas: torch.Tensor, patches: torch.Tensor, alpha: torch.Tensor | None,
+                 opacity: float, opaque: bool, table: torch.Tensor, jobs: torch.Tensor,
+                 height: int, width: int) -> None:
+    """Blend the patches of ``jobs`` (rows of the contiguous ``canvas``; ``table`` their job
+    rows) whole into their ``height×width`` boxes — the per-job blend of ``_paste_reference``,
+    as one gather and one write at the boxes' flat offsets."""
+    p = table[:, 1]
+    front = torch.index_select(patches, 0, p)[:, :, :height, :width].float()
+    _, channels, size, _ = canvas.shape
+    device = table.device
+    offsets = ((jobs * (channels * size * size))[:, None, None, None]
+               + (torch.arange(channels, device=device) * (size * size))[None, :, None, None]
+               + ((table[:, 2:3] + torch.arange(height, device=device)) * size)[:, None, :, None]
+               + (table[:, 3:4] + torch.arange(width, device=device))[:, None, None, :])
+    if not opaque:
+        weight = (torch.index_select(alpha, 0, p)[:, :height, :width] if alpha is not None
+                  else torch.ones(p.numel(), height, width, device=front.device)) * opacity
+        weight = weight[:, None]
+        front = torch.take(canvas, offsets) * (1.0 - weight) + front * weight
+    canvas.view(-1).put_(offsets.view(-1), front.reshape(-1))
