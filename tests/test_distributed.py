@@ -65,7 +65,7 @@ def world_files(tmp_path_factory) -> Path:
     assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "160", "--n-eval", "40",
                  "--out", str(out)]) == 0
     # small enough for seconds per job; two classifier members so that they are dealt out
-    config = {"n_masks": 16, "test_set_size": 40, "search_budget_s": None,
+    config = {"n_masks": 16, "test_set_size": 40, "search_budget_tflop": None,
               "exported_patches": 10, "classifier": {
                   "n_models": 2, "iterations": 40, "width": 8, "batch_size": 32,
                   "feature_samples": 64, "feature_steps": 20}}

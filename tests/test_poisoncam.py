@@ -462,21 +462,37 @@ def test_expected_scored_counts_the_rounds():
 
 def test_search_plan_fits_the_budget_and_keeps_a_resumed_search(caplog):
     config = Config(n_clusters=400, n_masks=64, test_set_size=150)
-    same, plan = plan_search(config, 4000, 64, images_per_second=500.0)
+    gflop = 8e9  # FLOPs per forward
+    same, plan = plan_search(config, 4000, 64, gflop, images_per_second=500.0)
+    forwards = expected_scored(400, 2, 0.25, 4000) * 214
     assert same.n_clusters == 400 and plan["chosen_by"] == "the data"
-    assert plan["estimated_seconds"] == pytest.approx(
-        expected_scored(400, 2, 0.25, 4000) * 214 / 500.0)
-    assert "set search_budget_s" in caplog.text  # ~29 min, no budget
-    budgeted, plan = plan_search(replace(config, search_budget_s=120.0), 4000, 64, 500.0)
-    assert plan["estimated_seconds"] <= 120.0 < plan_search(
-        replace(config, n_clusters=budgeted.n_clusters + 10), 4000, 64, 500.0)[1][
-            "estimated_seconds"] * 1.3
-    assert 2 <= budgeted.n_clusters < 400 and "budget" in plan["chosen_by"]
+    assert plan["expected_forwards"] == forwards
+    assert plan["estimated_tflop"] == pytest.approx(forwards * gflop / 1e12)
+    assert plan["estimated_seconds"] == pytest.approx(forwards / 500.0)
+    assert "set search_budget_tflop" in caplog.text  # ~29 min, no budget
+    budget = replace(config, search_budget_tflop=1000.0)
+    budgeted, plan = plan_search(budget, 4000, 64, gflop, 500.0)
+    assert plan["estimated_tflop"] <= 1000.0 < plan_search(
+        replace(config, n_clusters=budgeted.n_clusters + 10), 4000, 64, gflop, 500.0)[1][
+            "estimated_tflop"] * 1.3
+    assert 2 <= budgeted.n_clusters < 400 and "1000 TFLOP" in plan["chosen_by"]
+    # the machine's speed changes the time estimate, never the search
+    slower = plan_search(budget, 4000, 64, gflop, 50.0)
+    assert slower[0] == budgeted and slower[1]["estimated_seconds"] == 10 * plan[
+        "estimated_seconds"]
     saved = {"data_clusters": 400, "config": {"n_clusters": 350}}
-    resumed, plan = plan_search(replace(config, search_budget_s=120.0), 4000, 64, 500.0, saved)
+    resumed, plan = plan_search(budget, 4000, 64, gflop, 500.0, saved)
     assert resumed.n_clusters == 350 and plan["chosen_by"] == "the resumed search"
-    other_data = plan_search(config, 4000, 64, 500.0, {**saved, "data_clusters": 300})[0]
+    other_data = plan_search(config, 4000, 64, gflop, 500.0, {**saved, "data_clusters": 300})[0]
     assert other_data.n_clusters == 400  # another data rule: a new search (refused on resume)
+
+
+def test_forward_flops_counts_a_known_convolution():
+    from fastbd.models.encoders import forward_flops
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    # 2 FLOPs per multiply-add: 8 outputs × 3×3×3 weights at each of 16×16 positions, per image
+    assert forward_flops(conv, torch.randn(5, 3, 16, 16)) == 2 * 8 * 27 * 256
 
 
 def test_implausible_results_are_flagged():

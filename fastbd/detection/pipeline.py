@@ -37,7 +37,7 @@ from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, ru
 from fastbd.detection.sharded import score_round, sharded_features, sharded_logits
 from fastbd.distributed import broadcast_object, world
 from fastbd.eval.metrics import box_iou, detection_metrics
-from fastbd.models.encoders import Encoder, working_copy
+from fastbd.models.encoders import Encoder, forward_flops, working_copy
 from fastbd.ops import all_finite
 from fastbd.storage import StageFiles, fingerprint
 
@@ -91,7 +91,7 @@ def search_settings(config: Config) -> dict[str, object]:
     encoding batch size and where the images are kept, which a resumed run may change."""
     settings = config.to_dict()
     for name in ("classifier", "batch_size", "bank_placement", "exported_patches",
-                 "search_budget_s", "warn_removed_fraction", "check", "check_threshold"):
+                 "search_budget_tflop", "warn_removed_fraction", "check", "check_threshold"):
         del settings[name]
     return settings
 
@@ -172,9 +172,11 @@ class Detector:
         timer.add("features", time.perf_counter() - start, n)
         data_clusters = config.n_clusters
         passes = self.method.encoder_passes(config)
-        # rank 0's measured speed plans the search for every rank: they must agree on it
+        flops = forward_flops(infer, encoder.normalise(torch.as_tensor(bank[:1]).to(device),
+                                                       dtype))
+        # rank 0's measured speed: the plan's time estimate (information only) is the same
         speed = broadcast_object(n / max(timer.seconds["features"], 1e-9))
-        config, plan = plan_search(config, n, passes, speed,
+        config, plan = plan_search(config, n, passes, flops, speed,
                                    saved.run if saved is not None else None)
         start = time.perf_counter()
         clustering, labels, distances = self.method.fit_clustering(features, config)
@@ -362,39 +364,47 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
             "destinations": destinations.tolist()}
 
 
-def plan_search(config: Config, n_images: int, passes: int, images_per_second: float,
-                saved_run: dict | None = None) -> tuple[Config, dict[str, object]]:
-    """The (scaled) ``config`` with its cluster count fitted to ``config.search_budget_s``,
-    and the plan: clusters, images the search is expected to score (``expected_scored``), the
-    encoder passes that costs (``passes`` per image for the candidates plus one per test image
-    for the flip test) and its estimated seconds at ``images_per_second`` (the features stage's
-    throughput). ``saved_run``: a resumed search's ``run`` record; its cluster count is kept
-    when only the budget set it apart (the same count before the budget), so a rerun on a
-    machine of another speed continues the same search.
-    Logged; warns when the estimate exceeds 15 minutes and no budget limits it."""
+def plan_search(config: Config, n_images: int, passes: int, flops_per_forward: float,
+                images_per_second: float, saved_run: dict | None = None
+                ) -> tuple[Config, dict[str, object]]:
+    """The (scaled) ``config`` with its cluster count fitted to
+    ``config.search_budget_tflop``, and the plan: clusters, images the search is expected to
+    score (``expected_scored``), the encoder passes each costs (``passes`` for the candidates
+    plus one per test image for the flip test), the search's expected forwards and TFLOPs at
+    ``flops_per_forward`` (one image through the encoder) — which alone decide the cluster
+    count, so the plan is the same on every machine — and, for information, the seconds that
+    takes at ``images_per_second`` (the features stage's measured throughput). ``saved_run``: a
+    resumed search's ``run`` record; its cluster count is kept when only the budget set it apart
+    (the same count before the budget). Logged; warns when the time estimate exceeds 15 minutes
+    and no budget limits the search."""
     per_image = passes + config.test_set_size
+    budget = config.search_budget_tflop
 
-    def estimate(clusters: int) -> tuple[int, float]:
+    def estimate(clusters: int) -> tuple[int, int, float]:
         scored = expected_scored(clusters, config.samples_per_cluster, config.prune_fraction,
                                  n_images)
-        return scored, scored * per_image / images_per_second
+        return scored, scored * per_image, scored * per_image * flops_per_forward / 1e12
 
     clusters, reason = config.n_clusters, "the data"
     if saved_run and saved_run.get("data_clusters") == clusters:
         clusters, reason = int(saved_run["config"]["n_clusters"]), "the resumed search"
-    elif config.search_budget_s is not None and estimate(clusters)[1] > config.search_budget_s:
-        while clusters > 2 and estimate(clusters)[1] > config.search_budget_s:
+    elif budget is not None and estimate(clusters)[2] > budget:
+        while clusters > 2 and estimate(clusters)[2] > budget:
             clusters = max(2, math.floor(clusters * 0.9))
-        reason = f"the {config.search_budget_s:g} s search budget"
-    scored, seconds = estimate(clusters)
+        reason = f"the {budget:g} TFLOP search budget"
+    scored, forwards, tflop = estimate(clusters)
+    seconds = forwards / images_per_second
     plan = {"clusters": clusters, "chosen_by": reason, "expected_scored": scored,
-            "encoder_passes_per_image": per_image, "images_per_second": images_per_second,
-            "estimated_seconds": seconds, "budget_s": config.search_budget_s}
-    log.info("search plan: %d clusters (set by %s), ~%d of %d images scored, ~%.0f s at %.0f "
-             "images/s", clusters, reason, scored, n_images, seconds, images_per_second)
-    if seconds > 900 and config.search_budget_s is None:
-        log.warning("the search is estimated to take %.0f min; set search_budget_s (or fewer "
-                    "n_clusters) to bound it", seconds / 60)
+            "encoder_passes_per_image": per_image, "expected_forwards": forwards,
+            "gflop_per_forward": flops_per_forward / 1e9, "estimated_tflop": tflop,
+            "budget_tflop": budget, "images_per_second": images_per_second,
+            "estimated_seconds": seconds}
+    log.info("search plan: %d clusters (set by %s), ~%d of %d images scored, %d forwards "
+             "(%.2f TFLOP), ~%.0f s at %.0f images/s", clusters, reason, scored, n_images,
+             forwards, tflop, seconds, images_per_second)
+    if seconds > 900 and budget is None:
+        log.warning("the search is estimated to take %.0f min; set search_budget_tflop (or "
+                    "fewer n_clusters) to bound it", seconds / 60)
     return replace(config, n_clusters=clusters), plan
 
 

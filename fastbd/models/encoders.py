@@ -57,6 +57,18 @@ def largest_activation_bytes(module: nn.Module, example: torch.Tensor) -> int:
     return max(sizes)
 
 
+def forward_flops(module: nn.Module, example: torch.Tensor) -> float:
+    """FLOPs of one forward of ``module`` on ``example`` (torch's ``FlopCounterMode``: matrix
+    products and convolutions, 2 per multiply-add) divided by its rows: the per-image cost,
+    the same on every machine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(example)
+    return counter.get_total_flops() / max(1, example.shape[0])
+
+
 class Encoder(nn.Module):
     """A backbone plus its input convention. ``forward``: float ``N×3×S×S`` → ``N×D``.
 
