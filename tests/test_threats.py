@@ -86,6 +86,16 @@ def test_cli_attack_file_list_htba(tmp_path):
     listing = read_file_list(out / "train.txt")
     poisoned = ["HTBA_trigger" in str(p) for p in listing.paths]
     assert sum(poisoned) == sum(1 for label in listing.labels if label == 1)
+    # read at their own 32-px side, never cropped: every clean image is the original's pixels
+    import numpy as np
+    from PIL import Image
+
+    originals = read_file_list(src / "train.txt").paths
+    assert json.loads((out / "attack.json").read_text())["images"] == len(originals)
+    for original, written, flag in zip(originals, listing.paths, poisoned, strict=True):
+        same = np.array_equal(np.asarray(Image.open(original).convert("RGB")),
+                              np.asarray(Image.open(written).convert("RGB")))
+        assert same != flag
 
 
 def test_cli_worlds_are_the_threat_models_worlds():

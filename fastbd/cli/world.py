@@ -19,7 +19,11 @@ from fastbd.cli.common import (
 WORLD_IMAGE_SIZE = 32
 """The synthetic world's image side when ``--image-size`` is not given."""
 FILES_IMAGE_SIZE = 224
-"""``fastbd attack``'s image side for a file list or a CSV when ``--image-size`` is not given."""
+"""``fastbd attack``'s image side for a file list or a CSV when ``--image-size`` is not given
+and the images are not all squares of one size."""
+FILES_SIZE_NOTE = (f", default the images' own side when all are squares of one size, else "
+                   f"{FILES_IMAGE_SIZE}; resized, never cropped: clean images at their own "
+                   "size stay as they are")
 
 
 def world_config(args: argparse.Namespace, ssl: bool = False):
@@ -68,7 +72,8 @@ def corrupt_encoder_files(args: argparse.Namespace, images, labels):
     size = images.shape[-1]
     if args.backgrounds:
         paths = read_file_list(args.backgrounds, duplicates="allow").paths
-        backgrounds = ImageBank.from_files(paths, size, verbose=not args.quiet)[0].images
+        backgrounds = ImageBank.from_files(paths, size, crop_ratio=1.0,
+                                           verbose=not args.quiet)[0].images
     else:
         backgrounds = images[labels != args.target]
     trigger = make_attack(args.attack, size, seed=args.seed, **trigger_options(args))
@@ -78,6 +83,26 @@ def corrupt_encoder_files(args: argparse.Namespace, images, labels):
     return poison_corrupt_encoder(images, labels, args.target, references, backgrounds,
                                   resize_patch(trigger.pattern, trigger.side), config,
                                   attack=args.attack)
+
+
+def common_square_side(paths) -> int | None:
+    """The side every readable image of ``paths`` has when all are squares of one size (read
+    from the files' headers), else None."""
+    from PIL import Image
+
+    sides = set()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sides.add(image.size)
+        except OSError:
+            continue  # unreadable: the reader names or skips it
+        if len(sides) > 1:
+            return None
+    if not sides:
+        return None
+    width, height = sides.pop()
+    return width if width == height else None
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -111,8 +136,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         else:
             listing = read_file_list(args.file_list, duplicates=duplicates_policy(args))
             paths, captions, labels = listing.paths, None, torch.tensor(listing.labels)
-        size = args.image_size or FILES_IMAGE_SIZE
-        bank, report = ImageBank.from_files(paths, size, skip_bad=args.skip_bad,
+        size = args.image_size or common_square_side(paths) or FILES_IMAGE_SIZE
+        # resized only to a side they do not have: no centre crop, clean images stay as they are
+        bank, report = ImageBank.from_files(paths, size, crop_ratio=1.0, skip_bad=args.skip_bad,
                                             verbose=not args.quiet)
         labels, skipped = labels[report.kept], report.skipped
         attack = make_attack(args.attack, size, seed=args.seed, **attack_options)
@@ -231,9 +257,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                              "images, labels ignored (default: the list's images of other "
                              "classes)")
     attack.add_argument("--file-list", help="'<path> <label>' list to poison instead (read at "
-                        f"--image-size, default {FILES_IMAGE_SIZE})")
+                        f"--image-size{FILES_SIZE_NOTE})")
     add_pair_csv_flags(attack, "--csv", False, "CSV of image-caption pairs to poison instead "
-                       f"(read at --image-size, default {FILES_IMAGE_SIZE})")
+                       f"(read at --image-size{FILES_SIZE_NOTE})")
     attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
     attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     add_duplicates_flag(attack)
