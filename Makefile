@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastbd-installed
+# Test worker processes (pytest-xdist), one torch thread each; a test file stays on one worker.
+TEST_JOBS ?= 2
 
 .PHONY: env test demo bench lint clean
 
@@ -18,7 +20,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests bench --benchmark-disable
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 \
+		-n $(TEST_JOBS) --dist loadfile tests bench --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/fastbd demo
