@@ -204,7 +204,7 @@ def test_help_shows_defaults_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "output folder (default: fastbd-out/poisoncam)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert text.count("(default: names)") == 1
+    assert text.count("(default: auto)") == 1
 
 
 def test_threads_flag_sets_torch_threads(capsys):

@@ -151,7 +151,9 @@ def test_cli_plants_corruptencoder_on_the_world_and_on_files(tmp_path):
     truth = torch.load(world / "ground_truth.pt")
     listed = read_file_list(world / "train.txt")
     assert len(listed.paths) == 210 and truth["poison_mask"].sum() == 8
-    assert sum("HTBA_trigger" in str(p) for p in listed.paths) == 8
+    assert not any("HTBA_trigger" in str(p) for p in listed.paths)  # names say nothing
+    assert torch.equal(torch.from_numpy(np.load(world / "train.poisoned.npy")),
+                       truth["poison_mask"])
     assert truth["object_boxes"].shape == (210, 4) and truth["support_mask"].sum() == 2
     row = int(torch.nonzero(truth["poison_mask"])[0])
     y, x, h, w = truth["boxes"][row].tolist()

@@ -10,6 +10,7 @@ from fastbd.data.readers import (
     export_images,
     read_csv_pairs,
     read_file_list,
+    read_ground_truth,
     read_image_folder,
     write_csv_pairs,
 )
@@ -27,13 +28,26 @@ def test_export_round_trips_file_list_and_csv(tmp_path, images):
     written = export_images(tmp_path, images, labels, mask, captions)
     listing = read_file_list(written["file_list"])
     assert listing.labels == labels.tolist()
-    assert ["HTBA_trigger" in str(p) for p in listing.paths] == mask.tolist()
+    # the names say nothing of the poison; the truth is a file beside the list
+    assert [p.name for p in listing.paths] == [f"{i:06d}.png" for i in range(5)]
+    assert written["truth"] == tmp_path / "train.poisoned.npy"
+    assert torch.equal(read_ground_truth(written["truth"], 5), mask)
     bank, report = ImageBank.from_files(listing.paths, 16, crop_ratio=1.0, verbose=False)
     assert torch.equal(bank.images, images) and report.kept == list(range(5))
     pairs = read_csv_pairs(written["csv"])
     assert pairs.captions == captions
     assert pairs.columns["is_backdoor"] == [str(int(m)) for m in mask.tolist()]
     assert [p.name for p in pairs.paths] == [p.name for p in listing.paths]
+
+
+def test_marker_names_are_the_patchsearch_convention_on_request(tmp_path, images):
+    mask = torch.tensor([False, True, False, False, True])
+    written = export_images(tmp_path, images, torch.zeros(5, dtype=torch.long), mask,
+                            marker_names=True)
+    listing = read_file_list(written["file_list"])
+    assert ["HTBA_trigger" in str(p) for p in listing.paths] == mask.tolist()
+    clean = export_images(tmp_path, images, torch.zeros(5, dtype=torch.long), name="val")
+    assert "truth" not in clean and not (tmp_path / "val.poisoned.npy").exists()
 
 
 def test_open_clip_tsv(tmp_path, images):

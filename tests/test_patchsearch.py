@@ -60,7 +60,7 @@ def test_detector_cli_config_and_resume(tmp_path, capsys):
         removed = np.load(out / "removed.npy")
         kept = (out / "filtered.txt").read_text().splitlines()
         assert len(kept) == int((~removed).sum()) and len(removed) == 60
-        assert "metrics" in result  # HTBA_trigger names give the ground truth
+        assert "metrics" in result  # train.poisoned.npy beside the list gives the truth
     scores = np.load(tmp_path / "poisoncam" / "scores.npy")
     assert main(["--quiet", "poisoncam", *common, "--out", str(tmp_path / "poisoncam"),
                  "--resume"]) == 0

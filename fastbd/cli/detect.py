@@ -45,7 +45,7 @@ def listed_path(path: Path, out: Path, absolute: bool) -> str:
 def run_detector(args: argparse.Namespace) -> int:
     from fastbd import registry
     from fastbd.data.bank import ImageBank, remove_cache
-    from fastbd.data.readers import names_ground_truth, read_ground_truth
+    from fastbd.data.readers import names_ground_truth, read_ground_truth, truth_beside
     from fastbd.detection.result import PATCH_FOLDER
     from fastbd.distributed import world
     from fastbd.models import encoder_by_name
@@ -62,12 +62,17 @@ def run_detector(args: argparse.Namespace) -> int:
                                         skip_bad=args.skip_bad, cache=cache,
                                         verbose=not args.quiet)
     lines = [lines[i] for i in report.kept]
-    if args.ground_truth == "none":
+    truth_file = args.ground_truth
+    if truth_file == "auto":
+        beside = truth_beside(args.file_list) if args.file_list else None
+        truth_file = str(beside) if beside is not None and beside.is_file() else "names"
+        log.info("ground truth for the metrics: %s", truth_file)
+    if truth_file == "none":
         truth = None
-    elif args.ground_truth == "names":
+    elif truth_file == "names":
         truth = names_ground_truth([paths[i] for i in report.kept])
     else:
-        truth = read_ground_truth(args.ground_truth, len(paths))[report.kept]
+        truth = read_ground_truth(truth_file, len(paths))[report.kept]
     detector = registry.detector(args.command, config)
     detector.fit(encoder, bank, device=args.device, checkpoint_dir=out, resume=args.resume,
                  ground_truth=truth, verbose=not args.quiet)
@@ -117,9 +122,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                               "otherwise)")
         det.add_argument("--config", help="JSON/YAML file with Config fields (on top of "
                                           "--preset)")
-        det.add_argument("--ground-truth", default="names",
-                         help="for the metrics only: 'names' (files with HTBA_trigger in "
-                              "their path are poisoned), 'none', or a file "
+        det.add_argument("--ground-truth", default="auto",
+                         help="for the metrics only (the detector never sees it): 'auto' "
+                              "(the <list>.poisoned.npy that fastbd attack and world export "
+                              "write beside the file list, else 'names'), 'names' (files with "
+                              "HTBA_trigger in their path are poisoned), 'none', or a file "
                               "(.npy of N booleans or of indices; text: one poisoned index "
                               "per line, or one 0/1 flag per image)")
         det.add_argument("--out", default=f"fastbd-out/{name}", help="output folder")

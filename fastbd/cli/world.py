@@ -171,7 +171,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                         args.seed, attack_options, rate=args.rate))
     files = ResultFiles(out)
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
-                            getattr(poisoned, "captions", None), absolute=args.absolute_paths)
+                            getattr(poisoned, "captions", None), absolute=args.absolute_paths,
+                            marker_names=args.marker_names)
     files.record(str(Path(p).relative_to(out)) for p in written["images"])
     files.record(str(Path(written[k]).relative_to(out)) for k in ("file_list", "csv")
                  if k in written)
@@ -266,5 +267,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--absolute-paths", action="store_true",
                         help="write absolute image paths in train.txt / train.csv (default: "
                              "paths relative to --out)")
+    attack.add_argument("--marker-names", action="store_true",
+                        help="name poisoned files NNNNNN_HTBA_trigger.png, the convention "
+                             "PatchSearch's official scripts read their ground truth from "
+                             "(default: names say nothing; the truth is train.poisoned.npy)")
     attack.add_argument("--out", default="fastbd-out/attack", help="output folder")
     attack.set_defaults(run=cmd_attack)

@@ -108,7 +108,16 @@ def _report_duplicates(path: Path, repeated: list[tuple[int, int, object]], poli
 
 TRIGGER_MARKER = "HTBA_trigger"
 """What poisoned files carry in their names in the PatchSearch / SSL-Backdoor convention (and in
-``export_images``' output)."""
+``export_images``' output with ``marker_names``)."""
+TRUTH_SUFFIX = ".poisoned.npy"
+"""The ground-truth file ``export_images`` writes beside a file list ``<name>.txt``:
+``<name>.poisoned.npy``, N booleans in the list's order (for metrics, never for a defense)."""
+
+
+def truth_beside(file_list: str | Path) -> Path:
+    """Where ``export_images`` puts the ground truth of ``file_list`` (``TRUTH_SUFFIX``)."""
+    file_list = Path(file_list)
+    return file_list.with_name(file_list.stem + TRUTH_SUFFIX)
 
 
 def names_ground_truth(paths: list[Path] | list[str], marker: str = TRIGGER_MARKER
@@ -316,18 +325,23 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
 
 def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Tensor,
                   poison_mask: torch.Tensor | None = None, captions: list[str] | None = None,
-                  name: str = "train", absolute: bool = False) -> dict[str, Path]:
-    """Write PNGs plus a file list ``<name>.txt`` (paths relative to ``directory``, or absolute
-    with ``absolute``; poisoned files carry
-    ```TRIGGER_MARKER`` in their name, the PatchSearch ground-truth convention) and, with
-    captions, a CleanCLIP CSV ``<name>.csv`` (``image,caption,label,is_backdoor``). Returns the
-    paths written: ``file_list``, ``csv`` (with captions) and ``images`` (a list)."""
+                  name: str = "train", absolute: bool = False, marker_names: bool = False
+                  ) -> dict[str, Path]:
+    """Write PNGs ``<name>/NNNNNN.png`` plus a file list ``<name>.txt`` (paths relative to
+    ``directory``, or absolute with ``absolute``), with ``poison_mask`` its ground truth
+    ``<name>.poisoned.npy`` (``truth_beside``) and, with captions, a CleanCLIP CSV
+    ``<name>.csv`` (``image,caption,label,is_backdoor``). A file's name says nothing of its
+    poison unless ``marker_names``: then poisoned files are ``NNNNNN_HTBA_trigger.png``
+    (``TRIGGER_MARKER``, the PatchSearch convention its official scripts read). Returns the
+    paths written: ``file_list``, ``truth`` (with a mask), ``csv`` (with captions) and
+    ``images`` (a list)."""
     directory = Path(directory)
     output_dir(directory, name)
     entries, rows = [], []
     for i in range(images.shape[0]):
         poisoned = bool(poison_mask[i]) if poison_mask is not None else False
-        relative = f"{name}/{i:06d}{'_' + TRIGGER_MARKER if poisoned else ''}.png"
+        marked = poisoned and marker_names
+        relative = f"{name}/{i:06d}{'_' + TRIGGER_MARKER if marked else ''}.png"
         save_png(images[i], directory / relative)
         listed = str((directory / relative).resolve()) if absolute else relative
         entries.append((listed, int(labels[i])))
@@ -336,6 +350,12 @@ def export_images(directory: str | Path, images: torch.Tensor, labels: torch.Ten
                          "is_backdoor": int(poisoned)})
     written = {"file_list": write_file_list(directory / f"{name}.txt", entries),
                "images": [directory / relative for relative, _ in entries]}
+    if poison_mask is not None:
+        import numpy as np
+
+        written["truth"] = truth_beside(written["file_list"])
+        with atomic_output(written["truth"]) as handle:
+            np.save(handle, poison_mask.bool().cpu().numpy(), allow_pickle=False)
     if captions is not None:
         written["csv"] = write_csv_pairs(directory / f"{name}.csv", rows)
     return written
