@@ -227,3 +227,57 @@ def test_cli_eval_clip_loads_a_train_clip_checkpoint_and_names_one_that_does_not
     assert 0.0 <= result["clean_accuracy"] <= 1.0 and result["attack"] == "badnet"
     assert main([*flags, "--checkpoint", str(wrong)]) == 2
     assert f"checkpoint {wrong} does not fit the 'tiny' CLIP" in capsys.readouterr().err
+
+
+def test_cli_attack_plants_the_users_trigger_image_and_eval_measures_that_trigger(tmp_path):
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from fastbd.attacks.triggers import htba_patterns, resize_patch
+    from fastbd.cli.train import eval_trigger
+    from fastbd.data.bank import load_trigger
+
+    g = np.random.default_rng(0)
+    png = tmp_path / "trigger.png"
+    Image.fromarray(g.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(png)
+    out = tmp_path / "mine"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "40", "--n-eval", "10",
+                 "--fraction", "1.0", "--trigger", str(png), "--trigger-side", "0.25",
+                 "--out", str(out)]) == 0
+    truth = torch.load(out / "ground_truth.pt")
+    listing = read_file_list(out / "train.txt")
+    pattern = load_trigger(png)
+    assert pattern.shape == (3, 12, 12)  # the file's centred square
+    row = int(torch.nonzero(truth["poison_mask"])[0])
+    y, x, h, w = truth["boxes"][row].tolist()
+    image = torch.from_numpy(np.array(Image.open(listing.paths[row]))).permute(2, 0, 1)
+    assert (h, w) == (8, 8) and torch.equal(image[:, y:y + h, x:x + w], resize_patch(pattern, 8))
+    spec = json.loads((out / "attack.json").read_text())["trigger"]
+    assert spec["options"] == {"side_fraction": 0.25, "trigger_file": str(png.resolve())}
+    measured = eval_trigger(argparse.Namespace(attack_spec=str(out / "attack.json"),
+                                               trigger=None), 32, "htba")
+    assert torch.equal(measured.pattern, pattern) and measured.side == 8
+
+    chosen = tmp_path / "id3"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "40", "--n-eval", "10",
+                 "--trigger-id", "3", "--out", str(chosen)]) == 0
+    spec = json.loads((chosen / "attack.json").read_text())["trigger"]
+    measured = eval_trigger(argparse.Namespace(attack_spec=str(chosen / "attack.json"),
+                                               trigger=None), 32, "htba")
+    assert spec["options"] == {"trigger_id": 3}
+    assert torch.equal(measured.pattern, htba_patterns(10, seed=0)[3])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attack", "badnet", "--trigger-id", "2"], "--trigger-id sets the SSL attacks' patch"),
+    (["--attack", "htba", "--trigger-id", "12"], "trigger_id must be in 0..9"),
+    (["--attack", "htba", "--trigger", "missing.png"], "missing.png"),
+    (["--attack", "htba", "--trigger", "t.png", "--trigger-id", "1"],
+     "give one of --trigger and --trigger-id"),
+])
+def test_cli_attack_refuses_a_trigger_it_cannot_plant(tmp_path, capsys, flags, message):
+    code = main(["--quiet", "attack", *flags, "--n-train", "40", "--n-eval", "10",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err

@@ -144,6 +144,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
     from fastbd import registry
+    from fastbd.eval.probe import ProbeConfig
 
     detectors = _names(args.detectors, registry.DETECTORS, "detectors")
     if args.file_list or args.image_folder:
@@ -163,6 +164,8 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
         source = ["--file-list", str(data / "train.txt")]
         val_list = str(data / "val.txt")
         probe_list = args.probe_list or str(data / "train_clean.txt")
+        if args.labelled_fraction is None:  # the world's probe (ProbeConfig), as its figures
+            args.labelled_fraction = ProbeConfig().labelled_fraction
         if args.config is None:  # the world's own threat-model training (SSLThreatConfig)
             args.config = str(world_ssl_config(steps.out))
     model = ["--arch", args.arch, *_flag("--image-size", args.image_size)]
@@ -173,6 +176,7 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
     trigger = _trigger_flags(args, None if args.file_list or args.image_folder else
                              Path(source[1]).parent / "attack.json")
     evaluation = [*model, "--train-list", probe_list, "--val-list", val_list, *trigger,
+                  *_flag("--labelled-fraction", args.labelled_fraction),
                   *_flag("--trigger-side", args.trigger_side), "--target", str(args.target),
                   "--device", args.device, "--seed", str(args.seed)]
 
@@ -380,8 +384,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--val-list", help="ssl: clean '<path> <label>' list CA/ASR are "
                       "measured on")
     loop.add_argument("--probe-list", help="ssl: clean '<path> <label>' list the linear probe "
-                      "trains on (10 %% of it, stratified; synthetic world: its clean training "
-                      "images)")
+                      "trains on (--labelled-fraction of it, stratified; synthetic world: its "
+                      "clean training images)")
+    loop.add_argument("--labelled-fraction", type=float,
+                      help="ssl: share of --probe-list the probe learns from (default 0.01, "
+                           "the papers'; 0.10 on the synthetic world)")
     loop.add_argument("--trigger", help="ssl: a trigger image (PNG) whose ASR is measured")
     loop.add_argument("--method", choices=SSL_METHODS, help="ssl: self-supervised method "
                       "(default SimCLR)")

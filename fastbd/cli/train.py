@@ -187,8 +187,13 @@ def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
         if not isinstance(spec, dict) or not isinstance(spec.get("attack"), str):
             raise ValueError(f"{args.attack_spec}: no 'trigger' with an 'attack' name (the "
                              "attack.json fastbd attack writes)")
+        options = dict(spec.get("options") or {})
+        if "trigger_file" in options:  # fastbd attack --trigger: the file's pixels
+            from fastbd.data.bank import load_trigger
+
+            options["pattern"] = load_trigger(options.pop("trigger_file"))
         return make_attack(spec["attack"], image_size, seed=int(spec.get("seed", 0)),
-                           **dict(spec.get("options") or {}))
+                           **options)
     if args.trigger is not None:
         from fastbd.attacks.triggers import PatchAttack
         from fastbd.data.bank import load_image
@@ -228,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def eval_ssl(args: argparse.Namespace) -> dict:
-    from fastbd.eval.probe import linear_probe
+    from fastbd.eval.probe import PAPER_LABELLED_FRACTION, ProbeConfig, linear_probe
     from fastbd.models import encoder_by_name
 
     if bool(args.train_list) != bool(args.val_list):
@@ -247,8 +252,13 @@ def eval_ssl(args: argparse.Namespace) -> dict:
         train_images, train_labels = world.train.images, world.train.labels
         val_images, val_labels = world.eval.images, world.eval.labels
     trigger = eval_trigger(args, encoder.image_size, "htba")
+    share = args.labelled_fraction
+    if share is None:
+        share = PAPER_LABELLED_FRACTION if args.train_list else ProbeConfig().labelled_fraction
     result = linear_probe(encoder, train_images, train_labels, val_images, val_labels, trigger,
-                          args.target, device=args.device).to_dict()
+                          args.target, ProbeConfig(labelled_fraction=share),
+                          device=args.device).to_dict()
+    result["labelled_fraction"] = share
     return {**result, "attack": trigger.name, "arch": arch,
             "checkpoint": str(args.checkpoint)}
 
@@ -467,9 +477,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--trigger-side", type=float,
                           help="patch trigger side as a fraction of the image side (default "
                                "50/224)")
-    evaluate.add_argument("--train-list", help="ssl: clean '<path> <label>' list the probe "
-                          "trains on (10 %% of it, stratified, as the papers' linear probes "
-                          "train on clean labelled data)")
+    evaluate.add_argument("--train-list", help="ssl: clean '<path> <label>' list the linear "
+                          "probe learns from (--labelled-fraction of it, stratified)")
+    evaluate.add_argument("--labelled-fraction", type=float,
+                          help="ssl: share of the probe's training images it learns from, "
+                               "stratified, at least one a class (default 0.01 with "
+                               "--train-list: the papers' 1 %% probes; 0.10 on the synthetic "
+                               "world, whose 5,000 images would give five a class)")
     evaluate.add_argument("--val-list", help="ssl: '<path> <label>' list it is scored on")
     add_pair_csv_flags(evaluate, "--eval-csv", False,
                        "clip: labelled images to score on (image and label columns; a "

@@ -45,15 +45,35 @@ def world_config(args: argparse.Namespace, ssl: bool = False):
 
 
 def trigger_options(args: argparse.Namespace) -> dict:
-    """``make_attack`` overrides from ``--trigger-side`` (the SSL attacks' patch only)."""
+    """``make_attack`` overrides for the SSL attacks' patch: ``--trigger-side``, and where the
+    command has them ``--trigger`` (a PNG: its pixels are the pattern) or ``--trigger-id``
+    (HTBA's pattern 0–9)."""
     from fastbd.attacks import SSL_ATTACKS
+    from fastbd.data.bank import load_trigger
 
-    if args.trigger_side is None:
-        return {}
-    if args.attack not in (*SSL_ATTACKS, "none"):
-        raise ValueError(f"--trigger-side sets the SSL attacks' patch; attack {args.attack!r} "
-                         "has its own size")
-    return {"side_fraction": args.trigger_side}
+    trigger, trigger_id = getattr(args, "trigger", None), getattr(args, "trigger_id", None)
+    if trigger is not None and trigger_id is not None:
+        raise ValueError("give one of --trigger and --trigger-id")
+    options: dict = {}
+    for flag, value, option in (("--trigger-side", args.trigger_side, "side_fraction"),
+                                ("--trigger", trigger, "pattern"),
+                                ("--trigger-id", trigger_id, "trigger_id")):
+        if value is None:
+            continue
+        if args.attack not in (*SSL_ATTACKS, "none"):
+            raise ValueError(f"{flag} sets the SSL attacks' patch; attack {args.attack!r} has "
+                             "its own trigger")
+        options[option] = load_trigger(value) if option == "pattern" else value
+    return options
+
+
+def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
+    """``options`` as attack.json records them: a ``--trigger`` pattern by its file
+    (``trigger_file``, absolute), which ``eval --attack-spec`` reads back."""
+    spec = {k: v for k, v in options.items() if k != "pattern"}
+    if "pattern" in options:
+        spec["trigger_file"] = str(Path(args.trigger).resolve())
+    return spec
 
 
 def corrupt_encoder_files(args: argparse.Namespace, images, labels):
@@ -199,7 +219,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                   if "support_mask" in getattr(poisoned, "parts", {}) else {}),
                # What ``fastbd eval --attack-spec`` rebuilds the planted trigger from.
                "trigger": {"attack": args.attack, "seed": args.seed,
-                           "options": dict(attack_options)},
+                           "options": trigger_spec(attack_options, args)},
                "files": {k: str(v) for k, v in written.items() if k != "images"},
                # Input images --skip-bad left out (file, reason): not in the exported set.
                **({"skipped": [list(entry) for entry in skipped]} if skipped else {})}
@@ -245,6 +265,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--trigger-side", type=float,
                         help="SSL attacks' trigger side as a fraction of the image side "
                              "(default 50/224 for HTBA, 40/224 for CorruptEncoder)")
+    attack.add_argument("--trigger", help="SSL attacks: your trigger image (PNG; its centred "
+                        "square, pasted at --trigger-side), e.g. a released HTBA trigger "
+                        "(default: HTBA's pattern --trigger-id)")
+    attack.add_argument("--trigger-id", type=int,
+                        help="SSL attacks: which of HTBA's ten patterns, 0-9 (default 0)")
     attack.add_argument("--rate", type=float,
                         help="CLIP attacks: poisoned share (default 0.01; the synthetic world "
                              "poisons 0.10 with WaNet); CorruptEncoder(+): poisoned images "

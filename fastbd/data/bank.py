@@ -105,6 +105,15 @@ def load_image(path: str | Path | BinaryIO, size: int, crop_ratio: float = 224 /
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def load_trigger(path: str | Path) -> torch.Tensor:
+    """A trigger image at its own size: uint8 ``3×s×s``, the centred square of side ``s`` =
+    the file's shorter side (RGB; transparency dropped). Failures raise ``ImageReadError``
+    naming the file."""
+    with reading_image(path), Image.open(path) as img:
+        side = min(img.size)
+    return load_image(path, side, crop_ratio=1.0)
+
+
 def load_reference_object(path: str | Path) -> torch.Tensor:
     """A reference object for CorruptEncoder at its own size: uint8 ``4×h×w`` — RGB and the
     file's transparency as the object's mask (RGBA, LA, a transparent palette colour), or fully
