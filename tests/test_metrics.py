@@ -9,6 +9,8 @@ from fastbd.eval import (
     box_iou,
     catch_rate,
     detection_metrics,
+    trigger_coverage,
+    window_accuracy,
 )
 
 
@@ -54,8 +56,17 @@ def test_boxes():
     b = torch.tensor([[0, 0, 10, 10], [5, 5, 10, 10], [20, 20, 3, 3]])
     torch.testing.assert_close(box_iou(a, b), torch.tensor([1.0, 25 / 175, 0.0],
                                                           dtype=torch.float64))
-    assert catch_rate(a, b) == pytest.approx(2 / 3)
-    assert catch_rate(a, b, threshold=0.5) == pytest.approx(1 / 3)
+    assert window_accuracy(a, b) == pytest.approx(2 / 3)  # any part of the trigger inside
+    assert window_accuracy(a, b, threshold=0.5) == pytest.approx(1 / 3)
+    # CR: the share of the true box inside the window — 100, 25 of 100, 0 of 9 pixels
+    torch.testing.assert_close(trigger_coverage(a, b), torch.tensor(
+        [1.0, 0.25, 0.0], dtype=torch.float64))
+    assert catch_rate(a, b) == pytest.approx((1 + 0.25 + 0) / 3)
+    # a window wholly around a small trigger catches all of it at a low IoU
+    big, small = torch.tensor([[0, 0, 10, 10]]), torch.tensor([[2, 2, 4, 4]])
+    assert catch_rate(big, small) == 1.0 and float(box_iou(big, small)) == pytest.approx(0.16)
+    # a clean image (empty true box) catches nothing
+    assert float(trigger_coverage(big, torch.tensor([[0, 0, 0, 0]]))) == 0.0
 
 
 @pytest.mark.parametrize("call,match", [

@@ -238,6 +238,27 @@ def test_pipeline_finds_the_poisons(tmp_path, precision):
     assert result.config["precision"] == precision
     assert result.topk_accuracy == 1.0
     assert result.trigger_scores["topk_trigger_overlap"] == 1.0
+    # the retrieval curve (the paper's Fig. 4): Acc, IoU, CR of the ranking's top k windows
+    curve = {row["k"]: row for row in result.summary()["retrieval_curve"]}
+    scored = result.scored_ranking
+    assert list(curve)[-1] == scored.numel() and list(curve) == sorted(curve)
+    assert torch.equal(scored[:result.topk.numel()], result.topk)
+    k = result.topk.numel()
+    if k in curve:
+        assert curve[k]["acc"] == result.trigger_scores["topk_trigger_overlap"]
+        assert curve[k]["cr"] == pytest.approx(result.trigger_scores["topk_catch_rate"])
+    window = result.config["window"]
+    for depth, row in curve.items():  # by hand: pixel counts of each true box in its window
+        caught, overlapping = [], []
+        for image, (y, x) in zip(scored[:depth].tolist(),
+                                 result.ranked_windows[:depth].tolist(), strict=True):
+            ty, tx, th, tw = boxes[image].tolist()
+            inside = (max(0, min(y + window, ty + th) - max(y, ty))
+                      * max(0, min(x + window, tx + tw) - max(x, tx)))
+            caught.append(inside / (th * tw) if th * tw else 0.0)
+            overlapping.append(inside > 0)
+        assert row["cr"] == pytest.approx(sum(caught) / depth)
+        assert row["acc"] == pytest.approx(sum(overlapping) / depth)
     assert bool((result.maps.flatten(1).amax(1) > 0).all())  # every top image's map kept
     assert result.metrics.recall >= 0.95 and result.metrics.precision >= 0.7
     assert result.metrics.auroc == pytest.approx(auroc(result.margins, truth))

@@ -36,7 +36,7 @@ from fastbd.detection.result import DetectionResult
 from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
 from fastbd.detection.sharded import score_round, sharded_features, sharded_logits
 from fastbd.distributed import broadcast_object, world
-from fastbd.eval.metrics import box_iou, detection_metrics
+from fastbd.eval.metrics import box_iou, catch_rate, detection_metrics, window_accuracy
 from fastbd.models.encoders import Encoder, forward_flops, working_copy
 from fastbd.ops import all_finite
 from fastbd.storage import StageFiles, fingerprint
@@ -292,9 +292,12 @@ class Detector:
         classifier_info.update(iterations=report.iterations, best_f1=report.best_f1,
                                ensemble_weights=report.weights)
 
+        scored_ranking = ranking[state.scored[ranking]]
         result = DetectionResult(
             method=self.method.name, scores=scores, removed=removed, ranking=ranking, topk=topk,
-            windows=windows, maps=maps, triggers=triggers, cluster_labels=labels.cpu(),
+            windows=windows, scored_ranking=scored_ranking.cpu(),
+            ranked_windows=state.windows[scored_ranking].cpu(), maps=maps, triggers=triggers,
+            cluster_labels=labels.cpu(),
             test_index=test_index.cpu(), top_patches=patches, margins=margin,
             top_images=bank[topk.to(bank.device)].cpu(),
             timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
@@ -445,4 +448,27 @@ def _score_against_truth(result: DetectionResult, truth: torch.Tensor,
         iou = box_iou(found, boxes[result.topk])
         result.trigger_scores = {
             "topk_trigger_overlap": float((iou > 0).double().mean()),
-            "topk_trigger_iou": float(iou[poisoned].mean()) if bool(poisoned.any()) else 0.0}
+            "topk_trigger_iou": float(iou[poisoned].mean()) if bool(poisoned.any()) else 0.0,
+            "topk_catch_rate": catch_rate(found, boxes[result.topk])}
+        result.retrieval_curve = retrieval_curve(result, boxes, window)
+
+
+RETRIEVAL_DEPTHS = (5, 10, 20, 50, 100, 200, 500)
+"""The search depths of the PoisonCAM paper's Fig. 4 (top-5 to top-500)."""
+
+
+def retrieval_curve(result: DetectionResult, boxes: torch.Tensor, window: int) -> list[dict]:
+    """Acc (any part of the true trigger in the window), IoU and CR (the share of the true
+    trigger inside the window) of the ranking's top ``k`` windows, for each
+    ``RETRIEVAL_DEPTHS`` depth the search scored that many images for (and its full depth);
+    clean images count 0 in all three, as in the paper's Fig. 4."""
+    images, windows = result.scored_ranking, result.ranked_windows
+    depths = [d for d in RETRIEVAL_DEPTHS if d < images.numel()] + [images.numel()]
+    curve = []
+    for depth in depths if images.numel() else []:
+        found = torch.cat([windows[:depth], torch.full_like(windows[:depth], window)], 1)
+        true = boxes[images[:depth]]
+        curve.append({"k": depth, "acc": window_accuracy(found, true),
+                      "iou": float(box_iou(found, true).mean()),
+                      "cr": catch_rate(found, true)})
+    return curve

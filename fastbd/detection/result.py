@@ -56,6 +56,14 @@ class DetectionResult:
     metrics: DetectionMetrics | None = None
     topk_accuracy: float | None = None
     trigger_scores: dict[str, float] = field(default_factory=dict)
+    scored_ranking: torch.Tensor = field(
+        default_factory=lambda: torch.empty(0, dtype=torch.long))
+    """int64 ``m``: the images the search scored, in ranking order (for the retrieval
+    curve)."""
+    ranked_windows: torch.Tensor = field(
+        default_factory=lambda: torch.empty(0, 2, dtype=torch.long))
+    """int64 ``m×2``: their windows (top-left)."""
+    retrieval_curve: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     plan: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
@@ -75,6 +83,8 @@ class DetectionResult:
         if self.topk_accuracy is not None:
             out["topk_accuracy"] = self.topk_accuracy
         out.update(self.trigger_scores)
+        if self.retrieval_curve:
+            out["retrieval_curve"] = self.retrieval_curve
         return out
 
     @property

@@ -8,6 +8,8 @@ from fastbd.eval.metrics import (
     box_iou,
     catch_rate,
     detection_metrics,
+    trigger_coverage,
+    window_accuracy,
 )
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import (
@@ -23,4 +25,5 @@ from fastbd.eval.zeroshot import (
 __all__ = ["GENERIC_TEMPLATES", "DetectionMetrics", "ProbeConfig", "ProbeResult",
            "TriggeredSet", "ZeroShotResult", "accuracy", "attack_success_rate", "auroc",
            "box_iou", "catch_rate", "detection_metrics", "evaluate_zero_shot", "linear_probe",
-           "retrieval_recall", "zero_shot_predict", "zero_shot_weights"]
+           "retrieval_recall", "trigger_coverage", "window_accuracy", "zero_shot_predict",
+           "zero_shot_weights"]

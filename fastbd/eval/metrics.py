@@ -149,10 +149,34 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union, torch.zeros_like(union))
 
 
-def catch_rate(predicted: torch.Tensor, truth: torch.Tensor, threshold: float = 0.0) -> float:
-    """Fraction of boxes whose IoU with the true trigger box exceeds ``threshold`` (0: any
-    overlap)."""
+def trigger_coverage(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The share of each true trigger box inside its predicted box, paired boxes ``N×4``
+    (y, x, h, w) → float64 ``N`` (0 where the true box is empty: a clean image)."""
+    predicted, truth = torch.as_tensor(predicted).double(), torch.as_tensor(truth).double()
+    box_iou(predicted, truth)  # validates the shapes
+    top = torch.maximum(predicted[:, 0], truth[:, 0])
+    left = torch.maximum(predicted[:, 1], truth[:, 1])
+    bottom = torch.minimum(predicted[:, 0] + predicted[:, 2], truth[:, 0] + truth[:, 2])
+    right = torch.minimum(predicted[:, 1] + predicted[:, 3], truth[:, 1] + truth[:, 3])
+    inter = (bottom - top).clamp(min=0) * (right - left).clamp(min=0)
+    area = truth[:, 2] * truth[:, 3]
+    return torch.where(area > 0, inter / area.clamp(min=1e-12), torch.zeros_like(area))
+
+
+def catch_rate(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """The PoisonCAM paper's Catch Rate (CR): the mean share of the true trigger contained in
+    the retrieved window (``trigger_coverage``), over paired boxes ``N×4``."""
+    coverage = trigger_coverage(predicted, truth)
+    if coverage.numel() == 0:
+        raise ValueError("catch rate of no boxes is undefined")
+    return float(coverage.mean())
+
+
+def window_accuracy(predicted: torch.Tensor, truth: torch.Tensor, threshold: float = 0.0
+                    ) -> float:
+    """The PoisonCAM paper's window Acc: the fraction of retrieved windows whose IoU with the
+    true trigger box exceeds ``threshold`` (0: any part of the trigger is in the window)."""
     iou = box_iou(predicted, truth)
     if iou.numel() == 0:
-        raise ValueError("catch rate of no boxes is undefined")
+        raise ValueError("window accuracy of no boxes is undefined")
     return float((iou > threshold).double().mean())
