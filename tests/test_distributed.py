@@ -133,9 +133,17 @@ def _ok(job: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize("detector", ["poisoncam", "patchsearch"])
 def test_a_detector_gives_the_single_process_result_on_one_and_two_ranks(world_files, tmp_path,
                                                                          detector):
-    _ok(_detect(detector, world_files, tmp_path / "alone", None))
+    extra = []
+    if detector == "patchsearch":  # the sequential flip test, with PatchSearch's ±1 outcomes
+        config = json.loads((world_files / "config.json").read_text())
+        (tmp_path / "sequential.json").write_text(json.dumps({**config,
+                                                              "flip_test": "sequential"}))
+        extra = ["--config", str(tmp_path / "sequential.json")]
+    _ok(_detect(detector, world_files, tmp_path / "alone", None, *extra))
+    assert json.loads((tmp_path / "alone" / "result.json").read_text())["config"][
+        "flip_test"] == ("sequential" if extra else "exhaustive")
     for ranks in (1, 2):
-        _ok(_detect(detector, world_files, tmp_path / f"ranks{ranks}", ranks))
+        _ok(_detect(detector, world_files, tmp_path / f"ranks{ranks}", ranks, *extra))
         _same_result(tmp_path / "alone", tmp_path / f"ranks{ranks}")
     assert not (tmp_path / "ranks2" / "bank.npy").exists()  # the shared cache was removed
 

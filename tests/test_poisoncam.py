@@ -228,6 +228,25 @@ def small_config(**overrides):
 
 
 @pytest.mark.slow
+def test_the_sequential_flip_test_keeps_the_top_with_fewer_forwards():
+    images, truth, boxes = world(torch.Generator().manual_seed(0))
+    runs = {mode: detect(trigger_encoder(), images, small_config(flip_test=mode),
+                         ground_truth=truth, verbose=False)
+            for mode in ("exhaustive", "sequential")}
+    exhaustive, sequential = runs["exhaustive"], runs["sequential"]
+    scored = exhaustive.scored_ranking.numel()
+    # every stage's forwards recorded: the exhaustive flip test is scored images × test images
+    assert exhaustive.forwards["flip_test"] == scored * 40
+    assert exhaustive.forwards["candidates"] == scored * 64
+    assert exhaustive.summary()["forwards"] == exhaustive.forwards
+    assert sequential.config["flip_test"] == "sequential"
+    assert torch.equal(sequential.topk, exhaustive.topk)
+    assert torch.equal(sequential.scores[sequential.topk], exhaustive.scores[exhaustive.topk])
+    assert sequential.forwards["flip_test"] < exhaustive.forwards["flip_test"]
+    assert sequential.metrics.recall == exhaustive.metrics.recall
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_pipeline_finds_the_poisons(tmp_path, precision):
     # a fixed world: on 1 of 25 random worlds Otsu's threshold cut into the poisoned images'

@@ -91,7 +91,11 @@ class Config:
     * masking: ``n_masks`` windows of ``window`` px per image, ``mask_strategy``
       (full/interval/random with ``mask_block`` px blocks), ``fill`` in normalised space;
     * flip test: ``test_set_size`` test images, ``candidates_per_batch`` candidates per encoder
-      pass;
+      pass; ``flip_test``: ``exhaustive`` (the papers': every candidate on every test image)
+      or ``sequential`` (``fastbd.detection.flip.sequential_flip_counts``: test images in
+      doubling slices, a candidate stopped once a Hoeffding upper bound on its score falls
+      below the ``topk_poisons``-th best, each bound failing with probability at most
+      ``flip_error``; a candidate tested to the end gets its exhaustive score);
     * search: ``samples_per_cluster`` new images per remaining cluster per round, the lowest
       ``prune_fraction`` of clusters dropped per round (at least one), ``topk_poisons``; each
       round's images are scored in blocks of ``search_block``, each with a random stream of its
@@ -136,6 +140,8 @@ class Config:
     fill: float = 0.0
     test_set_size: int = 1000
     candidates_per_batch: int = 16
+    flip_test: str = "exhaustive"
+    flip_error: float = 1e-3
     samples_per_cluster: int = 2
     search_block: int = 4
     prune_fraction: float = 0.25
@@ -159,6 +165,8 @@ class Config:
             kmeans_iters=at_least(1), n_masks=at_least(1), window=at_least(1),
             mask_strategy=one_of(*MASK_STRATEGIES), mask_block=at_least(1),
             test_set_size=at_least(1), candidates_per_batch=at_least(1),
+            flip_test=one_of("exhaustive", "sequential"),
+            flip_error=fraction(low_open=True, high_open=True),
             samples_per_cluster=at_least(1), search_block=at_least(1),
             prune_fraction=fraction(high_open=True),
             topk_poisons=at_least(1), drop_top_fraction=fraction(high_open=True),

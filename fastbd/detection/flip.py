@@ -6,6 +6,8 @@ are written by ``paste`` straight into one reused buffer (normalised encoder inp
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastbd.ops import paste
@@ -134,6 +136,109 @@ def flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
             before = (before_labels == target).sum(1)
             scores[start:start + count] = ((after == target).sum(1) - before).float()
     return scores
+
+
+FIRST_LOOK = 16
+"""Test images a sequential flip test scores every candidate on before its first look; each
+later look doubles the count, the last is the whole test set."""
+
+
+def look_sizes(n_test: int, first: int = FIRST_LOOK) -> list[int]:
+    """The cumulative test-image counts at which a sequential flip test looks: ``first``,
+    doubling, then ``n_test`` (int list, increasing, ending at ``n_test``)."""
+    sizes, n = [], first
+    while n < n_test:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, n_test]
+
+
+def flip_bounds(sums: torch.Tensor, tested: int, n_test: int, low: float, high: float,
+                error: float, looks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on candidates' flip scores over the whole test set from the first ``tested`` of
+    ``n_test`` test images, taken in a random order (sampling without replacement) with
+    per-image outcomes in ``[low, high]`` summing to ``sums`` (float64 ``c``). Hoeffding's
+    inequality, which holds for sampling without replacement, with each side failing with
+    probability at most ``error / looks`` at each of the ``looks`` looks (so at most ``error``
+    over a candidate's looks), clipped to what the unseen images can add at all.
+    Returns (lower, upper), float64 ``c``."""
+    spread = (high - low) * math.sqrt(math.log(looks / error) / (2 * tested))
+    mean = sums / tested
+    rest = n_test - tested
+    upper = torch.minimum(n_test * (mean + spread), sums + rest * high)
+    lower = torch.maximum(n_test * (mean - spread), sums + rest * low)
+    return lower, upper
+
+
+@torch.no_grad()
+def sequential_flip_counts(encode_assign, images: torch.Tensor, test_index: torch.Tensor,
+                           test_labels: torch.Tensor, triggers: torch.Tensor, mean, std, *,
+                           candidates_per_batch: int, generator: torch.Generator,
+                           order: torch.Tensor, threshold: float, keep: int, error: float,
+                           source_clusters: torch.Tensor | None = None,
+                           dtype: torch.dtype = torch.float32,
+                           corner_positions: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flip_counts``' scores, tested in slices of the test set (in ``order``, a permutation
+    of its ``T`` positions; ``look_sizes``): after each slice a candidate stops when the upper
+    bound of its full score (``flip_bounds``, error ``error``) falls below the bar — the
+    larger of ``threshold`` (the ``keep``-th best exact score of the images the search already
+    scored) and the ``keep``-th best lower bound among these candidates — so it cannot be
+    among the best ``keep`` (but with probability at most ``error`` per bound). Each
+    candidate is pasted at the very corners ``flip_counts`` would draw from ``generator``, so
+    a candidate tested to the end has exactly its exhaustive score. A stopped candidate's
+    score is its estimate ``T · sum / tested``. Returns (float32 scores ``c``, int64 test images
+    each was scored on ``c``), on the images' device and the CPU."""
+    n_cand, _, window, _ = triggers.shape
+    n_test = test_index.numel()
+    size, device = images.shape[-1], images.device
+    per_batch = max(1, candidates_per_batch)
+    corners = torch.cat([torch.randint(0, corner_positions or size - window + 1,
+                                       (min(per_batch, n_cand - start) * n_test, 2),
+                                       generator=generator, device=generator.device)
+                         for start in range(0, n_cand, per_batch)]
+                        or [torch.empty(0, 2, dtype=torch.long)]).view(n_cand, n_test, 2)
+    test_images = images[test_index.to(device)]
+    before = test_labels.to(device).long()
+    low, high = (0.0, 1.0) if source_clusters is None else (-1.0, 1.0)
+    sums = torch.zeros(n_cand, dtype=torch.float64)
+    tested = torch.zeros(n_cand, dtype=torch.long)
+    active = torch.ones(n_cand, dtype=torch.bool)
+    looks = look_sizes(n_test)
+    buffer = torch.empty(min(per_batch * n_test, max(n_cand, 1) * n_test), 3, size, size,
+                         dtype=dtype, device=device)
+    seen = 0
+    for look in looks:
+        columns = order[seen:look]
+        rows = torch.nonzero(active).flatten()
+        jobs_rows = rows.repeat_interleave(columns.numel())
+        jobs_cols = columns.repeat(rows.numel())
+        for start in range(0, jobs_rows.numel(), buffer.shape[0]):
+            cand = jobs_rows[start:start + buffer.shape[0]]
+            col = jobs_cols[start:start + buffer.shape[0]]
+            view = buffer[:cand.numel()]
+            picked = corners[cand, col].to(device)
+            paste(test_images, triggers.to(device), col.to(device), cand.to(device),
+                  picked[:, 0], picked[:, 1], mean=mean, std=std, out=view)
+            after, _ = encode_assign(view)
+            after, was = after.long(), before[col.to(device)]
+            if source_clusters is None:
+                outcome = (after != was).double()
+            else:
+                target = source_clusters.to(device)[cand.to(device)].long()
+                outcome = ((after == target).double() - (was == target).double())
+            sums.index_add_(0, cand, outcome.cpu())
+        tested[rows] = look
+        seen = look
+        if look == n_test:
+            break
+        lower, upper = flip_bounds(sums[rows], look, n_test, low, high, error, len(looks))
+        bar = threshold
+        if rows.numel() >= keep:
+            bar = max(bar, float(lower.topk(keep).values[-1]))
+        active[rows[upper < bar]] = False
+    scores = torch.where(tested == n_test, sums, sums * n_test / tested.clamp(min=1))
+    return scores.float().to(device), tested
 
 
 @torch.no_grad()

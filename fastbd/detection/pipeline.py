@@ -30,6 +30,7 @@ from fastbd.detection.flip import (
     flip_counts,
     pasted_clusters,
     pulled_into,
+    sequential_flip_counts,
 )
 from fastbd.detection.method import DetectorMethod, SearchContext
 from fastbd.detection.result import DetectionResult
@@ -206,6 +207,9 @@ class Detector:
         top_maps = state.top_maps
         context = SearchContext(encoder, encode_assign, clustering, bank, labels, config, device,
                                 dtype)
+        # the sequential flip test's order of the test images: one permutation for the search
+        test_order = torch.randperm(test_index.numel(),
+                                    generator=torch.Generator().manual_seed(config.seed + 104729))
 
         def score_block(rows: torch.Tensor, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,13 +220,21 @@ class Detector:
             t0 = time.perf_counter()
             triggers = crop_windows(bank, rows, windows, config.window)
             source = self.method.flip_sources(context, rows)
-            scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers, mean,
-                                 std, candidates_per_batch=config.candidates_per_batch,
-                                 generator=gen, source_clusters=source, dtype=dtype,
-                                 corner_positions=self.method.flip_corner_positions(
-                                     size, config.window))
+            flip = {"candidates_per_batch": config.candidates_per_batch, "generator": gen,
+                    "source_clusters": source, "dtype": dtype,
+                    "corner_positions": self.method.flip_corner_positions(size, config.window)}
+            if config.flip_test == "sequential":
+                scores, tested = sequential_flip_counts(
+                    encode_assign, bank, test_index, test_labels, triggers, mean, std,
+                    order=test_order, threshold=kth_best(state, config.topk_poisons),
+                    keep=config.topk_poisons, error=config.flip_error, **flip)
+                forwards = int(tested.sum())
+            else:
+                scores = flip_counts(encode_assign, bank, test_index, test_labels, triggers,
+                                     mean, std, **flip)
+                forwards = rows.numel() * test_index.numel()
             _sync(device)
-            timer.add("flip_test", time.perf_counter() - t0, rows.numel() * test_index.numel())
+            timer.add("flip_test", time.perf_counter() - t0, forwards)
             return scores, windows, maps
 
         def score_batch(rows: torch.Tensor, gen: torch.Generator
@@ -300,7 +312,8 @@ class Detector:
             cluster_labels=labels.cpu(),
             test_index=test_index.cpu(), top_patches=patches, margins=margin,
             top_images=bank[topk.to(bank.device)].cpu(),
-            timings=timer.seconds, throughput=timer.throughput(), config=config.to_dict(),
+            timings=timer.seconds, throughput=timer.throughput(), forwards=dict(timer.images),
+            config=config.to_dict(),
             rounds=state.rounds, poison_probability=logits.softmax(1)[:, 1],
             classifier=classifier_info, plan=plan, check=check)
         if not check or check["backdoor"]:
@@ -431,6 +444,14 @@ def implausibility(margins: torch.Tensor, threshold: float, removed: torch.Tenso
         warnings.append(f"only {agreed} of the search's top {topk.numel()} are removed: the "
                         "classifier disagrees with the search")
     return warnings
+
+
+def kth_best(state: SearchState, k: int) -> float:
+    """The ``k``-th best score among the images ``state`` has scored (−inf with fewer): an
+    image whose full flip score is below it cannot end in the top ``k``, since the ``k``-th
+    best only rises as the search scores more."""
+    scored = state.scores[state.scored]
+    return float(scored.topk(k).values[-1]) if scored.numel() >= k else -math.inf
 
 
 def _score_against_truth(result: DetectionResult, truth: torch.Tensor,

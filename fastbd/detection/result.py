@@ -46,6 +46,9 @@ class DetectionResult:
     throughput: dict[str, float]
     config: dict
     rounds: list[dict] = field(default_factory=list)
+    forwards: dict[str, int] = field(default_factory=dict)
+    """Images each stage put through a network (the encoder's forwards for ``features``,
+    ``candidates``, ``flip_test`` and ``check``; the poison classifier's for ``classifier``)."""
     test_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     top_patches: torch.Tensor = field(
         default_factory=lambda: torch.empty(0, 3, 1, 1, dtype=torch.uint8))
@@ -74,7 +77,8 @@ class DetectionResult:
             "method": self.method, "n_images": int(self.scores.numel()),
             "removed": int(self.removed.sum()), "scored": int((self.scores != 0).sum()),
             "topk": self.topk.tolist(), "windows": self.windows.tolist(),
-            "timings_s": self.timings, "throughput_img_per_s": self.throughput,
+            "timings_s": self.timings, "forwards": self.forwards,
+            "throughput_img_per_s": self.throughput,
             "rounds": self.rounds, "classifier": self.classifier, "config": self.config,
             "plan": self.plan, "warnings": self.warnings, "backdoor": self.backdoor,
             "check": self.check}
