@@ -270,7 +270,41 @@ def test_cli_attack_plants_the_users_trigger_image_and_eval_measures_that_trigge
     assert torch.equal(measured.pattern, htba_patterns(10, seed=0)[3])
 
 
+def test_cli_multi_target_attack_records_each_targets_trigger_for_eval(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from fastbd.attacks.triggers import htba_patterns
+    from fastbd.cli.train import eval_trigger
+
+    out = tmp_path / "multi"
+    assert main(["--quiet", "attack", "--attack", "htba", "--n-train", "80", "--n-eval", "10",
+                 "--targets", "1,3", "--trigger-id", "4", "--fraction", "1.0",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "attack.json").read_text())
+    assert summary["targets"] == [1, 3]
+    assert [t["options"]["trigger_id"] for t in summary["triggers"]] == [4, 5]
+    listing = read_file_list(out / "train.txt")
+    poisoned = np.load(out / "train.poisoned.npy")
+    labels = np.array(listing.labels)
+    assert poisoned.tolist() == np.isin(labels, [1, 3]).tolist()
+    truth = torch.load(out / "ground_truth.pt")
+    assert truth["poison_target"][torch.from_numpy(poisoned)].tolist() == labels[poisoned].tolist()
+    for target, trigger_id in ((1, 4), (3, 5)):  # eval --attack-spec --target T: T's trigger
+        measured = eval_trigger(argparse.Namespace(attack_spec=str(out / "attack.json"),
+                                                   trigger=None, target=target), 32, "htba")
+        assert torch.equal(measured.pattern, htba_patterns(10, seed=0)[trigger_id])
+    with pytest.raises(ValueError, match="no trigger for target 2"):
+        eval_trigger(argparse.Namespace(attack_spec=str(out / "attack.json"), trigger=None,
+                                        target=2), 32, "htba")
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--attack", "htba", "--targets", "1,1"], "--targets must be distinct"),
+    (["--attack", "htba", "--targets", "1,x"], "comma-separated class indices"),
+    (["--attack", "sig", "--targets", "1,2"], "has one target"),
+    (["--attack", "htba", "--targets", "1,2", "--trigger", "t.png"], "one trigger each"),
     (["--attack", "badnet", "--trigger-id", "2"], "--trigger-id sets the SSL attacks' patch"),
     (["--attack", "htba", "--trigger-id", "12"], "trigger_id must be in 0..9"),
     (["--attack", "htba", "--trigger", "missing.png"], "missing.png"),

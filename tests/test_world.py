@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fastbd.attacks import make_attack, poison_pairs, poison_target_class
+from fastbd.attacks import make_attack, poison_pairs, poison_target_class, poison_target_classes
+from fastbd.attacks.triggers import resize_patch
 from fastbd.world import poison_world_pairs, world_caption, world_rate
 from fastbd.world.synthetic import WorldConfig, class_table, make_world
 
@@ -141,6 +142,32 @@ def test_poison_target_class(world):
     assert bool((result.boxes[~result.poison_mask] == -1).all())
     with pytest.raises(ValueError, match="fraction"):
         poison_target_class(world.train.images, world.train.labels, make_attack("htba", 32), 0, 0)
+
+
+def test_multi_target_htba_plants_one_trigger_per_target(world):
+    images, labels = world.train.images, world.train.labels
+    attacks = [make_attack("htba", 32, trigger_id=i) for i in (0, 1, 2)]
+    result = poison_target_classes(images, labels, attacks, [2, 5, 7], fraction=0.5, seed=1)
+    which = result.parts["poison_target"]
+    assert torch.equal(which >= 0, result.poison_mask) and result.target == 2
+    for i, target in enumerate((2, 5, 7)):
+        rows = torch.nonzero(which == target).flatten()
+        assert rows.numel() == round(int((labels == target).sum()) / 2)
+        assert bool((labels[rows] == target).all())
+        patch = resize_patch(attacks[i].pattern, attacks[i].side)
+        for row in rows.tolist():  # each image carries its own target's trigger
+            y, x, h, w = result.boxes[row].tolist()
+            assert torch.equal(result.images[row, :, y:y + h, x:x + w], patch)
+    changed = (result.images != images).flatten(1).any(1)
+    assert torch.equal(changed, result.poison_mask)
+    # one target is exactly the single-target attack
+    one = poison_target_classes(images, labels, attacks[:1], [2], fraction=0.5, seed=1)
+    single = poison_target_class(images, labels, attacks[0], 2, fraction=0.5, seed=1)
+    assert torch.equal(one.images, single.images) and torch.equal(one.boxes, single.boxes)
+    with pytest.raises(ValueError, match="distinct"):
+        poison_target_classes(images, labels, attacks[:2], [2, 2])
+    with pytest.raises(ValueError, match="one attack per target"):
+        poison_target_classes(images, labels, attacks[:1], [2, 5])
 
 
 def test_poison_pairs(world):

@@ -7,6 +7,7 @@ from fastbd.attacks.poison import (
     PoisonedPairs,
     poison_pairs,
     poison_target_class,
+    poison_target_classes,
     target_caption,
 )
 from fastbd.attacks.triggers import (
@@ -25,4 +26,5 @@ from fastbd.attacks.triggers import (
 __all__ = ["ATTACKS", "CLIP_ATTACKS", "DEFAULT_PAIR_RATE", "SSL_ATTACKS", "Attack",
            "BlendedAttack", "CorruptEncoderConfig", "PatchAttack", "poison_corrupt_encoder",
            "PoisonedImages", "PoisonedPairs", "SigAttack", "WanetAttack", "htba_patterns",
-           "make_attack", "poison_pairs", "poison_target_class", "target_caption"]
+           "make_attack", "poison_pairs", "poison_target_class", "poison_target_classes",
+           "target_caption"]

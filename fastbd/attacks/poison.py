@@ -72,6 +72,34 @@ def poison_target_class(images: torch.Tensor, labels: torch.Tensor, attack: Atta
                           attack=attack.name)
 
 
+def poison_target_classes(images: torch.Tensor, labels: torch.Tensor, attacks: list[Attack],
+                          targets: list[int], fraction: float = 0.5, seed: int = 0
+                          ) -> PoisonedImages:
+    """Multi-target HTBA (the PoisonCAM paper's 2- and 3-target attacks): for each target
+    class ``targets[i]`` its own trigger ``attacks[i]`` on ``fraction`` of that class's images
+    (``poison_target_class`` with seed ``seed + i``, so one target gives exactly its result).
+    ``parts["poison_target"]`` (int64 ``N``): the target each poisoned image's trigger points
+    to, −1 for clean images; ``target`` is ``targets[0]``."""
+    if not targets or len(attacks) != len(targets):
+        raise ValueError(f"need one attack per target, got {len(attacks)} for {len(targets)}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"the targets must be distinct classes, got {targets}")
+    images_out = images.clone()
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    boxes = torch.full((labels.numel(), 4), -1, dtype=torch.long)
+    which = torch.full((labels.numel(),), -1, dtype=torch.long)
+    for i, (attack, target) in enumerate(zip(attacks, targets, strict=True)):
+        one = poison_target_class(images, labels, attack, target, fraction, seed=seed + i)
+        rows = one.poison_mask
+        images_out[rows] = one.images[rows]
+        boxes[rows] = one.boxes[rows]
+        mask |= rows
+        which[rows] = target
+    return PoisonedImages(images=images_out, labels=labels.clone(), poison_mask=mask,
+                          boxes=boxes, target=targets[0], attack=attacks[0].name,
+                          parts={"poison_target": which})
+
+
 CaptionFn = Callable[[str, torch.Generator], str]
 """``caption(class_name, generator)``: a caption naming the class, drawn with ``generator``."""
 

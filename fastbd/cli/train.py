@@ -183,7 +183,14 @@ def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
     if args.attack_spec is not None:
         from fastbd.configfile import read_config_file
 
-        spec = read_config_file(args.attack_spec).get("trigger")
+        recorded = read_config_file(args.attack_spec)
+        spec = recorded.get("trigger")
+        if isinstance(recorded.get("triggers"), list):  # a multi-target attack: --target's
+            matching = [t for t in recorded["triggers"] if t.get("target") == args.target]
+            if not matching:
+                raise ValueError(f"{args.attack_spec}: no trigger for target {args.target} "
+                                 f"(its targets: {recorded.get('targets')}); give --target")
+            spec = matching[0]
         if not isinstance(spec, dict) or not isinstance(spec.get("attack"), str):
             raise ValueError(f"{args.attack_spec}: no 'trigger' with an 'attack' name (the "
                              "attack.json fastbd attack writes)")

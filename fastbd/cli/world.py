@@ -67,6 +67,36 @@ def trigger_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def target_list(args: argparse.Namespace) -> list[int] | None:
+    """``--targets`` as ints (None without it): HTBA only, distinct, no ``--trigger`` (one
+    image cannot be every target's trigger)."""
+    if args.targets is None:
+        return None
+    try:
+        targets = [int(t) for t in args.targets.split(",")]
+    except ValueError:
+        raise ValueError(f"--targets takes comma-separated class indices, got "
+                         f"{args.targets!r}") from None
+    if args.attack != "htba":
+        raise ValueError(f"--targets is HTBA's multi-target attack; attack {args.attack!r} "
+                         "has one target (--target)")
+    if len(set(targets)) != len(targets) or min(targets) < 0:
+        raise ValueError(f"--targets must be distinct class indices, got {args.targets}")
+    if args.trigger is not None and len(targets) > 1:
+        raise ValueError("--trigger plants one image; several targets need one trigger each "
+                         "(HTBA's patterns, from --trigger-id on)")
+    return targets
+
+
+def target_attacks(targets: list[int], options: dict) -> list[tuple[int, dict]]:
+    """Each target with its trigger's ``make_attack`` options: HTBA patterns
+    ``--trigger-id`` (default 0), +1, +2, … (mod 10), one per target."""
+    first = options.get("trigger_id", 0)
+    return [(target, {**options, **({} if "pattern" in options else
+                                    {"trigger_id": (first + i) % 10})})
+            for i, target in enumerate(targets)]
+
+
 def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
     """``options`` as attack.json records them: a ``--trigger`` pattern by its file
     (``trigger_file``, absolute), which ``eval --attack-spec`` reads back."""
@@ -135,6 +165,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         make_attack,
         poison_pairs,
         poison_target_class,
+        poison_target_classes,
     )
     from fastbd.data.bank import ImageBank
     from fastbd.data.readers import csv_labels, export_images, read_csv_pairs, read_file_list
@@ -144,7 +175,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     clip_attack = args.attack not in SSL_ATTACKS
     corrupt = args.attack in ("corruptencoder", "corruptencoder+")
+    targets = target_list(args)
     attack_options = trigger_options(args)
+    per_target = target_attacks(targets, attack_options) if targets else []
     skipped = []
     if args.file_list or args.csv:
         if args.csv:
@@ -173,6 +206,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                     seed=args.seed)
         elif corrupt:
             poisoned = corrupt_encoder_files(args, bank.images, labels)
+        elif targets is not None:
+            poisoned = poison_target_classes(
+                bank.images, labels, [make_attack(args.attack, size, seed=args.seed, **options)
+                                      for _, options in per_target],
+                targets, args.fraction, seed=args.seed)
         else:
             poisoned = poison_target_class(bank.images, labels, attack, args.target,
                                            args.fraction, seed=args.seed)
@@ -185,10 +223,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
         evaluation, class_names = world.eval, world.class_names
         if clip_attack:  # the world's own trigger sizes (poison_world_pairs' defaults)
             attack_options = WORLD_ATTACK_OPTIONS.get(args.attack, {})
-        poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate, args.seed)
-                    if clip_attack else
-                    poison_world_images(world, args.attack, args.target, args.fraction,
-                                        args.seed, attack_options, rate=args.rate))
+        if targets is not None:
+            poisoned = poison_target_classes(
+                world.train.images, world.train.labels,
+                [make_attack(args.attack, world.config.image_size, seed=args.seed, **options)
+                 for _, options in per_target], targets, args.fraction, seed=args.seed)
+        else:
+            poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate,
+                                           args.seed)
+                        if clip_attack else
+                        poison_world_images(world, args.attack, args.target, args.fraction,
+                                            args.seed, attack_options, rate=args.rate))
     files = ResultFiles(out)
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None), absolute=args.absolute_paths,
@@ -219,7 +264,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
                   if "support_mask" in getattr(poisoned, "parts", {}) else {}),
                # What ``fastbd eval --attack-spec`` rebuilds the planted trigger from.
                "trigger": {"attack": args.attack, "seed": args.seed,
-                           "options": trigger_spec(attack_options, args)},
+                           "options": trigger_spec(per_target[0][1] if per_target
+                                                   else attack_options, args)},
+               # a multi-target attack: each target's trigger (eval --attack-spec --target T)
+               **({"targets": targets, "triggers": [
+                   {"target": t, "attack": args.attack, "seed": args.seed,
+                    "options": trigger_spec(options, args)} for t, options in per_target]}
+                  if targets else {}),
                "files": {k: str(v) for k, v in written.items() if k != "images"},
                # Input images --skip-bad left out (file, reason): not in the exported set.
                **({"skipped": [list(entry) for entry in skipped]} if skipped else {})}
@@ -268,6 +319,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--trigger", help="SSL attacks: your trigger image (PNG; its centred "
                         "square, pasted at --trigger-side), e.g. a released HTBA trigger "
                         "(default: HTBA's pattern --trigger-id)")
+    attack.add_argument("--targets", help="HTBA: several target classes, comma-separated "
+                        "(e.g. 3,5: the PoisonCAM paper's multi-target attacks), each with its "
+                        "own HTBA pattern from --trigger-id on; overrides --target")
     attack.add_argument("--trigger-id", type=int,
                         help="SSL attacks: which of HTBA's ten patterns, 0-9 (default 0)")
     attack.add_argument("--rate", type=float,
