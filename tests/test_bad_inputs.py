@@ -349,6 +349,14 @@ def test_zero_epochs_is_refused_instead_of_saving_an_untrained_model(tmp_path, c
     assert not (out / "manifest.json").exists()
 
 
+def test_icutmix_with_a_method_it_is_not_defined_for_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--quiet", "train-ssl", "--n-train", "20", "--n-eval", "4", "--icutmix",
+                 "--out", str(out)]) == 2  # the world's SimCLR
+    assert "icutmix follows PatchSearch's MoCo v3 recipe" in one_line_error(capsys, "train-ssl")
+    assert not (out / "manifest.json").exists()
+
+
 def test_unwritable_or_file_typed_out_exits_2_before_any_work(world, tmp_path, capsys,
                                                               monkeypatch):
     import fastbd.world.threats

@@ -16,7 +16,14 @@ from fastbd.models import (
 )
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import clip_loss
-from fastbd.training.ssl import SSLConfig, byol_loss, moco_loss, nt_xent, train_ssl
+from fastbd.training.ssl import (
+    SSLConfig,
+    byol_loss,
+    cutmix_views,
+    moco_loss,
+    nt_xent,
+    train_ssl,
+)
 
 
 def test_small_encoder_and_embedding(gen):
@@ -180,6 +187,34 @@ def test_ssl_training_reduces_loss(gen, method):
         train_ssl(encoder, images.float(), verbose=False)
 
 
+def test_icutmix_views_and_loss_as_patchsearchs_recipe(gen):
+    views = torch.rand(6, 3, 16, 16, generator=gen)
+    mixed, partner, kept = cutmix_views(views, 1.0, torch.Generator().manual_seed(3))
+    assert sorted(partner.tolist()) == list(range(6)) and 0.5 - 1 / 16 <= kept <= 1.0
+    # one box, the same for every row, holds the partner's pixels; the rest is unchanged
+    box = (mixed != views).any(0).any(0)
+    rows, cols = torch.nonzero(box, as_tuple=True)
+    assert rows.numel() > 0  # this seed's box is not empty
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    assert torch.equal(mixed[..., inside], views[partner][..., inside])
+    assert kept == pytest.approx(1 - float(inside.sum()) / 256)
+    assert torch.equal(mixed[..., ~box], views[..., ~box])
+    again = cutmix_views(views, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed) and again[2] == kept  # all draws from the generator
+    # the loss: kept × own positive + (1 − kept) × the partner's, at MoCo v3's 2τ scale
+    prediction, key = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    logits = F.normalize(prediction, dim=1) @ F.normalize(key, dim=1).T / 0.2
+    by_hand = 2 * 0.2 * (0.7 * F.cross_entropy(logits, torch.arange(6))
+                         + 0.3 * F.cross_entropy(logits, partner))
+    torch.testing.assert_close(moco_loss(prediction, key, 0.2, partner, 0.7), by_hand)
+    torch.testing.assert_close(moco_loss(prediction, key, 0.2, partner, 1.0),
+                               moco_loss(prediction, key, 0.2))
+    with pytest.raises(ValueError, match="icutmix follows PatchSearch's MoCo v3 recipe"):
+        SSLConfig(method="simclr", icutmix=True)
+
+
 def _small_encoder_with_dropout(seed: int) -> Encoder:
     """A small encoder whose forward draws from the global RNG (dropout)."""
     small = small_encoder(4, 16, seed=seed)
@@ -187,16 +222,17 @@ def _small_encoder_with_dropout(seed: int) -> Encoder:
                    small.feature_dim, 16)
 
 
-@pytest.mark.parametrize("method, build", [
-    ("simclr", lambda seed: small_encoder(4, 16, seed=seed)),
-    ("byol", lambda seed: small_encoder(4, 16, seed=seed)),
-    ("mocov3", lambda seed: small_encoder(4, 16, seed=seed)),
-    ("simclr", _small_encoder_with_dropout),
-], ids=["simclr", "byol", "mocov3", "simclr-dropout"])
+@pytest.mark.parametrize("method, build, extra", [
+    ("simclr", lambda seed: small_encoder(4, 16, seed=seed), {}),
+    ("byol", lambda seed: small_encoder(4, 16, seed=seed), {}),
+    ("mocov3", lambda seed: small_encoder(4, 16, seed=seed), {}),
+    ("mocov3", lambda seed: small_encoder(4, 16, seed=seed), {"icutmix": True}),
+    ("simclr", _small_encoder_with_dropout, {}),
+], ids=["simclr", "byol", "mocov3", "mocov3-icutmix", "simclr-dropout"])
 def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_path, method,
-                                                                      build):
+                                                                      build, extra):
     images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=gen)
-    config = SSLConfig(method=method, epochs=3, batch_size=16, warmup_epochs=1, seed=5)
+    config = SSLConfig(method=method, epochs=3, batch_size=16, warmup_epochs=1, seed=5, **extra)
 
     def weights(encoder):
         return torch.cat([p.detach().flatten() for p in encoder.parameters()])
@@ -222,8 +258,8 @@ def test_interrupted_ssl_training_resumes_to_the_uninterrupted_weights(gen, tmp_
     assert torch.equal(torch.random.get_rng_state(), global_rng)  # the caller's RNG untouched
     for other_images, other_config, differ in [
             (images.flip(0), config, "data"),
-            (images, SSLConfig(method=method, epochs=4, batch_size=16, warmup_epochs=1, seed=5),
-             "config")]:
+            (images, SSLConfig(method=method, epochs=4, batch_size=16, warmup_epochs=1, seed=5,
+                               **extra), "config")]:
         with pytest.raises(ValueError, match=f"belongs to another run \\(its {differ} differ"):
             train_ssl(build(2), other_images, other_config, verbose=False,
                       checkpoint=checkpoint)

@@ -170,6 +170,7 @@ def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
             args.config = str(world_ssl_config(steps.out))
     model = ["--arch", args.arch, *_flag("--image-size", args.image_size)]
     training = [*model, *_flag("--method", args.method), *_flag("--epochs", args.epochs),
+                *(["--icutmix"] if args.icutmix else []),
                 *_flag("--batch-size", args.batch_size), *_flag("--lr", args.lr),
                 *_flag("--config", args.config), "--seed", str(args.seed),
                 "--device", args.device, *(["--skip-bad"] if args.skip_bad else [])]
@@ -390,6 +391,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="ssl: share of --probe-list the probe learns from (default 0.01, "
                            "the papers'; 0.10 on the synthetic world)")
     loop.add_argument("--trigger", help="ssl: a trigger image (PNG) whose ASR is measured")
+    loop.add_argument("--icutmix", action="store_true",
+                      help="ssl: train both encoders with i-CutMix (needs --method mocov3): "
+                           "the 'poisoned' row is i-CutMix alone, each detector's row the "
+                           "detector with i-CutMix")
     loop.add_argument("--method", choices=SSL_METHODS, help="ssl: self-supervised method "
                       "(default SimCLR)")
     loop.add_argument("--fraction", type=float, default=0.5,

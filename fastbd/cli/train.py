@@ -56,7 +56,8 @@ def training_config(args: argparse.Namespace, base, nested: dict[str, type] | No
     from fastbd.configfile import load_config
 
     base = load_config(args.config, type(base), nested, base=base)
-    chosen = {name: getattr(args, name, None) for name in ("method", "epochs", "batch_size", "lr")}
+    chosen = {name: getattr(args, name, None) for name in ("method", "epochs", "batch_size", "lr",
+                                                           "icutmix", "icutmix_alpha")}
     config = replace(base, seed=args.seed, **{k: v for k, v in chosen.items() if v is not None})
     if config.epochs == 0:
         raise ValueError("epochs is 0: that would save an untrained model; give --epochs ≥ 1")
@@ -416,6 +417,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ssl.add_argument("--method", choices=SSL_METHODS,
                      help="self-supervised method (default: SimCLR; the world's threat "
                           "config's)")
+    ssl.add_argument("--icutmix", action="store_true", default=None,
+                     help="i-CutMix (MoCo v3): PatchSearch's training recipe after a defense, "
+                          "a defense of its own in the PoisonCAM paper's Fig. 10")
+    ssl.add_argument("--icutmix-alpha", type=float,
+                     help="i-CutMix's Beta(alpha, alpha) for the kept area (default 1.0)")
     ssl.add_argument("--attack", choices=("htba", "none"), default="htba",
                      help="synthetic world: the poisoning of the training set")
     ssl.add_argument("--fraction", type=float, default=0.5,

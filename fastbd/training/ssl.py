@@ -37,7 +37,12 @@ SSL_METHODS = ("simclr", "byol", "mocov3")
 class SSLConfig:
     """Hyperparameters (AdamW, cosine schedule with linear warm-up). ``method``: ``simclr``
     (``temperature``), ``byol`` (target EMA ``momentum`` rising to 1 on a cosine) or ``mocov3``
-    (both: the momentum network as BYOL's, the loss an InfoNCE at ``temperature``)."""
+    (both: the momentum network as BYOL's, the loss an InfoNCE at ``temperature``).
+    ``icutmix`` (MoCo v3 only, PatchSearch's post-defense recipe, ``--icutmix --alpha 1.0`` in
+    its ``moco/builder.py``): each batch's online views are CutMix-ed with a shuffled copy of
+    the batch (``cutmix_views``, ``icutmix_alpha``) and the loss weighs each view's own key by
+    the kept area λ and its partner's by 1 − λ (``moco_loss``); the momentum keys stay
+    unmixed."""
 
     method: str = "simclr"
     epochs: int = 30
@@ -48,6 +53,8 @@ class SSLConfig:
     temperature: float = 0.2
     momentum: float = 0.99
     projection_dim: int = 128
+    icutmix: bool = False
+    icutmix_alpha: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
 
@@ -55,7 +62,10 @@ class SSLConfig:
         check_fields(self, method=one_of(*SSL_METHODS), epochs=at_least(0),
                      batch_size=at_least(2), lr=above(0), weight_decay=at_least(0),
                      warmup_epochs=at_least(0), temperature=above(0), momentum=fraction(),
-                     projection_dim=at_least(1), seed=at_least(0))
+                     projection_dim=at_least(1), icutmix_alpha=above(0), seed=at_least(0))
+        if self.icutmix and self.method != "mocov3":
+            raise ValueError(f"icutmix follows PatchSearch's MoCo v3 recipe; method "
+                             f"{self.method!r} has no partner-weighted loss (use mocov3)")
 
 
 @dataclass
@@ -81,13 +91,44 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=1)).mean()
 
 
-def moco_loss(prediction: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+def moco_loss(prediction: torch.Tensor, key: torch.Tensor, temperature: float,
+              partner: torch.Tensor | None = None, kept: float = 1.0) -> torch.Tensor:
     """MoCo v3's loss of online predictions and momentum keys ``B×P`` (row i's positive is key
     i, the other keys its negatives; key without gradient), scaled by ``2·temperature`` as in
-    the paper so its gradient does not depend on the temperature."""
+    the paper so its gradient does not depend on the temperature. i-CutMix: with ``partner``
+    (int64 ``B``: the row whose pixels were mixed into row i) the loss is ``kept`` × that loss
+    plus (1 − ``kept``) × the same with row i's positive key ``partner[i]``."""
     logits = F.normalize(prediction, dim=1) @ F.normalize(key.detach(), dim=1).T / temperature
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return 2 * temperature * F.cross_entropy(logits, targets)
+    loss = F.cross_entropy(logits, targets)
+    if partner is not None:
+        loss = kept * loss + (1 - kept) * F.cross_entropy(logits, partner.to(logits.device))
+    return 2 * temperature * loss
+
+
+def cutmix_views(views: torch.Tensor, alpha: float, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """i-CutMix of a batch (float ``B×C×S×S``), as PatchSearch's ``moco/builder.py``: λ from
+    Beta(``alpha``, ``alpha``), made ≥ ½; one box of side ``⌊S·√(1 − λ)⌋`` centred at a
+    uniform pixel, clipped to the image, takes the pixels of a shuffled copy of the batch;
+    λ is then the share of the image left unchanged. Returns (mixed views, int64 ``B`` partner
+    of each row, λ). All draws from ``generator``."""
+    import numpy as np
+
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    lam = max(lam, 1 - lam)
+    size = views.shape[-1]
+    cut = int(size * math.sqrt(1 - lam))
+    cy, cx = torch.randint(0, size, (2,), generator=generator, device=generator.device).tolist()
+    top, bottom = max(cy - cut // 2, 0), min(cy + cut // 2, size)
+    left, right = max(cx - cut // 2, 0), min(cx + cut // 2, size)
+    partner = torch.randperm(views.shape[0], generator=generator,
+                             device=generator.device).to(views.device)
+    mixed = views.clone()
+    mixed[..., top:bottom, left:right] = views[partner][..., top:bottom, left:right]
+    kept = 1 - (bottom - top) * (right - left) / (size * size)
+    return mixed, partner, kept
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
@@ -187,13 +228,18 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
                 else:
                     with torch.no_grad():
                         t1, t2 = sharded_forward(target_net, v1), sharded_forward(target_net, v2)
-                    p1 = sharded_forward(lambda v: predictor(online(v)), v1)
-                    p2 = sharded_forward(lambda v: predictor(online(v)), v2)
+                    if config.icutmix:
+                        mix1 = cutmix_views(v1, config.icutmix_alpha, g)
+                        mix2 = cutmix_views(v2, config.icutmix_alpha, g)
+                    else:
+                        mix1, mix2 = (v1, None, 1.0), (v2, None, 1.0)
+                    p1 = sharded_forward(lambda v: predictor(online(v)), mix1[0])
+                    p2 = sharded_forward(lambda v: predictor(online(v)), mix2[0])
                     if config.method == "byol":
                         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
                     else:
-                        loss = (moco_loss(p1, t2, config.temperature)
-                                + moco_loss(p2, t1, config.temperature))
+                        loss = (moco_loss(p1, t2, config.temperature, mix1[1], mix1[2])
+                                + moco_loss(p2, t1, config.temperature, mix2[1], mix2[2]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 average_gradients(params)
