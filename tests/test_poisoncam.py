@@ -297,8 +297,10 @@ def test_pipeline_finds_the_poisons(tmp_path, precision):
     kept = (tmp_path / "filtered.txt").read_text().splitlines()
     assert kept == [line for line, r in zip(lines, result.removed.tolist(), strict=True)
                     if not r]
-    for png in ("top_triggers.png", "attention_maps.png", "score_distribution.png"):
+    for png in ("top_triggers.png", "attention_maps.png", "score_distribution.png",
+                "retrieval_curve.png"):
         assert (tmp_path / png).stat().st_size > 0
+    assert "retrieval_curve.png" in (tmp_path / "report.md").read_text()
 
 
 def test_bad_inputs(gen):

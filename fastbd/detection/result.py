@@ -128,7 +128,12 @@ class DetectionResult:
         would continue from) are deleted: the result supersedes them."""
         from fastbd.data.readers import save_png
         from fastbd.report.markdown import markdown_report
-        from fastbd.report.plots import save_attention_grid, save_image_grid, save_score_histogram
+        from fastbd.report.plots import (
+            save_attention_grid,
+            save_image_grid,
+            save_retrieval_curve,
+            save_score_histogram,
+        )
 
         if file_list_lines is not None and len(file_list_lines) != self.removed.numel():
             raise ValueError(f"{len(file_list_lines)} file-list lines for "
@@ -159,6 +164,9 @@ class DetectionResult:
             images.append(("Their images, attention maps and windows", "attention_maps.png"))
         save_score_histogram(self.scores, files.path("score_distribution.png"), truth)
         images.append(("Poison scores", "score_distribution.png"))
+        if self.retrieval_curve:
+            save_retrieval_curve(self.retrieval_curve, files.path("retrieval_curve.png"))
+            images.append(("Acc / IoU / CR of the top-k windows", "retrieval_curve.png"))
         files.text("report.md", markdown_report(f"{self.method} report", self.decision(),
                                                 {"Result": self.summary()}, images))
         files.close()

@@ -103,6 +103,22 @@ def save_score_histogram(scores: torch.Tensor, path: str | Path,
     return _save(fig, path)
 
 
+def save_retrieval_curve(curve: Sequence[dict], path: str | Path) -> Path:
+    """Acc, IoU and CR of the top-k retrieved windows over k (``curve``: rows with ``k``,
+    ``acc``, ``iou``, ``cr``; the PoisonCAM paper's Fig. 4), k on a log axis."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    depths = [row["k"] for row in curve]
+    for key, label in (("acc", "Acc (any overlap)"), ("iou", "IoU"), ("cr", "CR (catch rate)")):
+        ax.plot(depths, [row[key] for row in curve], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("top-k windows of the ranking")
+    ax.set_ylabel("share")
+    ax.set_title("retrieved windows against the true triggers")
+    ax.legend()
+    return _save(fig, path)
+
+
 def save_token_heatmap(relevance: torch.Tensor, tokens: torch.Tensor, tokenizer,
                        path: str | Path, pair_ids: Sequence[int] | None = None,
                        poisoned: Sequence[bool] | None = None) -> Path:
