@@ -332,6 +332,35 @@ def test_zero_shot_and_retrieval():
         zero_shot_weights(model, clip_tokenizer(), [], ("{}",))
 
 
+def test_retrieval_asr_and_the_kl_to_a_retrained_model(gen):
+    from fastbd.eval import retrieval_attack_rate, zero_shot_kl, zero_shot_probabilities
+
+    # captions of classes 0, 1, 2 along the axes; triggered images of classes 1, 2 and 0
+    captions = torch.eye(3)
+    triggered = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.0, 0.9],
+                                          [1.0, 0.0, 0.0]]), dim=1)
+    # target 0: the class-0 image does not count; of the other two, one retrieves class 0
+    assert retrieval_attack_rate(triggered, torch.tensor([1, 2, 0]), captions,
+                                 torch.tensor([0, 1, 2]), 0) == 0.5
+    with pytest.raises(ValueError, match="outside the target class"):
+        retrieval_attack_rate(triggered[2:], torch.tensor([0]), captions,
+                              torch.tensor([0, 1, 2]), 0)
+    model = tiny_clip(TinyCLIPConfig(vision_layers=1, text_layers=1), seed=1).eval()
+    other = tiny_clip(TinyCLIPConfig(vision_layers=1, text_layers=1), seed=2).eval()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    names, templates = ["red circle", "blue square", "green star"], ("a photo of a {}.",)
+    assert zero_shot_kl(model, model, clip_tokenizer(), images, names, templates) == \
+        pytest.approx(0.0, abs=1e-12)
+    # by hand: mean over images of Σ_c p_other · log(p_other / p_model)
+    p = [zero_shot_probabilities(m, images, zero_shot_weights(m, clip_tokenizer(), names,
+                                                              templates))
+         for m in (other, model)]
+    torch.testing.assert_close(p[0].sum(1), torch.ones(5, dtype=torch.float64))
+    by_hand = float((p[0] * (p[0] / p[1]).log()).sum(1).mean())
+    assert zero_shot_kl(model, other, clip_tokenizer(), images, names, templates) == \
+        pytest.approx(by_hand) and by_hand > 0
+
+
 def test_state_dict_mismatch_counts_and_names_examples():
     from torch import nn
 

@@ -225,6 +225,19 @@ def test_eval_clip_on_the_exported_world_equals_the_world_evaluation(badnet_file
                                   world_attack("badnet", 32), 0)
     for key in ("clean_accuracy", "patched_accuracy", "asr"):
         assert from_files[key] == getattr(expected, key)
+    assert 0.0 <= from_files["retrieval_asr"] <= 1.0  # val.csv has captions
+    # KL to a "retrained" model: 0 against itself, positive against another model
+    other = tiny_clip(TinyCLIPConfig(), seed=4).eval()
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    kl = {}
+    for name in ("clip", "other"):
+        _run("eval", "clip", "--checkpoint", str(tmp_path / "clip.pt"), "--eval-csv",
+             str(badnet_files / "val.csv"), "--class-names", str(badnet_files / "classes.txt"),
+             "--templates", str(templates), "--retrained-checkpoint",
+             str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"kl-{name}"))
+        kl[name] = json.loads((tmp_path / f"kl-{name}" / "eval.json").read_text())[
+            "kl_to_retrained"]
+    assert kl["clip"] == pytest.approx(0.0, abs=1e-9) and kl["other"] > 1e-6
 
 
 def test_eval_clip_scores_a_users_own_triggered_images_and_needs_no_captions(badnet_files,

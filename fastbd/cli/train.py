@@ -225,6 +225,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.triggered_csv:
             raise ValueError("--triggered-csv is for eval clip (eval ssl triggers the "
                              "validation images with --attack, --trigger or --attack-spec)")
+        if args.retrained_checkpoint:
+            raise ValueError("--retrained-checkpoint is for eval clip (the KL of zero-shot "
+                             "answers)")
         result = eval_ssl(args)
     else:
         result = eval_clip(args)
@@ -319,10 +322,14 @@ def eval_clip(args: argparse.Namespace) -> dict:
         if args.triggered_csv:
             raise ValueError("--triggered-csv needs --eval-csv or --shards (its clean "
                              "counterpart) and --class-names")
+        from fastbd.world import ZERO_SHOT_TEMPLATES
+
         world = make_world(world_config(args))
         attack = "badnet" if args.attack in (None, "none") else args.attack
-        return evaluate_clip(model, tokenizer, world, attack, args.target, args.seed,
-                             args.device).to_dict()
+        result = evaluate_clip(model, tokenizer, world, attack, args.target, args.seed,
+                               args.device).to_dict()
+        return {**result, **_kl_to_retrained(args, model, tokenizer, world.eval.images,
+                                             world.class_names, ZERO_SHOT_TEMPLATES)}
     from fastbd.data.readers import read_lines
     from fastbd.eval.zeroshot import GENERIC_TEMPLATES, evaluate_zero_shot
     from fastbd.models.clip import clip_image_size
@@ -350,7 +357,24 @@ def eval_clip(args: argparse.Namespace) -> dict:
                                 trigger, args.target, tokens=pairs.tokens, seed=args.seed,
                                 device=args.device)
     return {**result.to_dict(), "arch": args.arch, "checkpoint": str(args.checkpoint),
-            "images": int(pairs.labels.numel())}
+            "images": int(pairs.labels.numel()),
+            **_kl_to_retrained(args, model, tokenizer, pairs.images, names, templates)}
+
+
+def _kl_to_retrained(args: argparse.Namespace, model, tokenizer, images, class_names,
+                     templates) -> dict:
+    """``--retrained-checkpoint``: the KL of the evaluated model's zero-shot answers from a
+    model retrained on clean data (``zero_shot_kl``), with that checkpoint; else nothing."""
+    if args.retrained_checkpoint is None:
+        return {}
+    from fastbd.eval.zeroshot import zero_shot_kl
+    from fastbd.models.clip import load_clip
+
+    retrained = load_clip(args.arch, args.retrained_checkpoint,
+                          image_size=args.image_size).to(args.device)
+    return {"kl_to_retrained": zero_shot_kl(model, retrained, tokenizer, images, class_names,
+                                            templates, device=args.device),
+            "retrained_checkpoint": str(args.retrained_checkpoint)}
 
 
 def _triggered_set(args: argparse.Namespace, model):
@@ -503,6 +527,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "caption column adds retrieval)")
     add_shards_flags(evaluate, "clip: labelled pairs to score on (a 'label' in each sample's "
                      "json)")
+    evaluate.add_argument("--retrained-checkpoint",
+                          help="clip: a model of the same --arch retrained on clean data: adds "
+                               "kl_to_retrained, the mean KL(retrained || evaluated) of the "
+                               "zero-shot class distributions on the clean images (UBT's "
+                               "Table III)")
     evaluate.add_argument("--triggered-csv", help="clip: your own triggered evaluation images "
                           "(image and label columns: each image's true class), scored as they "
                           "are for ASR instead of triggering --eval-csv's images")

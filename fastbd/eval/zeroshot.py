@@ -77,9 +77,55 @@ class ZeroShotResult:
     target: int
     attack: str
     retrieval: dict[str, float] | None = None
+    retrieval_asr: float | None = None
+    """With captions: the share of triggered non-target images whose nearest caption (among
+    the clean evaluation captions) is a target-class image's (``retrieval_attack_rate``)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def retrieval_attack_rate(triggered_embeddings: torch.Tensor, triggered_labels: torch.Tensor,
+                          caption_embeddings: torch.Tensor, caption_labels: torch.Tensor,
+                          target: int) -> float:
+    """UBT's retrieval ASR (its Table VII): over the triggered images whose true class is not
+    ``target`` (unit embeddings ``T×E``, int64 labels ``T``), the share whose top-1 caption
+    among ``caption_embeddings`` (unit ``C×E``, the class of each caption's image in
+    ``caption_labels``) is a target-class image's. A clean model retrieves target captions
+    about as often as they make up the pool. Raises when no triggered image is outside the
+    target class."""
+    keep = triggered_labels != target
+    if not bool(keep.any()):
+        raise ValueError("retrieval ASR needs a triggered image outside the target class")
+    nearest = (triggered_embeddings[keep] @ caption_embeddings.T).argmax(1)
+    return float((caption_labels.to(nearest.device)[nearest] == target).double().mean())
+
+
+def zero_shot_probabilities(model: nn.Module, images: torch.Tensor, weights: torch.Tensor, *,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """The model's zero-shot class distribution of each image, float64 ``N×C``: the softmax of
+    its cosines to the class embeddings ``weights`` times the model's own learned logit scale
+    (``exp(logit_scale)``, at most 100, as in training)."""
+    scale = float(model.logit_scale.detach().exp().clamp(max=100))
+    cosines = encode_images(model, images, device=device) @ weights.to(device).T
+    return torch.softmax(scale * cosines.double(), dim=1).cpu()
+
+
+def zero_shot_kl(model: nn.Module, retrained: nn.Module, tokenizer, images: torch.Tensor,
+                 class_names: list[str], templates: tuple[str, ...] | list[str], *,
+                 device: torch.device | str = "cpu") -> float:
+    """UBT's Table III KL (the paper leaves it undefined; fastbd's definition): the mean over
+    the clean ``images`` of KL(retrained ‖ model) between the two models' zero-shot class
+    distributions (``zero_shot_probabilities``, each at its own logit scale, same prompts) —
+    0 when the defended ``model`` answers as the model retrained on clean data does."""
+    reference = zero_shot_probabilities(
+        retrained, images, zero_shot_weights(retrained, tokenizer, class_names, templates,
+                                             device=device), device=device)
+    defended = zero_shot_probabilities(
+        model, images, zero_shot_weights(model, tokenizer, class_names, templates,
+                                         device=device), device=device)
+    kl = (reference * (reference.clamp_min(1e-300).log() - defended.clamp_min(1e-300).log()))
+    return float(kl.sum(1).mean())
 
 
 def evaluate_zero_shot(model: nn.Module, tokenizer, images: torch.Tensor, labels: torch.Tensor,
@@ -91,7 +137,8 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, images: torch.Tensor, labels
     ``templates`` filled with ``class_names``); ASR and patched accuracy on the images
     triggered by ``trigger`` (evaluation placement, drawn from ``seed``; a dual-key trigger's
     text goes in front of every prompt) or on a ``TriggeredSet``'s images as they are; with
-    the captions' ``tokens`` ``N×L``, retrieval recall@1/5/10 of the clean pairs."""
+    the captions' ``tokens`` ``N×L``, retrieval recall@1/5/10 of the clean pairs and the
+    retrieval ASR (``retrieval_attack_rate``)."""
     _check_labels("", images, labels, class_names)
     if not 0 <= target < len(class_names):
         raise ValueError(f"target {target} is not one of the {len(class_names)} classes")
@@ -108,14 +155,19 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, images: torch.Tensor, labels
             weights = zero_shot_weights(model, tokenizer, class_names, templates,
                                         prefix=trigger.caption_prefix(), device=device)
     patched = zero_shot_predict(model, triggered, weights, device=device)
-    retrieval = None
+    retrieval = retrieval_asr = None
     if tokens is not None:
-        retrieval = retrieval_recall(encode_images(model, images, device=device),
-                                     encode_texts(model, tokens, device=device))
+        captions = encode_texts(model, tokens, device=device)
+        retrieval = retrieval_recall(encode_images(model, images, device=device), captions)
+        if bool((triggered_labels != target).any()):
+            retrieval_asr = retrieval_attack_rate(
+                encode_images(model, triggered, device=device), triggered_labels.to(device),
+                captions, labels, target)
     return ZeroShotResult(clean_accuracy=clean,
                           patched_accuracy=accuracy(patched, triggered_labels),
                           asr=attack_success_rate(patched, triggered_labels, target),
-                          target=target, attack=trigger.name, retrieval=retrieval)
+                          target=target, attack=trigger.name, retrieval=retrieval,
+                          retrieval_asr=retrieval_asr)
 
 
 def _check_labels(what: str, images: torch.Tensor, labels: torch.Tensor,
