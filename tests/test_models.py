@@ -361,6 +361,23 @@ def test_retrieval_asr_and_the_kl_to_a_retrained_model(gen):
         pytest.approx(by_hand) and by_hand > 0
 
 
+def test_class_name_and_template_presets_are_open_clips(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from fastbd.cli.common import class_names_arg, templates_arg
+
+    names = class_names_arg("imagenet")
+    assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
+    templates = templates_arg("openai")
+    assert len(templates) == 80 and all("{}" in t for t in templates)
+    assert [t.format("dog") for t in templates] == [t("dog") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert class_names_arg("cat, dog") == ["cat", "dog"]
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of a {}.\nno slot here\n")
+    with pytest.raises(ValueError, match="no slot here"):
+        templates_arg(str(bad))
+
+
 def test_state_dict_mismatch_counts_and_names_examples():
     from torch import nn
 

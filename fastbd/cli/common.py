@@ -60,6 +60,41 @@ def prepare_out(out: str | Path, sub_folders: tuple[str, ...] = ()) -> Path:
     return Path(out)
 
 
+CLASS_NAME_PRESETS = ("imagenet",)
+TEMPLATE_PRESETS = ("openai",)
+
+
+def class_names_arg(value: str) -> list[str]:
+    """``--class-names``: ``imagenet`` (open_clip's bundled ImageNet-1k names, in label
+    order), a file with one name per line, or comma-separated names."""
+    from fastbd.data.readers import read_lines
+
+    if value == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if Path(value).is_file():
+        return read_lines(value)
+    return [name.strip() for name in value.split(",")]
+
+
+def templates_arg(value: str) -> list[str]:
+    """``--templates``: ``openai`` (open_clip's bundled 80 OpenAI ImageNet prompts, as
+    ``{}`` templates) or a file with one template per line; each must hold a ``{}``."""
+    from fastbd.data.readers import read_lines
+
+    if value == "openai":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+    else:
+        templates = read_lines(value)
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"every template needs a {{}} for the class name: {bad[0]!r}")
+    return templates
+
+
 def duplicates_policy(args: argparse.Namespace) -> str:
     """The readers' duplicate policy: ``refuse`` with ``--refuse-duplicates``, else ``warn``."""
     return "refuse" if getattr(args, "refuse_duplicates", False) else "warn"

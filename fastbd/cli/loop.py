@@ -407,9 +407,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--csv", help="clip: the (possibly poisoned) training pairs")
     loop.add_argument("--eval-csv", help="clip: labelled pairs CA/ASR/retrieval are measured "
                       "on")
-    loop.add_argument("--class-names", help="clip: class names in label order (comma-separated "
-                      "or a file)")
-    loop.add_argument("--templates", help="clip: zero-shot prompt templates file")
+    loop.add_argument("--class-names", help="clip: class names in label order (comma-separated, "
+                      "a file, or 'imagenet')")
+    loop.add_argument("--templates", help="clip: zero-shot prompt templates file, or 'openai'")
     loop.add_argument("--clean-csv", help="clip: clean pairs the reference model trains on and "
                       "CleanCLIP fine-tunes on — other pairs than the training pairs, as a "
                       "public model's data is (a model trained on the training pairs minus "

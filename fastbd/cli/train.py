@@ -15,12 +15,14 @@ from fastbd.cli.common import (
     add_image_source_flags,
     add_pair_csv_flags,
     add_shards_flags,
+    class_names_arg,
     duplicates_policy,
     load_clip_pairs,
     positive_int,
     prepare_out,
     read_labelled_images,
     remove_pairs_cache,
+    templates_arg,
 )
 from fastbd.cli.world import add_world_args, trigger_options, world_config
 
@@ -330,19 +332,14 @@ def eval_clip(args: argparse.Namespace) -> dict:
                                args.device).to_dict()
         return {**result, **_kl_to_retrained(args, model, tokenizer, world.eval.images,
                                              world.class_names, ZERO_SHOT_TEMPLATES)}
-    from fastbd.data.readers import read_lines
     from fastbd.eval.zeroshot import GENERIC_TEMPLATES, evaluate_zero_shot
     from fastbd.models.clip import clip_image_size
 
     if not args.class_names:
         raise ValueError("--eval-csv/--shards needs --class-names (comma-separated, or a file "
                          "with one name per line, in label order)")
-    names = (read_lines(args.class_names) if Path(args.class_names).is_file()
-             else [n.strip() for n in args.class_names.split(",")])
-    templates = read_lines(args.templates) if args.templates else list(GENERIC_TEMPLATES)
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"every template needs a {{}} for the class name: {bad[0]!r}")
+    names = class_names_arg(args.class_names)
+    templates = templates_arg(args.templates) if args.templates else list(GENERIC_TEMPLATES)
     pairs = load_clip_pairs(args, args.eval_csv, model, None, captions_required=False)
     if pairs.labels is None:
         raise ValueError(f"{args.eval_csv or args.shards}: no labels (a 'label' column, or a "
@@ -536,10 +533,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                           "(image and label columns: each image's true class), scored as they "
                           "are for ASR instead of triggering --eval-csv's images")
     evaluate.add_argument("--class-names", help="clip, --eval-csv: class names in label order, "
-                          "comma-separated or a file with one per line")
+                          "comma-separated, a file with one per line, or 'imagenet' (open_clip's "
+                          "ImageNet-1k names)")
     evaluate.add_argument("--templates", help="clip, --eval-csv: file of prompt templates, one "
-                          "per line with {} for the class name (default: 'a photo of a {}.', "
-                          "'a picture of a {}.', 'an image of a {}.')")
+                          "per line with {} for the class name, or 'openai' (the 80 OpenAI "
+                          "ImageNet prompts, as the papers evaluate; default: 'a photo of a "
+                          "{}.', 'a picture of a {}.', 'an image of a {}.')")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     add_duplicates_flag(evaluate)
     evaluate.add_argument("--out", default="fastbd-out/eval", help="output folder")

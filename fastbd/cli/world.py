@@ -12,6 +12,7 @@ from fastbd.cli.common import (
     add_device_flag,
     add_duplicates_flag,
     add_pair_csv_flags,
+    class_names_arg,
     duplicates_policy,
     prepare_out,
 )
@@ -198,7 +199,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if clip_attack:
             if captions is None:
                 raise ValueError("CLIP attacks need captions: give --csv")
-            names = args.class_names.split(",") if args.class_names else [
+            names = class_names_arg(args.class_names) if args.class_names else [
                 str(i) for i in range(int(labels.max()) + 1)]
             captions = [captions[i] for i in report.kept]
             poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
@@ -340,7 +341,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         f"--image-size{FILES_SIZE_NOTE})")
     add_pair_csv_flags(attack, "--csv", False, "CSV of image-caption pairs to poison instead "
                        f"(read at --image-size{FILES_SIZE_NOTE})")
-    attack.add_argument("--class-names", help="comma-separated names for poisoned captions")
+    attack.add_argument("--class-names", help="names for poisoned captions in label order: "
+                        "comma-separated, a file with one per line, or 'imagenet'")
     attack.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     add_duplicates_flag(attack)
     attack.add_argument("--absolute-paths", action="store_true",
