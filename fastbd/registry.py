@@ -71,7 +71,7 @@ def clip_defense(name: str) -> ClipDefenseEntry:
 
 
 def _register_builtins() -> None:
-    from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, cleanclip
+    from fastbd.baselines import ABLConfig, ABLPaperConfig, CleanCLIPConfig, abl, cleanclip
     from fastbd.data.augment import AugmentConfig
     from fastbd.patchsearch import PatchSearch, PublishedPatchSearch
     from fastbd.poisoncam import PoisonCAM
@@ -94,7 +94,10 @@ def _register_builtins() -> None:
         "CleanCLIP fine-tuning on clean pairs (baseline)", {"augment": AugmentConfig}))
     register_clip_defense("abl", ClipDefenseEntry(
         abl, ABLConfig, True, "training",
-        "ABL gradient ascent on the suspicious pairs (baseline)"))
+        "ABL gradient ascent on the suspicious pairs (baseline, UBT's schedule)"))
+    register_clip_defense("abl-paper", ClipDefenseEntry(
+        abl, ABLPaperConfig, True, "training",
+        "ABL as the UBT paper runs it: fixed 1 %% split, batch 64, lr 1e-6, 10 epochs"))
 
 
 _register_builtins()

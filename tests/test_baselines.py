@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from fastbd.baselines import ABLConfig, CleanCLIPConfig, abl, augment_tokens, cleanclip
+from fastbd.baselines import (
+    ABLConfig,
+    ABLPaperConfig,
+    CleanCLIPConfig,
+    abl,
+    augment_tokens,
+    cleanclip,
+)
 from fastbd.clipdefense import suspicious_split
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.training.clip import batch_clip_loss
@@ -106,6 +113,22 @@ def test_abl_ascends_the_loss_of_the_suspicious_pairs(pairs, models):
         before = batch_clip_loss(model, images[suspicious], tokens[suspicious], "cpu")
         after = batch_clip_loss(result.model, images[suspicious], tokens[suspicious], "cpu")
     assert float(after) > float(before)
+
+
+def test_abl_as_the_ubt_paper_runs_it(pairs, models):
+    from fastbd import registry
+
+    paper = ABLPaperConfig()
+    assert (paper.split, paper.batch_size, paper.lr, paper.epochs) == ("fixed", 64, 1e-6, 10)
+    assert (ABLConfig().lr, ABLConfig().epochs) == (1e-5, 5)  # UBT's schedule, fastbd's default
+    entry = registry.clip_defense("abl-paper")
+    assert entry.run is abl and entry.config is ABLPaperConfig and entry.needs_reference
+    images, tokens = pairs
+    model, reference = models
+    result = abl(model, images, tokens, reference=reference,
+                 config=ABLPaperConfig(susp_fraction=0.05, min_steps=0), verbose=False)
+    _, fixed, _ = suspicious_split(reference, images, tokens, 0.05, "cpu")  # no adaptive rule
+    assert torch.equal(result.suspicious, fixed) and result.config["lr"] == 1e-6
 
 
 def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp_path,

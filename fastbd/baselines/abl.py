@@ -1,6 +1,8 @@
-"""ABL (Li et al., 2021) for CLIP, as the UBT paper runs it: gradient ascent on the CLIP loss of
-the suspicious set D_susp itself (the lowest-similarity pairs under a clean reference, the same
-split as UBT's step 1), with no overfitting, ranking or token masking."""
+"""ABL (Li et al., 2021) for CLIP: gradient ascent on the CLIP loss of the suspicious set D_susp
+itself (the lowest-similarity pairs under a clean reference, the same split as UBT's step 1),
+with no overfitting, ranking or token masking. Two schedules: ``ABLConfig`` gives it UBT's
+(fastbd's comparison at the same budget), ``ABLPaperConfig`` the UBT paper's (``fastbd
+abl-paper``)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ class ABLConfig:
     def __post_init__(self) -> None:
         check_fields(self, **SPLIT_RULES, epochs=at_least(0), lr=above(0),
                      min_steps=at_least(0))
+
+
+@dataclass
+class ABLPaperConfig(ABLConfig):
+    """ABL as the UBT paper runs its baseline (REFERENCE.md): D_susp = UBT's fixed 1 % split,
+    batch 64, lr 1e-6, 10 epochs (``min_steps`` as in ``ABLConfig``: it only matters where
+    10 epochs are fewer steps, far below the paper's 500K pairs)."""
+
+    split: str = "fixed"
+    epochs: int = 10
+    lr: float = 1e-6
 
 
 def abl(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *, reference: nn.Module,
