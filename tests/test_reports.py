@@ -68,9 +68,13 @@ def test_clip_defense_reports_ubt_top_pairs_with_ids_and_truth(tmp_path):
     truth = torch.tensor([False, True, False, False, True, False])
     result = UBTResult(model=tiny_clip(TinyCLIPConfig()), poisoned=True, check_statistic=2.5,
                        topk=torch.tensor([4, 1]), suspicious=torch.tensor([4, 1, 0]),
-                       reference_similarity=torch.rand(6), relevance=torch.rand(2, 12))
+                       reference_similarity=torch.rand(6), relevance=torch.rand(2, 12),
+                       overfit_similarity=torch.tensor([0.9, 0.8, 0.1]))
     result.save(tmp_path, truth=truth, tokens=tokens, tokenizer=tokenizer, weights=False)
     report = (tmp_path / "report.md").read_text()
+    # the overfit model's similarities of D_susp, split by the truth of the suspicious pairs
+    assert "![Suspicious pairs under the overfit model](overfit_similarity.png)" in report
+    assert (tmp_path / "overfit_similarity.png").stat().st_size > 0
     assert "ubt: defended — check statistic 2.50; 2 top pairs (2 poisoned)" in report
     assert "![Token relevance of the top pairs](token_relevance.png)" in report
     assert (tmp_path / "token_relevance.png").is_file() and (tmp_path / "similarity.png").is_file()

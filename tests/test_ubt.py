@@ -93,7 +93,7 @@ def test_result_files(pairs, models, tmp_path):
     for a, b in zip(reloaded.state_dict().values(), result.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
-    for png in ("similarity.png", "token_relevance.png"):
+    for png in ("similarity.png", "overfit_similarity.png", "token_relevance.png"):
         assert (tmp_path / png).stat().st_size > 0
 
 

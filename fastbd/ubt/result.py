@@ -45,15 +45,26 @@ class UBTResult(DefenseResult):
     def add_files(self, files: ResultFiles, *, tokens: torch.Tensor | None = None,
                   tokenizer=None, truth: torch.Tensor | None = None,
                   **_) -> list[tuple[str, str]]:
-        """``token_relevance.png`` for the top pairs (their pair ids, poisoned or clean with
+        """``overfit_similarity.png``: the suspicious pairs' similarity under the overfit model
+        (the UBT paper's Figs. 3–4; backdoor vs clean with ``truth``), and
+        ``token_relevance.png`` for the top pairs (their pair ids, poisoned or clean with
         ``truth``) when relevance was computed and ``tokens`` (``N×L``) / ``tokenizer`` are
         given (``save(..., tokens=, tokenizer=)``)."""
-        from fastbd.report.plots import save_token_heatmap
+        from fastbd.report.plots import save_score_histogram, save_token_heatmap
 
+        pictures = []
+        if self.overfit_similarity is not None and self.overfit_similarity.numel():
+            save_score_histogram(
+                self.overfit_similarity, files.path("overfit_similarity.png"),
+                None if truth is None else as_truth(truth)[self.suspicious],
+                title="suspicious pairs' similarity under the overfit model",
+                xlabel="cosine of image and caption", ylabel="pairs")
+            pictures.append(("Suspicious pairs under the overfit model",
+                             "overfit_similarity.png"))
         if self.relevance is None or tokens is None or tokenizer is None:
-            return []
+            return pictures
         poisoned = None if truth is None else as_truth(truth)[self.topk].tolist()
         save_token_heatmap(self.relevance, tokens[self.topk].cpu(), tokenizer,
                            files.path("token_relevance.png"), pair_ids=self.topk.tolist(),
                            poisoned=poisoned)
-        return [("Token relevance of the top pairs", "token_relevance.png")]
+        return [*pictures, ("Token relevance of the top pairs", "token_relevance.png")]
