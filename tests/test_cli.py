@@ -97,7 +97,8 @@ def test_clip_defense_command_errors(clip_pairs_csv, tmp_path, capsys):
     root, csv_path = clip_pairs_csv
     assert main(["--quiet", "ubt", "--csv", str(csv_path), "--checkpoint",
                  str(root / "poisoned.pt"), "--out", str(tmp_path)]) == 2
-    assert "fastbd ubt: error: ubt needs --reference-checkpoint" in capsys.readouterr().err
+    assert "fastbd ubt: error: ubt needs one of --reference-checkpoint and --reference-pretrained" \
+        in capsys.readouterr().err
     assert main(["--quiet", "abl", "--csv", str(csv_path), "--checkpoint",
                  str(root / "missing.pt"), "--reference-checkpoint", str(root / "clean.pt"),
                  "--out", str(tmp_path)]) == 2

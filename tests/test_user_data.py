@@ -202,6 +202,41 @@ def test_clip_loop_on_a_csv_at_another_image_size(badnet_files, tmp_path):
     assert (tmp_path / "ubt" / "result.json").is_file()
 
 
+def test_train_clip_fine_tunes_given_weights_as_the_ubt_papers_threat_model(badnet_files,
+                                                                            tmp_path, capsys):
+    from fastbd.models.clip import TinyCLIPConfig, load_clip, tiny_clip
+
+    start = tiny_clip(TinyCLIPConfig(), seed=11).eval()
+    torch.save(start.state_dict(), tmp_path / "pretrained.pt")
+    _run("train-clip", "--csv", str(badnet_files / "train.csv"), "--init-checkpoint",
+         str(tmp_path / "pretrained.pt"), "--epochs", "1", "--lr", "1e-9",
+         "--out", str(tmp_path / "tuned"))
+    record = json.loads((tmp_path / "tuned" / "train_clip.json").read_text())
+    assert record["initialised_from"] == str(tmp_path / "pretrained.pt")
+    tuned = load_clip("tiny", tmp_path / "tuned" / "clip.pt")
+    # a step at lr 1e-9 leaves the given weights (a fresh start would be another model;
+    # BatchNorm's running statistics do move)
+    tuned_parameters = dict(tuned.named_parameters())
+    for name, a in start.named_parameters():
+        torch.testing.assert_close(a, tuned_parameters[name], atol=1e-5, rtol=0, msg=name)
+    fresh = dict(tiny_clip(TinyCLIPConfig(), seed=0).named_parameters())
+    assert not torch.allclose(fresh["visual.conv1.weight"], tuned_parameters["visual.conv1.weight"])
+    assert main(["--quiet", "train-clip", "--init-checkpoint", str(tmp_path / "pretrained.pt"),
+                 "--out", str(tmp_path / "world")]) == 2
+    assert "--init-checkpoint and --pretrained need --csv" in capsys.readouterr().err
+
+
+def test_open_clip_pretrained_weights_that_cannot_be_had_are_named():
+    from fastbd.models.clip import load_clip
+
+    with pytest.raises(ValueError, match="cannot load open_clip's 'RN50' weights 'no-such-tag'"):
+        load_clip("RN50", None, pretrained="no-such-tag")
+    with pytest.raises(ValueError, match="tiny CLIP has no open_clip pretrained"):
+        load_clip("tiny", None, pretrained="openai")
+    with pytest.raises(ValueError, match="give one of"):
+        load_clip("RN50", "weights.pt", pretrained="openai")
+
+
 def test_eval_clip_on_the_exported_world_equals_the_world_evaluation(badnet_files, tmp_path):
     from fastbd.eval.zeroshot import evaluate_zero_shot
     from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip

@@ -26,8 +26,10 @@ def run_clip_defense(args: argparse.Namespace) -> int:
 
     entry = registry.clip_defense(args.command)
     config = load_config(args.config, entry.config, entry.nested)
-    if entry.needs_reference and args.reference_checkpoint is None:
-        raise ValueError(f"{args.command} needs --reference-checkpoint (a clean model)")
+    if entry.needs_reference and (args.reference_checkpoint is None) == (
+            args.reference_pretrained is None):
+        raise ValueError(f"{args.command} needs one of --reference-checkpoint and "
+                         "--reference-pretrained (a clean model)")
     out = prepare_out(args.out)
     model = load_clip(args.arch, args.checkpoint).to(args.device)
     cache = out / ("pairs.npy" if entry.pairs == "training" else "clean_pairs.npy")
@@ -35,7 +37,8 @@ def run_clip_defense(args: argparse.Namespace) -> int:
     options = {}
     if entry.needs_reference:
         options["reference"] = load_clip(args.reference_arch or args.arch,
-                                         args.reference_checkpoint).to(args.device)
+                                         args.reference_checkpoint,
+                                         pretrained=args.reference_pretrained).to(args.device)
     result = entry.run(model, pairs.images, pairs.tokens, config=config, device=args.device,
                        verbose=not args.quiet, checkpoint_dir=out, **options)
     if not world().main:  # rank 0 writes the result
@@ -72,7 +75,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         defense.add_argument("--checkpoint", required=True, help="the model to defend")
         if entry.needs_reference:
             defense.add_argument("--reference-checkpoint",
-                                 help="a clean pre-trained model (required)")
+                                 help="a clean pre-trained model trained on other data than "
+                                      "these pairs (this or --reference-pretrained)")
+            defense.add_argument("--reference-pretrained",
+                                 help="open_clip's pre-trained weights of --reference-arch by "
+                                      "tag (e.g. openai: the UBT paper's public reference)")
             defense.add_argument("--reference-arch", help="its architecture (default --arch)")
         defense.add_argument("--image-size", type=int, default=None,
                              help="default: the model's input size")

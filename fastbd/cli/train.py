@@ -141,6 +141,9 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     if args.arch != "tiny" or args.image_size not in (None, 32):
         raise ValueError("--arch and --image-size need --csv or --shards (the synthetic world "
                          "trains the 32-px tiny CLIP)")
+    if args.init_checkpoint or args.pretrained:
+        raise ValueError("--init-checkpoint and --pretrained need --csv or --shards (the "
+                         "synthetic world trains its tiny CLIP from scratch)")
     config = CLIPThreatConfig(world=world_config(args), attack=args.attack, target=args.target,
                               rate=args.rate, seed=args.seed,
                               train=training_config(args, CLIPTrainConfig()))
@@ -152,12 +155,15 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
 
 def train_clip_on_csv(args: argparse.Namespace) -> int:
-    """Train ``--arch`` from scratch on the pairs of a CSV or of WebDataset shards."""
+    """Train ``--arch`` on the pairs of a CSV or of WebDataset shards: from scratch, or
+    fine-tuned from ``--init-checkpoint`` / open_clip's ``--pretrained`` weights (the UBT
+    paper's threat model: a pre-trained CLIP fine-tuned on poisoned pairs)."""
     from fastbd.models.clip import clip_image_size, load_clip
     from fastbd.training.clip import CLIPTrainConfig, train_clip
 
     out = prepare_out(args.out)
-    model = load_clip(args.arch, None, image_size=args.image_size, seed=args.seed)
+    model = load_clip(args.arch, args.init_checkpoint, image_size=args.image_size,
+                      seed=args.seed, pretrained=args.pretrained)
     cache = out / "pairs.npy"
     pairs = load_clip_pairs(args, args.csv, model, cache)
     config = training_config(args, CLIPTrainConfig())
@@ -167,6 +173,9 @@ def train_clip_on_csv(args: argparse.Namespace) -> int:
     if not args.keep_cache:
         remove_pairs_cache(cache)
     record = {"arch": args.arch, "image_size": clip_image_size(model),
+              "initialised_from": (str(args.init_checkpoint) if args.init_checkpoint
+                                   else f"open_clip:{args.pretrained}" if args.pretrained
+                                   else "random"),
               "seconds": history.seconds, "pairs_per_second": history.pairs_per_second,
               "final_loss": history.losses[-1] if history.losses else None,
               "config": history.config}
@@ -469,6 +478,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_shards_flags(clip, "the pairs to train on")
     clip.add_argument("--arch", default="tiny",
                       help="with --csv: open_clip architecture (e.g. RN50, ViT-B-32) or 'tiny'")
+    start = clip.add_mutually_exclusive_group()
+    start.add_argument("--init-checkpoint", help="with --csv/--shards: fine-tune these weights "
+                       "(a state dict of --arch) instead of training from scratch — the UBT "
+                       "paper's threat model is a pre-trained CLIP fine-tuned on poisoned pairs "
+                       "(lr 1e-6, 3 epochs)")
+    start.add_argument("--pretrained", help="with --csv/--shards: fine-tune open_clip's "
+                       "pre-trained weights of --arch by tag (e.g. openai; from open_clip's "
+                       "cache, downloaded where the network allows)")
     clip.add_argument("--attack", choices=CLIP_ATTACKS + ("none",), default="badnet",
                       help="synthetic world: the poisoning of the training pairs")
     clip.add_argument("--rate", type=float,

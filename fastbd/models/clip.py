@@ -61,15 +61,32 @@ def tiny_clip(config: TinyCLIPConfig | None = None, seed: int = 0) -> nn.Module:
 
 
 def load_clip(arch: str, checkpoint: str | Path | None, image_size: int | None = None,
-              seed: int = 0) -> nn.Module:
+              seed: int = 0, pretrained: str | None = None) -> nn.Module:
     """An open_clip CLIP by architecture name (e.g. ``ViT-B-32``, ``RN50``) or ``tiny``
     (fastbd's ``TinyCLIPConfig``), with weights from ``checkpoint`` (a state dict, or a dict
-    holding one under ``state_dict``/``model``; ``module.`` prefixes are stripped), else random
-    from ``seed``. ``image_size``: the image tower's input side (default: the architecture's;
-    for ``tiny`` with a checkpoint, the size it was trained at, read from its position
-    embedding)."""
+    holding one under ``state_dict``/``model``; ``module.`` prefixes are stripped), else from
+    open_clip's ``pretrained`` tag (e.g. ``openai``: open_clip loads it from its cache, or
+    downloads it where the network allows; a tag it cannot get is a ``ValueError`` saying what
+    to fetch), else random from ``seed``. ``image_size``: the image tower's input side
+    (default: the architecture's; for ``tiny`` with a checkpoint, the size it was trained at,
+    read from its position embedding)."""
     import open_clip
 
+    if pretrained is not None:
+        if checkpoint is not None:
+            raise ValueError("give one of a checkpoint file and an open_clip pretrained tag")
+        if arch == "tiny":
+            raise ValueError("the tiny CLIP has no open_clip pretrained weights; give a "
+                             "checkpoint file")
+        options = {} if image_size is None else {"force_image_size": image_size}
+        try:
+            return open_clip.create_model(arch, pretrained=pretrained, **options).eval()
+        except Exception as error:  # unknown tag, not cached and no network, corrupt file
+            raise ValueError(
+                f"cannot load open_clip's {arch!r} weights {pretrained!r} ({error}); on a "
+                f"machine with network access run open_clip.create_model({arch!r}, "
+                f"pretrained={pretrained!r}) to fill the cache, or save the weights and pass "
+                "the file as the checkpoint") from None
     state = None
     if checkpoint is not None:
         path = Path(checkpoint)
