@@ -154,6 +154,29 @@ def test_unlearning_variants_keep_batchnorm_statistics(pairs, models, overrides)
     assert float(after.mean()) < float(before.mean())
 
 
+@pytest.mark.parametrize("with_normal", [True, False])
+def test_the_overfit_ablation_drops_the_d_normal_term(pairs, models, monkeypatch, with_normal):
+    import importlib
+
+    ubt_defend = importlib.import_module("fastbd.ubt.defend")
+    calls = []
+    real = ubt_defend.batch_clip_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ubt_defend, "batch_clip_loss", counted)
+    images, tokens = pairs
+    model, reference = models
+    cfg = config(overfit_normal=with_normal, retain_weight=0.0)
+    normal = torch.arange(20, 60)
+    ubt_defend.overfit(model, images, tokens, torch.arange(20), normal, cfg, torch.device("cpu"),
+                       verbose=False)
+    # one D_normal InfoNCE term per D_susp batch (20 pairs in batches of 16: 2) or none
+    assert len(calls) == (2 if with_normal else 0)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="susp_fraction"):
         Config(susp_fraction=0.0)

@@ -93,6 +93,9 @@ class Config:
     caption) pairs too.
     ``ranking`` (step 3): ``cross-match`` (ours: the backdoor's block, ``backdoor_block``) or
     ``overfit`` (the paper's: similarity under the overfit model).
+    Ablations (the paper's Fig. 4 and Table IV): ``overfit_normal=False`` overfits on D_susp
+    alone, without the D_normal InfoNCE term; ``masked_captions=False`` unlearns the original
+    captions only (gradient ascent without the token mask).
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
     poisoned (½: the model matches the block halfway from random captions to true pairs or
     more, the reference no better than random captions); ``check_sample``: D_normal pairs each
@@ -109,6 +112,7 @@ class Config:
     token_threshold: float = 0.1
     start_layer: int = -1
     masked_captions: bool = True
+    overfit_normal: bool = True
     overfit_min_steps: int = 60
     unlearn_min_steps: int = 150
     retain_weight: float = 1.0
@@ -141,7 +145,8 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             suspicious: torch.Tensor, normal: torch.Tensor, config: Config,
             device: torch.device, verbose: bool, stages: StageFiles = NO_STAGES) -> nn.Module:
     """A copy of ``model`` trained to sharpen the backdoor (step 2): each step
-    ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch. With ``stages`` the
+    ``mean((S − 1)²)`` on a D_susp batch plus InfoNCE on a D_normal batch (not with
+    ``config.overfit_normal`` off: the paper's Fig. 4 ablation). With ``stages`` the
     training state is saved after epochs (at most every ``stages.save_every_s`` seconds, and
     after the last) and continued from."""
     tuned = copy.deepcopy(model).to(device)
@@ -159,7 +164,7 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             susp = suspicious[rows]
             loss = (trained_pair_cosines(tuned, images[susp], tokens[susp], device)
                     - 1).pow(2).mean()
-            if normal_batches:
+            if normal_batches and config.overfit_normal:
                 other = normal[normal_batches[step % len(normal_batches)]]
                 if other.numel() > 1:
                     loss = loss + batch_clip_loss(tuned, images[other], tokens[other], device)
