@@ -450,6 +450,31 @@ def test_loop_ssl_runs_the_papers_loop_and_a_rerun_skips_finished_steps(tmp_path
         "config"]["epochs"] == 2  # the steps after it ran again on the new encoder
 
 
+def test_loop_over_seeds_reports_mean_and_std(tmp_path, monkeypatch, capsys):
+    import fastbd.cli.loop as loop_module
+
+    runs = []
+
+    def fake_ssl_loop(args, steps):  # each seed's rows, as the real loop returns them
+        runs.append((args.seed, steps.out))
+        return {"poisoned": {"clean_accuracy": 0.80 + 0.01 * args.seed, "asr": 0.5,
+                             "removed": 0},
+                "poisoncam": {"clean_accuracy": 0.79, "asr": 0.01 * args.seed,
+                              "removed": 10 * args.seed}}
+
+    monkeypatch.setattr(loop_module, "ssl_loop", fake_ssl_loop)
+    assert main(["--quiet", "loop", "ssl", "--seeds", "0,1,2", "--out", str(tmp_path)]) == 0
+    assert runs == [(s, tmp_path / f"seed{s}") for s in (0, 1, 2)]
+    saved = json.loads((tmp_path / "loop.json").read_text())
+    assert saved["seeds"] == [0, 1, 2] and set(saved["per_seed"]) == {"0", "1", "2"}
+    row = saved["rows"]["poisoncam"]
+    assert row["seeds"] == 3 and row["removed"] == pytest.approx(10.0)
+    assert row["removed_std"] == pytest.approx(10.0)  # sample std of 0, 10, 20
+    assert row["asr"] == pytest.approx(0.01) and row["clean_accuracy_std"] == 0.0
+    assert "| poisoncam (3 seeds) | 79.0 ± 0.0 | 1.0 ± 1.0 | 10 ± 10 |" in capsys.readouterr().out
+    assert main(["--quiet", "loop", "ssl", "--seeds", "1,1", "--out", str(tmp_path)]) == 2
+
+
 def test_loop_clip_defends_and_compares(tmp_path):
     out = tmp_path / "loop"
     _run("loop", "clip", *TINY_WORLD, "--rate", "0.05", "--epochs", "1", "--defenses",

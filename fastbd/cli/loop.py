@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -124,9 +125,14 @@ def cmd_loop(args: argparse.Namespace) -> int:
     args.default_attack = "htba" if ssl else args.poison
     out = prepare_out(args.out)
     common = ["--quiet"] if args.quiet else []
-    steps = Steps(out, common)
+    seeds = _seed_list(args.seeds) if args.seeds else None
+    per_seed = {}
     try:
-        rows = ssl_loop(args, steps) if ssl else clip_loop(args, steps)
+        for seed in seeds or [args.seed]:
+            run = copy.copy(args)  # a loop fills in defaults per run
+            run.seed = seed
+            steps = Steps(out / f"seed{seed}" if seeds else out, common)
+            per_seed[seed] = ssl_loop(run, steps) if ssl else clip_loop(run, steps)
     except StepFailed as failed:
         print(f"fastbd loop: {failed}; rerun the same command to continue from it (finished "
               "steps are skipped)", file=sys.stderr)
@@ -134,12 +140,48 @@ def cmd_loop(args: argparse.Namespace) -> int:
     from fastbd.storage import ResultFiles
 
     files = ResultFiles(out)
-    files.json("loop.json", {"kind": args.kind, "rows": rows})
+    if seeds:
+        rows = aggregate_rows(per_seed)
+        files.json("loop.json", {"kind": args.kind, "seeds": seeds, "rows": rows,
+                                 "per_seed": {str(s): r for s, r in per_seed.items()}})
+    else:
+        rows = per_seed[args.seed]
+        files.json("loop.json", {"kind": args.kind, "rows": rows})
     table = loop_table(args.kind, rows)
     files.text("loop.md", table + "\n")
     files.close()
     print(table)
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--seeds takes seeds separated by commas, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds must be distinct non-negative seeds, got {text!r}")
+    return seeds
+
+
+def aggregate_rows(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Each row's CA and ASR (and removed images / suspicious pairs) over the seeds: the mean
+    under the plain names, ``<name>_std`` the sample standard deviation (0 with one seed) and
+    ``seeds`` how many runs had the row."""
+    rows: dict[str, dict] = {}
+    names = dict.fromkeys(name for runs in per_seed.values() for name in runs)
+    for name in names:
+        runs = [r[name] for r in per_seed.values() if name in r]
+        row: dict[str, object] = {"seeds": len(runs)}
+        for key in ("clean_accuracy", "asr", "removed", "suspicious"):
+            values = [float(r[key]) for r in runs if r.get(key) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+                          if len(values) > 1 else 0.0)
+                row[key], row[f"{key}_std"] = mean, spread ** 0.5
+        rows[name] = row
+    return rows
 
 
 def ssl_loop(args: argparse.Namespace, steps: Steps) -> dict[str, dict]:
@@ -324,6 +366,12 @@ def loop_table(kind: str, rows: dict[str, dict]) -> str:
     last = "removed" if kind == "ssl" else "suspicious (poisoned)"
     lines = [f"| model | CA % | ASR % | {last} |", "|---|---:|---:|---:|"]
     for name, row in rows.items():
+        if "seeds" in row:  # aggregated over seeds: mean ± std
+            count = "removed" if kind == "ssl" else "suspicious"
+            lines.append(f"| {name} ({row['seeds']} seeds) | "
+                         f"{_mean_std(row, 'clean_accuracy', 100)} | "
+                         f"{_mean_std(row, 'asr', 100)} | {_mean_std(row, count, 1, 0)} |")
+            continue
         if kind == "ssl":
             extra = str(row.get("removed", ""))
             if row.get("backdoor") is False:
@@ -335,6 +383,12 @@ def loop_table(kind: str, rows: dict[str, dict]) -> str:
         lines.append(f"| {name} | {100 * row['clean_accuracy']:.1f} | "
                      f"{100 * row['asr']:.1f} | {extra} |")
     return "\n".join(lines)
+
+
+def _mean_std(row: dict, key: str, scale: float, digits: int = 1) -> str:
+    if key not in row:
+        return ""
+    return f"{scale * row[key]:.{digits}f} ± {scale * row[key + '_std']:.{digits}f}"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -358,6 +412,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     loop.add_argument("--out", default="fastbd-out/loop", help="output folder (a sub-folder "
                       "per step)")
     loop.add_argument("--seed", type=int, default=0, help="seed of every step")
+    loop.add_argument("--seeds", help="run the whole loop once per seed (e.g. 0,1,2,3,4, the "
+                      "papers' five runs), each in <out>/seed<N>, and report the mean ± std "
+                      "over them")
     loop.add_argument("--target", type=int, default=0, help="the attack's target class")
     loop.add_argument("--attack", choices=ATTACKS, help="the trigger ASR is measured with "
                       "(default: the synthetic world's planted trigger; on your files htba for "
