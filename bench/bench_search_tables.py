@@ -1,0 +1,41 @@
+"""``bench/poisoncam_tables.py``'s and ``bench/search_cost.py``'s cells and tables on constructed
+rows (the runs themselves take minutes and run by hand)."""
+
+from poisoncam_tables import DETECTORS, cells, key, tables
+from search_cost import summary
+
+
+def _row(seed, detector, setting, value, **extra):
+    curve = [{"k": k, "acc": 1.0, "iou": 0.5, "cr": 0.9} for k in (5, 20, 50)]
+    return {"key": key((seed, detector, setting, value)), "seed": seed, "detector": detector,
+            "setting": setting, "value": value, "removed": 250, "recall": 1.0,
+            "precision": 0.99, "f1": 0.995, "top20": 1.0, "iou": 0.5, "cr": 0.9, "acc": 1.0,
+            "curve": curve, "cpu_s": 60.0, "candidate_s_per_image": 0.01, **extra}
+
+
+def test_every_setting_is_one_cell_and_the_defaults_are_not_run_twice():
+    grid = cells([0])
+    assert len(grid) == len(set(grid))
+    assert [c for c in grid if c[2] == "default"] == [(0, d, "default", None) for d in DETECTORS]
+    assert (0, "poisoncam", "n_masks", 64) not in grid  # the demo's own value: the default
+    assert (0, "poisoncam", "mask_strategy", "full") not in grid
+    assert {c[3] for c in grid if c[2] == "window"} == {40, 50, 70, 80}
+
+
+def test_tables_take_the_default_cell_for_the_demos_own_values():
+    rows = [_row(0, d, "default", None) for d in DETECTORS]
+    rows.append(_row(0, "poisoncam", "n_masks", 16, removed=300))
+    text = tables(rows)
+    assert "| 0 | poisoncam | 250 | 100.0 | 99.0 | 99.5 | 100.0 | 60 |" in text
+    assert "| 0 | n_masks = 16 | 50.0 | 90.0 | 100.0 | 300 |" in text
+    assert "| 0 | n_masks = 64 | 50.0 | 90.0 | 100.0 | 250 |" in text  # the default cell
+    assert "| 0 | poisoncam | 100.0 / 50.0 / 90.0 | 100.0 / 50.0 / 90.0 |" in text
+    assert "n_masks = 32" not in text  # not run: no row
+
+
+def test_search_cost_summary_ratios():
+    rows = [{"world": "implanted", "seed": 0, "modes": {
+        "exhaustive": {"search_forwards": 1000, "search_s": 10.0},
+        "sequential": {"search_forwards": 250, "search_s": 4.0}}}]
+    assert summary(rows) == {"implanted_seed0_search_forwards_ratio": 4.0,
+                             "implanted_seed0_search_seconds_ratio": 2.5}
