@@ -144,7 +144,10 @@ def main() -> int:
         write_section("search-cost", "## Search cost: exhaustive and sequential flip tests "
                       "(`bench/search_cost.py`)\n\nPoisonCAM with the demo's configuration "
                       "(64 masks, 150 test images, 50 clusters), 5,000-image worlds, one thread "
-                      "per world, 2-core AMD EPYC; search = masking + flip test.\n\n" + text)
+                      "per world, 2-core AMD EPYC; search = masking + flip test, its seconds "
+                      "the stages' wall time (two or three jobs shared the two cores: the "
+                      "forwards are the measure; CPU s is the whole detection's process "
+                      "time).\n\n" + text)
     print(text)
     return 0
 
