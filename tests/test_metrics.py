@@ -102,3 +102,19 @@ def test_linear_probe_fit_matches_sklearn_and_ignores_the_global_rng(gen):
     with torch.no_grad():
         ours = layer(features).softmax(1).double().numpy()
     assert abs(ours - reference.predict_proba(features.double().numpy())).max() < 2e-3
+
+
+def test_per_target_detection_by_hand():
+    from fastbd.eval.metrics import per_target_detection
+
+    #                images: 0   1   2  3  4  5  6
+    poison_target = torch.tensor([3, 3, 3, 7, 7, -1, -1])
+    removed = torch.tensor([True, True, False, True, False, True, False])
+    out = per_target_detection(removed, torch.tensor([0, 3, 1, 5]), poison_target)
+    assert out == {3: {"poisoned": 3, "recall": 2 / 3, "topk_share": 0.5},
+                   7: {"poisoned": 2, "recall": 0.5, "topk_share": 0.25}}
+    assert per_target_detection(removed, torch.tensor([], dtype=torch.long),
+                                torch.full((7,), -1)) == {}
+    with pytest.raises(ValueError, match="entries"):
+        per_target_detection(removed[:3], torch.tensor([0]), poison_target)
+

@@ -252,9 +252,15 @@ def test_pipeline_finds_the_poisons(tmp_path, precision):
     # a fixed world: on 1 of 25 random worlds Otsu's threshold cut into the poisoned images'
     # long margin tail (recall 0.90 at AUROC 1.0; docs/methods.md, "The poison classifier")
     images, truth, boxes = world(torch.Generator().manual_seed(0))
+    targets = torch.full((truth.numel(),), -1)  # as if every other poison had another target
+    targets[truth] = torch.tensor([3, 7]).repeat(int(truth.sum()))[:int(truth.sum())]
     result = detect(trigger_encoder(), images, small_config(precision=precision),
-                    ground_truth=truth, true_boxes=boxes, verbose=False)
+                    ground_truth=truth, true_boxes=boxes, true_targets=targets, verbose=False)
     assert result.config["precision"] == precision
+    per_target = result.summary()["per_target"]
+    assert set(per_target) == {"3", "7"} and per_target["3"]["poisoned"] == 10
+    assert per_target["3"]["topk_share"] + per_target["7"]["topk_share"] == pytest.approx(
+        result.topk_accuracy)
     assert result.topk_accuracy == 1.0
     assert result.trigger_scores["topk_trigger_overlap"] == 1.0
     # the retrieval curve (the paper's Fig. 4): Acc, IoU, CR of the ranking's top k windows

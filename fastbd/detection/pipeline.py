@@ -37,7 +37,13 @@ from fastbd.detection.result import DetectionResult
 from fastbd.detection.search import AGGREGATES, SearchState, expected_scored, run_search
 from fastbd.detection.sharded import score_round, sharded_features, sharded_logits
 from fastbd.distributed import broadcast_object, world
-from fastbd.eval.metrics import box_iou, catch_rate, detection_metrics, window_accuracy
+from fastbd.eval.metrics import (
+    box_iou,
+    catch_rate,
+    detection_metrics,
+    per_target_detection,
+    window_accuracy,
+)
 from fastbd.models.encoders import Encoder, forward_flops, working_copy
 from fastbd.ops import all_finite
 from fastbd.storage import StageFiles, fingerprint
@@ -128,15 +134,18 @@ class Detector:
 
     def fit(self, encoder: Encoder, images: torch.Tensor | ImageBank, *,
             device: torch.device | str | None = None, ground_truth: torch.Tensor | None = None,
-            true_boxes: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, verbose: bool = True, max_rounds: int | None = None,
+            true_boxes: torch.Tensor | None = None, true_targets: torch.Tensor | None = None,
+            checkpoint_dir: str | Path | None = None, resume: bool = False,
+            verbose: bool = True, max_rounds: int | None = None,
             save_every_s: float = 60.0) -> Detector:
         """Run the detector; the result is ``self.result_``. With ``checkpoint_dir`` the search
         state is saved after every round and the poison classifier's training state every
         ``save_every_s`` seconds; ``resume`` continues from them. The classifier's files are
         deleted when the result is saved (``DetectionResult.save``), the search state stays (a
         ``resume`` then skips the finished search). ``max_rounds`` stops the search early (the
-        classifier then runs on what was scored)."""
+        classifier then runs on what was scored). ``ground_truth``, ``true_boxes`` and, for a
+        multi-target attack, ``true_targets`` (int64 ``N``: each poison's target, −1 clean;
+        ``per_target_detection``) only feed the metrics."""
         bank = _as_images(images)
         state_path = Path(checkpoint_dir) / "search_state.pt" if checkpoint_dir else None
         if not resume and state_path is not None and state_path.is_file():
@@ -323,6 +332,8 @@ class Detector:
             log.warning("%s: %s", self.method.name, warning)
         if ground_truth is not None:
             _score_against_truth(result, ground_truth, true_boxes, config.window)
+        if true_targets is not None:
+            result.per_target = per_target_detection(result.removed, result.topk, true_targets)
         result.checkpoint_files = classifier_stages.existing()
         self.result_ = result
         return self

@@ -67,6 +67,8 @@ class DetectionResult:
         default_factory=lambda: torch.empty(0, 2, dtype=torch.long))
     """int64 ``m×2``: their windows (top-left)."""
     retrieval_curve: list[dict] = field(default_factory=list)
+    per_target: dict[int, dict[str, float]] = field(default_factory=dict)
+    """A multi-target attack's recall and top-k share per target (``per_target_detection``)."""
     warnings: list[str] = field(default_factory=list)
     plan: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
@@ -89,6 +91,8 @@ class DetectionResult:
         out.update(self.trigger_scores)
         if self.retrieval_curve:
             out["retrieval_curve"] = self.retrieval_curve
+        if self.per_target:
+            out["per_target"] = {str(t): v for t, v in self.per_target.items()}
         return out
 
     @property

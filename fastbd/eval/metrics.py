@@ -180,3 +180,28 @@ def window_accuracy(predicted: torch.Tensor, truth: torch.Tensor, threshold: flo
     if iou.numel() == 0:
         raise ValueError("window accuracy of no boxes is undefined")
     return float((iou > threshold).double().mean())
+
+
+def per_target_detection(removed: torch.Tensor, topk: torch.Tensor,
+                         poison_target: torch.Tensor) -> dict[int, dict[str, float]]:
+    """A multi-target attack's detection per target (``poison_target``: int64 ``N``, the target
+    each poisoned image's trigger points to, −1 for clean images; ``removed`` bool ``N``;
+    ``topk`` int64 ``k``: the search's top images): per target its poisoned images, the share
+    of them removed (recall) and the share of the top-k that are its poisons (a search that
+    finds every trigger spreads its top-k over the targets). Clean images removed belong to no
+    target, so precision is the overall one (``detection_metrics``)."""
+    removed = torch.as_tensor(removed).bool().cpu()
+    poison_target = torch.as_tensor(poison_target).long().cpu()
+    if removed.shape != poison_target.shape:
+        raise ValueError(f"removed has {removed.numel()} entries, poison_target "
+                         f"{poison_target.numel()}")
+    top = poison_target[torch.as_tensor(topk).long().cpu()]
+    out = {}
+    for target in sorted(set(poison_target[poison_target >= 0].tolist())):
+        mine = poison_target == target
+        out[int(target)] = {"poisoned": int(mine.sum()),
+                            "recall": float(removed[mine].double().mean()),
+                            "topk_share": float((top == target).double().mean())
+                            if top.numel() else 0.0}
+    return out
+

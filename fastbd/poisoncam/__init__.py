@@ -36,14 +36,17 @@ class PoisonCAM(Detector):
 def detect(encoder: Encoder, images: torch.Tensor | ImageBank, config: Config | None = None,
            *, device: torch.device | str | None = None,
            ground_truth: torch.Tensor | None = None, true_boxes: torch.Tensor | None = None,
+           true_targets: torch.Tensor | None = None,
            checkpoint_dir: str | Path | None = None, resume: bool = False,
            verbose: bool = True) -> DetectionResult:
     """Run PoisonCAM on uint8 ``images`` (``N×3×S×S`` or an ``ImageBank``) with ``encoder``, on
     ``device`` (default: the encoder's). ``ground_truth`` (bool ``N``) and ``true_boxes``
-    (int64 ``N×4``) only feed the metrics; ``checkpoint_dir`` / ``resume`` keep and continue the
-    run's state (``Detector.fit``)."""
+    (int64 ``N×4``) — and for a multi-target attack ``true_targets`` (int64 ``N``) — only feed
+    the metrics; ``checkpoint_dir`` / ``resume`` keep and continue the run's state
+    (``Detector.fit``)."""
     return PoisonCAM(config).fit(encoder, images, device=device, ground_truth=ground_truth,
-                                 true_boxes=true_boxes, checkpoint_dir=checkpoint_dir,
+                                 true_boxes=true_boxes, true_targets=true_targets,
+                                 checkpoint_dir=checkpoint_dir,
                                  resume=resume, verbose=verbose).result_
 
 
