@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from results_doc import add_sweep_flags, write_section
+
 DETECTORS = ("patchsearch-published", "patchsearch", "poisoncam")
 STRATEGIES = ("full", "interval", "random")
 SWEEPS = {"n_masks": (16, 32, 64, 128, 256), "window": (40, 50, 60, 70, 80),
@@ -196,10 +198,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
-    parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
-    parser.add_argument("--json", default="bench/results/poisoncam-tables-cpu-amd-epyc.json")
-    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+    add_sweep_flags(parser, "poisoncam-tables", "cells")
     args = parser.parse_args()
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.is_file() else {"cells": []}
@@ -215,9 +214,6 @@ def main() -> int:
     picture = path.with_name(path.name.replace("tables", "sweeps").replace(".json", ".png"))
     plot(saved["cells"], picture)
     if not args.no_docs:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from results_doc import write_section
-
         write_section("poisoncam-tables", "## PoisonCAM tables (`bench/poisoncam_tables.py`)"
                       f"\n\nOne thread per cell, 2-core AMD EPYC; the sweep plot is "
                       f"`bench/results/{picture.name}`.\n\n" + text)

@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from results_doc import add_sweep_flags, write_section
+
 ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey")
 RATES = (0.005, 0.01, 0.02, 0.05)
 UBT_VARIANTS = {"ubt": {}, "ubt-fixed": {"split": "fixed"}, "ubt-overfit": {"ranking": "overfit"}}
@@ -198,10 +200,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="world seeds, comma-separated")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
-    parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
-    parser.add_argument("--json", default="bench/results/rate-sweep-cpu-amd-epyc.json")
-    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+    add_sweep_flags(parser, "rate-sweep", "cells")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     path = Path(args.json)
@@ -229,9 +228,6 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     text = tables(results)
     if not args.no_docs:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from results_doc import write_section
-
         write_section("ubt-rate-sweep", "## UBT rate sweep (`bench/rate_sweep.py`)\n\n"
                       "Independent reference (a disjoint world of the same look), tiny CLIPs on "
                       "5,000 pairs, zero-shot CA / ASR (%) on 1,000 eval images, one thread per "

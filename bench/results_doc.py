@@ -4,6 +4,7 @@ script's rerun replaces its own tables and leaves the others'."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -24,3 +25,14 @@ def write_section(name: str, markdown: str, path: Path = RESULTS) -> Path:
         else f"{text.rstrip()}\n\n{block}\n"
     write_text_atomically(text, path)
     return path
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser, name: str, jobs: str) -> None:
+    """The flags every resumable measuring script takes: ``--jobs`` (``jobs``: what runs at
+    once), the threat-model ``--cache``, the ``--json`` its cells are kept in
+    (``bench/results/<name>-cpu-amd-epyc.json``) and ``--no-docs``."""
+    parser.add_argument("--jobs", type=int, default=1, help=f"{jobs} run at once")
+    parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
+    parser.add_argument("--json", default=f"bench/results/{name}-cpu-amd-epyc.json")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+

@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from results_doc import add_sweep_flags, write_section
+
 MODES = ("exhaustive", "sequential")
 WORLDS = ("implanted", "htba")
 SEARCH_STAGES = ("candidates", "flip_test")
@@ -118,10 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--worlds", default=",".join(WORLDS))
-    parser.add_argument("--jobs", type=int, default=1, help="worlds run at once")
-    parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
-    parser.add_argument("--json", default="bench/results/search-cost-cpu-amd-epyc.json")
-    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+    add_sweep_flags(parser, "search-cost", "worlds")
     args = parser.parse_args()
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.is_file() else {"worlds": []}
@@ -138,9 +137,6 @@ def main() -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "modes"}), flush=True)
     text = table(saved["worlds"])
     if not args.no_docs:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from results_doc import write_section
-
         write_section("search-cost", "## Search cost: exhaustive and sequential flip tests "
                       "(`bench/search_cost.py`)\n\nPoisonCAM with the demo's configuration "
                       "(64 masks, 150 test images, 50 clusters), 5,000-image worlds, one thread "
