@@ -415,7 +415,29 @@ def test_cpu_forwards_in_eval_mode_run_in_chunks_under_the_activation_budget(mon
         whole = encoder.backbone(x)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
     calls.clear()
+    encoder(x)  # eval mode, but building a graph: whole (a forward hook must see every row)
+    assert calls == [50]
+    calls.clear()
     encoder.train()
     encoder(x)
     hook.remove()
     assert calls == [50]
+
+
+def test_gradcam_of_a_batch_larger_than_a_cpu_chunk_equals_each_images_own(monkeypatch):
+    """Grad-CAM hooks the activation of one forward: a chunked CPU forward would leave it the
+    last chunk's rows only (the check's 150 test images once crashed on this)."""
+    import fastbd.models.encoders as encoders
+    from fastbd.detection.clustering import ClusteringModel
+    from fastbd.models.encoders import embed_images
+    from fastbd.patchsearch.gradcam import gradcam_maps
+
+    encoder = encoders.small_encoder(8, 16).eval()
+    images = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(encoders, "CPU_CHUNK_BYTES", 1)  # one row per chunk
+    clustering = ClusteringModel.fit(embed_images(encoder, images), 3, 5, 0)[0]
+    maps = gradcam_maps(encoder, images, clustering)
+    assert maps.shape == (9, 16, 16)
+    alone = torch.cat([gradcam_maps(encoder, images[i:i + 1], clustering) for i in range(9)])
+    torch.testing.assert_close(maps, alone, rtol=1e-4, atol=1e-5)

@@ -76,10 +76,12 @@ class Encoder(nn.Module):
     model's eval transform: the shorter side resized to ``image_size / crop_ratio``, then a
     centre crop (``crop_ratio`` 1: resize only, as CLIP and fastbd's own encoders read).
 
-    In eval mode on the CPU a large batch is run in chunks of rows whose largest activation
-    stays under ``CPU_CHUNK_BYTES`` (found once per input shape and dtype by one probing
-    forward): each image's features are computed alone either way, so only the allocator's work
-    changes. Training mode runs the batch whole (batch statistics need it)."""
+    In eval mode on the CPU, with no autograd graph being built, a large batch is run in chunks
+    of rows whose largest activation stays under ``CPU_CHUNK_BYTES`` (found once per input
+    shape and dtype by one probing forward): each image's features are computed alone either
+    way, so only the allocator's work changes. Training mode runs the batch whole (batch
+    statistics need it), and so does a forward under autograd (its activations are kept for
+    the backward anyway, and a forward hook — Grad-CAM's — must see the whole batch)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -97,7 +99,8 @@ class Encoder(nn.Module):
         self._chunk_rows: dict[tuple, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or x.device.type != "cpu" or x.shape[0] <= 1:
+        if (self.training or torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.shape[0] <= 1):
             return self.backbone(x)
         rows = self.cpu_chunk_rows(x)
         if x.shape[0] <= rows:
