@@ -15,8 +15,7 @@ from fastbd.detection.flip import (
     sequential_flip_counts,
 )
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-MAGENTA = torch.tensor([255, 0, 255], dtype=torch.uint8)
+from testutil import MAGENTA, MEAN, STD
 
 
 def magenta_assign(x):

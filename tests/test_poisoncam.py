@@ -33,10 +33,7 @@ from fastbd.poisoncam.masking import attention_maps, outlier_scores, window_cove
 from fastbd.registry import detector
 from fastbd.storage import StageFiles
 
-from testutil import cuda
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-MAGENTA = torch.tensor([255, 0, 255], dtype=torch.uint8)
+from testutil import MAGENTA, MEAN, STD, cuda
 
 
 class TriggerNet(nn.Module):
