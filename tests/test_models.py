@@ -187,6 +187,47 @@ def test_ssl_training_reduces_loss(gen, method):
         train_ssl(encoder, images.float(), verbose=False)
 
 
+def test_per_epoch_evaluation_leaves_training_as_it_is_and_survives_a_resume(gen, tmp_path):
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    config = SSLConfig(epochs=3, batch_size=16, warmup_epochs=1, seed=5)
+
+    def weights(encoder):
+        return torch.cat([p.detach().flatten() for p in encoder.parameters()])
+
+    def evaluate(encoder):  # draws from the global RNG and runs a forward in eval mode
+        assert not encoder.training
+        torch.rand(7)
+        with torch.no_grad():
+            return {"mean_feature": float(encoder(encoder.normalise(images[:4])).mean())}
+
+    plain = small_encoder(4, 16, seed=2)
+    train_ssl(plain, images, config, verbose=False)
+    watched = small_encoder(4, 16, seed=2)
+    history = train_ssl(watched, images, config, verbose=False, evaluate=evaluate,
+                        evaluate_every=2)
+    assert torch.equal(weights(watched), weights(plain))  # the evaluation changed nothing
+    assert [e["epoch"] for e in history.evaluations] == [2, 3]  # every 2nd and the last
+    # interrupted after epoch 2, resumed: the evaluations of both runs together
+    calls = []
+
+    def interrupt_in_epoch_three(index, v1, v2):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return v1, v2
+
+    checkpoint = tmp_path / "ssl.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_ssl(small_encoder(4, 16, seed=2), images, config, verbose=False,
+                  checkpoint=checkpoint, view_hook=interrupt_in_epoch_three, evaluate=evaluate,
+                  evaluate_every=2)
+    resumed = train_ssl(small_encoder(4, 16, seed=2), images, config, verbose=False,
+                        checkpoint=checkpoint, evaluate=evaluate, evaluate_every=2)
+    assert resumed.evaluations == history.evaluations
+    with pytest.raises(ValueError, match="evaluate_every"):
+        train_ssl(plain, images, config, verbose=False, evaluate=evaluate, evaluate_every=0)
+
+
 def test_icutmix_views_and_loss_as_patchsearchs_recipe(gen):
     views = torch.rand(6, 3, 16, 16, generator=gen)
     mixed, partner, kept = cutmix_views(views, 1.0, torch.Generator().manual_seed(3))

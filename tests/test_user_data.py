@@ -105,6 +105,23 @@ def test_ssl_loop_on_files_trains_detects_retrains_and_evaluates(htba_files, tmp
     assert result["attack"] == "htba" and result["non_target_images"] > 0
 
 
+def test_train_ssl_records_the_probe_per_epoch_as_the_papers_table_iii(htba_files, tmp_path,
+                                                                       capsys):
+    flags = ["train-ssl", "--file-list", str(htba_files / "train.txt"), "--arch", "smallconv4",
+             "--epochs", "2", "--batch-size", "64"]
+    _run(*flags, "--eval-every", "1", "--probe-list", str(htba_files / "train_clean.txt"),
+         "--val-list", str(htba_files / "val.txt"), "--attack-spec",
+         str(htba_files / "attack.json"), "--out", str(tmp_path / "ssl"))
+    record = json.loads((tmp_path / "ssl" / "train_ssl.json").read_text())
+    per_epoch = record["per_epoch"]
+    assert [row["epoch"] for row in per_epoch] == [1, 2]
+    for row in per_epoch:
+        assert 0 <= row["clean_accuracy"] <= 1 and row["patched_false_positives"] >= 0
+    assert main(["--quiet", *flags, "--eval-every", "1", "--out", str(tmp_path / "no")]) == 2
+    assert "--eval-every needs --probe-list and --val-list" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("command, module, function, nth, weights, cache", [
     # two views × two steps per epoch: the 9th augment call is the first view of epoch 3
     (["train-ssl", "--file-list", "{htba}/train.txt", "--arch", "smallconv4", "--epochs", "3",

@@ -86,6 +86,9 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     if args.arch is not None:
         raise ValueError("--arch needs --file-list or --image-folder (the synthetic world "
                          "trains smallconv<--width>)")
+    if args.eval_every is not None:
+        raise ValueError("--eval-every needs --file-list or --image-folder with --probe-list "
+                         "and --val-list (the synthetic world's threat model is probed once)")
     config = SSLThreatConfig(world=world_config(args, ssl=True), attack=args.attack,
                              target=args.target, fraction=args.fraction, width=args.width,
                              seed=args.seed, trigger_options=trigger_options(args))
@@ -108,17 +111,21 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
     from fastbd.training.ssl import SSLConfig, train_ssl
 
     arch = args.arch or f"smallconv{args.width}"
+    if args.eval_every is not None and not (args.probe_list and args.val_list):
+        raise ValueError("--eval-every needs --probe-list and --val-list (the clean labelled "
+                         "images the probe learns from and is scored on)")
     paths, _, _ = read_labelled_images(args.file_list, args.image_folder,
                                        duplicates_policy(args))
     out = prepare_out(args.out)
     encoder = encoder_by_name(arch, image_size=args.image_size, seed=args.seed)
+    evaluation = epoch_evaluation(args, encoder)  # its lists read (or refused) before training
     cache = out / "bank.npy"
     bank, report = ImageBank.from_files(paths, encoder.image_size, crop_ratio=encoder.crop_ratio,
                                         skip_bad=args.skip_bad, cache=cache,
                                         verbose=not args.quiet)
     config = training_config(args, SSLConfig(), {"augment": AugmentConfig})
     history = train_ssl(encoder, bank.images, config, device=args.device, verbose=not args.quiet,
-                        checkpoint=out / "train_state.pt")
+                        checkpoint=out / "train_state.pt", **evaluation)
     del bank  # the memory map, before its file goes
     if not args.keep_cache:
         remove_cache(cache)
@@ -126,9 +133,37 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
               "skipped": report.skipped, "seconds": history.seconds,
               "images_per_second": history.images_per_second,
               "final_loss": history.losses[-1] if history.losses else None,
-              "config": history.config}
+              "config": history.config,
+              **({"per_epoch": history.evaluations} if history.evaluations else {})}
     return save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None, "train_ssl.json",
                        record, args.quiet)
+
+
+def epoch_evaluation(args: argparse.Namespace, encoder) -> dict:
+    """``--eval-every N``: ``train_ssl``'s ``evaluate`` — the linear probe on ``--probe-list``
+    (the papers' 1 %, stratified) scored on ``--val-list``, clean and patched with the
+    ``--attack-spec`` trigger (default HTBA's): the PoisonCAM paper's Table III columns, clean
+    accuracy and patched-data false positives per epoch. Nothing without the flag."""
+    if args.eval_every is None:
+        return {}
+    from fastbd.eval.probe import PAPER_LABELLED_FRACTION, ProbeConfig, linear_probe
+
+    _check_val_classes(args.probe_list, args.val_list, duplicates_policy(args))
+    probe_images, probe_labels = _labelled_bank(args.probe_list, encoder, args)
+    val_images, val_labels = _labelled_bank(args.val_list, encoder, args)
+    trigger = eval_trigger(argparse.Namespace(
+        attack_spec=args.attack_spec, trigger=None, trigger_side=args.trigger_side,
+        attack="htba", seed=args.seed, target=args.target), encoder.image_size, "htba")
+    probe = ProbeConfig(labelled_fraction=PAPER_LABELLED_FRACTION)
+
+    def evaluate(trained) -> dict:
+        result = linear_probe(trained, probe_images, probe_labels, val_images, val_labels,
+                              trigger, args.target, probe, device=args.device)
+        return {"clean_accuracy": result.clean_accuracy,
+                "patched_accuracy": result.patched_accuracy,
+                "patched_false_positives": result.target_false_positives, "asr": result.asr}
+
+    return {"evaluate": evaluate, "evaluate_every": args.eval_every}
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
@@ -447,6 +482,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ssl.add_argument("--method", choices=SSL_METHODS,
                      help="self-supervised method (default: SimCLR; the world's threat "
                           "config's)")
+    ssl.add_argument("--eval-every", type=positive_int,
+                     help="with --file-list/--image-folder: every N epochs (and after the "
+                          "last) the linear probe's clean accuracy, patched accuracy, "
+                          "patched-data false positives and ASR, into train_ssl.json "
+                          "'per_epoch' (the PoisonCAM paper's Table III); needs --probe-list "
+                          "and --val-list")
+    ssl.add_argument("--probe-list", help="with --eval-every: clean labelled images the probe "
+                     "learns from (1 %%, stratified)")
+    ssl.add_argument("--val-list", help="with --eval-every: clean labelled images it is "
+                     "scored on")
+    ssl.add_argument("--attack-spec", help="with --eval-every: the attack.json whose trigger "
+                     "patches the validation images (default: HTBA's pattern)")
     ssl.add_argument("--icutmix", action="store_true", default=None,
                      help="i-CutMix (MoCo v3): PatchSearch's training recipe after a defense, "
                           "a defense of its own in the PoisonCAM paper's Fig. 10")

@@ -70,10 +70,18 @@ class SSLConfig:
 
 @dataclass
 class SSLHistory:
+    """What a training run leaves: per-step ``losses``, time, throughput, the config, and
+    ``evaluations``: what ``evaluate`` returned after each epoch it ran after (with the
+    ``epoch``)."""
+
     losses: list[float]
     seconds: float
     images_per_second: float
     config: dict
+    evaluations: list[dict] = field(default_factory=list)
+
+
+EpochEvaluation = Callable[[Encoder], dict]
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -142,12 +150,18 @@ ViewHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tens
 def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None = None, *,
               device: torch.device | str = "cpu", verbose: bool = True,
               view_hook: ViewHook | None = None,
-              checkpoint: str | Path | None = None) -> SSLHistory:
+              checkpoint: str | Path | None = None,
+              evaluate: EpochEvaluation | None = None, evaluate_every: int = 1) -> SSLHistory:
     """Train ``encoder`` in place on uint8 ``N×3×S×S`` images (SimCLR, BYOL or MoCo v3).
 
     ``view_hook(index, v1, v2)``, if given, sees each batch's image indices (int64 ``B``) and its
     two augmented, normalised views (float ``B×3×S×S``) and returns the views to train on —
     for experiments that choose some positive pairs themselves.
+
+    ``evaluate(encoder)``, if given, runs after every ``evaluate_every``-th epoch and after the
+    last, with the encoder in eval mode and the random state forked (training continues as it
+    would without it); its dicts, with their ``epoch``, are ``history.evaluations`` and are
+    kept in the checkpoint, so a resumed run has them all.
 
     ``checkpoint``: a file the whole training state (weights, optimizer, schedule, random
     streams, losses) is written to after every epoch, atomically. If it exists when training
@@ -168,13 +182,16 @@ def train_ssl(encoder: Encoder, images: torch.Tensor, config: SSLConfig | None =
     if n < 2:
         raise ValueError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
+    if evaluate_every < 1:
+        raise ValueError(f"evaluate_every must be at least 1, got {evaluate_every}")
     with seeded_rng(config.seed, device):
-        return _train(encoder, images, config, device, verbose, view_hook, checkpoint)
+        return _train(encoder, images, config, device, verbose, view_hook, checkpoint,
+                      evaluate, evaluate_every)
 
 
 def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: torch.device,
-           verbose: bool, view_hook: ViewHook | None, checkpoint: str | Path | None
-           ) -> SSLHistory:
+           verbose: bool, view_hook: ViewHook | None, checkpoint: str | Path | None,
+           evaluate: EpochEvaluation | None = None, evaluate_every: int = 1) -> SSLHistory:
     n = images.shape[0]
     encoder.to(device).train()
     dim = encoder.feature_dim
@@ -199,6 +216,7 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
                           {"augment": g, "order": order_gen}, device)
     first_epoch = saved.restore()
     losses: list[float] = list(saved.extra.get("losses", []))
+    evaluations: list[dict] = list(saved.extra.get("evaluations", []))
     if first_epoch:
         log.info("resuming %s from %s after epoch %d of %d", config.method, checkpoint,
                  first_epoch, config.epochs)
@@ -252,8 +270,12 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
                 losses.append(float(loss.detach()))
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if evaluate is not None and ((epoch + 1) % evaluate_every == 0
+                                         or epoch + 1 == config.epochs):
+                evaluations.append({"epoch": epoch + 1, **_evaluated(encoder, evaluate,
+                                                                     device)})
             if epoch + 1 < config.epochs:
-                saved.save(epoch + 1, extra={"losses": losses})
+                saved.save(epoch + 1, extra={"losses": losses, "evaluations": evaluations})
     bar.close()
     steps_now = total - first_epoch * steps_per_epoch
     seconds_now = saved.seconds - saved.seconds_before
@@ -263,7 +285,18 @@ def _train(encoder: Encoder, images: torch.Tensor, config: SSLConfig, device: to
              losses[-1] if losses else float("nan"))
     return SSLHistory(losses=losses, seconds=saved.seconds,
                       images_per_second=2 * steps_now * batch / max(seconds_now, 1e-9),
-                      config=asdict(config))
+                      config=asdict(config), evaluations=evaluations)
+
+
+def _evaluated(encoder: Encoder, evaluate: EpochEvaluation, device: torch.device) -> dict:
+    """``evaluate(encoder)`` in eval mode, then back to training, the random state untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        encoder.eval()
+        try:
+            return dict(evaluate(encoder))
+        finally:
+            encoder.train()
 
 
 @torch.no_grad()
