@@ -1,7 +1,7 @@
-"""The detectors and CLIP defenses fastbd offers, by name: what the ``fastbd`` command and the
-demos look methods up in. A new one is a new package plus one ``register_*`` line in
-``_register_builtins`` (docs/contributing.md); code outside fastbd can call ``register_*``
-itself."""
+"""The detectors, CLIP defenses and training-time CLIP defenses fastbd offers, by name: what
+the ``fastbd`` command and the demos look methods up in. A new one is a new package plus one
+``register_*`` line in ``_register_builtins`` (docs/contributing.md); code outside fastbd can
+call ``register_*`` itself."""
 
 from __future__ import annotations
 
@@ -35,8 +35,19 @@ class ClipDefenseEntry:
     nested: dict[str, type] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrainingDefenseEntry:
+    """A training-time CLIP defense: ``objective(config) -> TrainingObjective`` for
+    ``fastbd.training.clip.train_clip``, its ``config`` class and a one-line ``help``."""
+
+    objective: Callable
+    config: type
+    help: str
+
+
 DETECTORS: dict[str, DetectorEntry] = {}
 CLIP_DEFENSES: dict[str, ClipDefenseEntry] = {}
+TRAINING_DEFENSES: dict[str, TrainingDefenseEntry] = {}
 
 
 def register_detector(name: str, entry: DetectorEntry) -> None:
@@ -55,6 +66,21 @@ def register_clip_defense(name: str, entry: ClipDefenseEntry) -> None:
     CLIP_DEFENSES[name] = entry
 
 
+def register_training_defense(name: str, entry: TrainingDefenseEntry) -> None:
+    """Offer training-time CLIP defense ``name`` (refuses a name already taken)."""
+    if name in TRAINING_DEFENSES or name == "none":
+        raise ValueError(f"a training-time defense named {name!r} is already registered")
+    TRAINING_DEFENSES[name] = entry
+
+
+def training_defense(name: str) -> TrainingDefenseEntry:
+    """The registered training-time defense ``name``; an unknown name raises ``ValueError``."""
+    if name not in TRAINING_DEFENSES:
+        raise ValueError(f"unknown training-time defense {name!r}; known: "
+                         f"{', '.join(TRAINING_DEFENSES)}")
+    return TRAINING_DEFENSES[name]
+
+
 def detector(name: str, config: Config | None = None) -> Detector:
     """The registered detector ``name`` with ``config``; an unknown name raises ``ValueError``
     listing the known ones."""
@@ -71,7 +97,15 @@ def clip_defense(name: str) -> ClipDefenseEntry:
 
 
 def _register_builtins() -> None:
-    from fastbd.baselines import ABLConfig, ABLPaperConfig, CleanCLIPConfig, abl, cleanclip
+    from fastbd.baselines import (
+        ABLConfig,
+        ABLPaperConfig,
+        CleanCLIPConfig,
+        RoCLIPConfig,
+        RoCLIPObjective,
+        abl,
+        cleanclip,
+    )
     from fastbd.data.augment import AugmentConfig
     from fastbd.patchsearch import PatchSearch, PublishedPatchSearch
     from fastbd.poisoncam import PoisonCAM
@@ -98,6 +132,9 @@ def _register_builtins() -> None:
     register_clip_defense("abl-paper", ClipDefenseEntry(
         abl, ABLPaperConfig, True, "training",
         "ABL as the UBT paper runs it: fixed 1 %% split, batch 64, lr 1e-6, 10 epochs"))
+    register_training_defense("roclip", TrainingDefenseEntry(
+        RoCLIPObjective, RoCLIPConfig, "train against a pool of captions, each image matched "
+        "with its nearest pooled caption every few epochs (RoCLIP, baseline)"))
 
 
 _register_builtins()

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastbd.clipdefense import DefenseResult, check_pairs, defense_stages, masked_tokens
-from fastbd.data.augment import AugmentConfig, augment
+from fastbd.data.augment import AugmentConfig, augment, device_generator
 from fastbd.devices import device_of
 from fastbd.distributed import average_gradients, sharded_forward
 from fastbd.models.clip import clip_mean_std
@@ -100,7 +100,7 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                                                           device)
             # every rank augments the whole batch alike and encodes its shard of the views
             view = sharded_forward(tuned.encode_image, augment(
-                batch_images, config.augment, mean, std, _device_generator(g, device)))
+                batch_images, config.augment, mean, std, device_generator(g, device)))
             caption_view = sharded_forward(tuned.encode_text,
                                            augment_tokens(batch_tokens, config.token_drop, g))
             scale = tuned.logit_scale
@@ -120,9 +120,3 @@ def cleanclip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                          timings={"finetune": saved.seconds},
                          config=asdict(config),
                          checkpoint_files=stages.existing())
-
-
-def _device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from ``g`` (augment draws on the images' device)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    return torch.Generator(device=device).manual_seed(seed)

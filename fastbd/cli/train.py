@@ -166,9 +166,25 @@ def epoch_evaluation(args: argparse.Namespace, encoder) -> dict:
     return {"evaluate": evaluate, "evaluate_every": args.eval_every}
 
 
+def training_objective(args: argparse.Namespace):
+    """``--defense``'s training objective (None: plain InfoNCE); its flags without it are an
+    error."""
+    from fastbd import registry
+
+    chosen = {name: getattr(args, name) for name in ("pool_size", "refresh_every")
+              if getattr(args, name) is not None}
+    if args.defense != "roclip" and chosen:
+        raise ValueError("--pool-size and --refresh-every are RoCLIP's: add --defense roclip")
+    if args.defense == "none":
+        return None
+    entry = registry.training_defense(args.defense)
+    return entry.objective(entry.config(seed=args.seed, **chosen))
+
+
 def cmd_train_clip(args: argparse.Namespace) -> int:
+    objective = training_objective(args)
     if args.csv or args.shards:
-        return train_clip_on_csv(args)
+        return train_clip_on_csv(args, objective)
     one_process_world("train-clip", "--csv or --shards")
     from fastbd.training.clip import CLIPTrainConfig
     from fastbd.world import CLIPThreatConfig, build_clip_threat
@@ -184,12 +200,17 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                               train=training_config(args, CLIPTrainConfig()))
     out = prepare_out(args.out)
     threat = build_clip_threat(config, cache_dir=args.cache, device=args.device,
-                               retrain=args.retrain, verbose=not args.quiet)
+                               retrain=args.retrain, verbose=not args.quiet, objective=objective)
     return save_threat(out, "clip.pt", threat.model.state_dict(), threat.evaluation.to_dict(),
-                       "train_clip.json", {**threat.to_dict(), "arch": "tiny"}, args.quiet)
+                       "train_clip.json", {**threat.to_dict(), "arch": "tiny",
+                                           "defense": _defense_record(objective)}, args.quiet)
 
 
-def train_clip_on_csv(args: argparse.Namespace) -> int:
+def _defense_record(objective) -> dict:
+    return {"method": "none"} if objective is None else objective.config()
+
+
+def train_clip_on_csv(args: argparse.Namespace, objective) -> int:
     """Train ``--arch`` on the pairs of a CSV or of WebDataset shards: from scratch, or
     fine-tuned from ``--init-checkpoint`` / open_clip's ``--pretrained`` weights (the UBT
     paper's threat model: a pre-trained CLIP fine-tuned on poisoned pairs)."""
@@ -203,7 +224,8 @@ def train_clip_on_csv(args: argparse.Namespace) -> int:
     pairs = load_clip_pairs(args, args.csv, model, cache)
     config = training_config(args, CLIPTrainConfig())
     history = train_clip(model, pairs.images, pairs.tokens, config, device=args.device,
-                         verbose=not args.quiet, checkpoint=out / "train_state.pt")
+                         verbose=not args.quiet, checkpoint=out / "train_state.pt",
+                         objective=objective)
     del pairs
     if not args.keep_cache:
         remove_pairs_cache(cache)
@@ -213,7 +235,7 @@ def train_clip_on_csv(args: argparse.Namespace) -> int:
                                    else "random"),
               "seconds": history.seconds, "pairs_per_second": history.pairs_per_second,
               "final_loss": history.losses[-1] if history.losses else None,
-              "config": history.config}
+              "config": history.config, "defense": _defense_record(objective)}
     return save_threat(out, "clip.pt", model.state_dict(), None, "train_clip.json", record,
                        args.quiet)
 
@@ -464,6 +486,7 @@ def add_training_flags(p: argparse.ArgumentParser, epochs_default: str, config: 
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from fastbd import registry
     from fastbd.attacks import ATTACKS, CLIP_ATTACKS
     from fastbd.training.ssl import SSL_METHODS
 
@@ -518,7 +541,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "fastbd train-clip --csv pairs.csv --image-key filepath "
                            "--caption-key title --arch RN50 --device cuda --out fastbd-out/rn50",
                            "fastbd train-clip --shards 'cc3m/{00000..00331}.tar' --arch "
-                           "ViT-B-32 --device cuda --out fastbd-out/vitb32"])
+                           "ViT-B-32 --device cuda --out fastbd-out/vitb32",
+                           "fastbd train-clip --attack blended --defense roclip "
+                           "--out fastbd-out/roclip"])
     add_world_args(clip)
     add_pair_csv_flags(clip, "--csv", False, "the pairs to train on instead of the synthetic "
                        "world")
@@ -537,6 +562,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="synthetic world: the poisoning of the training pairs")
     clip.add_argument("--rate", type=float,
                       help="synthetic world: poisoned share (default 0.01, WaNet 0.10)")
+    clip.add_argument("--defense", choices=("none", *registry.TRAINING_DEFENSES),
+                      default="none", help="a training-time defense: " + "; ".join(
+                          f"{name}: {entry.help}" for name, entry in
+                          registry.TRAINING_DEFENSES.items()))
+    clip.add_argument("--pool-size", type=positive_int,
+                      help="roclip: captions in the pool (default RoCLIPConfig's 21845)")
+    clip.add_argument("--refresh-every", type=positive_int,
+                      help="roclip: match images with pooled captions every this many epochs "
+                      "(default 2)")
     add_training_flags(clip, "CLIPTrainConfig's (8)", "CLIPTrainConfig")
     clip.add_argument("--out", default="fastbd-out/train-clip", help="output folder")
     clip.set_defaults(run=cmd_train_clip, continued_by_rerun=True, distributed=True)

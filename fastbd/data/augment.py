@@ -87,6 +87,13 @@ def colour_jitter(images: torch.Tensor, strength: float, p: float, grayscale_p: 
     return x.clamp(0, 1)
 
 
+def device_generator(g: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded from the CPU generator ``g`` (``augment`` draws on the
+    images' device; ``g`` is what a training state saves)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def augment(images: torch.Tensor, config: AugmentConfig, mean: torch.Tensor, std: torch.Tensor,
             g: torch.Generator) -> torch.Tensor:
     """uint8 ``N×3×S×S`` → one augmented, normalised float32 view ``N×3×S×S``.

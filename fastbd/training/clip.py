@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,26 @@ class CLIPTrainConfig:
                      weight_decay=at_least(0), warmup_steps=at_least(0), seed=at_least(0))
 
 
+class TrainingObjective(Protocol):
+    """A training-time objective replacing the plain InfoNCE step of ``train_clip`` (e.g.
+    RoCLIP's caption pool): ``loss`` is the step's loss on the batch ``rows`` of the training
+    set (``images``/``tokens`` are the batch's uint8 images ``B×3×S×S`` and token ids ``B×L``,
+    ``epoch`` counts from 0); ``config`` identifies it in checkpoints and the history;
+    ``state``/``load_state`` its own plain state (tensors allowed) and ``generators`` its random
+    generators, kept in the training checkpoint so a resumed run continues identically."""
+
+    generators: dict[str, torch.Generator]
+
+    def config(self) -> dict: ...
+
+    def loss(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+             rows: torch.Tensor, epoch: int, device: torch.device) -> torch.Tensor: ...
+
+    def state(self) -> dict: ...
+
+    def load_state(self, state: dict) -> None: ...
+
+
 @dataclass
 class CLIPHistory:
     losses: list[float]
@@ -123,8 +144,10 @@ class CLIPHistory:
 
 def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                config: CLIPTrainConfig | None = None, *, device: torch.device | str = "cpu",
-               verbose: bool = True, checkpoint: str | Path | None = None) -> CLIPHistory:
-    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``.
+               verbose: bool = True, checkpoint: str | Path | None = None,
+               objective: TrainingObjective | None = None) -> CLIPHistory:
+    """Train ``model`` in place on uint8 images ``N×3×S×S`` and their token ids ``N×L``, with
+    the symmetric InfoNCE of each batch or, given, ``objective``'s loss.
 
     ``checkpoint``: as in ``fastbd.training.ssl.train_ssl`` — the state after every epoch, continued
     from when present, removed at the end. The caller's global RNG is left as it was. In a
@@ -140,12 +163,13 @@ def train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     device = torch.device(device)
     model.to(device)  # before the BatchNorms are swapped: they share its tensors
     with seeded_rng(config.seed, device), global_batch_norm(model):
-        return _train_clip(model, images, tokens, config, device, verbose, checkpoint)
+        return _train_clip(model, images, tokens, config, device, verbose, checkpoint, objective)
 
 
 def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                 config: CLIPTrainConfig, device: torch.device, verbose: bool,
-                checkpoint: str | Path | None) -> CLIPHistory:
+                checkpoint: str | Path | None,
+                objective: TrainingObjective | None) -> CLIPHistory:
     n = images.shape[0]
     model.to(device).train()
     optimizer = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -154,16 +178,23 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     total = steps_per_epoch * config.epochs
     schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     order_gen = torch.Generator().manual_seed(config.seed)
-    saved = TrainingState(checkpoint, asdict(config), (images, tokens), {"model": model},
-                          optimizer, schedule, {"order": order_gen}, device)
+    run = asdict(config) | ({"objective": objective.config()} if objective is not None else {})
+    generators = {"order": order_gen} | (objective.generators if objective is not None else {})
+    saved = TrainingState(checkpoint, run, (images, tokens), {"model": model},
+                          optimizer, schedule, generators, device)
     first_epoch = saved.restore()
     losses: list[float] = list(saved.extra.get("losses", []))
+    if objective is not None and "objective" in saved.extra:
+        objective.load_state(saved.extra["objective"])
     bar = tqdm(total=total, initial=len(losses), desc="CLIP", disable=not verbose, unit="step")
     for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(n, generator=order_gen)
         for step in range(steps_per_epoch):
             rows = order[step * batch:(step + 1) * batch]
-            loss = batch_clip_loss(model, images[rows], tokens[rows], device)
+            batch_images, batch_tokens = images[rows], tokens[rows]
+            loss = (batch_clip_loss(model, batch_images, batch_tokens, device)
+                    if objective is None else
+                    objective.loss(model, batch_images, batch_tokens, rows, epoch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(model.parameters())
@@ -173,7 +204,8 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if epoch + 1 < config.epochs:
-            saved.save(epoch + 1, extra={"losses": losses})
+            saved.save(epoch + 1, extra={"losses": losses} | (
+                {"objective": objective.state()} if objective is not None else {}))
     bar.close()
     seconds_now = saved.seconds - saved.seconds_before
     saved.remove()
@@ -181,4 +213,4 @@ def _train_clip(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     steps_now = total - first_epoch * steps_per_epoch
     return CLIPHistory(losses=losses, seconds=saved.seconds,
                        pairs_per_second=steps_now * batch / max(seconds_now, 1e-9),
-                       config=asdict(config))
+                       config=run)

@@ -39,7 +39,7 @@ from fastbd.eval.zeroshot import evaluate_zero_shot
 from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
 from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.storage import load_torch, save_atomically
-from fastbd.training.clip import CLIPTrainConfig, train_clip
+from fastbd.training.clip import CLIPTrainConfig, TrainingObjective, train_clip
 from fastbd.training.ssl import SSLConfig, train_ssl
 from fastbd.validation import check_fields, one_of
 from fastbd.world.synthetic import (
@@ -57,7 +57,9 @@ DEFAULT_CACHE = Path("fastbd-out/cache")
 
 
 def config_hash(config: object) -> str:
-    text = json.dumps(asdict(config), sort_keys=True, default=str)
+    """12 hex digits identifying a config dataclass (or a plain dict) by its JSON."""
+    text = json.dumps(config if isinstance(config, dict) else asdict(config), sort_keys=True,
+                      default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -376,14 +378,20 @@ def evaluate_clip(model: torch.nn.Module, tokenizer, world: SyntheticWorld, atta
 
 def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str | Path | None =
                       DEFAULT_CACHE, device: str | torch.device = "cpu", retrain: bool = False,
-                      verbose: bool = True) -> CLIPThreat:
+                      verbose: bool = True,
+                      objective: TrainingObjective | None = None) -> CLIPThreat:
+    """The tiny CLIP trained on the world's pairs poisoned as ``config`` says (cached by the
+    config's hash), with ``objective`` (e.g. RoCLIP's, a training-time defense; cached apart)
+    instead of the plain InfoNCE when given, and its zero-shot CA and ASR."""
     config = config or CLIPThreatConfig()
     world = make_world(config.world)
     poisoned = poison_world_pairs(world, config.attack, config.target, config.rate, config.seed,
                                   config.attack_options)
     tokenizer = clip_tokenizer()
     model = tiny_clip(config.model, seed=config.seed)
-    path = Path(cache_dir) / f"clip-{config_hash(config)}.pt" if cache_dir is not None else None
+    name = f"clip-{config_hash(config)}" + (
+        "" if objective is None else f"-{config_hash(objective.config())}")
+    path = Path(cache_dir) / f"{name}.pt" if cache_dir is not None else None
     saved = None if path is None or retrain else load_cached(path, "model", model)
     cached = saved is not None
     if cached:
@@ -393,7 +401,7 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
         tokens = tokenize(tokenizer, poisoned.captions, config.model.context_length)
         history = train_clip(model, poisoned.images, tokens, config.train, device=device,
                              verbose=verbose, checkpoint=None if path is None else
-                             path.with_name(path.stem + ".partial.pt"))
+                             path.with_name(path.stem + ".partial.pt"), objective=objective)
         seconds = history.seconds
         if path is not None:
             save_atomically({"model": model.state_dict(), "train_seconds": seconds}, path)
