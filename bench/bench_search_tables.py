@@ -39,3 +39,28 @@ def test_search_cost_summary_ratios():
         "sequential": {"search_forwards": 250, "search_s": 4.0}}}]
     assert summary(rows) == {"implanted_seed0_search_forwards_ratio": 4.0,
                              "implanted_seed0_search_seconds_ratio": 2.5}
+
+
+def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
+    from ubt_tables import ATTACKS, METHODS
+    from ubt_tables import cells as ubt_cells
+    from ubt_tables import key as ubt_key
+    from ubt_tables import tables as ubt_tables
+
+    assert len(ubt_cells([0, 1])) == 2 * len(ATTACKS) * len(METHODS)
+
+    def row(seed, attack, method, ca, asr, **extra):
+        return {"key": ubt_key((seed, attack, method)), "seed": seed, "attack": attack,
+                "method": method, "ca": ca, "asr": asr, "retrieval_asr": asr / 2, "kl": 0.1,
+                "training_s": 60.0, "defense_s": None if method in ("none", "roclip") else 30.0,
+                **extra}
+
+    rows = [row(0, "badnet", "none", 0.96, 0.92), row(1, "badnet", "none", 0.94, 0.90),
+            row(0, "badnet", "ubt", 0.95, 0.0), row(0, "sig", "ubt", 0.95, 0.5, declined=True)]
+    text = ubt_tables(rows)
+    assert "| badnet | none | 95.0 | 91.0 | 0.100 | 45.5 | 62.61 / 80.92 / 0.035 |" in text
+    assert "| badnet | ubt | 95.0 | 0.0 | 0.100 | 0.0 | 61.51 / 0.00 / 0.074 |" in text
+    assert "| none | 60 | – | 60 | 2826 / – |" in text
+    assert "| ubt | 60 | 30 | 90 | 2826 / 7402 |" in text
+    assert "declined (model returned unchanged): 0/sig/ubt" in text
+    assert "| blended |" not in text  # not run: no row
