@@ -154,8 +154,9 @@ def tables(rows: list[dict]) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))} (means over seeds). CA and ASR are zero-shot "
              "on the world's 1,000 evaluation images; KL = mean KL(retrained ‖ model) of the "
              "zero-shot class distributions; the last column is the paper's Table III (CC3M, "
-             "ImageNet-1K zero-shot).", "", "| attack | defense | CA % | ASR % | KL | retrieval ASR % | "
-             "paper CA / ASR / KL |", "|---|---|---:|---:|---:|---:|---|"]
+             "ImageNet-1K zero-shot).", "",
+             "| attack | defense | CA % | ASR % | KL | retrieval ASR % | paper CA / ASR / KL |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for attack in ATTACKS:
         for method in METHODS:
             group = by.get((attack, method))
