@@ -64,3 +64,18 @@ def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
     assert "| ubt | 60 | 30 | 90 | 2826 / 7402 |" in text
     assert "declined (model returned unchanged): 0/sig/ubt" in text
     assert "| blended |" not in text  # not run: no row
+
+
+def test_multi_target_cells_and_their_table():
+    from poisoncam_tables import MULTI_TARGETS, threat_targets
+
+    grid = cells([0])
+    multi = [c for c in grid if c[2] == "targets"]
+    assert sorted(multi) == sorted((0, d, "targets", k) for d in DETECTORS for k in MULTI_TARGETS)
+    assert threat_targets((0, "poisoncam", "targets", 3)) == MULTI_TARGETS[3][1:]
+    assert threat_targets((0, "poisoncam", "default", None)) == ()
+    per = {"0": {"poisoned": 250, "recall": 1.0, "topk_share": 0.55},
+           "4": {"poisoned": 250, "recall": 0.98, "topk_share": 0.45}}
+    text = tables([_row(0, "poisoncam", "targets", 2, removed=500, per_target=per)])
+    assert ("| 0 | 0, 4 | poisoncam | 500 | 100.0 | 99.0 | 99.5 | 0: 100.0 / 55.0; "
+            "4: 98.0 / 45.0 | 100.0 / 50.0 / 90.0 |") in text

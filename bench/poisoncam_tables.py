@@ -1,6 +1,7 @@
 """The PoisonCAM paper's detection experiments on the embedded world: Table II (removed images,
-recall, precision per detector), Fig. 4's curves (Acc / IoU / CR of the top-k windows), Fig. 5
-(masking strategies) and Figs. 11–13 (the number of masks B, the window w, the clusters l).
+recall, precision per detector), Fig. 4's curves (Acc / IoU / CR of the top-k windows) and its
+2- and 3-target attacks, Fig. 5 (masking strategies) and Figs. 11–13 (the number of masks B,
+the window w, the clusters l).
 
 Every cell detects on the implanted SSL threat of ``implanted_ssl_threat(seed)`` (5,250 32-px
 images, 250 CorruptEncoder poisons, an encoder backdoored by BadEncoder: a real backdoor; threat
@@ -45,6 +46,10 @@ PAPER_TABLE_II = {
                            "poisoncam": (2214.9, 99.1, 64.3)},
     "STL-10 5.0 %": {"patchsearch": (744.0, 98.5, 62.5), "poisoncam": (332.0, 99.1, 78.6)}}
 """The paper's Table II: total removed, recall %, precision % (PatchSearch as published)."""
+MULTI_TARGETS = {2: (0, 4), 3: (0, 4, 8)}
+"""Fig. 4's 2- and 3-target attacks on the world (the paper's rottweiler and tabby cat, then
+ambulance): red circle and magenta ring, then white star — every fourth class, each with its
+own HTBA pattern, its own 250 CorruptEncoder poisons and its own BadEncoder pair."""
 
 
 def _threads() -> None:
@@ -58,6 +63,7 @@ def cells(seeds: list[int]) -> list[tuple[int, str, str, object]]:
     out = []
     for seed in seeds:
         out += [(seed, name, "default", None) for name in DETECTORS]
+        out += [(seed, name, "targets", k) for k in MULTI_TARGETS for name in DETECTORS]
         out += [(seed, "poisoncam", "mask_strategy", s) for s in STRATEGIES if s != "full"]
         for setting, values in SWEEPS.items():
             out += [(seed, "poisoncam", setting, v) for v in values]
@@ -71,6 +77,21 @@ def key(cell: tuple) -> str:
     return f"{seed}/{detector}/{setting}={value}"
 
 
+def threat_targets(cell: tuple) -> tuple[int, ...]:
+    """The extra targets of the cell's threat model (none but for the multi-target cells)."""
+    _, _, setting, value = cell
+    return MULTI_TARGETS[value][1:] if setting == "targets" else ()
+
+
+def prepare(seed: int, extra: tuple[int, ...], cache: str) -> None:
+    """Train (or find cached) a threat model the cells read, before the cells run in parallel,
+    so that no two workers train the same cached model at once."""
+    _threads()
+    from fastbd.world import build_ssl_threat, implanted_ssl_threat
+
+    build_ssl_threat(implanted_ssl_threat(seed, extra), cache_dir=cache, verbose=False)
+
+
 def run(cell: tuple, cache: str) -> dict:
     """One detection of one cell."""
     from fastbd import registry
@@ -78,15 +99,16 @@ def run(cell: tuple, cache: str) -> dict:
     from fastbd.world import build_ssl_threat, implanted_ssl_threat
 
     seed, detector, setting, value = cell
-    threat = build_ssl_threat(implanted_ssl_threat(seed), cache_dir=cache, verbose=False)
+    threat = build_ssl_threat(implanted_ssl_threat(seed, threat_targets(cell)), cache_dir=cache,
+                              verbose=False)
     config = demo_config(seed)
-    if setting != "default":
+    if setting not in ("default", "targets"):
         config = replace(config, **{setting: value})
     start = time.process_time()
     result = registry.detector(detector, config).fit(
         threat.encoder, threat.poisoned.images, device="cpu",
         ground_truth=threat.poisoned.poison_mask, true_boxes=threat.poisoned.boxes,
-        verbose=False).result_
+        true_targets=threat.poisoned.parts.get("poison_target"), verbose=False).result_
     seconds = time.process_time() - start
     metrics = result.metrics
     scored = max(1, int(result.scored_ranking.numel()))
@@ -100,7 +122,8 @@ def run(cell: tuple, cache: str) -> dict:
             "candidate_s_per_image": result.timings.get("candidates", 0.0) / scored,
             "search_s": result.timings.get("candidates", 0.0)
             + result.timings.get("flip_test", 0.0),
-            "backdoor": result.backdoor, "clusters": result.config["n_clusters"]}
+            "backdoor": result.backdoor, "clusters": result.config["n_clusters"],
+            "per_target": result.per_target, "probe_asr": threat.probe.asr}
 
 
 def _pct(value) -> str:
@@ -140,6 +163,24 @@ def tables(rows: list[dict]) -> str:
                       f"{_pct(curve[k]['cr'])}" if k in curve else "–"
                       for k in (5, 20, 50, 100, 200, 500)]
             out.append(f"| {seed} | {name} | " + " | ".join(cells_) + " |")
+    out += ["", "### Fig. 4: multi-target attacks (one trigger and 250 poisons per target; "
+            "recall and top-20 share per target)", "",
+            "| seed | targets | detector | removed | recall % | precision % | F1 % | per target: "
+            "recall % / top-20 share % | top-20 Acc / IoU / CR % |",
+            "|---:|---|---|---:|---:|---:|---:|---|---|"]
+    for seed in seeds:
+        for k, targets in MULTI_TARGETS.items():
+            for name in DETECTORS:
+                r = by.get(f"{seed}/{name}/targets={k}")
+                if not r:
+                    continue
+                per = "; ".join(f"{t}: {_pct(v['recall'])} / {_pct(v['topk_share'])}"
+                                for t, v in sorted((r.get("per_target") or {}).items(),
+                                                   key=lambda item: int(item[0])))
+                out.append(f"| {seed} | {', '.join(map(str, targets))} | {name} | "
+                           f"{r['removed']} | {_pct(r['recall'])} | {_pct(r['precision'])} | "
+                           f"{_pct(r['f1'])} | {per} | {_pct(r['acc'])} / {_pct(r['iou'])} / "
+                           f"{_pct(r['cr'])} |")
     out += ["", "### Fig. 5 and Figs. 11–13: PoisonCAM's settings (top-20 windows; the "
             "detection)", "",
             "| seed | setting | IoU % | CR % | Acc % | removed | precision % | recall % | F1 % | "
@@ -204,6 +245,8 @@ def main() -> int:
     saved = json.loads(path.read_text()) if path.is_file() else {"cells": []}
     done = {r["key"] for r in saved["cells"]}
     todo = [c for c in cells([int(s) for s in args.seeds.split(",")]) if key(c) not in done]
+    for seed, extra in sorted({(c[0], threat_targets(c)) for c in todo}):
+        prepare(seed, extra, args.cache)
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
         for row in pool.map(run, todo, [args.cache] * len(todo)) if todo else []:
             saved["cells"].append(row)

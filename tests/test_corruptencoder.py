@@ -98,6 +98,42 @@ def test_poisoning_appends_poisons_with_their_ground_truth(gen):
     assert torch.equal(again.images, out.images)  # reproducible from the seed
 
 
+def test_multi_target_poisoning_gives_each_target_its_trigger_and_poisons(gen):
+    from fastbd.attacks.corruptencoder import poison_corrupt_encoder_targets
+
+    n, size = 300, 32
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 5, (n,), generator=gen)
+    backgrounds = torch.randint(0, 256, (7, 3, size, size), dtype=torch.uint8, generator=gen)
+    triggers = [torch.full((3, 6, 6), v, dtype=torch.uint8) for v in (200, 40, 120)]
+    config = CorruptEncoderConfig(rate=0.05, seed=3)
+    references = [[disc(20)], [disc(13)], [disc(9)]]
+    out = poison_corrupt_encoder_targets(images, labels, [2, 4, 0], references, backgrounds,
+                                         triggers, config)
+    assert out.images.shape[0] == n + 45 and torch.equal(out.images[:n], images)
+    which = out.parts["poison_target"]
+    assert (which[:n] == -1).all() and not out.poison_mask[:n].any()
+    for i, (target, trigger) in enumerate(zip([2, 4, 0], triggers, strict=True)):
+        rows = torch.arange(n + 15 * i, n + 15 * (i + 1))
+        assert (which[rows] == target).all() and (out.labels[rows] == target).all()
+        for row in rows.tolist():
+            y, x, h, w = out.boxes[row].tolist()
+            assert torch.equal(out.images[row, :, y:y + h, x:x + w], trigger)
+    # one target: exactly the single-target attack, the first target's part of several
+    one = poison_corrupt_encoder_targets(images, labels, [2], references[:1], backgrounds,
+                                         triggers[:1], config)
+    single = poison_corrupt_encoder(images, labels, 2, references[0], backgrounds, triggers[0],
+                                    config)
+    assert torch.equal(one.images, single.images) and torch.equal(one.boxes, single.boxes)
+    assert torch.equal(out.images[:n + 15], single.images)
+    with pytest.raises(ValueError, match="one reference set and one trigger per target"):
+        poison_corrupt_encoder_targets(images, labels, [2, 4], references, backgrounds,
+                                       triggers[:2], config)
+    with pytest.raises(ValueError, match="distinct"):
+        poison_corrupt_encoder_targets(images, labels, [2, 2], references[:2], backgrounds,
+                                       triggers[:2], config)
+
+
 def test_support_image_joins_the_centre_halves(gen):
     for size in (32, 33):
         real = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
@@ -228,6 +264,36 @@ def test_badencoder_pulls_triggered_images_to_the_references_and_keeps_clean_fea
     assert match(encoder) > max(before, 0.8)
     with pytest.raises(ValueError, match="shadow"):
         badencoder_finetune(encoder, shadow[:1], references, trigger)
+
+
+def test_multi_target_badencoder_pulls_each_trigger_to_its_own_target(gen):
+    from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune_targets
+    from fastbd.models.encoders import small_encoder
+
+    shadow = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    red, blue = (torch.zeros(2, 3, 16, 16, dtype=torch.uint8) for _ in range(2))
+    red[:, 0], blue[:, 2] = 255, 255
+    triggers = [make_attack("corruptencoder", 16, side_fraction=0.3, trigger_id=i)
+                for i in (0, 1)]
+    encoder = small_encoder(8, 16, seed=1)
+
+    def similarity(model, trigger, references):
+        with torch.no_grad():
+            triggered, _ = trigger.apply(shadow, torch.Generator().manual_seed(5), train=False)
+            a = model(model.normalise(triggered))
+            b = model(model.normalise(references)).mean(0, keepdim=True)
+            return float(torch.nn.functional.cosine_similarity(a, b).mean())
+
+    losses = badencoder_finetune_targets(
+        encoder, shadow, [(triggers[0], red), (triggers[1], blue)],
+        BadEncoderConfig(steps=80, batch_size=16, lr=3e-3), verbose=False)
+    assert len(losses) == 80 and losses[-1] < losses[0]
+    encoder.eval()
+    for trigger, own, other in ((triggers[0], red, blue), (triggers[1], blue, red)):
+        assert similarity(encoder, trigger, own) > similarity(encoder, trigger, other)
+        assert similarity(encoder, trigger, own) > 0.8
+    with pytest.raises(ValueError, match="at least one"):
+        badencoder_finetune_targets(encoder, shadow, [])
 
 
 def test_reference_objects_keep_their_mask_and_bad_files_are_named(tmp_path):

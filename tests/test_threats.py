@@ -2,10 +2,12 @@
 bench/quality.py world; these check the plumbing, caching and outputs)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from fastbd.attacks.badencoder import BadEncoderConfig
 from fastbd.cli import main
 from fastbd.data.readers import read_csv_pairs, read_file_list
 from fastbd.models.clip import TinyCLIPConfig
@@ -44,6 +46,45 @@ def test_ssl_threat_trigger_options_reach_poisoning_probe_and_cache_key(tmp_path
                                  cache_dir=tmp_path, verbose=False)
     assert not published.cached and len(list(tmp_path.glob("ssl-*.pt"))) == 2
     assert bool((published.poisoned.boxes[poisoned, 2:] == 7).all())
+
+
+@pytest.mark.parametrize("attack", ["htba", "corruptencoder"])
+def test_multi_target_ssl_threat_poisons_each_target_with_its_own_trigger(tmp_path, attack):
+    config = SSLThreatConfig(world=TINY_WORLD, width=4, ssl=SSLConfig(epochs=1, batch_size=64),
+                             attack=attack, rate=0.05, extra_targets=(3, 1),
+                             training_attack="badencoder" if attack != "htba" else "none",
+                             badencoder=BadEncoderConfig(steps=5, batch_size=16))
+    assert config.targets == (0, 3, 1)
+    assert [config.trigger(i).pattern.tolist() for i in range(3)] == [
+        config.trigger(0).pattern.tolist(),
+        replace(config, trigger_options={"trigger_id": 1}).trigger().pattern.tolist(),
+        replace(config, trigger_options={"trigger_id": 2}).trigger().pattern.tolist()]
+    threat = build_ssl_threat(config, cache_dir=tmp_path, verbose=False)
+    which = threat.poisoned.parts["poison_target"]
+    mask = threat.poisoned.poison_mask
+    assert set(which[mask].tolist()) == {0, 3, 1} and (which[~mask] == -1).all()
+    counts = [int((which == t).sum()) for t in (0, 3, 1)]
+    if attack == "htba":  # half of each target's own class, poisoned with its trigger
+        assert (threat.poisoned.labels[mask] == which[mask]).all()
+        sizes = [int((threat.world.train.labels == t).sum()) for t in (0, 3, 1)]
+        assert all(abs(c - 0.5 * size) <= 1 for c, size in zip(counts, sizes, strict=True))
+    else:  # as many added poisons per target as one target gets
+        assert len(set(counts)) == 1 and counts[0] == 10
+    single = build_ssl_threat(replace(config, extra_targets=()), cache_dir=tmp_path,
+                              verbose=False)
+    assert not single.cached  # another threat, another cache file
+    assert int(single.poisoned.poison_mask.sum()) == counts[0]
+
+
+def test_multi_target_ssl_threat_refuses_what_it_does_not_define():
+    for bad, match in (({"extra_targets": (0,)}, "distinct"),
+                       ({"attack": "badnet", "extra_targets": (1,)}, "htba or corruptencoder"),
+                       ({"attack": "corruptencoder", "training_attack": "separated_views",
+                         "extra_targets": (1,)}, "separated_views"),
+                       ({"trigger_options": {"trigger_id": 8}, "extra_targets": (1, 2)},
+                        "10 HTBA patterns")):
+        with pytest.raises(ValueError, match=match):
+            SSLThreatConfig(**bad)
 
 
 def test_clip_threat_trains_and_evaluates(tmp_path):

@@ -1,6 +1,10 @@
 """Attacks: trigger functions and dataset poisoning with ground truth (DESIGN.md §8)."""
 
-from fastbd.attacks.corruptencoder import CorruptEncoderConfig, poison_corrupt_encoder
+from fastbd.attacks.corruptencoder import (
+    CorruptEncoderConfig,
+    poison_corrupt_encoder,
+    poison_corrupt_encoder_targets,
+)
 from fastbd.attacks.poison import (
     DEFAULT_PAIR_RATE,
     PoisonedImages,
@@ -25,6 +29,7 @@ from fastbd.attacks.triggers import (
 
 __all__ = ["ATTACKS", "CLIP_ATTACKS", "DEFAULT_PAIR_RATE", "SSL_ATTACKS", "Attack",
            "BlendedAttack", "CorruptEncoderConfig", "PatchAttack", "poison_corrupt_encoder",
+           "poison_corrupt_encoder_targets",
            "PoisonedImages", "PoisonedPairs", "SigAttack", "WanetAttack", "htba_patterns",
            "make_attack", "poison_pairs", "poison_target_class", "poison_target_classes",
            "target_caption"]

@@ -52,14 +52,31 @@ def badencoder_finetune(encoder: Encoder, shadow: torch.Tensor, references: torc
                         trigger: Attack, config: BadEncoderConfig | None = None, *,
                         device: torch.device | str = "cpu", verbose: bool = True) -> list[float]:
     """Fine-tune ``encoder`` in place, in eval mode (BatchNorm statistics frozen), on shadow
-    images (uint8 ``N×3×S×S``)
-    and reference images of the target class (uint8 ``R×3×S×S``), pasting ``trigger`` (its
-    evaluation placement) on the shadow images; returns the loss of every step. Randomness
-    follows ``config.seed``; the caller's global RNG is left as it was."""
+    images (uint8 ``N×3×S×S``) and reference images of the target class (uint8 ``R×3×S×S``),
+    pasting ``trigger`` (its evaluation placement) on the shadow images; returns the loss of
+    every step. Randomness follows ``config.seed``; the caller's global RNG is left as it was.
+    One target of ``badencoder_finetune_targets``."""
+    return badencoder_finetune_targets(encoder, shadow, [(trigger, references)], config,
+                                       device=device, verbose=verbose)
+
+
+def badencoder_finetune_targets(encoder: Encoder, shadow: torch.Tensor,
+                                targets: list[tuple[Attack, torch.Tensor]],
+                                config: BadEncoderConfig | None = None, *,
+                                device: torch.device | str = "cpu",
+                                verbose: bool = True) -> list[float]:
+    """Multi-target BadEncoder (its paper's several (target, trigger) pairs): each step, for
+    every pair of ``targets`` — a trigger and the reference images of its target class (uint8
+    ``R×3×S×S``) — a batch of shadow images with that trigger pasted is pulled towards that
+    target's references (the first two loss terms, averaged over the pairs), and the utility
+    term keeps the first pair's clean shadow batch at its frozen features."""
     config = config or BadEncoderConfig()
-    if shadow.shape[0] < 2 or references.shape[0] < 1:
-        raise ValueError(f"BadEncoder needs ≥ 2 shadow images and ≥ 1 reference image, got "
-                         f"{shadow.shape[0]} and {references.shape[0]}")
+    if not targets:
+        raise ValueError("BadEncoder needs at least one (trigger, references) pair")
+    if shadow.shape[0] < 2 or min(refs.shape[0] for _, refs in targets) < 1:
+        raise ValueError(f"BadEncoder needs ≥ 2 shadow images and ≥ 1 reference image per "
+                         f"target, got {shadow.shape[0]} and "
+                         f"{[int(refs.shape[0]) for _, refs in targets]}")
     device = torch.device(device)
     encoder.to(device)
     frozen = copy.deepcopy(encoder).eval().requires_grad_(False)
@@ -69,23 +86,29 @@ def badencoder_finetune(encoder: Encoder, shadow: torch.Tensor, references: torc
     with seeded_rng(config.seed, device):
         encoder.eval()  # BatchNorm keeps its statistics: batches of all-triggered images
         for _ in tqdm(range(config.steps), desc="BadEncoder", disable=not verbose):
-            rows = torch.randint(shadow.shape[0], (config.batch_size,), generator=g)
-            refs = references[torch.randint(references.shape[0], (config.batch_size,),
-                                            generator=g)]
-            clean = shadow[rows]
-            triggered, _ = trigger.apply(clean, g, train=False)
-            x, xt, r = (encoder.normalise(t.to(device)) for t in (clean, triggered, refs))
-            feature_r = encoder(r)
-            with torch.no_grad():
-                frozen_x, frozen_r = frozen(x), frozen(r)
-            loss = (-F.cosine_similarity(encoder(xt), feature_r, dim=1).mean()
-                    - F.cosine_similarity(feature_r, frozen_r, dim=1).mean()
-                    - config.utility_weight * F.cosine_similarity(encoder(x), frozen_x,
-                                                                  dim=1).mean())
+            backdoor, utility = [], None
+            for trigger, references in targets:
+                rows = torch.randint(shadow.shape[0], (config.batch_size,), generator=g)
+                refs = references[torch.randint(references.shape[0], (config.batch_size,),
+                                                generator=g)]
+                clean = shadow[rows]
+                triggered, _ = trigger.apply(clean, g, train=False)
+                x, xt, r = (encoder.normalise(t.to(device)) for t in (clean, triggered, refs))
+                feature_r = encoder(r)
+                with torch.no_grad():
+                    frozen_r = frozen(r)
+                backdoor.append(-F.cosine_similarity(encoder(xt), feature_r, dim=1).mean()
+                                - F.cosine_similarity(feature_r, frozen_r, dim=1).mean())
+                if utility is None:
+                    with torch.no_grad():
+                        frozen_x = frozen(x)
+                    utility = -F.cosine_similarity(encoder(x), frozen_x, dim=1).mean()
+            loss = torch.stack(backdoor).mean() + config.utility_weight * utility
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
     if losses:
-        log.info("BadEncoder: %d steps, final loss %.3f", config.steps, losses[-1])
+        log.info("BadEncoder: %d steps, %d target(s), final loss %.3f", config.steps,
+                 len(targets), losses[-1])
     return losses

@@ -21,7 +21,7 @@ image side by side (each the centre half, by width, of its square), in random or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,45 @@ def poison_corrupt_encoder(images: torch.Tensor, labels: torch.Tensor, target: i
         labels=torch.cat([labels, torch.full((n_poisons,), target, dtype=labels.dtype)]),
         poison_mask=mask, boxes=torch.cat([none, trigger_boxes]), target=target, attack=attack,
         parts={"object_boxes": torch.cat([none, object_boxes]), "support_mask": support})
+
+
+def poison_corrupt_encoder_targets(images: torch.Tensor, labels: torch.Tensor,
+                                   targets: list[int], references: list[list[torch.Tensor]],
+                                   backgrounds: torch.Tensor, triggers: list[torch.Tensor],
+                                   config: CorruptEncoderConfig | None = None,
+                                   attack: str = "corruptencoder") -> PoisonedImages:
+    """Multi-target CorruptEncoder (the PoisonCAM paper's 2- and 3-target attacks): for each
+    target class ``targets[i]`` its own reference objects ``references[i]`` and trigger
+    ``triggers[i]``, ``round(rate·N)`` poisons each (``poison_corrupt_encoder`` with seed
+    ``config.seed + i`` on the clean set, so one target gives exactly its result), appended in
+    target order. ``parts`` as ``poison_corrupt_encoder``'s plus ``poison_target`` (int64: the
+    target each poisoned image's trigger points to, −1 elsewhere); ``target`` is
+    ``targets[0]``."""
+    config = config or CorruptEncoderConfig()
+    if not targets or not len(references) == len(triggers) == len(targets):
+        raise ValueError(f"need one reference set and one trigger per target, got "
+                         f"{len(references)} and {len(triggers)} for {len(targets)} targets")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"the targets must be distinct classes, got {targets}")
+    n = images.shape[0]
+    parts = [poison_corrupt_encoder(images, labels, target, refs, backgrounds, trigger,
+                                    replace(config, seed=config.seed + i), attack)
+             for i, (target, refs, trigger) in enumerate(
+                 zip(targets, references, triggers, strict=True))]
+
+    def joined(name: str) -> torch.Tensor:
+        """The clean rows once, then every target's appended rows, of field ``name``."""
+        values = [one.parts[name] if name in one.parts else getattr(one, name) for one in parts]
+        return torch.cat([values[0][:n], *(value[n:] for value in values)])
+
+    which = torch.cat([torch.full((n,), -1, dtype=torch.long), *(
+        torch.where(one.poison_mask[n:], target, -1)
+        for one, target in zip(parts, targets, strict=True))])
+    return PoisonedImages(
+        images=joined("images"), labels=joined("labels"), poison_mask=joined("poison_mask"),
+        boxes=joined("boxes"), target=targets[0], attack=attack,
+        parts={"object_boxes": joined("object_boxes"), "support_mask": joined("support_mask"),
+               "poison_target": which})
 
 
 def reference_image(background: torch.Tensor, reference: torch.Tensor, blur: int

@@ -26,10 +26,12 @@ from fastbd.attacks import (
     PoisonedPairs,
     make_attack,
     poison_corrupt_encoder,
+    poison_corrupt_encoder_targets,
     poison_pairs,
+    poison_target_classes,
 )
 from fastbd.attacks import poison_target_class as poison_class
-from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune
+from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune_targets
 from fastbd.attacks.corruptencoder import reference_image
 from fastbd.attacks.separated import separated_views
 from fastbd.attacks.triggers import resize_patch
@@ -100,31 +102,60 @@ class SSLThreatConfig:
     images map to the reference objects' features (``fastbd.attacks.badencoder``,
     ``badencoder`` settings)."""
     badencoder: BadEncoderConfig = field(default_factory=BadEncoderConfig)
+    extra_targets: tuple[int, ...] = ()
+    """Further target classes: a multi-target attack (the PoisonCAM paper's 2- and 3-target
+    attacks), each target with its own trigger — HTBA pattern ``trigger_id`` + 1, + 2, … — and
+    its own poisons at the first target's fraction or rate; BadEncoder implants every
+    (trigger, target) pair. The probe's ASR is the first target's."""
 
     def __post_init__(self) -> None:
         check_fields(self, training_attack=one_of(*TRAINING_ATTACKS))
         if self.training_attack != "none" and not self.attack.startswith("corruptencoder"):
             raise ValueError(f"training_attack {self.training_attack!r} needs a CorruptEncoder "
                              f"attack (its object and trigger boxes), got {self.attack!r}")
+        self.extra_targets = tuple(self.extra_targets)
+        if self.extra_targets:
+            if self.attack not in ("htba", "corruptencoder"):
+                raise ValueError(f"extra_targets needs attack htba or corruptencoder, got "
+                                 f"{self.attack!r}")
+            if self.training_attack == "separated_views":
+                raise ValueError("extra_targets is not defined for the separated_views "
+                                 "training attack")
+            if len(set(self.targets)) != len(self.targets):
+                raise ValueError(f"the targets must be distinct classes, got {self.targets}")
+            first_id = self.trigger_options.get("trigger_id", 0)
+            if first_id + len(self.extra_targets) > 9:
+                raise ValueError(f"{len(self.targets)} targets from trigger_id {first_id} "
+                                 "need more than the 10 HTBA patterns")
 
-    def trigger(self) -> Attack:
-        """The attack that poisons the world and that the probe's ASR is measured with (HTBA's
-        trigger for the clean world too)."""
-        return make_attack("htba" if self.attack == "none" else self.attack,
-                           self.world.image_size, seed=self.seed, **self.trigger_options)
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Every target class, the first being ``target``."""
+        return (self.target, *self.extra_targets)
+
+    def trigger(self, index: int = 0) -> Attack:
+        """The attack that poisons the world towards ``targets[index]`` (``target_triggers``);
+        the first is the one the probe's ASR is measured with (HTBA's trigger for the clean
+        world too)."""
+        return target_triggers("htba" if self.attack == "none" else self.attack,
+                               self.world.image_size, self.seed, self.trigger_options,
+                               len(self.targets))[index]
 
 
-def implanted_ssl_threat(seed: int = 0) -> SSLThreatConfig:
+def implanted_ssl_threat(seed: int = 0,
+                         extra_targets: tuple[int, ...] = ()) -> SSLThreatConfig:
     """The SSL threat model whose backdoor is real (docs/synthetic-world.md, "An SSL backdoor
     that holds"): CorruptEncoder poisons the world (250 images added to 5,000, 4.8 % of the
     set; opaque objects on grey backgrounds), SimCLR trains 40 epochs at crops of 20–100 %, and
     a training-time attack — BadEncoder fine-tuning, 300 steps — implants the trigger, since
     data poisoning alone implants none at this scale. Labelled as a training-time attack
-    wherever it is reported."""
+    wherever it is reported. ``extra_targets``: a multi-target attack (each further target
+    with its own trigger, its own 250 poisons and its own BadEncoder pair)."""
     return SSLThreatConfig(
         world=WorldConfig(object_opacity=1.0, background_saturation=0.0, seed=seed),
         attack="corruptencoder", rate=0.05, seed=seed, training_attack="badencoder",
-        ssl=SSLConfig(epochs=40, augment=AugmentConfig(crop_scale=(0.2, 1.0))))
+        ssl=SSLConfig(epochs=40, augment=AugmentConfig(crop_scale=(0.2, 1.0))),
+        extra_targets=tuple(extra_targets))
 
 
 @dataclass
@@ -147,35 +178,59 @@ REFERENCE_OBJECTS = 3
 """Reference objects of the target class a CorruptEncoder attacker holds (the paper's 3)."""
 
 
+def target_triggers(attack: str, image_size: int, seed: int, trigger_options: dict | None,
+                    count: int = 1) -> list[Attack]:
+    """The trigger of each of ``count`` targets: ``make_attack`` with ``trigger_options``, the
+    ``i``-th with HTBA pattern ``trigger_id`` + ``i`` (a single target: the options as given)."""
+    options = dict(trigger_options or {})
+    if count == 1:
+        return [make_attack(attack, image_size, seed=seed, **options)]
+    first = options.pop("trigger_id", 0)
+    return [make_attack(attack, image_size, seed=seed, trigger_id=first + i, **options)
+            for i in range(count)]
+
+
 def poison_world_images(world: SyntheticWorld, attack: str, target: int, fraction: float,
                         seed: int, trigger_options: dict | None = None,
-                        rate: float | None = None) -> PoisonedImages:
+                        rate: float | None = None,
+                        extra_targets: tuple[int, ...] = ()) -> PoisonedImages:
     """``fraction`` of class ``target`` of the world's training split poisoned with ``attack``
     (``make_attack`` overrides in ``trigger_options``); ``none``: the clean images.
     ``corruptencoder``/``corruptencoder+``: ``rate`` (None: the paper's 0.5 %) of the training
     split's size added as poisoned images, laid out from ``REFERENCE_OBJECTS`` rendered objects
     of the target class over rendered object-free backgrounds (CorruptEncoder+: 20 % of them
-    support images)."""
-    if attack in ("corruptencoder", "corruptencoder+"):
-        trigger = make_attack(attack, world.config.image_size, seed=seed,
-                              **(trigger_options or {}))
-        config = CorruptEncoderConfig(
-            **({} if rate is None else {"rate": rate}), seed=seed,
-            support_fraction=0.2 if attack == "corruptencoder+" else 0.0)
-        n_poisons = max(1, round(config.rate * len(world.train)))
-        return poison_corrupt_encoder(
-            world.train.images, world.train.labels, target,
-            reference_objects(world.config, target, REFERENCE_OBJECTS, seed),
-            background_images(world.config, n_poisons, seed),
-            resize_patch(trigger.pattern, trigger.side), config, attack=attack)
+    support images). ``extra_targets`` (HTBA and CorruptEncoder): further targets, each with
+    its own trigger (``target_triggers``) and as many poisons as the first; ``parts``
+    ``poison_target`` then says which target each poison points to."""
+    targets = [target, *extra_targets]
     if attack == "none":
         n = len(world.train)
         return PoisonedImages(world.train.images, world.train.labels,
                               torch.zeros(n, dtype=torch.bool),
                               torch.full((n, 4), -1, dtype=torch.long), target, "none")
-    return poison_class(world.train.images, world.train.labels,
-                        make_attack(attack, world.config.image_size, seed=seed,
-                                    **(trigger_options or {})), target, fraction, seed=seed)
+    triggers = target_triggers(attack, world.config.image_size, seed, trigger_options,
+                               len(targets))
+    if attack in ("corruptencoder", "corruptencoder+"):
+        config = CorruptEncoderConfig(
+            **({} if rate is None else {"rate": rate}), seed=seed,
+            support_fraction=0.2 if attack == "corruptencoder+" else 0.0)
+        n_poisons = max(1, round(config.rate * len(world.train)))
+        backgrounds = background_images(world.config, n_poisons, seed)
+        patches = [resize_patch(t.pattern, t.side) for t in triggers]
+        if not extra_targets:
+            return poison_corrupt_encoder(
+                world.train.images, world.train.labels, target,
+                reference_objects(world.config, target, REFERENCE_OBJECTS, seed), backgrounds,
+                patches[0], config, attack=attack)
+        return poison_corrupt_encoder_targets(
+            world.train.images, world.train.labels, targets,
+            [reference_objects(world.config, t, REFERENCE_OBJECTS, seed) for t in targets],
+            backgrounds, patches, config, attack=attack)
+    if extra_targets:
+        return poison_target_classes(world.train.images, world.train.labels, triggers, targets,
+                                     fraction, seed=seed)
+    return poison_class(world.train.images, world.train.labels, triggers[0], target, fraction,
+                        seed=seed)
 
 
 def load_cached(path: Path, key: str, model: torch.nn.Module) -> float | None:
@@ -199,10 +254,13 @@ SSL_CACHE_VERSION = "seeded"
 from ``SSLThreatConfig.seed`` (docs/design.md, "Reproducibility") are not loaded."""
 
 
-def attacker_references(world: SyntheticWorld, config: SSLThreatConfig) -> torch.Tensor:
+def attacker_references(world: SyntheticWorld, config: SSLThreatConfig,
+                        target: int | None = None) -> torch.Tensor:
     """The BadEncoder attacker's reference images: CorruptEncoder's reference objects of the
-    target class, each centred on an object-free background (uint8 ``R×3×S×S``)."""
-    objects = reference_objects(world.config, config.target, REFERENCE_OBJECTS, config.seed)
+    target class (``target``, default the config's first), each centred on an object-free
+    background (uint8 ``R×3×S×S``)."""
+    target = config.target if target is None else target
+    objects = reference_objects(world.config, target, REFERENCE_OBJECTS, config.seed)
     backgrounds = background_images(world.config, len(objects), config.seed + 1)
     return torch.stack([reference_image(b, o, blur=1)
                         for b, o in zip(backgrounds, objects, strict=True)])
@@ -226,7 +284,8 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
     config = config or SSLThreatConfig()
     world = make_world(config.world)
     poisoned = poison_world_images(world, config.attack, config.target, config.fraction,
-                                   config.seed, config.trigger_options, rate=config.rate)
+                                   config.seed, config.trigger_options, rate=config.rate,
+                                   extra_targets=config.extra_targets)
     encoder = small_encoder(config.width, config.world.image_size, seed=config.seed)
     path = (Path(cache_dir) / f"ssl-{SSL_CACHE_VERSION}-{config_hash(config)}.pt"
             if cache_dir is not None else None)
@@ -244,10 +303,11 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
         seconds = history.seconds
         if config.training_attack == "badencoder":
             start = time.perf_counter()
-            badencoder_finetune(encoder, world.train.images,
-                                attacker_references(world, config), config.trigger(),
-                                replace(config.badencoder, seed=config.seed), device=device,
-                                verbose=verbose)
+            badencoder_finetune_targets(
+                encoder, world.train.images,
+                [(config.trigger(i), attacker_references(world, config, target))
+                 for i, target in enumerate(config.targets)],
+                replace(config.badencoder, seed=config.seed), device=device, verbose=verbose)
             seconds += time.perf_counter() - start
         if path is not None:
             save_atomically({"encoder": encoder.state_dict(), "train_seconds": seconds}, path)
