@@ -209,6 +209,34 @@ def test_cli_plants_corruptencoder_on_the_world_and_on_files(tmp_path):
     summary = json.loads((mine / "attack.json").read_text())
     assert summary["images"] == 201 and summary["poisoned"] == 1
 
+    # several targets: TARGET:PATH references, each target its own trigger and poisons
+    multi = tmp_path / "multi"
+    flags = ["--quiet", "attack", "--attack", "corruptencoder", "--file-list",
+             str(world / "train_clean.txt"), "--image-size", "32", "--targets", "1,4",
+             "--rate", "0.02"]
+    assert main([*flags, "--reference", str(reference), "--out", str(multi)]) == 2
+    assert main([*flags, "--reference", f"1:{reference}", "--out", str(multi)]) == 2
+    assert main([*flags, "--reference", f"1:{reference}", "--reference", f"4:{reference}",
+                 "--out", str(multi)]) == 0
+    summary = json.loads((multi / "attack.json").read_text())
+    assert summary["targets"] == [1, 4] and summary["poisoned"] == 8
+    truth = torch.load(multi / "ground_truth.pt")
+    assert truth["poison_target"][truth["poison_mask"]].tolist() == [1] * 4 + [4] * 4
+    listed = read_file_list(multi / "train.txt")
+    for row, trigger_id in ((200, 0), (204, 1)):
+        y, x, h, w = truth["boxes"][row].tolist()
+        image = torch.from_numpy(np.array(Image.open(listed.paths[row]))).permute(2, 0, 1)
+        trigger = make_attack("corruptencoder", 32, trigger_id=trigger_id)
+        assert torch.equal(image[:, y:y + h, x:x + w],
+                           resize_patch(trigger.pattern, trigger.side))
+    # on the world too
+    world_multi = tmp_path / "world-multi"
+    assert main(["--quiet", "attack", "--attack", "corruptencoder", "--n-train", "200",
+                 "--n-eval", "20", "--rate", "0.05", "--targets", "0,2",
+                 "--out", str(world_multi)]) == 0
+    truth = torch.load(world_multi / "ground_truth.pt")
+    assert truth["poison_target"][truth["poison_mask"]].tolist() == [0] * 10 + [2] * 10
+
 
 def test_separated_views_replace_only_the_poisoned_rows_with_object_and_trigger_crops(gen):
     from fastbd.attacks.separated import box_crops, separated_views

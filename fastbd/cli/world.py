@@ -69,8 +69,8 @@ def trigger_options(args: argparse.Namespace) -> dict:
 
 
 def target_list(args: argparse.Namespace) -> list[int] | None:
-    """``--targets`` as ints (None without it): HTBA only, distinct, no ``--trigger`` (one
-    image cannot be every target's trigger)."""
+    """``--targets`` as ints (None without it): HTBA and CorruptEncoder only, distinct, no
+    ``--trigger`` (one image cannot be every target's trigger)."""
     if args.targets is None:
         return None
     try:
@@ -78,9 +78,9 @@ def target_list(args: argparse.Namespace) -> list[int] | None:
     except ValueError:
         raise ValueError(f"--targets takes comma-separated class indices, got "
                          f"{args.targets!r}") from None
-    if args.attack != "htba":
-        raise ValueError(f"--targets is HTBA's multi-target attack; attack {args.attack!r} "
-                         "has one target (--target)")
+    if args.attack not in ("htba", "corruptencoder", "corruptencoder+"):
+        raise ValueError(f"--targets is HTBA's and CorruptEncoder's multi-target attack; "
+                         f"attack {args.attack!r} has one target (--target)")
     if len(set(targets)) != len(targets) or min(targets) < 0:
         raise ValueError(f"--targets must be distinct class indices, got {args.targets}")
     if args.trigger is not None and len(targets) > 1:
@@ -107,33 +107,69 @@ def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
     return spec
 
 
-def corrupt_encoder_files(args: argparse.Namespace, images, labels):
+def reference_paths(args: argparse.Namespace, targets: list[int]) -> list[list[str]]:
+    """``--reference`` files per target: plain paths for one target; ``TARGET:PATH`` for
+    several (every target at least one, no other target)."""
+    if not args.reference:
+        raise ValueError(f"{args.attack} on your files needs --reference: one or more images "
+                         f"of target class {targets[0]}'s object (RGBA PNG: alpha = its mask)"
+                         + ("; with --targets, as TARGET:PATH" if len(targets) > 1 else ""))
+    if len(targets) == 1:
+        return [list(args.reference)]
+    grouped: dict[int, list[str]] = {t: [] for t in targets}
+    for value in args.reference:
+        head, sep, path = value.partition(":")
+        if not sep or not head.strip().isdigit() or int(head) not in grouped:
+            raise ValueError(f"--reference {value!r}: with --targets each reference is "
+                             f"TARGET:PATH, TARGET one of {targets}")
+        grouped[int(head)].append(path)
+    missing = [t for t, paths in grouped.items() if not paths]
+    if missing:
+        raise ValueError(f"--targets {targets}: no --reference for target(s) {missing} "
+                         "(give TARGET:PATH for each)")
+    return [grouped[t] for t in targets]
+
+
+def corrupt_encoder_files(args: argparse.Namespace, images, labels,
+                          per_target: list[tuple[int, dict]]):
     """CorruptEncoder(+) on a file list's images (uint8 ``N×3×S×S``, labels ``N``): the
     ``--reference`` objects, the ``--backgrounds`` list's images (default: the list's images
-    of other classes), the trigger at the images' size."""
-    from fastbd.attacks import CorruptEncoderConfig, make_attack, poison_corrupt_encoder
+    of other classes than the targets), the trigger at the images' size; several targets
+    (``per_target``: each with its trigger options) each get their own poisons."""
+    import torch
+
+    from fastbd.attacks import (
+        CorruptEncoderConfig,
+        make_attack,
+        poison_corrupt_encoder,
+        poison_corrupt_encoder_targets,
+    )
     from fastbd.attacks.triggers import resize_patch
     from fastbd.data.bank import ImageBank, load_reference_object
     from fastbd.data.readers import read_file_list
 
-    if not args.reference:
-        raise ValueError(f"{args.attack} on your files needs --reference: one or more images "
-                         f"of target class {args.target}'s object (RGBA PNG: alpha = its mask)")
-    references = [load_reference_object(path) for path in args.reference]
+    targets = [t for t, _ in per_target] or [args.target]
+    references = [[load_reference_object(path) for path in paths]
+                  for paths in reference_paths(args, targets)]
     size = images.shape[-1]
     if args.backgrounds:
         paths = read_file_list(args.backgrounds, duplicates="allow").paths
         backgrounds = ImageBank.from_files(paths, size, crop_ratio=1.0,
                                            verbose=not args.quiet)[0].images
     else:
-        backgrounds = images[labels != args.target]
-    trigger = make_attack(args.attack, size, seed=args.seed, **trigger_options(args))
+        backgrounds = images[~torch.isin(labels, torch.tensor(targets))]
+    patches = []
+    for options in [o for _, o in per_target] or [trigger_options(args)]:
+        trigger = make_attack(args.attack, size, seed=args.seed, **options)
+        patches.append(resize_patch(trigger.pattern, trigger.side))
     config = CorruptEncoderConfig(**({} if args.rate is None else {"rate": args.rate}),
                                   support_fraction=0.2 if args.attack.endswith("+") else 0.0,
                                   seed=args.seed)
-    return poison_corrupt_encoder(images, labels, args.target, references, backgrounds,
-                                  resize_patch(trigger.pattern, trigger.side), config,
-                                  attack=args.attack)
+    if len(targets) == 1:
+        return poison_corrupt_encoder(images, labels, targets[0], references[0], backgrounds,
+                                      patches[0], config, attack=args.attack)
+    return poison_corrupt_encoder_targets(images, labels, targets, references, backgrounds,
+                                          patches, config, attack=args.attack)
 
 
 def common_square_side(paths) -> int | None:
@@ -206,7 +242,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                     rate=DEFAULT_PAIR_RATE if args.rate is None else args.rate,
                                     seed=args.seed)
         elif corrupt:
-            poisoned = corrupt_encoder_files(args, bank.images, labels)
+            poisoned = corrupt_encoder_files(args, bank.images, labels, per_target)
         elif targets is not None:
             poisoned = poison_target_classes(
                 bank.images, labels, [make_attack(args.attack, size, seed=args.seed, **options)
@@ -224,7 +260,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         evaluation, class_names = world.eval, world.class_names
         if clip_attack:  # the world's own trigger sizes (poison_world_pairs' defaults)
             attack_options = WORLD_ATTACK_OPTIONS.get(args.attack, {})
-        if targets is not None:
+        if targets is not None and corrupt:
+            poisoned = poison_world_images(world, args.attack, targets[0], args.fraction,
+                                           args.seed, attack_options, rate=args.rate,
+                                           extra_targets=tuple(targets[1:]))
+        elif targets is not None:
             poisoned = poison_target_classes(
                 world.train.images, world.train.labels,
                 [make_attack(args.attack, world.config.image_size, seed=args.seed, **options)
@@ -320,9 +360,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--trigger", help="SSL attacks: your trigger image (PNG; its centred "
                         "square, pasted at --trigger-side), e.g. a released HTBA trigger "
                         "(default: HTBA's pattern --trigger-id)")
-    attack.add_argument("--targets", help="HTBA: several target classes, comma-separated "
-                        "(e.g. 3,5: the PoisonCAM paper's multi-target attacks), each with its "
-                        "own HTBA pattern from --trigger-id on; overrides --target")
+    attack.add_argument("--targets", help="HTBA and CorruptEncoder: several target classes, "
+                        "comma-separated (e.g. 3,5: the PoisonCAM paper's multi-target "
+                        "attacks), each with its own HTBA pattern from --trigger-id on and its "
+                        "own poisons; overrides --target (CorruptEncoder on your files: "
+                        "--reference TARGET:PATH for each)")
     attack.add_argument("--trigger-id", type=int,
                         help="SSL attacks: which of HTBA's ten patterns, 0-9 (default 0)")
     attack.add_argument("--rate", type=float,
