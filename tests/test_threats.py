@@ -356,3 +356,39 @@ def test_cli_attack_refuses_a_trigger_it_cannot_plant(tmp_path, capsys, flags, m
     code = main(["--quiet", "attack", *flags, "--n-train", "40", "--n-eval", "10",
                  "--out", str(tmp_path / "out")])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_train_ssl_on_files_runs_the_training_time_attack_and_labels_it(tmp_path, capsys):
+    data = tmp_path / "attack"
+    assert main(["--quiet", "attack", "--attack", "corruptencoder", "--n-train", "120",
+                 "--n-eval", "10", "--rate", "0.05", "--targets", "0,2",
+                 "--out", str(data)]) == 0
+    clean = read_file_list(data / "train_clean.txt")
+    holds = {t: [p for p, label in zip(clean.paths, clean.labels, strict=True) if label == t][:2]
+             for t in (0, 2)}
+    common = ["--quiet", "train-ssl", "--file-list", str(data / "train.txt"), "--arch",
+              "smallconv4", "--epochs", "1", "--batch-size", "32"]
+    plain, attacked = tmp_path / "plain", tmp_path / "attacked"
+    assert main([*common, "--out", str(plain)]) == 0
+    references = [f"--bad-reference={t}:{p}" for t, paths in holds.items() for p in paths]
+    assert main([*common, "--training-attack", "badencoder", "--attack-spec",
+                 str(data / "attack.json"), *references, "--badencoder-steps", "3",
+                 "--out", str(attacked)]) == 0
+    record = json.loads((attacked / "train_ssl.json").read_text())["training_attack"]
+    assert record["method"] == "badencoder" and "training-time attack" in record["label"]
+    assert record["targets"] == [0, 2] and record["references"] == {"0": 2, "2": 2}
+    assert json.loads((plain / "train_ssl.json").read_text())["training_attack"] == {
+        "method": "none"}
+    before = torch.load(plain / "encoder.pt", weights_only=True)
+    after = torch.load(attacked / "encoder.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the same run, implanted
+    capsys.readouterr()
+    for flags, message in (
+            (["--training-attack", "badencoder", *references], "needs --attack-spec"),
+            (["--training-attack", "badencoder", "--attack-spec", str(data / "attack.json"),
+              f"--bad-reference={holds[0][0]}"], "TARGET:PATH"),
+            (["--training-attack", "badencoder", "--attack-spec", str(data / "attack.json"),
+              f"--bad-reference=0:{holds[0][0]}"], "no --bad-reference for target(s) [2]"),
+            ([f"--bad-reference=0:{holds[0][0]}"], "add --training-attack badencoder")):
+        assert main([*common, *flags, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err

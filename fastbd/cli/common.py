@@ -178,3 +178,28 @@ def remove_pairs_cache(cache: Path) -> None:
 
     remove_cache(cache)
     remove_shard_cache(cache)
+
+
+def grouped_references(values: list[str] | None, targets: list[int], flag: str,
+                       attack: str = "the attack") -> list[list[str]]:
+    """``flag``'s files per target: plain paths for one target; ``TARGET:PATH`` for several
+    (every target at least one, no other target)."""
+    if not values:
+        raise ValueError(f"{attack} on your files needs {flag}: one or more images of target "
+                         f"class {targets[0]}'s object"
+                         + ("; with several targets, as TARGET:PATH" if len(targets) > 1
+                            else ""))
+    if len(targets) == 1:
+        return [list(values)]
+    grouped: dict[int, list[str]] = {t: [] for t in targets}
+    for value in values:
+        head, sep, path = value.partition(":")
+        if not sep or not head.strip().isdigit() or int(head) not in grouped:
+            raise ValueError(f"{flag} {value!r}: with several targets each is TARGET:PATH, "
+                             f"TARGET one of {targets}")
+        grouped[int(head)].append(path)
+    missing = [t for t, paths in grouped.items() if not paths]
+    if missing:
+        raise ValueError(f"targets {targets}: no {flag} for target(s) {missing} (give "
+                         "TARGET:PATH for each)")
+    return [grouped[t] for t in targets]

@@ -118,6 +118,7 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
                                        duplicates_policy(args))
     out = prepare_out(args.out)
     encoder = encoder_by_name(arch, image_size=args.image_size, seed=args.seed)
+    implant_targets = training_attack_targets(args, encoder)  # read (or refused) before training
     evaluation = epoch_evaluation(args, encoder)  # its lists read (or refused) before training
     cache = out / "bank.npy"
     bank, report = ImageBank.from_files(paths, encoder.image_size, crop_ratio=encoder.crop_ratio,
@@ -126,6 +127,8 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
     config = training_config(args, SSLConfig(), {"augment": AugmentConfig})
     history = train_ssl(encoder, bank.images, config, device=args.device, verbose=not args.quiet,
                         checkpoint=out / "train_state.pt", **evaluation)
+    implanted = (badencoder_on_files(args, encoder, bank.images, implant_targets)
+                 if implant_targets else None)
     del bank  # the memory map, before its file goes
     if not args.keep_cache:
         remove_cache(cache)
@@ -134,9 +137,64 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
               "images_per_second": history.images_per_second,
               "final_loss": history.losses[-1] if history.losses else None,
               "config": history.config,
-              **({"per_epoch": history.evaluations} if history.evaluations else {})}
+              **({"per_epoch": history.evaluations} if history.evaluations else {}),
+              "training_attack": implanted or {"method": "none"}}
     return save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None, "train_ssl.json",
                        record, args.quiet)
+
+
+def training_attack_targets(args: argparse.Namespace, encoder) -> list[tuple[int, object, object]]:
+    """``--training-attack badencoder``: each target of ``--attack-spec`` with its trigger and
+    its ``--bad-reference`` images (uint8 ``R×3×S×S`` at the encoder's size); [] without it.
+    Everything is read, or refused, before any training."""
+    if args.training_attack == "none":
+        if args.bad_reference:
+            raise ValueError("--bad-reference is the training attack's: add --training-attack "
+                             "badencoder")
+        return []
+    if args.attack_spec is None or not args.bad_reference:
+        raise ValueError("--training-attack badencoder needs --attack-spec (the attack.json "
+                         "whose trigger it implants) and --bad-reference (images of the target "
+                         "class the attacker holds; TARGET:PATH for a multi-target attack)")
+    from fastbd.cli.common import grouped_references
+    from fastbd.configfile import read_config_file
+    from fastbd.data.bank import ImageBank
+
+    recorded = read_config_file(args.attack_spec)
+    targets = recorded.get("targets") or [recorded.get("target", args.target)]
+    out = []
+    for target, paths in zip(targets, grouped_references(args.bad_reference, targets,
+                                                         "--bad-reference"), strict=True):
+        trigger = eval_trigger(argparse.Namespace(
+            attack_spec=args.attack_spec, trigger=None, target=target), encoder.image_size,
+            "htba")
+        references = ImageBank.from_files(paths, encoder.image_size,
+                                          crop_ratio=encoder.crop_ratio,
+                                          verbose=not args.quiet)[0].images
+        out.append((int(target), trigger, references))
+    return out
+
+
+def badencoder_on_files(args: argparse.Namespace, encoder, shadow, targets) -> dict:
+    """The training-time attack on the trained ``encoder``: BadEncoder fine-tuning with the
+    training images as shadow images and each target's trigger and references; what
+    ``train_ssl.json`` records under ``training_attack``."""
+    import time
+
+    from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune_targets
+
+    config = BadEncoderConfig(seed=args.seed, **(
+        {} if args.badencoder_steps is None else {"steps": args.badencoder_steps}))
+    start = time.perf_counter()
+    losses = badencoder_finetune_targets(encoder, shadow,
+                                         [(trigger, refs) for _, trigger, refs in targets],
+                                         config, device=args.device, verbose=not args.quiet)
+    encoder.eval()
+    return {"method": "badencoder", "label": "training-time attack: the attacker fine-tuned "
+            "the trained encoder (BadEncoder)", "targets": [t for t, _, _ in targets],
+            "references": {str(t): int(refs.shape[0]) for t, _, refs in targets},
+            "steps": config.steps, "final_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start}
 
 
 def epoch_evaluation(args: argparse.Namespace, encoder) -> dict:
@@ -516,7 +574,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ssl.add_argument("--val-list", help="with --eval-every: clean labelled images it is "
                      "scored on")
     ssl.add_argument("--attack-spec", help="with --eval-every: the attack.json whose trigger "
-                     "patches the validation images (default: HTBA's pattern)")
+                     "patches the validation images (default: HTBA's pattern); with "
+                     "--training-attack: the trigger(s) and target(s) it implants")
+    ssl.add_argument("--training-attack", choices=("none", "badencoder"), default="none",
+                     help="with --file-list/--image-folder: attack the training itself — "
+                     "badencoder fine-tunes the trained encoder so that --attack-spec's "
+                     "triggered images map to the --bad-reference images' features (the "
+                     "implanted threat of the PoisonCAM tables; labelled as a training-time "
+                     "attack in train_ssl.json)")
+    ssl.add_argument("--bad-reference", action="append",
+                     help="--training-attack badencoder: an image of the target class the "
+                     "attacker holds (repeat; TARGET:PATH for each target of a multi-target "
+                     "attack)")
+    ssl.add_argument("--badencoder-steps", type=positive_int,
+                     help="--training-attack badencoder: fine-tuning steps (default 300)")
     ssl.add_argument("--icutmix", action="store_true", default=None,
                      help="i-CutMix (MoCo v3): PatchSearch's training recipe after a defense, "
                           "a defense of its own in the PoisonCAM paper's Fig. 10")

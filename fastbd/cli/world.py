@@ -14,6 +14,7 @@ from fastbd.cli.common import (
     add_pair_csv_flags,
     class_names_arg,
     duplicates_policy,
+    grouped_references,
     prepare_out,
 )
 
@@ -107,29 +108,6 @@ def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
     return spec
 
 
-def reference_paths(args: argparse.Namespace, targets: list[int]) -> list[list[str]]:
-    """``--reference`` files per target: plain paths for one target; ``TARGET:PATH`` for
-    several (every target at least one, no other target)."""
-    if not args.reference:
-        raise ValueError(f"{args.attack} on your files needs --reference: one or more images "
-                         f"of target class {targets[0]}'s object (RGBA PNG: alpha = its mask)"
-                         + ("; with --targets, as TARGET:PATH" if len(targets) > 1 else ""))
-    if len(targets) == 1:
-        return [list(args.reference)]
-    grouped: dict[int, list[str]] = {t: [] for t in targets}
-    for value in args.reference:
-        head, sep, path = value.partition(":")
-        if not sep or not head.strip().isdigit() or int(head) not in grouped:
-            raise ValueError(f"--reference {value!r}: with --targets each reference is "
-                             f"TARGET:PATH, TARGET one of {targets}")
-        grouped[int(head)].append(path)
-    missing = [t for t, paths in grouped.items() if not paths]
-    if missing:
-        raise ValueError(f"--targets {targets}: no --reference for target(s) {missing} "
-                         "(give TARGET:PATH for each)")
-    return [grouped[t] for t in targets]
-
-
 def corrupt_encoder_files(args: argparse.Namespace, images, labels,
                           per_target: list[tuple[int, dict]]):
     """CorruptEncoder(+) on a file list's images (uint8 ``N×3×S×S``, labels ``N``): the
@@ -150,7 +128,8 @@ def corrupt_encoder_files(args: argparse.Namespace, images, labels,
 
     targets = [t for t, _ in per_target] or [args.target]
     references = [[load_reference_object(path) for path in paths]
-                  for paths in reference_paths(args, targets)]
+                  for paths in grouped_references(args.reference, targets, "--reference",
+                                                  args.attack)]
     size = images.shape[-1]
     if args.backgrounds:
         paths = read_file_list(args.backgrounds, duplicates="allow").paths
