@@ -358,7 +358,8 @@ def test_cli_attack_refuses_a_trigger_it_cannot_plant(tmp_path, capsys, flags, m
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_train_ssl_on_files_runs_the_training_time_attack_and_labels_it(tmp_path, capsys):
+def test_train_ssl_on_files_runs_the_training_time_attack_and_labels_it(tmp_path, capsys,
+                                                                         monkeypatch):
     data = tmp_path / "attack"
     assert main(["--quiet", "attack", "--attack", "corruptencoder", "--n-train", "120",
                  "--n-eval", "10", "--rate", "0.05", "--targets", "0,2",
@@ -382,6 +383,27 @@ def test_train_ssl_on_files_runs_the_training_time_attack_and_labels_it(tmp_path
     before = torch.load(plain / "encoder.pt", weights_only=True)
     after = torch.load(attacked / "encoder.pt", weights_only=True)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the same run, implanted
+    # interrupted in the attack: the rerun starts from the trained weights, not from scratch
+    import fastbd.attacks.badencoder as badencoder_module
+    import fastbd.training.ssl as ssl_module
+
+    resumed, finetune = tmp_path / "resumed", badencoder_module.badencoder_finetune_targets
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    attack_flags = ["--training-attack", "badencoder", "--attack-spec",
+                    str(data / "attack.json"), *references, "--badencoder-steps", "3"]
+    monkeypatch.setattr(badencoder_module, "badencoder_finetune_targets", interrupted)
+    assert main([*common, *attack_flags, "--out", str(resumed)]) == 130
+    assert (resumed / "trained_before_attack.pt").is_file()
+    monkeypatch.setattr(badencoder_module, "badencoder_finetune_targets", finetune)
+    monkeypatch.setattr(ssl_module, "train_ssl", interrupted)  # must not train again
+    assert main([*common, *attack_flags, "--out", str(resumed)]) == 0
+    again = torch.load(resumed / "encoder.pt", weights_only=True)
+    assert all(torch.equal(after[k], again[k]) for k in after)
+    assert not (resumed / "trained_before_attack.pt").exists()
+    monkeypatch.undo()
     capsys.readouterr()
     for flags, message in (
             (["--training-attack", "badencoder", *references], "needs --attack-spec"),

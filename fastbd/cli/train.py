@@ -125,10 +125,16 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
                                         skip_bad=args.skip_bad, cache=cache,
                                         verbose=not args.quiet)
     config = training_config(args, SSLConfig(), {"augment": AugmentConfig})
-    history = train_ssl(encoder, bank.images, config, device=args.device, verbose=not args.quiet,
-                        checkpoint=out / "train_state.pt", **evaluation)
-    implanted = (badencoder_on_files(args, encoder, bank.images, implant_targets)
-                 if implant_targets else None)
+    trained = TrainedBeforeAttack(out / "trained_before_attack.pt", arch, config, bank.images)
+    history = trained.restore(encoder) if implant_targets else None
+    if history is None:
+        history = train_ssl(encoder, bank.images, config, device=args.device,
+                            verbose=not args.quiet, checkpoint=out / "train_state.pt",
+                            **evaluation)
+    implanted = None
+    if implant_targets:
+        trained.save(encoder, history)  # an interrupted attack does not retrain
+        implanted = badencoder_on_files(args, encoder, bank.images, implant_targets)
     del bank  # the memory map, before its file goes
     if not args.keep_cache:
         remove_cache(cache)
@@ -139,8 +145,55 @@ def train_ssl_on_files(args: argparse.Namespace) -> int:
               "config": history.config,
               **({"per_epoch": history.evaluations} if history.evaluations else {}),
               "training_attack": implanted or {"method": "none"}}
-    return save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None, "train_ssl.json",
-                       record, args.quiet)
+    code = save_threat(out, "encoder.pt", encoder.backbone.state_dict(), None,
+                       "train_ssl.json", record, args.quiet)
+    trained.remove()
+    return code
+
+
+class TrainedBeforeAttack:
+    """The trained encoder kept while the training-time attack runs (``path``), so that a rerun
+    after an interrupted attack continues from the trained weights instead of training again;
+    it belongs to the run of ``arch``, ``config`` and ``images`` (a file of another run is
+    ignored) and is removed once the result is saved."""
+
+    def __init__(self, path, arch: str, config, images) -> None:
+        from dataclasses import asdict
+
+        from fastbd.storage import fingerprint
+
+        self.path = path
+        self.run = {"arch": arch, "config": asdict(config), "data": fingerprint(images)}
+
+    def restore(self, encoder):
+        """The saved ``SSLHistory`` with ``encoder``'s weights loaded, or None."""
+        from fastbd.storage import load_torch
+        from fastbd.training.ssl import SSLHistory
+
+        if not self.path.is_file():
+            return None
+        saved = load_torch(self.path, "trained encoder")
+        if not isinstance(saved, dict) or saved.get("run") != self.run:
+            return None
+        encoder.backbone.load_state_dict(saved["backbone"])
+        return SSLHistory(**saved["history"])
+
+    def save(self, encoder, history) -> None:
+        """Keep the weights and history (rank 0 of a ``torch.distributed`` world writes)."""
+        from dataclasses import asdict
+
+        from fastbd.distributed import world
+        from fastbd.storage import save_atomically
+
+        if world().main:
+            save_atomically({"run": self.run, "backbone": encoder.backbone.state_dict(),
+                             "history": asdict(history)}, self.path)
+
+    def remove(self) -> None:
+        from fastbd.distributed import world
+
+        if world().main:
+            self.path.unlink(missing_ok=True)
 
 
 def training_attack_targets(args: argparse.Namespace, encoder) -> list[tuple[int, object, object]]:
