@@ -3,16 +3,17 @@ recall, precision per detector), Fig. 4's curves (Acc / IoU / CR of the top-k wi
 2- and 3-target attacks, Fig. 5 (masking strategies) and Figs. 11–13 (the number of masks B,
 the window w, the clusters l).
 
-Every cell detects on the implanted SSL threat of ``implanted_ssl_threat(seed)`` (5,250 32-px
-images, 250 CorruptEncoder poisons, an encoder backdoored by BadEncoder: a real backdoor; threat
-models trained once, then cached) with the demo's configuration changed in one setting. The
-world is not ImageNet-100: 32-px synthetic objects, one target, 5 % poisons — the paper's
-figures are quoted beside ours for their shape, not for equality. The retraining tables (Table
-I: linear-probe CA/ASR after each detector, with and without i-CutMix) need SSL training runs
-per cell and are ``fastbd loop ssl --seeds … [--icutmix --method mocov3]``'s, not this
+Every cell detects on the implanted SSL threat of ``implanted_ssl_threat(seed)`` (or, for
+Fig. 4's multi-target cells, ``implanted_ssl_threat(seed, MULTI_TARGETS[k][1:])``; 5,250 32-px
+images, 250 CorruptEncoder poisons per target, an encoder backdoored by BadEncoder: a real
+backdoor; threat models trained once, then cached) with the demo's configuration changed in one
+setting. The world is not ImageNet-100: 32-px synthetic objects, 5 % poisons per target — the
+paper's figures are quoted beside ours for their shape, not for equality. The retraining
+tables (Table I: linear-probe CA/ASR after each detector, with and without i-CutMix) need SSL
+training runs per cell and are ``fastbd loop ssl --seeds … [--icutmix --method mocov3]``'s, not this
 script's.
 
-    python bench/poisoncam_tables.py --jobs 2              # seed 0, every cell (~15 min, 2 cores)
+    python bench/poisoncam_tables.py --jobs 2              # seed 0, every cell (~35 min, 2 cores)
     python bench/poisoncam_tables.py --seeds 0,1,2 --jobs 2
 
 Finished cells are kept in ``bench/results/poisoncam-tables-<machine>.json`` and skipped on a
