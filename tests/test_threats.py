@@ -414,3 +414,7 @@ def test_train_ssl_on_files_runs_the_training_time_attack_and_labels_it(tmp_path
             ([f"--bad-reference=0:{holds[0][0]}"], "add --training-attack badencoder")):
         assert main([*common, *flags, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
+    # the synthetic world has no training-time attack flag: refused, not ignored
+    assert main(["--quiet", "train-ssl", "--n-train", "20", "--n-eval", "4",
+                 "--training-attack", "badencoder", "--out", str(tmp_path / "world")]) == 2
+    assert "--training-attack and --bad-reference need --file-list" in capsys.readouterr().err

@@ -89,6 +89,10 @@ def cmd_train_ssl(args: argparse.Namespace) -> int:
     if args.eval_every is not None:
         raise ValueError("--eval-every needs --file-list or --image-folder with --probe-list "
                          "and --val-list (the synthetic world's threat model is probed once)")
+    if args.training_attack != "none" or args.bad_reference:
+        raise ValueError("--training-attack and --bad-reference need --file-list or "
+                         "--image-folder (the synthetic world's implanted threat is "
+                         "implanted_ssl_threat's)")
     config = SSLThreatConfig(world=world_config(args, ssl=True), attack=args.attack,
                              target=args.target, fraction=args.fraction, width=args.width,
                              seed=args.seed, trigger_options=trigger_options(args))
