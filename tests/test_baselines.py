@@ -131,6 +131,40 @@ def test_abl_as_the_ubt_paper_runs_it(pairs, models):
     assert torch.equal(result.suspicious, fixed) and result.config["lr"] == 1e-6
 
 
+def test_abl_with_the_text_mask_ascends_the_masked_captions_too(pairs, models, monkeypatch):
+    import importlib
+
+    from fastbd.clipdefense import masked_tokens
+    from fastbd.clipdefense.relevance import token_relevance
+
+    abl_module = importlib.import_module("fastbd.baselines.abl")
+    images, tokens = pairs
+    model, reference = models
+    config = ABLConfig(susp_fraction=0.25, epochs=1, lr=1e-3, batch_size=12, min_steps=0,
+                       masked_captions=True, token_threshold=0.2)
+    _, suspicious, _ = suspicious_split(reference, images, tokens, 0.25, "cpu")
+    masked = masked_tokens(tokens[suspicious], token_relevance(
+        model, images[suspicious], tokens[suspicious]), 0.2)[0]
+    assert not torch.equal(masked, tokens[suspicious])  # the mask dropped some tokens
+    assert torch.equal(abl_module.masked_captions(model, images[suspicious], tokens[suspicious],
+                                                  config, torch.device("cpu")), masked)
+    seen, loss = [], abl_module.batch_clip_loss
+
+    def record(model, batch_images, batch_tokens, device):
+        seen.append(batch_tokens.clone())
+        return loss(model, batch_images, batch_tokens, device)
+
+    monkeypatch.setattr(abl_module, "batch_clip_loss", record)
+    result = abl(model, images, tokens, reference=reference, config=config, verbose=False)
+    assert torch.equal(result.suspicious, suspicious)
+    originals, masks = torch.cat(seen[0::2]), torch.cat(seen[1::2])  # original, masked per step
+    order = torch.cat([tokens[suspicious]]).tolist()
+    assert sorted(originals.tolist()) == sorted(order)
+    assert sorted(masks.tolist()) == sorted(masked.tolist())
+    plain = ABLConfig()
+    assert plain.masked_captions is False  # ABL itself has no mask
+
+
 def test_interrupted_abl_resumes_to_the_uninterrupted_weights(pairs, models, tmp_path,
                                                              monkeypatch):
     import importlib

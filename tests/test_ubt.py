@@ -140,7 +140,8 @@ def test_stage_epochs_scaling():
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(masked_captions=False),
-                                       dict(retain_weight=0.0)])
+                                       dict(retain_weight=0.0), dict(masked_images=True),
+                                       dict(masked_images=True, masked_captions=False)])
 def test_unlearning_variants_keep_batchnorm_statistics(pairs, models, overrides):
     images, tokens = pairs
     model, reference = models
@@ -152,6 +153,45 @@ def test_unlearning_variants_keep_batchnorm_statistics(pairs, models, overrides)
     before = similarities(model, images[result.topk], tokens[result.topk], "cpu")
     after = similarities(result.model, images[result.topk], tokens[result.topk], "cpu")
     assert float(after.mean()) < float(before.mean())
+
+
+@pytest.mark.parametrize("masked_captions", [True, False])
+@pytest.mark.parametrize("masked_images", [True, False])
+def test_table_iv_variants_unlearn_the_masked_images_and_captions(pairs, models, monkeypatch,
+                                                                  masked_images,
+                                                                  masked_captions):
+    import importlib
+
+    from fastbd.clipdefense import masked_tokens
+    from fastbd.clipdefense.occlusion import masked_images as rebuild
+
+    ubt_defend = importlib.import_module("fastbd.ubt.defend")
+    seen = {}
+
+    def record(model, images, captions, *args, **kwargs):
+        seen.update(images=images.clone(), captions=captions.clone())
+
+    monkeypatch.setattr(ubt_defend, "unlearn", record)
+    images, tokens = pairs
+    model, reference = models
+    result = defend(model, images, tokens, reference=reference, verbose=False,
+                    config=config(masked_images=masked_images, masked_captions=masked_captions,
+                                  image_cells=4))
+    top_images, top_tokens = images[result.topk], tokens[result.topk]
+    k = result.topk.numel()
+    expected_captions = (torch.cat([top_tokens, masked_tokens(top_tokens, result.relevance,
+                                                              0.1)[0]])
+                         if masked_captions else top_tokens)
+    assert torch.equal(seen["captions"], expected_captions)
+    if not masked_images:
+        assert torch.equal(seen["images"], top_images) and result.image_relevance is None
+        return
+    assert result.image_relevance.shape == (k, 4, 4) and result.image_keep.shape == (k, 4, 4)
+    sums = result.image_relevance.sum((1, 2))
+    assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0))
+    rebuilt, keep = rebuild(top_images, result.image_relevance, 0.1, model)
+    assert torch.equal(keep, result.image_keep)
+    assert torch.equal(seen["images"], torch.cat([top_images, rebuilt]))
 
 
 @pytest.mark.parametrize("with_normal", [True, False])

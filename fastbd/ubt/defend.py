@@ -19,9 +19,9 @@
 5. Token relevance (Chefer) of the top captions under the poisoned model; masked captions keep
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
-   caption j) for i, j in the top pairs, on the poisoned model (plus ``retain_weight`` ×
-   InfoNCE on batches from the most typical ``retain_fraction`` of D_normal, our addition).
-   BatchNorm statistics stay frozen in both
+   caption j) — and (masked image i, …) with ``masked_images`` — for i, j in the top pairs,
+   on the poisoned model (plus ``retain_weight`` × InfoNCE on batches from the most typical
+   ``retain_fraction`` of D_normal, our addition). BatchNorm statistics stay frozen in both
    training stages (``finetune_mode``).
 """
 
@@ -47,6 +47,8 @@ from fastbd.clipdefense import (
     similarities,
     stage_epochs,
 )
+from fastbd.clipdefense.occlusion import masked_images, patch_relevance
+from fastbd.clipdefense.relevance import token_relevance
 from fastbd.devices import device_of
 from fastbd.distributed import average_gradients
 from fastbd.models.clip import encode_images, encode_texts
@@ -63,7 +65,6 @@ from fastbd.training.clip import (
     shuffled_batches,
     trained_pair_cosines,
 )
-from fastbd.ubt.relevance import token_relevance
 from fastbd.ubt.result import UBTResult
 from fastbd.validation import above, at_least, check_fields, fraction, one_of
 
@@ -90,12 +91,16 @@ class Config:
     itself (docs/methods.md, "UBT"). ``retain_fraction`` (ours): the retain batches come from
     that share of D_normal the reference model rates most similar, so poison beyond D_susp
     (which sits at the low end) is not re-taught. ``masked_captions``: unlearn (image, masked
-    caption) pairs too.
+    caption) pairs too. ``masked_images`` (the paper's Table IV "image mask"; off, as in UBT):
+    unlearn (masked image, caption) pairs too — each top image rebuilt from its windows of
+    occlusion relevance ≥ ``image_threshold`` on a ``image_cells × image_cells`` grid
+    (``fastbd.clipdefense.occlusion``), the rest filled with the mean colour.
     ``ranking`` (step 3): ``cross-match`` (ours: the backdoor's block, ``backdoor_block``) or
     ``overfit`` (the paper's: similarity under the overfit model).
     Ablations (the paper's Fig. 4 and Table IV): ``overfit_normal=False`` overfits on D_susp
     alone, without the D_normal InfoNCE term; ``masked_captions=False`` unlearns the original
-    captions only (gradient ascent without the token mask).
+    captions only (gradient ascent without the token mask); ``masked_images=True`` adds the
+    image mask (with ``masked_captions=False``: Table IV's "image mask + GA").
     ``check_threshold``: the check statistic (step 4) at or above which the model is called
     poisoned (½: the model matches the block halfway from random captions to true pairs or
     more, the reference no better than random captions); ``check_sample``: D_normal pairs each
@@ -112,6 +117,9 @@ class Config:
     token_threshold: float = 0.1
     start_layer: int = -1
     masked_captions: bool = True
+    masked_images: bool = False
+    image_cells: int = 7
+    image_threshold: float = 0.1
     overfit_normal: bool = True
     overfit_min_steps: int = 60
     unlearn_min_steps: int = 150
@@ -126,7 +134,8 @@ class Config:
     def __post_init__(self) -> None:
         check_fields(self, **SPLIT_RULES, topk=at_least(1), overfit_epochs=at_least(0),
                      overfit_lr=above(0), unlearn_epochs=at_least(0), unlearn_lr=above(0),
-                     token_threshold=fraction(), overfit_min_steps=at_least(0),
+                     token_threshold=fraction(), image_cells=at_least(1),
+                     image_threshold=fraction(), overfit_min_steps=at_least(0),
                      unlearn_min_steps=at_least(0), retain_weight=at_least(0),
                      retain_fraction=fraction(low_open=True), check_sample=at_least(2),
                      ranking=one_of("cross-match", "overfit"))
@@ -428,10 +437,17 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     relevance = token_relevance(purified, top_images.to(device), top_tokens,
                                 start_layer=config.start_layer)
     masked, keep = masked_tokens(top_tokens, relevance, config.token_threshold)
+    unlearn_images = top_images
+    if config.masked_images:
+        result.image_relevance = patch_relevance(purified, top_images, top_tokens,
+                                                 cells=config.image_cells, device=device)
+        rebuilt, result.image_keep = masked_images(top_images, result.image_relevance,
+                                                   config.image_threshold, purified)
+        unlearn_images = torch.cat([top_images, rebuilt])
     timings["attribution"] = time.perf_counter() - start
     start = time.perf_counter()
     captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
-    unlearn(purified, top_images, captions.cpu(), config, device, verbose,
+    unlearn(purified, unlearn_images, captions.cpu(), config, device, verbose,
             retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)),
             stages=stages)
     timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("unlearn", 0.0)

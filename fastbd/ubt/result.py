@@ -15,7 +15,8 @@ class UBTResult(DefenseResult):
     """UBT's result: ``poisoned`` and ``check_statistic`` (step 4), ``topk`` (int64 ``k``
     indices into the pairs), ``overfit_similarity`` (float32 ``|D_susp|``, aligned with
     ``suspicious``), ``relevance`` (float32 ``k×L`` token relevance) and ``token_keep`` (bool
-    ``k×L``), the last two None when the check declined."""
+    ``k×L``), the last two None when the check declined; ``image_relevance`` (float32
+    ``k×cells×cells``) and ``image_keep`` (bool, same shape) with ``masked_images``."""
 
     method: str = "ubt"
     poisoned: bool = False
@@ -24,6 +25,8 @@ class UBTResult(DefenseResult):
     overfit_similarity: torch.Tensor | None = None
     relevance: torch.Tensor | None = None
     token_keep: torch.Tensor | None = None
+    image_relevance: torch.Tensor | None = None
+    image_keep: torch.Tensor | None = None
 
     def summary(self, truth: torch.Tensor | None = None) -> dict[str, object]:
         out = super().summary(truth)

@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from fastbd.clipdefense import masked_tokens
+from fastbd.clipdefense.relevance import (
+    _finish,
+    _pair_logits,
+    explicit_text_attention,
+    token_relevance,
+)
 from fastbd.models.clip import TinyCLIPConfig, caption_ends, clip_tokenizer, tiny_clip, tokenize
-from fastbd.ubt.relevance import _finish, _pair_logits, explicit_text_attention, token_relevance
 
 CAPTIONS = ["a photo of a red circle.", "the square here is green.", "cf a small blue bar."]
 
