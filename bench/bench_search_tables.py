@@ -42,12 +42,14 @@ def test_search_cost_summary_ratios():
 
 
 def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
-    from ubt_tables import ATTACKS, METHODS
+    from ubt_tables import ABLATION_ATTACKS, ATTACKS, METHODS, TABLE_V, VARIANTS
     from ubt_tables import cells as ubt_cells
     from ubt_tables import key as ubt_key
     from ubt_tables import tables as ubt_tables
 
-    assert len(ubt_cells([0, 1])) == 2 * len(ATTACKS) * len(METHODS)
+    grid = ubt_cells([0, 1])
+    assert len(grid) == len(set(grid)) == 2 * (len(ATTACKS) * len(METHODS) + len(TABLE_V)
+                                                + len(ABLATION_ATTACKS) * len(VARIANTS))
 
     def row(seed, attack, method, ca, asr, **extra):
         return {"key": ubt_key((seed, attack, method)), "seed": seed, "attack": attack,
@@ -56,14 +58,21 @@ def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
                 **extra}
 
     rows = [row(0, "badnet", "none", 0.96, 0.92), row(1, "badnet", "none", 0.94, 0.90),
-            row(0, "badnet", "ubt", 0.95, 0.0), row(0, "sig", "ubt", 0.95, 0.5, declined=True)]
+            row(0, "badnet", "ubt", 0.95, 0.0), row(0, "sig", "ubt", 0.95, 0.5, declined=True),
+            row(0, "badnet", "abl-paper-textmask", 0.5, 0.9),
+            row(0, "blended", "ubt-image", 0.9, 0.01), row(0, "none", "cleanclip", 0.93, 0.01),
+            row(0, "none", "ubt", 0.97, 0.02, declined=True)]
     text = ubt_tables(rows)
+    assert "| badnet | abl-paper-textmask | 50.0 | 90.0 | 51.57 / 89.56 |" in text
+    assert "| blended | ubt-image | 90.0 | 1.0 | 59.90 / 0.20 |" in text
+    assert "| cleanclip | 93.0 | 1.0 | 0.100 | 59.38 |" in text
+    assert "| ubt | 97.0 | 2.0 | 0.100 | 62.69 |" in text
     assert "| badnet | none | 95.0 | 91.0 | 0.100 | 45.5 | 62.61 / 80.92 / 0.035 |" in text
     assert "| badnet | ubt | 95.0 | 0.0 | 0.100 | 0.0 | 61.51 / 0.00 / 0.074 |" in text
     assert "| none | 60 | – | 60 | 2826 / – |" in text
     assert "| ubt | 60 | 30 | 90 | 2826 / 7402 |" in text
     assert "declined (model returned unchanged): 0/sig/ubt" in text
-    assert "| blended |" not in text  # not run: no row
+    assert "| blended | ubt |" not in text and "| sig | none |" not in text  # not run: no row
 
 
 def test_multi_target_cells_and_their_table():

@@ -1,6 +1,8 @@
 """The UBT paper's comparison on the embedded world: Table III (CA, ASR and KL to a model
 retrained on clean data, for no defense / CleanCLIP / RoCLIP / UBT under each attack), Table VII's
-retrieval ASR and Table VIII's training and defense times.
+retrieval ASR, Table VIII's training and defense times, Table II (ABL as the paper runs it, with
+and without UBT's text mask), Table IV (UBT's unlearning ablation: gradient ascent only, image
+mask, image + text mask, text mask = UBT) and Table V (the defenses on a clean model).
 
 Every cell uses the world's CLIP threat of its attack (5,000 32-px pairs, 1 % poisoned, WaNet
 10 %; a tiny CLIP trained 8 epochs from scratch) and, for UBT, the independent reference (the
@@ -35,6 +37,27 @@ from results_doc import add_sweep_flags, write_section
 
 ATTACKS = ("badnet", "blended", "sig", "wanet")
 METHODS = ("none", "cleanclip", "roclip", "ubt")
+ABLATION_ATTACKS = ("badnet", "blended")
+TABLE_II = ("none", "abl-paper", "abl-paper-textmask", "ubt")
+TABLE_IV = ("none", "ubt-ga", "ubt-image", "ubt-image-text", "ubt")
+TABLE_V = ("none", "cleanclip", "ubt")
+VARIANTS = {"abl-paper": {}, "abl-paper-textmask": {"masked_captions": True},
+            "ubt-ga": {"masked_captions": False},
+            "ubt-image": {"masked_captions": False, "masked_images": True},
+            "ubt-image-text": {"masked_images": True}}
+"""The ablation rows: ABL (``ABLPaperConfig``) or UBT (``fastbd.ubt.Config``) fields."""
+PAPER_TABLE_II = {
+    "badnet": {"none": (62.61, 80.92), "abl-paper": (51.55, 89.63),
+               "abl-paper-textmask": (51.57, 89.56), "ubt": (61.51, 0.00)},
+    "blended": {"none": (62.58, 97.99), "abl-paper": (50.67, 99.95),
+                "abl-paper-textmask": (50.69, 99.94), "ubt": (60.60, 0.08)}}
+PAPER_TABLE_IV = {
+    "badnet": {"none": (62.61, 80.92), "ubt-ga": (61.29, 0.01), "ubt-image": (61.20, 0.15),
+               "ubt-image-text": (61.02, 0.02), "ubt": (61.51, 0.00)},
+    "blended": {"none": (62.58, 97.99), "ubt-ga": (60.81, 0.16), "ubt-image": (59.90, 0.20),
+                "ubt-image-text": (60.33, 0.15), "ubt": (60.56, 0.08)}}
+PAPER_TABLE_V = {"none": 62.69, "cleanclip": 59.38, "ubt": 62.69}
+"""The paper's Tables II and IV (CA %, ASR %) and V (CA % of a clean model)."""
 PAPER_TABLE_III = {
     "badnet": {"none": (62.61, 80.92, 0.035), "cleanclip": (58.95, 14.6, 0.263),
                "roclip": (61.04, 63.41, 0.145), "ubt": (61.51, 0.00, 0.074)},
@@ -55,7 +78,11 @@ def _threads() -> None:
 
 
 def cells(seeds: list[int]) -> list[tuple[int, str, str]]:
-    return [(seed, attack, method) for seed in seeds for attack in ATTACKS for method in METHODS]
+    """Every (seed, attack, method) a table reads, each once."""
+    wanted = [(attack, method) for attack in ATTACKS for method in METHODS]
+    wanted += [(attack, method) for attack in ABLATION_ATTACKS for method in VARIANTS]
+    wanted += [("none", method) for method in TABLE_V]
+    return [(seed, attack, method) for seed in seeds for attack, method in wanted]
 
 
 def key(cell: tuple) -> str:
@@ -80,11 +107,12 @@ def prepare(seed: int, cache: str) -> None:
 
 
 def run(cell: tuple, cache: str) -> dict:
-    """One defense of one attack: CA, ASR, retrieval ASR, KL to the retrained model, seconds."""
-    from fastbd.baselines import CleanCLIPConfig, RoCLIPObjective, cleanclip
+    """One defense of one attack: CA, ASR, retrieval ASR, KL to the retrained model, seconds.
+    On the clean model (attack ``none``) ASR is measured with BadNet's trigger."""
+    from fastbd.baselines import ABLPaperConfig, CleanCLIPConfig, RoCLIPObjective, abl, cleanclip
     from fastbd.eval.zeroshot import evaluate_zero_shot, zero_shot_kl
     from fastbd.models.clip import tokenize
-    from fastbd.ubt import defend
+    from fastbd.ubt import Config, defend
     from fastbd.world import (
         ZERO_SHOT_TEMPLATES,
         build_clip_threat,
@@ -118,14 +146,19 @@ def run(cell: tuple, cache: str) -> dict:
         reference = build_clip_threat(independent_reference(config), cache_dir=cache,
                                       verbose=False).model
         tokens = tokenize(threat.tokenizer, threat.poisoned.captions, context)
-        result = defend(threat.model, threat.poisoned.images, tokens, reference=reference,
-                        verbose=False)
-        model, defense_s = result.model, time.process_time() - start
-        extra = {"declined": not result.poisoned}
+        if method.startswith("abl"):
+            model = abl(threat.model, threat.poisoned.images, tokens, reference=reference,
+                        config=ABLPaperConfig(**VARIANTS[method]), verbose=False).model
+        else:
+            result = defend(threat.model, threat.poisoned.images, tokens, reference=reference,
+                            config=Config(**VARIANTS.get(method, {})), verbose=False)
+            model, extra = result.model, {"declined": not result.poisoned}
+        defense_s = time.process_time() - start
     world = threat.world
     evaluation = evaluate_zero_shot(
         model, threat.tokenizer, world.eval.images, world.eval.labels, world.class_names,
-        ZERO_SHOT_TEMPLATES, world_attack(attack, world.config.image_size, seed,
+        ZERO_SHOT_TEMPLATES, world_attack("badnet" if attack == "none" else attack,
+                                          world.config.image_size, seed,
                                           config.attack_options), config.target,
         tokens=tokenize(threat.tokenizer, world.eval.captions, context), seed=seed)
     kl = zero_shot_kl(model, retrained, threat.tokenizer, world.eval.images, world.class_names,
@@ -174,13 +207,38 @@ def tables(rows: list[dict]) -> str:
               "| defense | training s | defense s | total s | paper training / defense s |",
               "|---|---:|---:|---:|---|"]
     for method in METHODS:
-        group = [r for r in rows if r["method"] == method]
+        group = [r for r in rows if r["method"] == method and r["attack"] in ATTACKS]
         if not group:
             continue
         train, defense = _mean(group, "training_s"), _mean(group, "defense_s")
         paper = PAPER_TABLE_VIII[method]
         lines.append(f"| {method} | {train:.0f} | {_fmt(defense, 1, 0)} | "
                      f"{train + (defense or 0):.0f} | {paper[0]} / {paper[1] or '–'} |")
+    for title, methods, paper in (
+            ("Table II — ABL as the paper runs it (fixed 1 % split, batch 64, lr 1e-6, 10 "
+             "epochs), with UBT's text mask, and UBT", TABLE_II, PAPER_TABLE_II),
+            ("Table IV — UBT's unlearning: gradient ascent only (GA), image mask + GA (occlusion "
+             "relevance on a 7 × 7 grid), image + text mask + GA, text mask + GA (UBT)",
+             TABLE_IV, PAPER_TABLE_IV)):
+        lines += ["", f"{title}:", "", "| attack | defense | CA % | ASR % | paper CA / ASR |",
+                  "|---|---|---:|---:|---|"]
+        for attack in ABLATION_ATTACKS:
+            for method in methods:
+                group = by.get((attack, method))
+                if group:
+                    quoted = paper[attack][method]
+                    lines.append(f"| {attack} | {method} | {_fmt(_mean(group, 'ca'))} | "
+                                 f"{_fmt(_mean(group, 'asr'))} | "
+                                 f"{quoted[0]:.2f} / {quoted[1]:.2f} |")
+    lines += ["", "Table V — the defenses on a clean model (the world without poison; ASR with "
+              "BadNet's trigger):", "",
+              "| defense | CA % | ASR % | KL | paper CA |", "|---|---:|---:|---:|---:|"]
+    for method in TABLE_V:
+        group = by.get(("none", method))
+        if group:
+            lines.append(f"| {method} | {_fmt(_mean(group, 'ca'))} | "
+                         f"{_fmt(_mean(group, 'asr'))} | {_fmt(_mean(group, 'kl'), 1, 3)} | "
+                         f"{PAPER_TABLE_V[method]:.2f} |")
     declined = [r["key"] for r in rows if r.get("declined")]
     if declined:
         lines += ["", f"UBT's check declined (model returned unchanged): {', '.join(declined)}."]
