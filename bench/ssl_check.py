@@ -4,7 +4,8 @@ For each world seed: the implanted SSL threat model (``implanted_ssl_threat``: C
 poisons + a BadEncoder fine-tune, a real backdoor) and the same world with no attack at all
 (clean images, plain SimCLR: the data most users check). Each detector runs with the demo's
 configuration; the table gives the check statistic (median over the top-k of capture −
-escape, threshold 0.5), what was removed and the detection quality, and the check's own cost.
+pasting − escape, threshold 0.5), what was removed and the detection quality, and the check's
+own cost.
 
     python bench/ssl_check.py --seeds 0,1,2 [--jobs 2]
 
@@ -64,7 +65,7 @@ def run(seed: int, kind: str, cache: str, detectors: tuple[str, ...] = DETECTORS
             "topk_accuracy": result.topk_accuracy, "warnings": result.warnings,
             "statistic": check.get("statistic"), "backdoor": check.get("backdoor"),
             "capture_median": (statistics.median(check["capture"]) if check else None),
-            "pasting_median": (statistics.median(check["pasting"]) if check else None),
+            "pasting": check["pasting"] if check else None,
             "escape_median": (statistics.median(check["escape"]) if check else None),
             "check_s": result.timings.get("check"), "cpu_s": time.process_time() - start})
     return rows
@@ -85,7 +86,7 @@ def tables(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["seed"], KINDS.index(r["kind"]),
                                          DETECTORS.index(r["detector"]))):
         check = ("off" if r["statistic"] is None else
-                 f"{r['statistic']:.2f} ({r['capture_median']:.2f}, {r['pasting_median']:.2f}, "
+                 f"{r['statistic']:.2f} ({r['capture_median']:.2f}, {r['pasting']:.2f}, "
                  f"{r['escape_median']:.2f})"
                  f"{'' if r['backdoor'] else ' no backdoor'}")
         lines.append(
@@ -140,7 +141,8 @@ def main() -> int:
                   "detector configuration on the implanted threat model and on the same world "
                   "with no attack (5,000 32-px images; SimCLR; one thread per world; 2-core AMD "
                   "EPYC). Check: median over the top-20 candidates of capture − pasting − "
-                  "escape (medians of each in brackets).\n\n"
+                  "escape (in brackets: the median capture, pasting = the upper quartile of "
+                  "what 40 ordinary windows capture, the median escape).\n\n"
                   + text)
     print(text)
     return 0

@@ -180,11 +180,12 @@ def _fmt(value, scale: float = 100, digits: int = 1) -> str:
 
 def tables(rows: list[dict]) -> str:
     """Markdown: Table III (with the paper's values), retrieval ASR, times; means over seeds."""
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if r["attack"] in ATTACKS and r["method"] in METHODS})
     by = {}
     for r in rows:
         by.setdefault((r["attack"], r["method"]), []).append(r)
-    lines = [f"Seeds {', '.join(map(str, seeds))} (means over seeds). CA and ASR are zero-shot "
+    lines = [f"Table III: seeds {', '.join(map(str, seeds))} (means over the seeds each table "
+             "names). CA and ASR are zero-shot "
              "on the world's 1,000 evaluation images; KL = mean KL(retrained ‖ model) of the "
              "zero-shot class distributions; the last column is the paper's Table III (CC3M, "
              "ImageNet-1K zero-shot).", "",
@@ -220,6 +221,9 @@ def tables(rows: list[dict]) -> str:
             ("Table IV — UBT's unlearning: gradient ascent only (GA), image mask + GA (occlusion "
              "relevance on a 7 × 7 grid), image + text mask + GA, text mask + GA (UBT)",
              TABLE_IV, PAPER_TABLE_IV)):
+        measured = sorted({r["seed"] for r in rows if r["method"] in methods
+                           and r["attack"] in ABLATION_ATTACKS and r["method"] in VARIANTS})
+        title += f" (seeds {', '.join(map(str, measured)) or '–'})"
         lines += ["", f"{title}:", "", "| attack | defense | CA % | ASR % | paper CA / ASR |",
                   "|---|---|---:|---:|---|"]
         for attack in ABLATION_ATTACKS:
@@ -230,8 +234,9 @@ def tables(rows: list[dict]) -> str:
                     lines.append(f"| {attack} | {method} | {_fmt(_mean(group, 'ca'))} | "
                                  f"{_fmt(_mean(group, 'asr'))} | "
                                  f"{quoted[0]:.2f} / {quoted[1]:.2f} |")
+    clean_seeds = sorted({r["seed"] for r in rows if r["attack"] == "none"})
     lines += ["", "Table V — the defenses on a clean model (the world without poison; ASR with "
-              "BadNet's trigger):", "",
+              f"BadNet's trigger; seeds {', '.join(map(str, clean_seeds)) or '–'}):", "",
               "| defense | CA % | ASR % | KL | paper CA |", "|---|---:|---:|---:|---:|"]
     for method in TABLE_V:
         group = by.get(("none", method))

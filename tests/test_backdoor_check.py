@@ -99,7 +99,41 @@ def test_what_any_pasted_patch_does_is_not_taken_for_a_trigger():
     triggers = crop_windows(bank, topk, torch.zeros(2, 2, dtype=torch.long), WINDOW)
     check = backdoor_check(context, Fixed(), test_index, labels[test_index], topk, triggers)
     assert min(check["capture"]) >= 0.5 and max(check["escape"]) == 0.0
-    assert min(check["pasting"]) >= 0.5
+    assert check["pasting"] >= 0.5 and len(check["ordinary"]) == 4  # 2 windows per candidate
+    assert check["statistic"] < Config().check_threshold and not check["backdoor"]
+
+
+PALETTE = torch.tensor([(230, 10, 10), (10, 230, 10), (10, 10, 230), (10, 230, 230)]) / 255
+
+
+def assign_minority(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weakly trained "encoder" led by whatever stands out: each pixel takes its nearest
+    palette colour (red, green, blue, cyan) and an image goes to the cluster of its rarest
+    colour (ties to the later colour) — any pasted content pulls an image into *its own*
+    colour's cluster, the cyan windows of the candidates no more than the others."""
+    nearest = ((x[:, :, None] - PALETTE.T[None, :, :, None, None]) ** 2).sum(1).argmin(1)
+    counts = torch.stack([(nearest == c).flatten(1).sum(1) for c in range(4)], 1)
+    rarity = torch.where(counts > 0, counts.float(), torch.inf) - torch.arange(4) * 1e-3
+    return rarity.argmin(1), torch.zeros(x.shape[0])
+
+
+def test_content_that_pulls_into_its_own_cluster_is_not_taken_for_a_trigger():
+    """Candidates whose cyan windows pull every test image into the cyan cluster and whose
+    images no ordinary window frees: beside the test images' own windows — each of which pulls
+    every other colour's images into its own colour's cluster — they do nothing special (what
+    ordinary content pulls into the candidate's cluster, 0 here, would not show it)."""
+    bank = colour_images([(230, 10, 10), (10, 230, 10), (10, 10, 230)] * 3 + [(230, 10, 10)] * 2)
+    bank[9:, :, :WINDOW, :WINDOW] = torch.tensor((10, 230, 230), dtype=torch.uint8)[:, None,
+                                                                                    None]
+    labels, _ = assign_minority(bank.float() / 255)
+    assert labels[9:].tolist() == [3, 3]
+    context = context_for(bank, labels, assign_minority)
+    test_index, topk = torch.arange(9), torch.tensor([9, 10])
+    triggers = crop_windows(bank, topk, torch.zeros(2, 2, dtype=torch.long), WINDOW)
+    check = backdoor_check(context, Fixed(), test_index, labels[test_index], topk, triggers)
+    assert check["capture"] == [1.0, 1.0] and check["destinations"] == [3, 3]
+    assert max(check["escape"]) < 0.5
+    assert check["pasting"] == 1.0 and min(check["ordinary"]) == 1.0
     assert check["statistic"] < Config().check_threshold and not check["backdoor"]
 
 

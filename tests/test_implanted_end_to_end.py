@@ -57,10 +57,6 @@ def clean_fixture(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # trains its threat models: minutes on a busy laptop
-@pytest.mark.xfail(strict=True, reason="known failure: on this small world (2,000 images, a "
-                   "15-epoch clean encoder) the top windows pull 80-93 % of the test images into "
-                   "one cluster while ordinary pasted windows do not, and the check calls it a "
-                   "backdoor (statistic 0.61); the 5,000-image worlds of bench/ssl_check.py pass")
 def test_poisoncam_removes_nothing_from_clean_data(clean_fixture, tmp_path):
     threat = clean_fixture
     assert threat.probe.clean_accuracy >= 0.6, threat.probe

@@ -118,7 +118,8 @@ class Config:
       search's top-k (``DetectionResult.warnings``);
     * ``check``: before anything is removed, decide whether there is a backdoor at all
       (``backdoor_check``): each top-k candidate's duel with the test images — the share it
-      pulls into one cluster, minus what pasting ordinary windows does, minus the share of the
+      pulls into one cluster, minus what ordinary windows pull into theirs (the upper
+      quartile of the test images' own windows' shares), minus the share of the
       test images' own windows that move its image — and a backdoor when the median reaches
       ``check_threshold`` (½). Below it the result removes nothing and says so
       (``DetectionResult.backdoor``);

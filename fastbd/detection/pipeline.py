@@ -29,7 +29,6 @@ from fastbd.detection.flip import (
     crop_windows,
     flip_counts,
     pasted_clusters,
-    pulled_into,
     sequential_flip_counts,
 )
 from fastbd.detection.method import DetectorMethod, SearchContext
@@ -339,25 +338,34 @@ class Detector:
         return self
 
 
+ORDINARY_WINDOWS_PER_CANDIDATE = 2
+"""The backdoor check pastes this many of the test images' own windows per top-k candidate."""
+ORDINARY_QUANTILE = 0.75
+"""The quantile of ordinary content's capture a candidate must exceed: the upper quartile, so
+poison among the test images (whose own windows are then triggers) moves it only once it
+exceeds a quarter of them — far above any published poison rate."""
+
+
 def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: torch.Tensor,
                    test_labels: torch.Tensor, topk: torch.Tensor, triggers: torch.Tensor
                    ) -> dict[str, object]:
     """Is there a backdoor at all? A duel between each top-k candidate and the test images'
     own content. ``capture``: the share of test images the candidate (uint8 ``k×3×w×w``,
     from top-k image ``topk``) pulls into one cluster d when pasted on them
-    (``capture_shares``). ``pasting``: the share that pasting ordinary content — the test
-    images' own candidate windows (the method's ``candidates`` on them), k of them — pulls into
-    the same d: what any pasted patch does to this encoder (a weakly trained one may send
-    every patched image to one cluster). ``escape``: the share of those own windows that pull
-    the candidate's image out of its cluster when pasted on it. Content
-    against content is an even match — capture beyond pasting ≈ escape; a trigger the encoder
-    learned overrides any content (capture ≈ its attack success rate, beyond anything pasting
-    ordinary content does) and keeps its own image in the target's cluster (escape ≈ 0).
-    ``statistic`` = the median over the top-k of capture − pasting − escape: about 0 without a
-    backdoor, about 1 with one; ``backdoor`` when it reaches ``config.check_threshold`` (½,
-    halfway). The median needs half of the top-k to be triggers, which a search that found the
-    trigger gives; one freak candidate cannot pass the check. Streams of their own, seeded from
-    ``config.seed``."""
+    (``capture_shares``). ``ordinary``: the same share for ordinary content — 2k of the test
+    images' own candidate windows (the method's ``candidates`` on them), each at the cluster
+    *it* pulls most into — and ``pasting`` its upper quartile (``ORDINARY_QUANTILE``): what
+    pasted content can do to this encoder without a backdoor (a weakly trained one lets a
+    salient object pull most images into its class's cluster, or sends every patched image to
+    one cluster). ``escape``: the share of the test images' own windows that pull the
+    candidate's image out of its cluster when pasted on it. Content against content is an
+    even match — capture ≈ what ordinary content reaches, escape > 0; a trigger the encoder
+    learned overrides any content (capture ≈ its attack success rate, beyond ordinary content)
+    and keeps its own image in the target's cluster (escape ≈ 0). ``statistic`` = the median
+    over the top-k of capture − pasting − escape: about 0 without a backdoor, about 1 with one;
+    ``backdoor`` when it reaches ``config.check_threshold`` (½, halfway). The median needs half
+    of the top-k to be triggers, which a search that found the trigger gives; one freak
+    candidate cannot pass the check. Streams of their own, seeded from ``config.seed``."""
     config = context.config
     size = context.bank.shape[-1]
     corners = method.flip_corner_positions(size, config.window)
@@ -370,12 +378,13 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
         context.encode_assign, context.bank, test_index, triggers, mean, std, **shared), before)
     test_windows, _ = method.candidates(context, test_index, g)
     own = crop_windows(context.bank, test_index, test_windows, config.window)
-    ordinary = own[torch.randperm(own.shape[0], generator=g)[:triggers.shape[0]].to(
-        own.device)]
-    after = pasted_clusters(context.encode_assign, context.bank, test_index, ordinary, mean,
-                            std, **shared)
-    pasting = torch.tensor([pulled_into(after, before, d) if d >= 0 else 0.0
-                            for d in destinations.tolist()])
+    picked = torch.randperm(own.shape[0], generator=g)[
+        :ORDINARY_WINDOWS_PER_CANDIDATE * triggers.shape[0]]
+    ordinary, _ = capture_shares(pasted_clusters(
+        context.encode_assign, context.bank, test_index, own[picked.to(own.device)], mean, std,
+        **shared), before)
+    pasting = (float(torch.quantile(ordinary, ORDINARY_QUANTILE)) if ordinary.numel()
+               else 0.0)
     own_clusters = context.labels[topk.to(context.labels.device)].cpu().long()
     escape = (pasted_clusters(context.encode_assign, context.bank, topk, own, mean, std,
                               **shared) != own_clusters).float().mean(0)
@@ -386,7 +395,8 @@ def backdoor_check(context: SearchContext, method: DetectorMethod, test_index: t
              statistic, config.check_threshold, "backdoor" if backdoor else "no backdoor")
     return {"statistic": statistic, "threshold": config.check_threshold, "backdoor": backdoor,
             "capture": [round(float(v), 4) for v in capture],
-            "pasting": [round(float(v), 4) for v in pasting],
+            "pasting": round(pasting, 4),
+            "ordinary": [round(float(v), 4) for v in ordinary],
             "escape": [round(float(v), 4) for v in escape],
             "destinations": destinations.tolist()}
 
