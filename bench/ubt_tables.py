@@ -228,7 +228,7 @@ def tables(rows: list[dict]) -> str:
                   "|---|---|---:|---:|---|"]
         for attack in ABLATION_ATTACKS:
             for method in methods:
-                group = by.get((attack, method))
+                group = [r for r in by.get((attack, method), []) if r["seed"] in measured]
                 if group:
                     quoted = paper[attack][method]
                     lines.append(f"| {attack} | {method} | {_fmt(_mean(group, 'ca'))} | "
