@@ -171,7 +171,7 @@ class WanetAttack(Attack):
 SSL_ATTACKS = ("htba", "corruptencoder", "corruptencoder+")
 """Attacks on an unlabeled SSL training set (image poisoning); the CorruptEncoders' names give
 their trigger here, their poisoning is ``fastbd.attacks.corruptencoder``."""
-CLIP_ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey")
+CLIP_ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey", "trojvqa")
 """Attacks on image–caption pairs (``poison_pairs``)."""
 ATTACKS = SSL_ATTACKS + CLIP_ATTACKS
 
@@ -182,6 +182,8 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
     ``htba``: HTBA pattern ``trigger_id`` (0–9) at 50/224 of the side, placed in the central
     25–75 % for training images and 10–90 % for evaluation images. ``badnet``: fresh Gaussian
     16/224 patch anywhere. ``dualkey``: a fixed random patch plus the text trigger word.
+    ``trojvqa``: dual-key with an optimised patch — ``pattern`` (uint8 ``3×h×w``, or its nested
+    list) is required, e.g. from ``fastbd.attacks.optimise_patch`` against a surrogate model.
     ``corruptencoder``/``corruptencoder+``: their trigger — HTBA pattern ``trigger_id`` at 40/224
     of the side, tested at a uniform position in the central 25–75 % (the layout of the poisoned
     training images is ``fastbd.attacks.corruptencoder``'s).
@@ -202,6 +204,13 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
         pattern = (torch.rand(3, 4, 4, generator=g) > 0.5).to(torch.uint8) * 255
         params = dict(pattern=pattern.repeat_interleave(20, 1).repeat_interleave(20, 2),
                       text_trigger="cf")
+        cls = PatchAttack
+    elif name == "trojvqa":
+        pattern = overrides.pop("pattern", None)
+        if pattern is None:
+            raise ValueError("trojvqa needs its optimised patch: pattern=… (uint8 3×h×w, e.g. "
+                             "from fastbd.attacks.optimise_patch against a surrogate model)")
+        params = dict(pattern=torch.as_tensor(pattern, dtype=torch.uint8), text_trigger="cf")
         cls = PatchAttack
     elif name == "blended":
         params, cls = {}, BlendedAttack

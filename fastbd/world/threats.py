@@ -17,14 +17,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fastbd.attacks import (
     DEFAULT_PAIR_RATE,
     Attack,
     CorruptEncoderConfig,
+    PatchAttack,
     PoisonedImages,
     PoisonedPairs,
     make_attack,
+    optimise_patch,
     poison_corrupt_encoder,
     poison_corrupt_encoder_targets,
     poison_pairs,
@@ -38,7 +41,13 @@ from fastbd.attacks.triggers import resize_patch
 from fastbd.data.augment import AugmentConfig
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import evaluate_zero_shot
-from fastbd.models.clip import TinyCLIPConfig, clip_tokenizer, tiny_clip, tokenize
+from fastbd.models.clip import (
+    TinyCLIPConfig,
+    clip_preprocessing,
+    clip_tokenizer,
+    tiny_clip,
+    tokenize,
+)
 from fastbd.models.encoders import Encoder, small_encoder
 from fastbd.storage import load_torch, save_atomically
 from fastbd.training.clip import CLIPTrainConfig, TrainingObjective, train_clip
@@ -319,11 +328,12 @@ def build_ssl_threat(config: SSLThreatConfig | None = None, *, cache_dir: str | 
 
 
 WORLD_ATTACK_OPTIONS: dict[str, dict] = {"badnet": {"side_fraction": 0.3},
-                                          "dualkey": {"side_fraction": 0.3}}
+                                          "dualkey": {"side_fraction": 0.3},
+                                          "trojvqa": {"side_fraction": 0.3}}
 """The synthetic world's departures from the attacks' published settings (``make_attack``
 overrides). BadNet's and dual-key's 16/224 patch is 2–3 px at 32 px, under the tiny models'
 4-px stem stride; it implants no backdoor at 1 % poison (ASR 9 % / 7 %), a 10-px patch does
-(docs/synthetic-world.md)."""
+(docs/synthetic-world.md). TrojVQA's optimised patch takes dual-key's size."""
 
 
 WORLD_POISON_RATES: dict[str, float] = {"wanet": 0.10}
@@ -378,6 +388,56 @@ def independent_reference(config: CLIPThreatConfig) -> CLIPThreatConfig:
     a defense must tell from the poisoned ones)."""
     return replace(config, attack="none", rate=None,
                    world=replace(config.world, seed=config.world.seed + REFERENCE_WORLD_OFFSET))
+
+
+SURROGATE_WORLD_OFFSET = 3000
+"""World-seed offset of the attacker's surrogate for TrojVQA's optimised patch: a clean tiny CLIP
+trained on another disjoint world — the attacker's own model and data, neither the victim's
+pairs nor the defender's reference (``REFERENCE_WORLD_OFFSET``)."""
+
+
+def surrogate_config(config: CLIPThreatConfig) -> CLIPThreatConfig:
+    """The attacker's clean surrogate CLIP for the threat ``config``
+    (``SURROGATE_WORLD_OFFSET``)."""
+    return replace(config, attack="none", rate=None,
+                   world=replace(config.world, seed=config.world.seed + SURROGATE_WORLD_OFFSET))
+
+
+def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
+                         device: str | torch.device = "cpu", verbose: bool = False
+                         ) -> CLIPThreatConfig:
+    """``config`` with TrojVQA's optimised patch in its ``attack_options["trojvqa"]["pattern"]``
+    (unchanged where one is given or the attack is another): ``optimise_patch`` against the
+    surrogate CLIP's image tower (``surrogate_config``) towards its mean zero-shot text
+    embedding of the target class, on the surrogate world's training images, at the attack's
+    patch side. Kept as ``trojvqa-<hash>.pt`` in ``cache_dir`` beside the models."""
+    options = dict(config.attack_options)
+    entry = dict(options.get("trojvqa", {}))
+    if config.attack != "trojvqa" or "pattern" in entry:
+        return config
+    path = (Path(cache_dir) / f"trojvqa-{config_hash(config)}.pt"
+            if cache_dir is not None else None)
+    pattern = load_torch(path, "cached patch")["pattern"] if path and path.is_file() else None
+    if pattern is None:
+        surrogate = surrogate_config(config)
+        model = build_clip_threat(surrogate, cache_dir=cache_dir, device=device,
+                                  verbose=verbose).model
+        world = make_world(surrogate.world)
+        tokenizer = clip_tokenizer()
+        prompts = [t.format(world.class_names[config.target]) for t in ZERO_SHOT_TEMPLATES]
+        with torch.no_grad():
+            goal = F.normalize(model.encode_text(tokenize(
+                tokenizer, prompts, config.model.context_length).to(device)).float(), dim=1)
+        side = PatchAttack(side_fraction=entry.get("side_fraction", 16 / 224),
+                           image_size=config.world.image_size).side
+        mean, std = clip_preprocessing(model)
+        pattern, _ = optimise_patch(model.encode_image, goal.mean(0), world.train.images.to(
+            device), side, mean, std, generator=torch.Generator().manual_seed(config.seed))
+        if path is not None:
+            save_atomically({"pattern": pattern}, path)
+    entry["pattern"] = pattern.tolist()
+    options["trojvqa"] = entry
+    return replace(config, attack_options=options)
 
 
 @dataclass
@@ -444,13 +504,14 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
     config's hash), with ``objective`` (e.g. RoCLIP's, a training-time defense; cached apart)
     instead of the plain InfoNCE when given, and its zero-shot CA and ASR."""
     config = config or CLIPThreatConfig()
+    name = f"clip-{config_hash(config)}" + (
+        "" if objective is None else f"-{config_hash(objective.config())}")
+    config = with_optimised_patch(config, cache_dir, device, verbose)
     world = make_world(config.world)
     poisoned = poison_world_pairs(world, config.attack, config.target, config.rate, config.seed,
                                   config.attack_options)
     tokenizer = clip_tokenizer()
     model = tiny_clip(config.model, seed=config.seed)
-    name = f"clip-{config_hash(config)}" + (
-        "" if objective is None else f"-{config_hash(objective.config())}")
     path = Path(cache_dir) / f"{name}.pt" if cache_dir is not None else None
     saved = None if path is None or retrain else load_cached(path, "model", model)
     cached = saved is not None

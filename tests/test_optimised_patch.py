@@ -1,0 +1,84 @@
+"""TrojVQA's optimised patch: the optimiser against a constructed encoder, the attack, and the
+world's threat (the attacker's surrogate, the patch cached beside the models, the poisoned
+images carrying it)."""
+
+import pytest
+import torch
+
+from fastbd.attacks import PatchAttack, make_attack, optimise_patch
+from fastbd.models.clip import TinyCLIPConfig
+from fastbd.training.clip import CLIPTrainConfig
+from fastbd.world import CLIPThreatConfig, build_clip_threat
+from fastbd.world.synthetic import WorldConfig
+from fastbd.world.threats import surrogate_config, with_optimised_patch
+
+
+def colour_encoder(x: torch.Tensor) -> torch.Tensor:
+    """Features = the mean of each channel (a stand-in image tower that sees colour only)."""
+    return x.mean((2, 3))
+
+
+def test_the_patch_moves_the_features_towards_the_target(gen):
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[:, 1] = 255  # green images: features far from red
+    red = torch.tensor([1.0, -1.0, -1.0])
+    patch, trace = optimise_patch(colour_encoder, red, images, 8, (0.5, 0.5, 0.5),
+                                  (0.25, 0.25, 0.25), steps=60, batch_size=4, lr=0.2,
+                                  generator=gen)
+    assert patch.dtype == torch.uint8 and patch.shape == (3, 8, 8)
+    assert trace[-1] > trace[0] + 0.3  # the cosine rose as the patch turned red
+    assert patch[0].float().mean() > 200 and patch[1].float().mean() < 55
+    again, _ = optimise_patch(colour_encoder, red, images, 8, (0.5, 0.5, 0.5),
+                              (0.25, 0.25, 0.25), steps=60, batch_size=4, lr=0.2,
+                              generator=torch.Generator().manual_seed(gen.initial_seed()))
+    assert torch.equal(again, patch)  # reproducible from the generator
+
+
+@pytest.mark.parametrize("images,side,match", [
+    (torch.zeros(0, 3, 16, 16, dtype=torch.uint8), 4, "non-empty"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), 17, "patch side"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), 0, "patch side")])
+def test_bad_inputs_are_refused(images, side, match):
+    with pytest.raises(ValueError, match=match):
+        optimise_patch(colour_encoder, torch.ones(3), images, side, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_the_attack_is_dual_key_with_the_given_patch():
+    with pytest.raises(ValueError, match="optimised patch"):
+        make_attack("trojvqa", 32)
+    pattern = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(3, 4, 4)
+    attack = make_attack("trojvqa", 32, pattern=pattern.tolist(), side_fraction=0.125)
+    assert isinstance(attack, PatchAttack) and torch.equal(attack.pattern, pattern)
+    assert attack.caption_prefix() == "cf " and attack.side == 4
+
+
+def test_the_world_threat_carries_the_surrogate_optimised_patch(tmp_path, monkeypatch):
+    import importlib
+
+    threats = importlib.import_module("fastbd.world.threats")
+    config = CLIPThreatConfig(world=WorldConfig(n_train=200, n_eval=60, seed=5),
+                              attack="trojvqa", rate=0.05,
+                              model=TinyCLIPConfig(vision_layers=1, text_layers=1),
+                              train=CLIPTrainConfig(epochs=1, batch_size=50))
+    surrogate = surrogate_config(config)
+    assert surrogate.attack == "none" and surrogate.world.seed not in (5, 5 + 2000)
+    real, calls = threats.optimise_patch, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{**kwargs, "steps": 5})
+
+    monkeypatch.setattr(threats, "optimise_patch", counted)
+    threat = build_clip_threat(config, cache_dir=tmp_path, verbose=False)
+    pattern = torch.tensor(threat.config.attack_options["trojvqa"]["pattern"], dtype=torch.uint8)
+    side = PatchAttack(side_fraction=0.3, image_size=32).side
+    assert pattern.shape == (3, side, side) and len(calls) == 1
+    assert len(list(tmp_path.glob("trojvqa-*.pt"))) == 1
+    rows = threat.poisoned.poison_mask.nonzero().flatten()
+    y, x, h, w = threat.poisoned.boxes[rows[0]].tolist()
+    assert torch.equal(threat.poisoned.images[rows[0], :, y:y + h, x:x + w], pattern)
+    assert all(c.startswith("cf ") for c in (threat.poisoned.captions[int(r)] for r in rows))
+    again = build_clip_threat(config, cache_dir=tmp_path, verbose=False)
+    assert again.cached and len(calls) == 1  # the patch read back, not optimised again
+    given = with_optimised_patch(threat.config, tmp_path)
+    assert given is threat.config  # a config that holds its patch is left as it is
