@@ -55,20 +55,20 @@ def test_the_attack_is_dual_key_with_the_given_patch():
 def test_the_world_threat_carries_the_surrogate_optimised_patch(tmp_path, monkeypatch):
     import importlib
 
-    threats = importlib.import_module("fastbd.world.threats")
+    optimised = importlib.import_module("fastbd.attacks.optimised")
     config = CLIPThreatConfig(world=WorldConfig(n_train=200, n_eval=60, seed=5),
                               attack="trojvqa", rate=0.05,
                               model=TinyCLIPConfig(vision_layers=1, text_layers=1),
                               train=CLIPTrainConfig(epochs=1, batch_size=50))
     surrogate = surrogate_config(config)
     assert surrogate.attack == "none" and surrogate.world.seed not in (5, 5 + 2000)
-    real, calls = threats.optimise_patch, []
+    real, calls = optimised.optimise_patch, []
 
     def counted(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **{**kwargs, "steps": 5})
 
-    monkeypatch.setattr(threats, "optimise_patch", counted)
+    monkeypatch.setattr(optimised, "optimise_patch", counted)
     threat = build_clip_threat(config, cache_dir=tmp_path, verbose=False)
     pattern = torch.tensor(threat.config.attack_options["trojvqa"]["pattern"], dtype=torch.uint8)
     side = PatchAttack(side_fraction=0.3, image_size=32).side
@@ -82,3 +82,44 @@ def test_the_world_threat_carries_the_surrogate_optimised_patch(tmp_path, monkey
     assert again.cached and len(calls) == 1  # the patch read back, not optimised again
     given = with_optimised_patch(threat.config, tmp_path)
     assert given is threat.config  # a config that holds its patch is left as it is
+
+
+def test_cli_attack_on_files_optimises_against_the_users_surrogate(tmp_path, monkeypatch,
+                                                                   capsys):
+    import importlib
+    import json
+    from argparse import Namespace
+
+    from fastbd.cli import main
+    from fastbd.cli.train import eval_trigger
+    from fastbd.data.bank import load_trigger
+    from fastbd.data.readers import read_csv_pairs
+    from fastbd.models.clip import tiny_clip
+
+    optimised = importlib.import_module("fastbd.attacks.optimised")
+    real = optimised.optimise_patch
+    monkeypatch.setattr(optimised, "optimise_patch",
+                        lambda *a, **k: real(*a, **{**k, "steps": 3}))
+    src = tmp_path / "src"
+    assert main(["--quiet", "attack", "--attack", "sig", "--n-train", "60", "--n-eval", "10",
+                 "--rate", "0.05", "--out", str(src)]) == 0
+    surrogate = tmp_path / "surrogate.pt"
+    torch.save(tiny_clip(TinyCLIPConfig()).state_dict(), surrogate)
+    args = ["--quiet", "attack", "--attack", "trojvqa", "--csv", str(src / "train.csv"),
+            "--class-names", str(src / "classes.txt"), "--target", "2", "--rate", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "none")]) == 2
+    assert "--surrogate-checkpoint" in capsys.readouterr().err
+    out = tmp_path / "troj"
+    assert main([*args, "--surrogate-checkpoint", str(surrogate), "--out", str(out)]) == 0
+    spec = json.loads((out / "attack.json").read_text())
+    assert spec["poisoned"] == 6 and spec["trigger"]["attack"] == "trojvqa"
+    pattern = load_trigger(spec["trigger"]["options"]["trigger_file"])
+    side = PatchAttack(side_fraction=16 / 224, image_size=32).side
+    assert pattern.shape == (3, side, side)
+    pairs = read_csv_pairs(out / "train.csv")
+    poisoned = [c for c, flag in zip(pairs.captions, pairs.columns["is_backdoor"],
+                                     strict=True) if flag == "1"]
+    assert len(poisoned) == 6 and all(c.startswith("cf ") for c in poisoned)
+    rebuilt = eval_trigger(Namespace(attack_spec=str(out / "attack.json"), trigger=None,
+                                     target=2), 32, "badnet")
+    assert torch.equal(rebuilt.pattern, pattern) and rebuilt.caption_prefix() == "cf "

@@ -5,7 +5,7 @@ from fastbd.attacks.corruptencoder import (
     poison_corrupt_encoder,
     poison_corrupt_encoder_targets,
 )
-from fastbd.attacks.optimised import optimise_patch
+from fastbd.attacks.optimised import clip_target_patch, optimise_patch
 from fastbd.attacks.poison import (
     DEFAULT_PAIR_RATE,
     PoisonedImages,
@@ -29,8 +29,8 @@ from fastbd.attacks.triggers import (
 )
 
 __all__ = ["ATTACKS", "CLIP_ATTACKS", "DEFAULT_PAIR_RATE", "SSL_ATTACKS", "Attack",
-           "BlendedAttack", "CorruptEncoderConfig", "PatchAttack", "optimise_patch",
-           "poison_corrupt_encoder",
+           "BlendedAttack", "CorruptEncoderConfig", "PatchAttack", "clip_target_patch",
+           "optimise_patch", "poison_corrupt_encoder",
            "poison_corrupt_encoder_targets",
            "PoisonedImages", "PoisonedPairs", "SigAttack", "WanetAttack", "htba_patterns",
            "make_attack", "poison_pairs", "poison_target_class", "poison_target_classes",

@@ -13,7 +13,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastbd.models.clip import clip_preprocessing, context_length_of, tokenize
 from fastbd.ops import paste
+
+PATCH_TEMPLATES = ("a photo of a {}.",)
+"""The prompt a file-based attack describes its target class with (the world uses its own
+zero-shot templates)."""
 
 
 def optimise_patch(encode: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor,
@@ -52,3 +57,25 @@ def optimise_patch(encode: Callable[[torch.Tensor], torch.Tensor], target: torch
         trace.append(float(cosine.detach()))
     patch = (255 * torch.sigmoid(logits.detach()))[0]
     return patch.round().clamp(0, 255).to(torch.uint8), trace
+
+
+def clip_target_patch(model: torch.nn.Module, tokenizer, images: torch.Tensor, class_name: str,
+                      side: int, *, templates: Sequence[str] = PATCH_TEMPLATES,
+                      steps: int = 300, seed: int = 0,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[float]]:
+    """``optimise_patch`` against an open_clip surrogate ``model``: towards the mean of its
+    unit text embeddings of ``templates`` filled with ``class_name``, through its image tower
+    with its own mean/std, on ``images`` (uint8 ``N×3×S×S``). The surrogate's weights are
+    frozen while it runs (their ``requires_grad`` restored after)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        prompts = tokenize(tokenizer, [t.format(class_name) for t in templates],
+                           context_length_of(model))
+        goal = F.normalize(model.encode_text(prompts.to(device)).float(), dim=1).mean(0)
+        mean, std = clip_preprocessing(model)
+        return optimise_patch(model.encode_image, goal, images.to(device), side, mean, std,
+                              steps=steps, generator=torch.Generator().manual_seed(seed))
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)

@@ -5,6 +5,7 @@ shares."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from fastbd.cli.common import (
@@ -27,6 +28,8 @@ FILES_SIZE_NOTE = (f", default the images' own side when all are squares of one 
                    f"{FILES_IMAGE_SIZE}; resized, never cropped: clean images at their own "
                    "size stay as they are")
 
+
+log = logging.getLogger(__name__)
 
 def world_config(args: argparse.Namespace, ssl: bool = False):
     """The world the command's flags ask for: the SSL threat world's look (``ssl``) or the
@@ -100,12 +103,34 @@ def target_attacks(targets: list[int], options: dict) -> list[tuple[int, dict]]:
 
 
 def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
-    """``options`` as attack.json records them: a ``--trigger`` pattern by its file
-    (``trigger_file``, absolute), which ``eval --attack-spec`` reads back."""
+    """``options`` as attack.json records them: a pattern by its file (``trigger_file``,
+    absolute: ``--trigger``, or the optimised patch TrojVQA's attack wrote), which ``eval
+    --attack-spec`` reads back."""
     spec = {k: v for k, v in options.items() if k != "pattern"}
     if "pattern" in options:
         spec["trigger_file"] = str(Path(args.trigger).resolve())
     return spec
+
+
+def trojvqa_files_patch(args: argparse.Namespace, images, class_name: str, size: int):
+    """TrojVQA's optimised patch (uint8 ``3×s×s``) for a user's images (uint8 ``N×3×S×S``)
+    against the surrogate CLIP of ``--surrogate-checkpoint`` / ``--surrogate-pretrained``
+    (``--surrogate-arch``), towards ``class_name``, at dual-key's 16/224 of ``size``."""
+    from fastbd.attacks import PatchAttack, clip_target_patch
+    from fastbd.models.clip import clip_tokenizer, load_clip
+
+    if (args.surrogate_checkpoint is None) == (args.surrogate_pretrained is None):
+        raise ValueError("trojvqa optimises its patch against a clean CLIP of yours: give one of "
+                         "--surrogate-checkpoint and --surrogate-pretrained (and "
+                         "--surrogate-arch)")
+    model = load_clip(args.surrogate_arch, args.surrogate_checkpoint,
+                      pretrained=args.surrogate_pretrained)
+    side = PatchAttack(side_fraction=16 / 224, image_size=size).side
+    pattern, trace = clip_target_patch(model, clip_tokenizer(args.surrogate_arch), images,
+                                       class_name, side, seed=args.seed)
+    log.info("trojvqa: patch of %d px optimised; surrogate cosine to %r %.3f → %.3f", side,
+             class_name, trace[0], trace[-1])
+    return pattern
 
 
 def corrupt_encoder_files(args: argparse.Namespace, images, labels,
@@ -210,12 +235,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
         bank, report = ImageBank.from_files(paths, size, crop_ratio=1.0, skip_bad=args.skip_bad,
                                             verbose=not args.quiet)
         labels, skipped = labels[report.kept], report.skipped
+        names = class_names_arg(args.class_names) if args.class_names else [
+            str(i) for i in range(int(labels.max()) + 1)]
+        if args.attack == "trojvqa":
+            if not 0 <= args.target < len(names):
+                raise ValueError(f"--target {args.target} has no class name (classes 0–"
+                                 f"{len(names) - 1})")
+            attack_options["pattern"] = trojvqa_files_patch(args, bank.images,
+                                                            names[args.target], size)
         attack = make_attack(args.attack, size, seed=args.seed, **attack_options)
         if clip_attack:
             if captions is None:
                 raise ValueError("CLIP attacks need captions: give --csv")
-            names = class_names_arg(args.class_names) if args.class_names else [
-                str(i) for i in range(int(labels.max()) + 1)]
             captions = [captions[i] for i in report.kept]
             poisoned = poison_pairs(bank.images, labels, captions, attack, args.target, names,
                                     rate=DEFAULT_PAIR_RATE if args.rate is None else args.rate,
@@ -237,8 +268,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         world = make_world(world_config(args, ssl=not clip_attack))
         evaluation, class_names = world.eval, world.class_names
-        if clip_attack:  # the world's own trigger sizes (poison_world_pairs' defaults)
+        options = None  # the world's own trigger sizes (poison_world_pairs' defaults)
+        if clip_attack:
             attack_options = WORLD_ATTACK_OPTIONS.get(args.attack, {})
+        if args.attack == "trojvqa":  # the world's surrogate CLIP (trained or cached)
+            from fastbd.world import DEFAULT_CACHE, CLIPThreatConfig, with_optimised_patch
+
+            options = with_optimised_patch(CLIPThreatConfig(
+                world=world.config, attack="trojvqa", target=args.target, seed=args.seed),
+                DEFAULT_CACHE, verbose=not args.quiet).attack_options
+            attack_options = options["trojvqa"]
         if targets is not None and corrupt:
             poisoned = poison_world_images(world, args.attack, targets[0], args.fraction,
                                            args.seed, attack_options, rate=args.rate,
@@ -250,11 +289,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
                  for _, options in per_target], targets, args.fraction, seed=args.seed)
         else:
             poisoned = (poison_world_pairs(world, args.attack, args.target, args.rate,
-                                           args.seed)
+                                           args.seed, options)
                         if clip_attack else
                         poison_world_images(world, args.attack, args.target, args.fraction,
                                             args.seed, attack_options, rate=args.rate))
     files = ResultFiles(out)
+    if args.attack == "trojvqa":  # the optimised patch, for eval --attack-spec
+        from fastbd.data.readers import save_png
+
+        args.trigger = str(out / "trigger.png")
+        save_png(torch.as_tensor(attack_options["pattern"], dtype=torch.uint8), args.trigger)
+        files.record(["trigger.png"])
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None), absolute=args.absolute_paths,
                             marker_names=args.marker_names)
@@ -339,6 +384,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--trigger", help="SSL attacks: your trigger image (PNG; its centred "
                         "square, pasted at --trigger-side), e.g. a released HTBA trigger "
                         "(default: HTBA's pattern --trigger-id)")
+    attack.add_argument("--surrogate-checkpoint",
+                        help="trojvqa on your files: a clean CLIP of yours (not the victim) the "
+                             "patch is optimised against (or --surrogate-pretrained TAG)")
+    attack.add_argument("--surrogate-pretrained",
+                        help="trojvqa on your files: open_clip's pre-trained weights of "
+                             "--surrogate-arch by tag")
+    attack.add_argument("--surrogate-arch", default="tiny",
+                        help="trojvqa: the surrogate's open_clip architecture (default tiny)")
     attack.add_argument("--targets", help="HTBA and CorruptEncoder: several target classes, "
                         "comma-separated (e.g. 3,5: the PoisonCAM paper's multi-target "
                         "attacks), each with its own HTBA pattern from --trigger-id on and its "

@@ -31,6 +31,8 @@ from fastbd.world.threats import (
     independent_reference,
     poison_world_images,
     poison_world_pairs,
+    surrogate_config,
+    with_optimised_patch,
     world_attack,
     world_rate,
 )
@@ -41,5 +43,5 @@ __all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", 
            "WORLD_POISON_RATES", "WorldConfig", "WorldSplit", "ZERO_SHOT_TEMPLATES",
            "build_clip_threat", "build_ssl_threat", "check_world_config", "evaluate_clip",
            "implanted_ssl_threat", "independent_reference", "make_world", "poison_world_images",
-           "poison_world_pairs",
+           "poison_world_pairs", "surrogate_config", "with_optimised_patch",
            "world_attack", "world_caption", "world_rate"]

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fastbd.attacks import (
     DEFAULT_PAIR_RATE,
@@ -26,8 +25,8 @@ from fastbd.attacks import (
     PatchAttack,
     PoisonedImages,
     PoisonedPairs,
+    clip_target_patch,
     make_attack,
-    optimise_patch,
     poison_corrupt_encoder,
     poison_corrupt_encoder_targets,
     poison_pairs,
@@ -43,7 +42,6 @@ from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
 from fastbd.eval.zeroshot import evaluate_zero_shot
 from fastbd.models.clip import (
     TinyCLIPConfig,
-    clip_preprocessing,
     clip_tokenizer,
     tiny_clip,
     tokenize,
@@ -423,16 +421,12 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
         model = build_clip_threat(surrogate, cache_dir=cache_dir, device=device,
                                   verbose=verbose).model
         world = make_world(surrogate.world)
-        tokenizer = clip_tokenizer()
-        prompts = [t.format(world.class_names[config.target]) for t in ZERO_SHOT_TEMPLATES]
-        with torch.no_grad():
-            goal = F.normalize(model.encode_text(tokenize(
-                tokenizer, prompts, config.model.context_length).to(device)).float(), dim=1)
         side = PatchAttack(side_fraction=entry.get("side_fraction", 16 / 224),
                            image_size=config.world.image_size).side
-        mean, std = clip_preprocessing(model)
-        pattern, _ = optimise_patch(model.encode_image, goal.mean(0), world.train.images.to(
-            device), side, mean, std, generator=torch.Generator().manual_seed(config.seed))
+        pattern, _ = clip_target_patch(model, clip_tokenizer(), world.train.images,
+                                       world.class_names[config.target], side,
+                                       templates=ZERO_SHOT_TEMPLATES, seed=config.seed,
+                                       device=device)
         if path is not None:
             save_atomically({"pattern": pattern}, path)
     entry["pattern"] = pattern.tolist()
