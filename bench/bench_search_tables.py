@@ -67,6 +67,7 @@ def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
     assert "| blended | ubt-image | 90.0 | 1.0 | 59.90 / 0.20 |" in text
     assert "| cleanclip | 93.0 | 1.0 | 0.100 | 59.38 |" in text
     assert "| ubt | 97.0 | 2.0 | 0.100 | 62.69 |" in text
+    assert "| badnet | 95.0 → 95.0 | 91.0 → 0.0 | 62.61 / 80.92 → 61.51 / 0.00 |" in text
     assert "| badnet | none | 95.0 | 91.0 | 0.100 | 45.5 | 62.61 / 80.92 / 0.035 |" in text
     assert "| badnet | ubt | 95.0 | 0.0 | 0.100 | 0.0 | 61.51 / 0.00 / 0.074 |" in text
     assert "| none | 60 | – | 60 | 2826 / – |" in text
