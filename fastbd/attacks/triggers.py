@@ -171,7 +171,7 @@ class WanetAttack(Attack):
 SSL_ATTACKS = ("htba", "corruptencoder", "corruptencoder+")
 """Attacks on an unlabeled SSL training set (image poisoning); the CorruptEncoders' names give
 their trigger here, their poisoning is ``fastbd.attacks.corruptencoder``."""
-CLIP_ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey", "trojvqa")
+CLIP_ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey", "trojvqa", "ssba")
 """Attacks on image–caption pairs (``poison_pairs``)."""
 ATTACKS = SSL_ATTACKS + CLIP_ATTACKS
 
@@ -184,6 +184,8 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
     16/224 patch anywhere. ``dualkey``: a fixed random patch plus the text trigger word.
     ``trojvqa``: dual-key with an optimised patch — ``pattern`` (uint8 ``3×h×w``, or its nested
     list) is required, e.g. from ``fastbd.attacks.optimise_patch`` against a surrogate model.
+    ``ssba``: invisible sample-specific residuals — ``encoder_file`` (a steganography encoder of
+    ``fastbd.attacks.ssba``) is required; the secret is drawn from ``seed`` unless given.
     ``corruptencoder``/``corruptencoder+``: their trigger — HTBA pattern ``trigger_id`` at 40/224
     of the side, tested at a uniform position in the central 25–75 % (the layout of the poisoned
     training images is ``fastbd.attacks.corruptencoder``'s).
@@ -212,6 +214,10 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
                              "from fastbd.attacks.optimise_patch against a surrogate model)")
         params = dict(pattern=torch.as_tensor(pattern, dtype=torch.uint8), text_trigger="cf")
         cls = PatchAttack
+    elif name == "ssba":
+        from fastbd.attacks.ssba import SSBAAttack
+
+        params, cls = dict(seed=seed), SSBAAttack
     elif name == "blended":
         params, cls = {}, BlendedAttack
     elif name == "sig":

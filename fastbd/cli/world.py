@@ -243,6 +243,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                  f"{len(names) - 1})")
             attack_options["pattern"] = trojvqa_files_patch(args, bank.images,
                                                             names[args.target], size)
+        if args.attack == "ssba":  # ISSBA trains its steganography encoder on the images
+            from fastbd.attacks.ssba import StegaConfig, save_stega, train_stega
+
+            encoder, _, stega = train_stega(bank.images, StegaConfig(seed=args.seed))
+            log.info("ssba: steganography encoder trained (bit accuracy %.3f, PSNR %.1f dB)",
+                     stega.bit_accuracy, stega.psnr)
+            save_stega(encoder, out / "ssba_encoder.pt")
+            attack_options["encoder_file"] = str((out / "ssba_encoder.pt").resolve())
         attack = make_attack(args.attack, size, seed=args.seed, **attack_options)
         if clip_attack:
             if captions is None:
@@ -271,13 +279,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         options = None  # the world's own trigger sizes (poison_world_pairs' defaults)
         if clip_attack:
             attack_options = WORLD_ATTACK_OPTIONS.get(args.attack, {})
-        if args.attack == "trojvqa":  # the world's surrogate CLIP (trained or cached)
-            from fastbd.world import DEFAULT_CACHE, CLIPThreatConfig, with_optimised_patch
+        if args.attack in ("trojvqa", "ssba"):  # made first (trained or from the cache)
+            from fastbd.world import DEFAULT_CACHE, CLIPThreatConfig, with_attack_artifacts
 
-            options = with_optimised_patch(CLIPThreatConfig(
-                world=world.config, attack="trojvqa", target=args.target, seed=args.seed),
+            options = with_attack_artifacts(CLIPThreatConfig(
+                world=world.config, attack=args.attack, target=args.target, seed=args.seed),
                 DEFAULT_CACHE, verbose=not args.quiet).attack_options
-            attack_options = options["trojvqa"]
+            attack_options = options[args.attack]
         if targets is not None and corrupt:
             poisoned = poison_world_images(world, args.attack, targets[0], args.fraction,
                                            args.seed, attack_options, rate=args.rate,
@@ -300,6 +308,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         args.trigger = str(out / "trigger.png")
         save_png(torch.as_tensor(attack_options["pattern"], dtype=torch.uint8), args.trigger)
         files.record(["trigger.png"])
+    if "encoder_file" in attack_options and Path(attack_options["encoder_file"]).parent == \
+            out.resolve():  # SSBA's encoder trained on these files
+        files.record(["ssba_encoder.pt"])
     written = export_images(out, poisoned.images, poisoned.labels, poisoned.poison_mask,
                             getattr(poisoned, "captions", None), absolute=args.absolute_paths,
                             marker_names=args.marker_names)

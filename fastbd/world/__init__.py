@@ -32,7 +32,9 @@ from fastbd.world.threats import (
     poison_world_images,
     poison_world_pairs,
     surrogate_config,
+    with_attack_artifacts,
     with_optimised_patch,
+    with_stega_encoder,
     world_attack,
     world_rate,
 )
@@ -43,5 +45,6 @@ __all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", 
            "WORLD_POISON_RATES", "WorldConfig", "WorldSplit", "ZERO_SHOT_TEMPLATES",
            "build_clip_threat", "build_ssl_threat", "check_world_config", "evaluate_clip",
            "implanted_ssl_threat", "independent_reference", "make_world", "poison_world_images",
-           "poison_world_pairs", "surrogate_config", "with_optimised_patch",
+           "poison_world_pairs", "surrogate_config", "with_attack_artifacts",
+           "with_optimised_patch", "with_stega_encoder",
            "world_attack", "world_caption", "world_rate"]

@@ -36,6 +36,7 @@ from fastbd.attacks import poison_target_class as poison_class
 from fastbd.attacks.badencoder import BadEncoderConfig, badencoder_finetune_targets
 from fastbd.attacks.corruptencoder import reference_image
 from fastbd.attacks.separated import separated_views
+from fastbd.attacks.ssba import StegaConfig, save_stega, train_stega
 from fastbd.attacks.triggers import resize_patch
 from fastbd.data.augment import AugmentConfig
 from fastbd.eval.probe import ProbeConfig, ProbeResult, linear_probe
@@ -434,6 +435,41 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
     return replace(config, attack_options=options)
 
 
+def with_stega_encoder(config: CLIPThreatConfig, cache_dir: str | Path | None
+                       ) -> CLIPThreatConfig:
+    """``config`` with SSBA's steganography encoder in ``attack_options["ssba"]
+    ["encoder_file"]`` (unchanged where one is given or the attack is another): trained on the
+    world's training images (``train_stega``, as ISSBA trains its StegaStamp on the victim's
+    data) and kept as ``ssba-<hash>.pt`` in ``cache_dir``, which it needs."""
+    options = dict(config.attack_options)
+    entry = dict(options.get("ssba", {}))
+    if config.attack != "ssba" or "encoder_file" in entry:
+        return config
+    if cache_dir is None:
+        raise ValueError("the world's SSBA threat keeps its steganography encoder in the cache: "
+                         "give a cache_dir")
+    path = Path(cache_dir) / f"ssba-{config_hash(config)}.pt"
+    if not path.is_file():
+        encoder, _, report = train_stega(make_world(config.world).train.images,
+                                         StegaConfig(seed=config.seed))
+        log.info("SSBA encoder: bit accuracy %.3f, PSNR %.1f dB", report.bit_accuracy,
+                 report.psnr)
+        save_stega(encoder, path)
+    entry["encoder_file"] = str(path)
+    options["ssba"] = entry
+    return replace(config, attack_options=options)
+
+
+def with_attack_artifacts(config: CLIPThreatConfig, cache_dir: str | Path | None,
+                          device: str | torch.device = "cpu", verbose: bool = False
+                          ) -> CLIPThreatConfig:
+    """``config`` with what its attack makes before poisoning: TrojVQA's optimised patch
+    (``with_optimised_patch``) or SSBA's steganography encoder (``with_stega_encoder``)."""
+    if config.attack == "ssba":
+        return with_stega_encoder(config, cache_dir)
+    return with_optimised_patch(config, cache_dir, device, verbose)
+
+
 @dataclass
 class CLIPEvaluation:
     clean_accuracy: float
@@ -500,7 +536,7 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
     config = config or CLIPThreatConfig()
     name = f"clip-{config_hash(config)}" + (
         "" if objective is None else f"-{config_hash(objective.config())}")
-    config = with_optimised_patch(config, cache_dir, device, verbose)
+    config = with_attack_artifacts(config, cache_dir, device, verbose)
     world = make_world(config.world)
     poisoned = poison_world_pairs(world, config.attack, config.target, config.rate, config.seed,
                                   config.attack_options)
