@@ -30,7 +30,8 @@ from pathlib import Path
 TRAIN_LIMIT_S = 300
 WORLD_CLIP_TARGETS = {"none": (0.60, None, 0.05), "badnet": (0.60, 0.80, None),
                       "blended": (None, 0.50, None), "sig": (None, 0.50, None),
-                      "wanet": (None, 0.50, None), "dualkey": (None, 0.50, None)}
+                      "wanet": (None, 0.50, None), "dualkey": (None, 0.50, None),
+                      "trojvqa": (None, 0.50, None), "ssba": (None, 0.50, None)}
 """Per CLIP attack: (CA at least, ASR at least, ASR at most); None: no bound."""
 POISONCAM_TARGETS = {"recall": 0.95, "precision": 0.80, "trigger_overlap": 0.90}
 

@@ -79,7 +79,7 @@ class StegaConfig:
 
     secret_bits: int = 20
     width: int = 32
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     secret_only_fraction: float = 0.3
