@@ -140,3 +140,6 @@ def test_cli_attack_on_files_trains_the_encoder_on_them(tmp_path, monkeypatch):
     again = make_attack("ssba", 32, seed=4, encoder_file=str(out / "ssba_encoder.pt"))
     assert isinstance(rebuilt, SSBAAttack) and rebuilt.secret == again.secret
     assert isinstance(rebuilt.encoder, StegaEncoder)
+    with pytest.raises(ValueError, match="--attack-spec"):
+        eval_trigger(Namespace(attack_spec=None, trigger=None, attack="ssba", seed=0), 32,
+                     "badnet")

@@ -394,6 +394,9 @@ def eval_trigger(args: argparse.Namespace, image_size: int, default: str):
         return PatchAttack(name=f"patch:{Path(args.trigger).name}", image_size=image_size,
                            pattern=pattern, side_fraction=side, eval_region=(0.10, 0.90))
     name = default if args.attack in (None, "none") else args.attack
+    if name in ("trojvqa", "ssba"):
+        raise ValueError(f"{name}'s trigger is what fastbd attack made (an optimised patch, a "
+                         "trained encoder): give --attack-spec ATTACK_DIR/attack.json")
     options = trigger_options(args) if name == "htba" else {}
     return make_attack(name, image_size, seed=args.seed, **options)
 
