@@ -168,7 +168,7 @@ def run(cell: tuple, cache: str) -> dict:
         model, threat.tokenizer, world.eval.images, world.eval.labels, world.class_names,
         ZERO_SHOT_TEMPLATES, world_attack("badnet" if attack == "none" else attack,
                                           world.config.image_size, seed,
-                                          config.attack_options), config.target,
+                                          threat.config.attack_options), config.target,
         tokens=tokenize(threat.tokenizer, world.eval.captions, context), seed=seed)
     kl = zero_shot_kl(model, retrained, threat.tokenizer, world.eval.images, world.class_names,
                       ZERO_SHOT_TEMPLATES)
