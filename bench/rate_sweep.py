@@ -97,7 +97,7 @@ def cell(seed: int, attack: str, rate: float, cache: str) -> dict:
         result = run()
         seconds = time.process_time() - start
         after = evaluate_clip(result.model, threat.tokenizer, threat.world, attack,
-                              base.target, seed, "cpu", base.attack_options)
+                              base.target, seed, "cpu", threat.config.attack_options)
         summary = result.summary(truth)
         out["defenses"][name] = {
             "ca_after": after.clean_accuracy, "asr_after": after.asr, "cpu_s": seconds,

@@ -121,7 +121,7 @@ def run(out: str | Path = "fastbd-out/demo/ubt", *, device: str | torch.device =
                              verbose)
             seconds = time.perf_counter() - start
             after = evaluate_clip(result.model, threat.tokenizer, threat.world,
-                                  attack, base.target, seed, device, base.attack_options)
+                                  attack, base.target, seed, device, threat.config.attack_options)
             result.save(output_dir(out, attack, method), truth=truth, weights=method == "ubt",
                         tokens=tokens, tokenizer=threat.tokenizer)
             row = {"attack": attack, "method": method,
