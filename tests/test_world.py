@@ -128,7 +128,7 @@ def test_global_attacks(world, gen):
             make_attack("badnet", 32, side_fraction=side)
     assert make_attack("htba", 32, side_fraction=1.0).side == 32
     with pytest.raises(ValueError, match="unknown attack"):
-        make_attack("ssba", 32)
+        make_attack("refool", 32)
 
 
 def test_poison_target_class(world):
