@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from fastbd.attacks.triggers import Attack
 from fastbd.storage import load_torch, save_atomically
@@ -121,10 +122,10 @@ def encode(encoder: StegaEncoder, images: torch.Tensor, secret: torch.Tensor,
     return out
 
 
-def train_stega(images: torch.Tensor, config: StegaConfig | None = None
-                ) -> tuple[StegaEncoder, StegaDecoder, StegaReport]:
+def train_stega(images: torch.Tensor, config: StegaConfig | None = None, *,
+                verbose: bool = False) -> tuple[StegaEncoder, StegaDecoder, StegaReport]:
     """Train the encoder/decoder pair on ``images`` (uint8 ``N×3×S×S``) with random secrets
-    (``config``); returns both and their ``StegaReport``."""
+    (``config``; a progress bar with ``verbose``); returns both and their ``StegaReport``."""
     config = config or StegaConfig()
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"need a non-empty N×3×S×S image batch, got shape {tuple(images.shape)}")
@@ -134,7 +135,7 @@ def train_stega(images: torch.Tensor, config: StegaConfig | None = None
     decoder = StegaDecoder(config.secret_bits, config.width)
     optimiser = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=config.lr)
     warm = math.floor(config.secret_only_fraction * config.steps)
-    for step in range(config.steps):
+    for step in tqdm(range(config.steps), desc="SSBA encoder", disable=not verbose):
         rows = torch.randint(images.shape[0], (config.batch_size,), generator=g)
         x = images[rows].float() / 255
         bits = torch.randint(0, 2, (config.batch_size, config.secret_bits), generator=g).float()

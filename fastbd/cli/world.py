@@ -127,7 +127,8 @@ def trojvqa_files_patch(args: argparse.Namespace, images, class_name: str, size:
                       pretrained=args.surrogate_pretrained)
     side = PatchAttack(side_fraction=16 / 224, image_size=size).side
     pattern, trace = clip_target_patch(model, clip_tokenizer(args.surrogate_arch), images,
-                                       class_name, side, seed=args.seed)
+                                       class_name, side, seed=args.seed,
+                                       verbose=not args.quiet)
     log.info("trojvqa: patch of %d px optimised; surrogate cosine to %r %.3f → %.3f", side,
              class_name, trace[0], trace[-1])
     return pattern
@@ -246,7 +247,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if args.attack == "ssba":  # ISSBA trains its steganography encoder on the images
             from fastbd.attacks.ssba import StegaConfig, save_stega, train_stega
 
-            encoder, _, stega = train_stega(bank.images, StegaConfig(seed=args.seed))
+            encoder, _, stega = train_stega(bank.images, StegaConfig(seed=args.seed),
+                                            verbose=not args.quiet)
             log.info("ssba: steganography encoder trained (bit accuracy %.3f, PSNR %.1f dB)",
                      stega.bit_accuracy, stega.psnr)
             save_stega(encoder, out / "ssba_encoder.pt")

@@ -427,7 +427,7 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
         pattern, _ = clip_target_patch(model, clip_tokenizer(), world.train.images,
                                        world.class_names[config.target], side,
                                        templates=ZERO_SHOT_TEMPLATES, seed=config.seed,
-                                       device=device)
+                                       device=device, verbose=verbose)
         if path is not None:
             save_atomically({"pattern": pattern}, path)
     entry["pattern"] = pattern.tolist()
@@ -435,8 +435,8 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
     return replace(config, attack_options=options)
 
 
-def with_stega_encoder(config: CLIPThreatConfig, cache_dir: str | Path | None
-                       ) -> CLIPThreatConfig:
+def with_stega_encoder(config: CLIPThreatConfig, cache_dir: str | Path | None,
+                       verbose: bool = False) -> CLIPThreatConfig:
     """``config`` with SSBA's steganography encoder in ``attack_options["ssba"]
     ["encoder_file"]`` (unchanged where one is given or the attack is another): trained on the
     world's training images (``train_stega``, as ISSBA trains its StegaStamp on the victim's
@@ -451,7 +451,7 @@ def with_stega_encoder(config: CLIPThreatConfig, cache_dir: str | Path | None
     path = Path(cache_dir) / f"ssba-{config_hash(config)}.pt"
     if not path.is_file():
         encoder, _, report = train_stega(make_world(config.world).train.images,
-                                         StegaConfig(seed=config.seed))
+                                         StegaConfig(seed=config.seed), verbose=verbose)
         log.info("SSBA encoder: bit accuracy %.3f, PSNR %.1f dB", report.bit_accuracy,
                  report.psnr)
         save_stega(encoder, path)
@@ -466,7 +466,7 @@ def with_attack_artifacts(config: CLIPThreatConfig, cache_dir: str | Path | None
     """``config`` with what its attack makes before poisoning: TrojVQA's optimised patch
     (``with_optimised_patch``) or SSBA's steganography encoder (``with_stega_encoder``)."""
     if config.attack == "ssba":
-        return with_stega_encoder(config, cache_dir)
+        return with_stega_encoder(config, cache_dir, verbose)
     return with_optimised_patch(config, cache_dir, device, verbose)
 
 
