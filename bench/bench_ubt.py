@@ -23,7 +23,7 @@ from fastbd.clipdefense import suspicious_split
 from fastbd.models.clip import TinyCLIPConfig, clip_normalise, tiny_clip
 from fastbd.training.clip import clip_loss
 from fastbd.ubt import Config, token_relevance
-from fastbd.ubt.defend import overfit, unlearn
+from fastbd.ubt.defend import Retain, overfit, unlearn
 
 from benchutil import HAS_CUDA, cuda, record_rates, run
 
@@ -63,18 +63,26 @@ def _plain_split(model, images, tokens, fraction, batch=512):
 
 def _plain_train(model, images, tokens, steps, batch, lr, target_cosine):
     """A plain loop doing the same work per step as fastbd's stage: a cosine loss on one batch
-    (pulled to 1 for the overfit stage, pushed down for unlearning) plus InfoNCE on another."""
+    (pulled to 1 for the overfit stage, pushed down for unlearning) plus, on another batch,
+    InfoNCE (overfit) or the drift from the model's embeddings before training (unlearning)."""
     tuned = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr)
     n = images.shape[0]
+    with torch.no_grad():
+        anchors = (F.normalize(model.encode_image(clip_normalise(images, model)), dim=1),
+                   F.normalize(model.encode_text(tokens), dim=1))
     for step in range(steps):
         first = torch.arange(step * batch, (step + 1) * batch) % n
         second = (first + n // 2) % n
         cos = F.cosine_similarity(tuned.encode_image(clip_normalise(images[first], tuned)),
                                   tuned.encode_text(tokens[first]))
         loss = (cos - 1).pow(2).mean() if target_cosine else cos.mean()
-        loss = loss + clip_loss(tuned.encode_image(clip_normalise(images[second], tuned)),
-                                tuned.encode_text(tokens[second]), tuned.logit_scale)
+        image_features = tuned.encode_image(clip_normalise(images[second], tuned))
+        text_features = tuned.encode_text(tokens[second])
+        loss = loss + (clip_loss(image_features, text_features, tuned.logit_scale)
+                       if target_cosine else
+                       2 - F.cosine_similarity(image_features, anchors[0][second]).mean()
+                       - F.cosine_similarity(text_features, anchors[1][second]).mean())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -124,7 +132,7 @@ def _bench(benchmark, stage, impl, arch, size, pairs, batch, steps, attribution,
         def fastbd_unlearn():
             tuned = copy.deepcopy(model)
             unlearn(tuned, top_images, captions, config, device, False,
-                    retain=(images, tokens, normal))
+                    retain=Retain.of(model, images, tokens, normal, device))
             return tuned
 
         fn = (fastbd_unlearn if impl == "fastbd" else

@@ -12,10 +12,10 @@ with another training seed — give the check statistic's distribution without a
     python bench/rate_sweep.py --jobs 2                  # the full sweep (hours on 2 cores)
     python bench/rate_sweep.py --seeds 0 --rates 0.01    # a part of it
 
-Finished cells are kept in the JSON (``bench/results/rate-sweep-<machine>.json``) and skipped
-on a rerun, so the sweep can be run in parts and continued after an interruption; each run
-rewrites the "UBT rate sweep" section of ``docs/results.md`` from everything in the JSON.
-Each worker uses one torch thread.
+Finished cells are kept in the JSON (``bench/results/rate-sweep-<machine>.json``) and skipped on a
+rerun (``--redo ubt,ubt-fixed`` measures those defenses again in finished cells), so the sweep can
+be run in parts and continued after an interruption; each run rewrites the "UBT rate sweep" section
+of ``docs/results.md`` from everything in the JSON. Each worker uses one torch thread.
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def reference_model(seed: int, cache: str):
                              verbose=False)
 
 
-def cell(seed: int, attack: str, rate: float, cache: str) -> dict:
-    """One attack at one rate on one seed's world: every defense, CA/ASR after each."""
+def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] = frozenset()
+         ) -> dict:
+    """One attack at one rate on one seed's world: every defense (those in ``only`` where
+    given), CA/ASR after each."""
     from fastbd.baselines import abl, cleanclip
     from fastbd.models.clip import tokenize
     from fastbd.ubt import Config, defend
@@ -93,6 +95,8 @@ def cell(seed: int, attack: str, rate: float, cache: str) -> dict:
         runs["abl"] = lambda: abl(threat.model, images, tokens, reference=reference,
                                   verbose=False)
     for name, run in runs.items():
+        if only and name not in only:
+            continue
         start = time.process_time()
         result = run()
         seconds = time.process_time() - start
@@ -207,9 +211,13 @@ def main() -> int:
     results = json.loads(path.read_text()) if path.is_file() else {"cells": [], "clean": []}
     results.setdefault("cells", [])
     results.setdefault("clean", [])
-    done = {(c["seed"], c["attack"], c["rate"]) for c in results["cells"]}
-    todo = [(s, a, float(r)) for s in seeds for a in args.attacks.split(",")
-            for r in args.rates.split(",") if (s, a, float(r)) not in done]
+    done = {(c["seed"], c["attack"], c["rate"]): c for c in results["cells"]}
+    wanted = [(s, a, float(r)) for s in seeds for a in args.attacks.split(",")
+              for r in args.rates.split(",")]
+    redo = frozenset(filter(None, args.redo.split(",")))
+    todo = [job for job in wanted if job not in done]
+    again = [job for job in wanted if job in done
+             and redo & set(done[job]["defenses"])] if redo else []
     checked = {(m["seed"], m["training_seed"]) for m in results["clean"]}
     clean_todo = [(s, t) for s in seeds for t in (s, s + 100) if (s, t) not in checked]
 
@@ -221,9 +229,15 @@ def main() -> int:
         list(pool.map(reference_model, seeds, [args.cache] * len(seeds)))
         futures = [pool.submit(clean_model, s, t, args.cache) for s, t in clean_todo]
         futures += [pool.submit(cell, *job, args.cache) for job in todo]
+        futures += [pool.submit(cell, *job, args.cache, redo) for job in again]
         for future in futures:
             row = future.result()
-            results["clean" if "training_seed" in row else "cells"].append(row)
+            key = (row.get("seed"), row.get("attack"), row.get("rate"))
+            if key in done and "training_seed" not in row:
+                done[key]["defenses"].update(row.pop("defenses"))
+                done[key].update(row)
+            else:
+                results["clean" if "training_seed" in row else "cells"].append(row)
             save()
             print(json.dumps(row), flush=True)
     text = tables(results)

@@ -30,9 +30,12 @@ def write_section(name: str, markdown: str, path: Path = RESULTS) -> Path:
 def add_sweep_flags(parser: argparse.ArgumentParser, name: str, jobs: str) -> None:
     """The flags every resumable measuring script takes: ``--jobs`` (``jobs``: what runs at
     once), the threat-model ``--cache``, the ``--json`` its cells are kept in
-    (``bench/results/<name>-cpu-amd-epyc.json``) and ``--no-docs``."""
+    (``bench/results/<name>-cpu-amd-epyc.json``), ``--no-docs`` and ``--redo``."""
     parser.add_argument("--jobs", type=int, default=1, help=f"{jobs} run at once")
     parser.add_argument("--cache", default="fastbd-out/cache", help="threat-model cache")
     parser.add_argument("--json", default=f"bench/results/{name}-cpu-amd-epyc.json")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+    parser.add_argument("--redo", default="", metavar="DEFENSES",
+                        help="defenses (comma-separated) measured again where already finished, "
+                             "e.g. after a change to them; the others' results are kept")
 

@@ -18,10 +18,10 @@ CLIP: the paper's numbers are quoted beside ours for their ordering, not for equ
     python bench/ubt_tables.py --jobs 2                 # seed 0, every cell (~20 min, 2 cores)
     python bench/ubt_tables.py --seeds 0,1,2 --jobs 2
 
-Finished cells are kept in ``bench/results/ubt-tables-<machine>.json`` and skipped on a rerun;
-each run rewrites the "UBT tables" section of ``docs/results.md``. One torch thread per worker;
-defense seconds are CPU seconds (``time.process_time``) of that worker, training seconds those
-recorded with the cached model.
+Finished cells are kept in ``bench/results/ubt-tables-<machine>.json`` and skipped on a rerun
+(``--redo ubt,ubt-ga`` measures those methods' cells again); each run rewrites the "UBT tables"
+section of ``docs/results.md``. One torch thread per worker; defense seconds are CPU seconds
+(``time.process_time``) of that worker, training seconds those recorded with the cached model.
 """
 
 from __future__ import annotations
@@ -284,6 +284,8 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.is_file() else {"cells": []}
+    redo = set(filter(None, args.redo.split(",")))
+    saved["cells"] = [r for r in saved["cells"] if r["method"] not in redo]
     done = {r["key"] for r in saved["cells"]}
     todo = [c for c in cells(seeds) if key(c) not in done]
     for seed in sorted({c[0] for c in todo}):

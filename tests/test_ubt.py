@@ -6,9 +6,14 @@ import torch.nn.functional as F
 
 from fastbd.clipdefense import similarities, stage_epochs
 from fastbd.models.clip import TinyCLIPConfig, clip_normalise, clip_tokenizer, tiny_clip, tokenize
-from fastbd.training.clip import finetune_mode, indexed_pair_cosines, trained_pair_cosines
+from fastbd.training.clip import (
+    embedding_drift,
+    finetune_mode,
+    indexed_pair_cosines,
+    trained_pair_cosines,
+)
 from fastbd.ubt import Config, defend
-from fastbd.ubt.defend import retain_pool
+from fastbd.ubt.defend import retain_pool, unit_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,45 @@ def test_unlearning_lowers_the_top_pairs_similarity(pairs, models):
     before = similarities(model, images[result.topk], tokens[result.topk], "cpu")
     after = similarities(result.model, images[result.topk], tokens[result.topk], "cpu")
     assert float(after.mean()) < float(before.mean())
+
+
+def test_embedding_drift_is_zero_at_the_anchors_and_the_mean_cosine_distance(pairs, models, gen):
+    images, tokens = pairs
+    model = models[0]
+    rows = torch.arange(10)
+    image_anchors, text_anchors = unit_embeddings(model, images, tokens, rows, "cpu")
+    with torch.no_grad():
+        at_anchors = embedding_drift(model, images[rows], tokens[rows], image_anchors,
+                                     text_anchors, "cpu")
+        assert abs(float(at_anchors)) < 1e-5
+        other_images = F.normalize(torch.randn(10, image_anchors.shape[1], generator=gen), dim=1)
+        other_texts = F.normalize(torch.randn(10, text_anchors.shape[1], generator=gen), dim=1)
+        drift = embedding_drift(model, images[rows], tokens[rows], other_images, other_texts,
+                                "cpu")
+    expected = (1 - (image_anchors * other_images).sum(1)).mean() + (
+        1 - (text_anchors * other_texts).sum(1)).mean()
+    assert float(drift) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_unlearning_keeps_the_clean_pairs_where_the_model_had_them(learnable):
+    """The retain term anchors D_normal's embeddings to the defended model's own: unlearning
+    moves them far less with it than without (InfoNCE in its place, fastbd's first version,
+    kept them no closer than 0.6)."""
+    images, tokens, _, model = learnable
+
+    def kept(retain_weight):
+        result = defend(model, images, tokens, reference=model,
+                        config=config(unlearn_epochs=3, retain_weight=retain_weight),
+                        verbose=False)
+        normal = torch.tensor([i for i in range(images.shape[0])
+                               if i not in set(result.suspicious.tolist())])
+        before = unit_embeddings(model, images, tokens, normal, "cpu")
+        after = unit_embeddings(result.model, images, tokens, normal, "cpu")
+        return [float((a * b).sum(1).mean()) for a, b in zip(before, after, strict=True)]
+
+    without, with_retain = kept(0.0), kept(10.0)
+    assert with_retain[0] >= 0.8 and with_retain[1] >= 0.85, with_retain
+    assert with_retain[0] >= without[0] + 0.2, (without, with_retain)
 
 
 def test_declined_check_leaves_the_model_unchanged(learnable):

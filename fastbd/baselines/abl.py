@@ -47,7 +47,7 @@ class ABLConfig:
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 64
-    min_steps: int = 150
+    min_steps: int = 300
     masked_captions: bool = False
     token_threshold: float = 0.1
     start_layer: int = -1

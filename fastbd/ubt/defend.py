@@ -20,8 +20,9 @@
    the tokens with relevance ≥ ``token_threshold``.
 6. Unlearn: minimise the mean cosine over every (image i, caption j) and (image i, masked
    caption j) — and (masked image i, …) with ``masked_images`` — for i, j in the top pairs,
-   on the poisoned model (plus ``retain_weight`` × InfoNCE on batches from the most typical
-   ``retain_fraction`` of D_normal, our addition). BatchNorm statistics stay frozen in both
+   on the poisoned model (plus ``retain_weight`` × how far the model has moved pairs from the
+   most typical ``retain_fraction`` of D_normal from its own embeddings of them before
+   unlearning, our addition: ``embedding_drift``). BatchNorm statistics stay frozen in both
    training stages (``finetune_mode``).
 """
 
@@ -60,6 +61,7 @@ from fastbd.storage import (
 )
 from fastbd.training.clip import (
     batch_clip_loss,
+    embedding_drift,
     finetune_mode,
     indexed_pair_cosines,
     shuffled_batches,
@@ -86,13 +88,14 @@ class Config:
     pairs the stages already take ~400 and ~800 steps, so this changes nothing there; at 5,000
     pairs they would otherwise be 5 and 10 steps.
     ``retain_weight`` (ours, 0 = the paper's pure gradient ascent): the unlearning loss adds this
-    weight times CLIP InfoNCE on a D_normal batch, as the overfit stage already does; without it
-    unlearning a few pairs whose captions all name the target class forgets the target class
-    itself (docs/methods.md, "UBT"). ``retain_fraction`` (ours): the retain batches come from
-    that share of D_normal the reference model rates most similar, so poison beyond D_susp
-    (which sits at the low end) is not re-taught. ``masked_captions``: unlearn (image, masked
-    caption) pairs too. ``masked_images`` (the paper's Table IV "image mask"; off, as in UBT):
-    unlearn (masked image, caption) pairs too — each top image rebuilt from its windows of
+    weight times the ``embedding_drift`` of a D_normal batch from the defended model's own
+    embeddings of it before unlearning — the purified model must embed clean pairs as the model it
+    was given did; without it unlearning a few pairs whose captions all name the target class
+    forgets the target class itself (docs/methods.md, "UBT"). ``retain_fraction`` (ours): the retain
+    batches come from that share of D_normal the reference model rates most similar, so poison
+    beyond D_susp (which sits at the low end) is not kept. ``masked_captions``: unlearn (image,
+    masked caption) pairs too. ``masked_images`` (the paper's Table IV "image mask"; off, as in
+    UBT): unlearn (masked image, caption) pairs too — each top image rebuilt from its windows of
     occlusion relevance ≥ ``image_threshold`` on a ``image_cells × image_cells`` grid
     (``fastbd.clipdefense.occlusion``), the rest filled with the mean colour.
     ``ranking`` (step 3): ``cross-match`` (ours: the backdoor's block, ``backdoor_block``) or
@@ -122,8 +125,8 @@ class Config:
     image_threshold: float = 0.1
     overfit_normal: bool = True
     overfit_min_steps: int = 60
-    unlearn_min_steps: int = 150
-    retain_weight: float = 1.0
+    unlearn_min_steps: int = 300
+    retain_weight: float = 10.0
     retain_fraction: float = 0.5
     ranking: str = "cross-match"
     check_threshold: float = 0.5
@@ -187,12 +190,11 @@ def overfit(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
 
 def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, config: Config,
             device: torch.device, verbose: bool,
-            retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-            stages: StageFiles = NO_STAGES) -> None:
+            retain: Retain | None = None, stages: StageFiles = NO_STAGES) -> None:
     """Minimise the mean cosine of every image with every caption (step 6), in place; each
     batch encodes its distinct images and captions once.
-    ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``:
-    (all images, all tokens, D_normal indices) for the ``retain_weight`` InfoNCE term. With
+    ``images`` uint8 ``k×3×S×S``; ``captions`` ``c×L`` (originals and masked). ``retain``: the
+    pairs of the ``retain_weight`` term, a random batch of them per step. With
     ``stages`` the training state is saved after epochs (as in ``overfit``) and continued
     from."""
     k, c = images.shape[0], captions.shape[0]
@@ -201,7 +203,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
     g = torch.Generator().manual_seed(config.seed + 1)
     epochs = stage_epochs(pairs.shape[0], config.batch_size, config.unlearn_epochs,
                           config.unlearn_min_steps)
-    use_retain = retain is not None and config.retain_weight > 0 and retain[2].numel() > 1
+    use_retain = retain is not None and config.retain_weight > 0 and retain.rows.numel() > 0
     finetune_mode(model)
     saved, done = stages.training_state("unlearn", {"model": model}, optimizer, {"batches": g},
                                         device)
@@ -211,17 +213,36 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             loss = indexed_pair_cosines(model, images, captions, pairs[rows, 0],
                                         pairs[rows, 1], device).mean()
             if use_retain:
-                all_images, all_tokens, normal = retain
-                picks = torch.randint(normal.numel(), (min(config.batch_size, normal.numel()),),
-                                      generator=g)
-                loss = loss + config.retain_weight * batch_clip_loss(
-                    model, all_images[normal[picks]], all_tokens[normal[picks]], device)
+                picks = torch.randint(retain.rows.numel(),
+                                      (min(config.batch_size, retain.rows.numel()),), generator=g)
+                rows_picked = retain.rows[picks]
+                loss = loss + config.retain_weight * embedding_drift(
+                    model, retain.images[rows_picked], retain.tokens[rows_picked],
+                    retain.image_anchors[picks], retain.text_anchors[picks], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(model.parameters())
             optimizer.step()
         saved.save(epoch + 1, final=epoch + 1 == epochs)
     model.eval()
+
+
+@dataclass
+class Retain:
+    """The pairs unlearning keeps as they were: all images (uint8 ``N×3×S×S``) and tokens
+    (``N×L``), the retain pool's indices ``rows`` (int64 ``r``) and the defended model's
+    unit-norm embeddings of them before unlearning (float32 ``r×E`` each)."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    image_anchors: torch.Tensor
+    text_anchors: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+           rows: torch.Tensor, device: torch.device | str) -> Retain:
+        return cls(images, tokens, rows, *unit_embeddings(model, images, tokens, rows, device))
 
 
 @dataclass
@@ -448,7 +469,8 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     start = time.perf_counter()
     captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
     unlearn(purified, unlearn_images, captions.cpu(), config, device, verbose,
-            retain=(images, tokens, retain_pool(reference_sim, normal, config.retain_fraction)),
+            retain=Retain.of(purified, images, tokens,
+                             retain_pool(reference_sim, normal, config.retain_fraction), device),
             stages=stages)
     timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("unlearn", 0.0)
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
