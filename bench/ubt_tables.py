@@ -3,7 +3,8 @@ retrained on clean data, for no defense / CleanCLIP / RoCLIP / UBT under each at
 retrieval ASR, Table VIII's training and defense times, Table I (UBT against every attack,
 TrojVQA's optimised patch included), Table II (ABL as the paper runs it, with
 and without UBT's text mask), Table IV (UBT's unlearning ablation: gradient ascent only, image
-mask, image + text mask, text mask = UBT) and Table V (the defenses on a clean model).
+mask, image + text mask, text mask = UBT), Table V (the defenses on a clean model) and Table IX
+(BadNet at the paper's poison counts, as shares of the world's pairs).
 
 Every cell uses the world's CLIP threat of its attack (5,000 32-px pairs, 1 % poisoned, WaNet
 10 %; a tiny CLIP trained 8 epochs from scratch) and, for UBT, the independent reference (the
@@ -78,6 +79,16 @@ PAPER_TABLE_III = {
 PAPER_TABLE_VIII = {"none": (2826, None), "cleanclip": (2826, 11400), "roclip": (53946, None),
                     "ubt": (2826, 7402)}
 """The paper's Table VIII: training and defense seconds."""
+PAPER_TABLE_IX = {750: ((62.80, 66.92), (61.87, 0.08)), 1000: ((62.79, 72.45), (61.81, 0.02)),
+                  1500: ((62.61, 80.92), (61.51, 0.00)), 2000: ((62.72, 81.00), (61.95, 0.06)),
+                  3000: ((62.29, 84.69), (62.08, 0.00)), 5000: ((62.74, 89.20), (61.77, 0.00))}
+"""The paper's Table IX: BadNet with that many poisoned pairs of 500K, (CA %, ASR %) without
+defense and with UBT."""
+PAPER_PAIRS = 500_000
+TABLE_IX = tuple(f"badnet@{count / PAPER_PAIRS:g}" for count in PAPER_TABLE_IX
+                 if count / PAPER_PAIRS != 0.01)
+"""Table IX's cells: BadNet at the paper's poison counts as shares of the pairs (1 %, the
+world's own BadNet rate, is Table III's BadNet cell)."""
 
 
 def _threads() -> None:
@@ -91,6 +102,7 @@ def cells(seeds: list[int]) -> list[tuple[int, str, str]]:
     wanted = [(attack, method) for attack in ATTACKS for method in METHODS]
     wanted += [(attack, method) for attack in ABLATION_ATTACKS for method in VARIANTS]
     wanted += [("none", method) for method in TABLE_V]
+    wanted += [(attack, method) for attack in TABLE_IX for method in ("none", "ubt")]
     return [(seed, attack, method) for seed in seeds for attack, method in wanted]
 
 
@@ -99,9 +111,12 @@ def key(cell: tuple) -> str:
 
 
 def threat_config(seed: int, attack: str):
+    """The world's threat for ``attack`` — ``name@rate`` for another poison rate than the
+    world's."""
     from fastbd.world import CLIPThreatConfig
 
-    return CLIPThreatConfig(attack=attack, seed=seed)
+    name, _, rate = attack.partition("@")
+    return CLIPThreatConfig(attack=name, seed=seed, rate=float(rate) if rate else None)
 
 
 def prepare(seed: int, cache: str) -> None:
@@ -111,7 +126,7 @@ def prepare(seed: int, cache: str) -> None:
 
     base = threat_config(seed, "none")
     for config in (base, independent_reference(base),
-                   *(replace(base, attack=attack) for attack in ATTACKS)):
+                   *(threat_config(seed, attack) for attack in ATTACKS + TABLE_IX)):
         build_clip_threat(config, cache_dir=cache, verbose=False)
 
 
@@ -133,7 +148,7 @@ def run(cell: tuple, cache: str) -> dict:
     seed, attack, method = cell
     config = threat_config(seed, attack)
     threat = build_clip_threat(config, cache_dir=cache, verbose=False)
-    retrained = build_clip_threat(replace(config, attack="none"), cache_dir=cache,
+    retrained = build_clip_threat(replace(config, attack="none", rate=None), cache_dir=cache,
                                   verbose=False).model
     context = config.model.context_length
     training_s, defense_s, extra = threat.train_seconds, None, {}
@@ -166,7 +181,7 @@ def run(cell: tuple, cache: str) -> dict:
     world = threat.world
     evaluation = evaluate_zero_shot(
         model, threat.tokenizer, world.eval.images, world.eval.labels, world.class_names,
-        ZERO_SHOT_TEMPLATES, world_attack("badnet" if attack == "none" else attack,
+        ZERO_SHOT_TEMPLATES, world_attack("badnet" if attack == "none" else config.attack,
                                           world.config.image_size, seed,
                                           threat.config.attack_options), config.target,
         tokens=tokenize(threat.tokenizer, world.eval.captions, context), seed=seed)
@@ -175,7 +190,8 @@ def run(cell: tuple, cache: str) -> dict:
     return {"key": key(cell), "seed": seed, "attack": attack, "method": method,
             "ca": evaluation.clean_accuracy, "asr": evaluation.asr,
             "retrieval_asr": evaluation.retrieval_asr, "kl": kl, "training_s": training_s,
-            "defense_s": defense_s, **extra}
+            "defense_s": defense_s, "poisoned_pairs": int(threat.poisoned.poison_mask.sum()),
+            **extra}
 
 
 def _mean(rows: list[dict], name: str) -> float | None:
@@ -269,6 +285,24 @@ def tables(rows: list[dict]) -> str:
             lines.append(f"| {method} | {_fmt(_mean(group, 'ca'))} | "
                          f"{_fmt(_mean(group, 'asr'))} | {_fmt(_mean(group, 'kl'), 1, 3)} | "
                          f"{PAPER_TABLE_V[method]:.2f} |")
+    ix_seeds = sorted({r["seed"] for r in rows if r["attack"] in TABLE_IX})
+    lines += ["", "Table IX — BadNet with the paper's poison counts (of its 500K pairs) as shares "
+              f"of the world's 5,000 (seeds {', '.join(map(str, ix_seeds)) or '–'}; 1 % is "
+              "Table III's BadNet):", "",
+              "| paper's poisoned pairs | share | poisoned pairs here | CA % before → after | "
+              "ASR % before → after | paper before → after |", "|---:|---:|---:|---|---|---|"]
+    for count, paper in PAPER_TABLE_IX.items():
+        share = count / PAPER_PAIRS
+        attack = "badnet" if share == 0.01 else f"badnet@{share:g}"
+        before = [r for r in by.get((attack, "none"), []) if r["seed"] in ix_seeds]
+        after = [r for r in by.get((attack, "ubt"), []) if r["seed"] in ix_seeds]
+        if before and after:
+            pairs = before[0].get("poisoned_pairs", "–")
+            lines.append(f"| {count} | {100 * share:.2f} % | {pairs} | "
+                         f"{_fmt(_mean(before, 'ca'))} → {_fmt(_mean(after, 'ca'))} | "
+                         f"{_fmt(_mean(before, 'asr'))} → {_fmt(_mean(after, 'asr'))} | "
+                         f"{paper[0][0]:.2f} / {paper[0][1]:.2f} → {paper[1][0]:.2f} / "
+                         f"{paper[1][1]:.2f} |")
     declined = [r["key"] for r in rows if r.get("declined")]
     if declined:
         lines += ["", f"UBT's check declined (model returned unchanged): {', '.join(declined)}."]
