@@ -47,15 +47,16 @@ def test_a_candidate_stops_where_the_bounds_say():
                                             triggers, MEAN, STD, keep=2,
                                             generator=torch.Generator().manual_seed(1), **common)
     # By hand, after the first 16 test images (looks 16, 32, 64): the triggers flipped all 16,
-    # the grey patches none; Hoeffding's spread for 0/1 outcomes at error 0.01 over 3 looks:
-    spread = math.sqrt(math.log(3 / 0.01) / (2 * 16))
-    trigger_low = max(64 * (1 - spread), 16)  # 36.98
-    grey_high = min(64 * (0 + spread), 0 + 48)  # 27.02
-    lower, upper = flip_bounds(torch.tensor([16.0, 0.0], dtype=torch.float64), 16, 64, 0.0,
-                               1.0, 0.01, 3)
-    assert float(lower[0]) == pytest.approx(trigger_low)
-    assert float(upper[1]) == pytest.approx(grey_high)
-    # the 2nd best lower bound (a trigger's, 36.98) is above every grey patch's upper bound
+    # the grey patches none. Chernoff's KL bound at error 0.01 over 3 looks, budget
+    # log(3 / 0.01) / 16: KL(1 ‖ q) = −log q and KL(0 ‖ q) = −log(1 − q), so the edges are
+    # q = exp(−budget) and q = 1 − exp(−budget)
+    budget = math.log(3 / 0.01) / 16
+    trigger_low = max(64 * math.exp(-budget), 16)  # 44.76
+    grey_high = min(64 * (1 - math.exp(-budget)), 0 + 48)  # 19.24
+    lower, upper = flip_bounds(torch.tensor([16.0, 0.0], dtype=torch.float64), 16, 64, 0.01, 3)
+    assert float(lower[0]) == pytest.approx(trigger_low, abs=1e-6)
+    assert float(upper[1]) == pytest.approx(grey_high, abs=1e-6)
+    # the 2nd best lower bound (a trigger's, 44.76) is above every grey patch's upper bound
     assert tested.tolist() == [64, 64, 16, 16, 16]
     assert scores.tolist() == [64.0, 64.0, 0.0, 0.0, 0.0]
     # keep=3: the 3rd best lower bound is a grey patch's (0), so nothing can stop
@@ -68,6 +69,29 @@ def test_a_candidate_stops_where_the_bounds_say():
                                        triggers[2:], MEAN, STD, keep=5, generator=torch.Generator(),
                                        **{**common, "threshold": 30.0})
     assert tested.tolist() == [16, 16, 16]
+
+
+def test_source_cluster_scores_bound_only_what_the_paste_decides():
+    """With source clusters the score is (pasted test images in the candidate's cluster) −
+    (those already there); the second part is known for every test image, so the bounds are
+    the 0/1 part's, shifted by it exactly."""
+    images = grey_images(64)
+    test_index = torch.arange(64)
+    test_labels = (torch.arange(64) % 4 == 0).long()  # 16 test images already in cluster 1
+    triggers = torch.cat([MAGENTA[None, :, None, None].expand(2, 3, 4, 4),
+                          torch.full((3, 3, 4, 4), 30, dtype=torch.uint8)])
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    scores, tested = sequential_flip_counts(
+        magenta_assign, images, test_index, test_labels, triggers, MEAN, STD,
+        candidates_per_batch=2, order=order, threshold=10.0, keep=5, error=0.01,
+        source_clusters=torch.ones(5, dtype=torch.long),
+        generator=torch.Generator().manual_seed(1))
+    # by hand at the first look: a grey patch put none of 16 in cluster 1, its upper bound
+    # 64 · (1 − exp(−log(3 / 0.01) / 16)) − 16 = 3.24 is below the bar (10): stopped
+    grey_high = 64 * (1 - math.exp(-math.log(3 / 0.01) / 16)) - 16
+    assert grey_high < 10.0
+    assert tested.tolist() == [64, 64, 16, 16, 16]
+    assert scores[:2].tolist() == [48.0, 48.0]
 
 
 def _random_world(gen, n=60, size=16):
@@ -126,11 +150,11 @@ def test_no_candidate_and_a_test_set_below_the_first_look(gen):
                                            generator=torch.Generator().manual_seed(3)))
 
 
-@pytest.mark.parametrize("ones", [40, 200, 360])
+@pytest.mark.parametrize("ones", [0, 4, 40, 200, 360, 400])
 def test_the_bounds_fail_at_most_at_the_stated_rate(ones):
     """Simulation: a candidate whose full score is ``ones`` of 400 test images, seen in random
     orders; at error 0.2 its upper bound falls below its score (or its lower bound rises above
-    it) at some look in at most 20 % of the orders — here far fewer: Hoeffding is
+    it) at some look in at most 20 % of the orders — here far fewer: the bound is
     conservative."""
     n_test, error, sims = 400, 0.2, 4000
     population = torch.zeros(n_test, dtype=torch.float64)
@@ -142,8 +166,7 @@ def test_the_bounds_fail_at_most_at_the_stated_rate(ones):
     below = torch.zeros(sims, dtype=torch.bool)
     above = torch.zeros(sims, dtype=torch.bool)
     for look in looks:
-        lower, upper = flip_bounds(running[:, look - 1], look, n_test, 0.0, 1.0, error,
-                                   len(looks))
+        lower, upper = flip_bounds(running[:, look - 1], look, n_test, error, len(looks))
         below |= upper < ones
         above |= lower > ones
         if look == n_test:  # the last look is the exact score

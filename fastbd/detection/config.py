@@ -93,7 +93,7 @@ class Config:
     * flip test: ``test_set_size`` test images, ``candidates_per_batch`` candidates per encoder
       pass; ``flip_test``: ``exhaustive`` (the papers': every candidate on every test image)
       or ``sequential`` (``fastbd.detection.flip.sequential_flip_counts``: test images in
-      doubling slices, a candidate stopped once a Hoeffding upper bound on its score falls
+      doubling slices, a candidate stopped once a Chernoff (KL) upper bound on its score falls
       below the ``topk_poisons``-th best, each bound failing with probability at most
       ``flip_error``; a candidate tested to the end gets its exhaustive score);
     * search: ``samples_per_cluster`` new images per remaining cluster per round, the lowest

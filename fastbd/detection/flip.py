@@ -153,21 +153,44 @@ def look_sizes(n_test: int, first: int = FIRST_LOOK) -> list[int]:
     return [*sizes, n_test]
 
 
-def flip_bounds(sums: torch.Tensor, tested: int, n_test: int, low: float, high: float,
-                error: float, looks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds on candidates' flip scores over the whole test set from the first ``tested`` of
-    ``n_test`` test images, taken in a random order (sampling without replacement) with
-    per-image outcomes in ``[low, high]`` summing to ``sums`` (float64 ``c``). Hoeffding's
-    inequality, which holds for sampling without replacement, with each side failing with
-    probability at most ``error / looks`` at each of the ``looks`` looks (so at most ``error``
-    over a candidate's looks), clipped to what the unseen images can add at all.
-    Returns (lower, upper), float64 ``c``."""
-    spread = (high - low) * math.sqrt(math.log(looks / error) / (2 * tested))
-    mean = sums / tested
+def _bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL divergence between Bernoulli(p) and Bernoulli(q), float64, 0·log 0 = 0."""
+    q = q.clamp(1e-300, 1 - 1e-16)
+    first = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
+    second = torch.where(p < 1, (1 - p) * torch.log((1 - p) / (1 - q)), torch.zeros_like(p))
+    return first + second
+
+
+def flip_bounds(ones: torch.Tensor, tested: int, n_test: int, error: float, looks: int,
+                iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on how many of all ``n_test`` test images give a 1 (of 0/1 outcomes), from
+    ``ones`` (float64 ``c``) among the first ``tested`` in a random order (sampling without
+    replacement). Chernoff's bound in its KL form: the true share q of ones lies where
+    ``tested · KL(ones/tested ‖ q) ≤ log(looks / error)`` — it holds without replacement
+    (Hoeffding 1963, §6: the moment generating function of such a sum is at most the one with
+    replacement), each side failing with probability at most ``error / looks`` at each of the
+    ``looks`` looks, so at most ``error`` over a candidate's looks. Far tighter than Hoeffding's
+    additive bound where the share is near 0 or 1, as most candidates' are. The edges of that
+    interval are found by ``iterations`` bisection steps, then clipped to what the unseen
+    images can add at all. Returns (lower, upper) counts, float64 ``c``."""
+    share = ones / tested
+    budget = math.log(looks / error) / tested
+    bounds = []
+    for low, high, outward in ((torch.zeros_like(share), share.clone(), "low"),
+                               (share.clone(), torch.ones_like(share), "high")):
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            inside = _bernoulli_kl(share, middle) <= budget
+            if outward == "low":  # the smallest q ≤ share inside: shrink from below
+                high = torch.where(inside, middle, high)
+                low = torch.where(inside, low, middle)
+            else:  # the largest q ≥ share inside
+                low = torch.where(inside, middle, low)
+                high = torch.where(inside, high, middle)
+        bounds.append(low if outward == "low" else high)
     rest = n_test - tested
-    upper = torch.minimum(n_test * (mean + spread), sums + rest * high)
-    lower = torch.maximum(n_test * (mean - spread), sums + rest * low)
-    return lower, upper
+    return (torch.maximum(n_test * bounds[0], ones),
+            torch.minimum(n_test * bounds[1], ones + rest))
 
 
 @torch.no_grad()
@@ -184,7 +207,10 @@ def sequential_flip_counts(encode_assign, images: torch.Tensor, test_index: torc
     bound of its full score (``flip_bounds``, error ``error``) falls below the bar — the
     larger of ``threshold`` (the ``keep``-th best exact score of the images the search already
     scored) and the ``keep``-th best lower bound among these candidates — so it cannot be
-    among the best ``keep`` (but with probability at most ``error`` per bound). Each
+    among the best ``keep`` (but with probability at most ``error`` per bound). Each outcome
+    the bounds see is 0/1: a flip, or (with ``source_clusters``) a pasted test image landing in
+    the candidate's source cluster — whether it was there before is known for every test image
+    without a forward pass, and subtracted exactly. Each
     candidate is pasted at the very corners ``flip_counts`` would draw from ``generator``, so
     a candidate tested to the end has exactly its exhaustive score. A stopped candidate's
     score is its estimate ``T · sum / tested``. Returns (float32 scores ``c``, int64 test images
@@ -200,8 +226,13 @@ def sequential_flip_counts(encode_assign, images: torch.Tensor, test_index: torc
                         or [torch.empty(0, 2, dtype=torch.long)]).view(n_cand, n_test, 2)
     test_images = images[test_index.to(device)]
     before = test_labels.to(device).long()
-    low, high = (0.0, 1.0) if source_clusters is None else (-1.0, 1.0)
+    # the score's known part: test images already in the candidate's source cluster
+    already = torch.zeros(n_cand, dtype=torch.float64)
+    if source_clusters is not None and n_cand:
+        in_cluster = torch.bincount(before.cpu(), minlength=int(source_clusters.max()) + 1)
+        already = in_cluster.double()[source_clusters.cpu().long()]
     sums = torch.zeros(n_cand, dtype=torch.float64)
+    ones = torch.zeros(n_cand, dtype=torch.float64)
     tested = torch.zeros(n_cand, dtype=torch.long)
     active = torch.ones(n_cand, dtype=torch.bool)
     looks = look_sizes(n_test)
@@ -223,16 +254,19 @@ def sequential_flip_counts(encode_assign, images: torch.Tensor, test_index: torc
             after, _ = encode_assign(view)
             after, was = after.long(), before[col.to(device)]
             if source_clusters is None:
-                outcome = (after != was).double()
+                landed = outcome = (after != was).double()
             else:
                 target = source_clusters.to(device)[cand.to(device)].long()
-                outcome = ((after == target).double() - (was == target).double())
+                landed = (after == target).double()
+                outcome = landed - (was == target).double()
             sums.index_add_(0, cand, outcome.cpu())
+            ones.index_add_(0, cand, landed.cpu())
         tested[rows] = look
         seen = look
         if look == n_test:
             break
-        lower, upper = flip_bounds(sums[rows], look, n_test, low, high, error, len(looks))
+        lower, upper = flip_bounds(ones[rows], look, n_test, error, len(looks))
+        lower, upper = lower - already[rows], upper - already[rows]
         bar = threshold
         if rows.numel() >= keep:
             bar = max(bar, float(lower.topk(keep).values[-1]))
