@@ -1,8 +1,8 @@
 """UBT end to end on a small SIG-poisoned world with ground truth, judged by the reference a
 defender has — a clean model trained on a disjoint world of the same look
 (``independent_reference``), never on the training pairs: the backdoor is real before (ASR
-asserted), the top pairs are the poisoned ones, unlearning removes the backdoor at a small CA
-cost, and the same defense declines on clean models (check statistic below threshold): the clean
+asserted), the top pairs are the poisoned ones, unlearning removes the backdoor at a CA cost of
+at most 1 point, and the same defense declines on clean models (check statistic below threshold): the clean
 model of the same world and one trained with another seed.
 The full-size figures for every attack are in the README (``fastbd demo ubt``)."""
 
@@ -57,7 +57,8 @@ def test_ubt_removes_a_real_backdoor_and_spares_a_clean_model(threats):
     assert float(truth[result.topk].float().mean()) >= 0.9
     after = evaluate_clip(result.model, poisoned.tokenizer, poisoned.world, "sig", 0)
     assert after.asr <= 0.05, after
-    assert after.clean_accuracy >= poisoned.evaluation.clean_accuracy - 0.05, after
+    # the issue's target: at most 1 point of CA (InfoNCE as the retain term cost 1.25 here)
+    assert after.clean_accuracy >= poisoned.evaluation.clean_accuracy - 0.01, after
 
     clean_tokens = tokenize(clean.tokenizer, clean.poisoned.captions, 32)
     for model in (clean.model, threats["other clean"].model):
