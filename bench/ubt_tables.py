@@ -119,14 +119,14 @@ def threat_config(seed: int, attack: str):
     return CLIPThreatConfig(attack=name, seed=seed, rate=float(rate) if rate else None)
 
 
-def prepare(seed: int, cache: str) -> None:
-    """Train (or find cached) every model the cells read, one at a time, so that parallel
-    cells never train the same cached model at once."""
+def prepare(seed: int, attacks: list[str], cache: str) -> None:
+    """Train (or find cached) every model the seed's cells of ``attacks`` read, one at a time,
+    so that parallel cells never train the same cached model at once."""
     from fastbd.world import build_clip_threat, independent_reference
 
     base = threat_config(seed, "none")
     for config in (base, independent_reference(base),
-                   *(threat_config(seed, attack) for attack in ATTACKS + TABLE_IX)):
+                   *(threat_config(seed, attack) for attack in attacks)):
         build_clip_threat(config, cache_dir=cache, verbose=False)
 
 
@@ -323,7 +323,7 @@ def main() -> int:
     done = {r["key"] for r in saved["cells"]}
     todo = [c for c in cells(seeds) if key(c) not in done]
     for seed in sorted({c[0] for c in todo}):
-        prepare(seed, args.cache)
+        prepare(seed, list(dict.fromkeys(c[1] for c in todo if c[0] == seed)), args.cache)
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
         for row in pool.map(run, todo, [args.cache] * len(todo)) if todo else []:
             saved["cells"].append(row)
