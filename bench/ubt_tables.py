@@ -312,6 +312,9 @@ def tables(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--attacks", default="",
+                        help="only these attacks' cells (comma-separated; 'none' = the clean "
+                             "model, 'badnet@0.002' = a Table IX cell); default every cell")
     add_sweep_flags(parser, "ubt-tables", "cells")
     args = parser.parse_args()
     _threads()
@@ -321,7 +324,8 @@ def main() -> int:
     redo = set(filter(None, args.redo.split(",")))
     saved["cells"] = [r for r in saved["cells"] if r["method"] not in redo]
     done = {r["key"] for r in saved["cells"]}
-    todo = [c for c in cells(seeds) if key(c) not in done]
+    attacks = set(filter(None, args.attacks.split(",")))
+    todo = [c for c in cells(seeds) if key(c) not in done and (not attacks or c[1] in attacks)]
     for seed in sorted({c[0] for c in todo}):
         prepare(seed, list(dict.fromkeys(c[1] for c in todo if c[0] == seed)), args.cache)
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
