@@ -2,8 +2,8 @@
 defender has — a clean model trained on a disjoint world of the same look
 (``independent_reference``), never on the training pairs: the backdoor is real before (ASR
 asserted), the top pairs are the poisoned ones, unlearning removes the backdoor at a CA cost of
-at most 1 point, and the same defense declines on clean models (check statistic below threshold): the clean
-model of the same world and one trained with another seed.
+at most 1 point, and the same defense declines on clean models (check statistic below
+threshold): the clean model of the same world and one trained with another seed.
 The full-size figures for every attack are in the README (``fastbd demo ubt``)."""
 
 from dataclasses import replace
