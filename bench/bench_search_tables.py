@@ -42,14 +42,15 @@ def test_search_cost_summary_ratios():
 
 
 def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
-    from ubt_tables import ABLATION_ATTACKS, ATTACKS, METHODS, TABLE_V, VARIANTS
+    from ubt_tables import ABLATION_ATTACKS, ATTACKS, METHODS, TABLE_IX, TABLE_V, VARIANTS
     from ubt_tables import cells as ubt_cells
     from ubt_tables import key as ubt_key
     from ubt_tables import tables as ubt_tables
 
     grid = ubt_cells([0, 1])
     assert len(grid) == len(set(grid)) == 2 * (len(ATTACKS) * len(METHODS) + len(TABLE_V)
-                                                + len(ABLATION_ATTACKS) * len(VARIANTS))
+                                                + len(ABLATION_ATTACKS) * len(VARIANTS)
+                                                + 2 * len(TABLE_IX))
 
     def row(seed, attack, method, ca, asr, **extra):
         return {"key": ubt_key((seed, attack, method)), "seed": seed, "attack": attack,
@@ -61,7 +62,9 @@ def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
             row(0, "badnet", "ubt", 0.95, 0.0), row(0, "sig", "ubt", 0.95, 0.5, declined=True),
             row(0, "badnet", "abl-paper-textmask", 0.5, 0.9),
             row(0, "blended", "ubt-image", 0.9, 0.01), row(0, "none", "cleanclip", 0.93, 0.01),
-            row(0, "none", "ubt", 0.97, 0.02, declined=True)]
+            row(0, "none", "ubt", 0.97, 0.02, declined=True),
+            row(0, "badnet@0.002", "none", 0.96, 0.7, poisoned_pairs=10),
+            row(0, "badnet@0.002", "ubt", 0.955, 0.001)]
     text = ubt_tables(rows)
     assert "| badnet | abl-paper-textmask | 50.0 | 90.0 | 51.57 / 89.56 |" in text
     assert "| blended | ubt-image | 90.0 | 1.0 | 59.90 / 0.20 |" in text
@@ -73,6 +76,8 @@ def test_ubt_tables_average_over_seeds_and_quote_the_paper_beside():
     assert "| none | 60 | – | 60 | 2826 / – |" in text
     assert "| ubt | 60 | 30 | 90 | 2826 / 7402 |" in text
     assert "declined (model returned unchanged): 0/sig/ubt" in text
+    assert ("| 1000 | 0.20 % | 10 | 96.0 → 95.5 | 70.0 → 0.1 | 62.79 / 72.45 → 61.81 / 0.02 |"
+            in text)
     assert "| blended | ubt |" not in text and "| sig | none |" not in text  # not run: no row
 
 
