@@ -132,7 +132,7 @@ def _bench(benchmark, stage, impl, arch, size, pairs, batch, steps, attribution,
         def fastbd_unlearn():
             tuned = copy.deepcopy(model)
             unlearn(tuned, top_images, captions, config, device, False,
-                    retain=Retain.of(model, images, tokens, normal, device))
+                    retain=Retain(images, tokens, normal, model))
             return tuned
 
         fn = (fastbd_unlearn if impl == "fastbd" else

@@ -85,9 +85,9 @@ def embedding_drift(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                     image_anchors: torch.Tensor, text_anchors: torch.Tensor,
                     device: torch.device | str) -> torch.Tensor:
     """How far ``model`` has moved a batch of pairs (uint8 ``B×3×S×S``, ids ``B×L``) from their
-    anchor embeddings (unit-norm float ``B×E`` each): the mean ``1 − cos`` of the images'
-    features to their anchors plus the same for the captions; 0 where the model embeds them as
-    the anchors do. A scalar on the autograd graph."""
+    anchor features (float ``B×E`` each, any norm): the mean ``1 − cos`` of the images'
+    features to their anchors plus the same for the captions; 0 where the model embeds them in
+    the anchors' directions. A scalar on the autograd graph."""
     image_features, text_features = pair_features(model, images, tokens, device)
     return (2 - F.cosine_similarity(image_features, image_anchors.to(device)).mean()
             - F.cosine_similarity(text_features, text_anchors.to(device)).mean())

@@ -64,6 +64,7 @@ from fastbd.training.clip import (
     embedding_drift,
     finetune_mode,
     indexed_pair_cosines,
+    pair_features,
     shuffled_batches,
     trained_pair_cosines,
 )
@@ -215,10 +216,12 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
             if use_retain:
                 picks = torch.randint(retain.rows.numel(),
                                       (min(config.batch_size, retain.rows.numel()),), generator=g)
-                rows_picked = retain.rows[picks]
+                batch_images = retain.images[retain.rows[picks]]
+                batch_tokens = retain.tokens[retain.rows[picks]]
+                with torch.no_grad():
+                    anchors = pair_features(retain.anchor, batch_images, batch_tokens, device)
                 loss = loss + config.retain_weight * embedding_drift(
-                    model, retain.images[rows_picked], retain.tokens[rows_picked],
-                    retain.image_anchors[picks], retain.text_anchors[picks], device)
+                    model, batch_images, batch_tokens, *anchors, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(model.parameters())
@@ -230,19 +233,14 @@ def unlearn(model: nn.Module, images: torch.Tensor, captions: torch.Tensor, conf
 @dataclass
 class Retain:
     """The pairs unlearning keeps as they were: all images (uint8 ``N×3×S×S``) and tokens
-    (``N×L``), the retain pool's indices ``rows`` (int64 ``r``) and the defended model's
-    unit-norm embeddings of them before unlearning (float32 ``r×E`` each)."""
+    (``N×L``), the retain pool's indices ``rows`` (int64 ``r``) and ``anchor``, the defended
+    model as it was given (never trained), whose embeddings of each step's batch the unlearned
+    model is held to — computed per batch, so memory does not grow with the pool."""
 
     images: torch.Tensor
     tokens: torch.Tensor
     rows: torch.Tensor
-    image_anchors: torch.Tensor
-    text_anchors: torch.Tensor
-
-    @classmethod
-    def of(cls, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-           rows: torch.Tensor, device: torch.device | str) -> Retain:
-        return cls(images, tokens, rows, *unit_embeddings(model, images, tokens, rows, device))
+    anchor: nn.Module
 
 
 @dataclass
@@ -469,8 +467,9 @@ def defend(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
     start = time.perf_counter()
     captions = torch.cat([top_tokens, masked]) if config.masked_captions else top_tokens
     unlearn(purified, unlearn_images, captions.cpu(), config, device, verbose,
-            retain=Retain.of(purified, images, tokens,
-                             retain_pool(reference_sim, normal, config.retain_fraction), device),
+            retain=Retain(images, tokens,
+                          retain_pool(reference_sim, normal, config.retain_fraction),
+                          working_copy(model, device)),
             stages=stages)
     timings["unlearn"] = time.perf_counter() - start + stages.resumed_seconds.get("unlearn", 0.0)
     result.relevance, result.token_keep = relevance.cpu(), keep.cpu()
