@@ -94,3 +94,29 @@ def test_multi_target_cells_and_their_table():
     text = tables([_row(0, "poisoncam", "targets", 2, removed=500, per_target=per)])
     assert ("| 0 | 0, 4 | poisoncam | 500 | 100.0 | 99.0 | 99.5 | 0: 100.0 / 55.0; "
             "4: 98.0 / 45.0 | 100.0 / 50.0 / 90.0 |") in text
+
+
+def test_rate_sweep_tables_name_each_look_and_judge_it_apart():
+    from rate_sweep import tables as sweep_tables
+
+    def cell(look, asr_after, ca_after=0.96):
+        return {"look": look, "seed": 0, "attack": "badnet", "rate": 0.01, "poisoned_pairs": 50,
+                "ca_before": 0.965, "asr_before": 0.9, "defenses": {
+                    "ubt": {"ca_after": ca_after, "asr_after": asr_after, "cpu_s": 1.0,
+                            "suspicious": 100, "suspicious_poisoned": 50, "poisoned": True,
+                            "check_statistic": 0.9, "topk": 60, "topk_poisoned": 50},
+                    "cleanclip": {"ca_after": 0.95, "asr_after": 0.5, "cpu_s": 1.0}}}
+
+    old = {k: v for k, v in cell("default", 0.0).items() if k != "look"}  # rows before looks
+    clean = {"look": "noisy", "seed": 0, "training_seed": 0, "ca": 0.9, "check_statistic": 0.1,
+             "declined": True, "unchanged": True, "suspicious": 0}
+    text = sweep_tables({"cells": [cell("noisy", 0.2, 0.93), old], "clean": [clean]})
+    rows = text.splitlines()
+    first_default = next(i for i, r in enumerate(rows) if r.startswith("| 0 | badnet"))
+    first_noisy = next(i for i, r in enumerate(rows) if r.startswith("| noisy 0 | badnet"))
+    assert first_default < first_noisy  # the default look first
+    assert "| noisy 0, 0 | 90.0 | 0 | 0.10 | yes |" in text
+    assert "targets missed: 2 — badnet 1 % world noisy 0: ASR after 20.0 %; " \
+           "badnet 1 % world noisy 0: CA −3.5." in text
+    assert "On the noisy look alone: Cells with ASR before ≥ 20 %: 1 of 1; targets missed: 2" \
+        in text

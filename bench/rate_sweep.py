@@ -11,6 +11,12 @@ with another training seed — give the check statistic's distribution without a
 
     python bench/rate_sweep.py --jobs 2                  # the full sweep (hours on 2 cores)
     python bench/rate_sweep.py --seeds 0 --rates 0.01    # a part of it
+    python bench/rate_sweep.py --looks noisy,many-classes --seeds 0 --rates 0.01 \
+        --attacks badnet,blended,sig --defenses ubt,cleanclip   # worlds of another look
+
+``--looks`` runs the cells on worlds of another look (``LOOKS``: noisier, fainter objects,
+twice the classes): those looks were written after UBT's constants were chosen and were never
+used to choose anything, so they stand for the worlds a user has that fastbd was not built on.
 
 Finished cells are kept in the JSON (``bench/results/rate-sweep-<machine>.json``) and skipped on a
 rerun (``--redo ubt,ubt-fixed`` measures those defenses again in finished cells), so the sweep can
@@ -38,6 +44,14 @@ FULL_RATE = 0.01
 """The rate at which every variant and ABL run; at the others, UBT (fastbd's defaults) and
 CleanCLIP only (the sweep's time on two cores)."""
 CLEAN_PAIRS = 1000
+LOOKS = {"default": {},
+         "noisy": {"noise_std": 14.0, "colour_jitter": 45.0, "texture_contrast": 0.9},
+         "faint": {"object_opacity": 0.75, "background_saturation": 1.0,
+                   "scale": (0.15, 0.3)},
+         "many-classes": {"n_classes": 20}}
+"""``WorldConfig`` overrides of each world look the sweep can run on (``default``: the demo's
+world, on which UBT's constants were chosen; the others never used to choose anything)."""
+DEFENSES = ("ubt", "ubt-fixed", "ubt-overfit", "cleanclip", "abl")
 
 
 def _threads() -> None:
@@ -46,37 +60,38 @@ def _threads() -> None:
     torch.set_num_threads(1)
 
 
-def base_config(seed: int, rate: float | None, attack: str = "none"):
-    """The demo's threat config for ``seed`` (the same cache entries where ``rate`` is the
-    world's own rate for ``attack``)."""
+def base_config(seed: int, rate: float | None, attack: str = "none", look: str = "default"):
+    """The demo's threat config for ``seed`` on a world of ``look`` (``LOOKS``; the default look
+    gives the same cache entries as the demo where ``rate`` is the world's own rate for
+    ``attack``)."""
     from fastbd.world import CLIPThreatConfig, world_rate
     from fastbd.world.synthetic import WorldConfig
 
-    return CLIPThreatConfig(world=WorldConfig(seed=seed), seed=seed,
+    return CLIPThreatConfig(world=WorldConfig(seed=seed, **LOOKS[look]), seed=seed,
                             rate=None if rate == world_rate(attack) else rate)
 
 
-def reference_model(seed: int, cache: str):
-    """The seed's independent reference (trained once, then cached)."""
+def reference_model(seed: int, cache: str, look: str = "default"):
+    """The seed's independent reference on its look (trained once, then cached)."""
     from fastbd.world import build_clip_threat, independent_reference
 
-    return build_clip_threat(independent_reference(base_config(seed, None)), cache_dir=cache,
-                             verbose=False)
+    return build_clip_threat(independent_reference(base_config(seed, None, look=look)),
+                             cache_dir=cache, verbose=False)
 
 
-def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] = frozenset()
-         ) -> dict:
-    """One attack at one rate on one seed's world: every defense (those in ``only`` where
-    given), CA/ASR after each."""
+def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] = frozenset(),
+         look: str = "default") -> dict:
+    """One attack at one rate on one seed's world of ``look``: every defense (those in ``only``
+    where given), CA/ASR after each."""
     from fastbd.baselines import abl, cleanclip
     from fastbd.models.clip import tokenize
     from fastbd.ubt import Config, defend
     from fastbd.world import build_clip_threat, evaluate_clip
     from fastbd.world.synthetic import make_world
 
-    base = base_config(seed, rate, attack)
+    base = base_config(seed, rate, attack, look)
     threat = build_clip_threat(replace(base, attack=attack), cache_dir=cache, verbose=False)
-    reference = reference_model(seed, cache).model
+    reference = reference_model(seed, cache, look).model
     tokens = tokenize(threat.tokenizer, threat.poisoned.captions, base.model.context_length)
     truth = threat.poisoned.poison_mask
     images = threat.poisoned.images
@@ -84,7 +99,8 @@ def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] =
     clean = (clean_world.train.images,
              tokenize(threat.tokenizer, clean_world.train.captions, base.model.context_length))
     before = threat.evaluation
-    out = {"seed": seed, "attack": attack, "rate": rate, "poisoned_pairs": int(truth.sum()),
+    out = {"look": look, "seed": seed, "attack": attack, "rate": rate,
+           "poisoned_pairs": int(truth.sum()),
            "ca_before": before.clean_accuracy, "asr_before": before.asr, "defenses": {}}
     variants = UBT_VARIANTS if rate == FULL_RATE else {"ubt": {}}
     runs = {name: (lambda o=overrides: defend(threat.model, images, tokens, reference=reference,
@@ -111,25 +127,27 @@ def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] =
     return out
 
 
-def clean_model(seed: int, training_seed: int, cache: str) -> dict:
-    """UBT on a clean model of seed ``seed``'s world (trained with ``training_seed``), judged by
-    the seed's independent reference: must decline and return it unchanged."""
+def clean_model(seed: int, training_seed: int, cache: str, look: str = "default") -> dict:
+    """UBT on a clean model of seed ``seed``'s world of ``look`` (trained with
+    ``training_seed``), judged by the seed's independent reference: must decline and return it
+    unchanged."""
     import torch
 
     from fastbd.models.clip import tokenize
     from fastbd.ubt import defend
     from fastbd.world import build_clip_threat
 
-    base = base_config(seed, None)
+    base = base_config(seed, None, look=look)
     threat = build_clip_threat(replace(base, attack="none", seed=training_seed,
                                        train=replace(base.train, seed=training_seed)),
                                cache_dir=cache, verbose=False)
     tokens = tokenize(threat.tokenizer, threat.poisoned.captions, base.model.context_length)
     result = defend(threat.model, threat.poisoned.images, tokens,
-                    reference=reference_model(seed, cache).model, verbose=False)
+                    reference=reference_model(seed, cache, look).model, verbose=False)
     unchanged = all(torch.equal(a, b) for a, b in zip(
         threat.model.state_dict().values(), result.model.state_dict().values(), strict=True))
-    return {"seed": seed, "training_seed": training_seed, "ca": threat.evaluation.clean_accuracy,
+    return {"look": look, "seed": seed, "training_seed": training_seed,
+            "ca": threat.evaluation.clean_accuracy,
             "check_statistic": result.check_statistic, "declined": not result.poisoned,
             "unchanged": unchanged, "suspicious": int(result.suspicious.numel())}
 
@@ -138,18 +156,28 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _look(row: dict) -> str:
+    return row.get("look", "default")
+
+
+def _world(row: dict) -> str:
+    """The world column: the seed, prefixed by the look where it is not the default."""
+    return str(row["seed"]) if _look(row) == "default" else f"{_look(row)} {row['seed']}"
+
+
 def tables(results: dict) -> str:
     """The sweep's markdown: one row per cell and defense, the clean models, the check's
-    distribution and the targets' verdicts."""
-    lines = ["| seed | attack | rate | CA / ASR before | defense | suspicious (poisoned) | "
+    distribution and the targets' verdicts (over every cell, then per look other than the
+    default)."""
+    lines = ["| world | attack | rate | CA / ASR before | defense | suspicious (poisoned) | "
              "top (poisoned) | check | CA after | ASR after |",
-             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    cells = sorted(results["cells"], key=lambda c: (c["seed"], ATTACKS.index(c["attack"]),
-                                                      c["rate"]))
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    cells = sorted(results["cells"], key=lambda c: (list(LOOKS).index(_look(c)), c["seed"],
+                                                      ATTACKS.index(c["attack"]), c["rate"]))
     for c in cells:
         first = True
         for name, d in c["defenses"].items():
-            head = (f"| {c['seed']} | {c['attack']} | {100 * c['rate']:g} % | "
+            head = (f"| {_world(c)} | {c['attack']} | {100 * c['rate']:g} % | "
                     f"{_pct(c['ca_before'])} / {_pct(c['asr_before'])} |" if first
                     else "| | | | |")
             first = False
@@ -160,13 +188,19 @@ def tables(results: dict) -> str:
                      if "check_statistic" in d else "–")
             lines.append(f"{head} {name} | {susp} | {top} | {check} | {_pct(d['ca_after'])} | "
                          f"{_pct(d['asr_after'])} |")
-    lines += ["", "| clean model (world seed, training seed) | CA | suspicious | check | "
+    clean = sorted(results["clean"], key=lambda m: (list(LOOKS).index(_look(m)), m["seed"],
+                                                     m["training_seed"]))
+    lines += ["", "| clean model (world, training seed) | CA | suspicious | check | "
               "declined, unchanged |", "|---|---:|---:|---:|---|"]
-    for m in sorted(results["clean"], key=lambda m: (m["seed"], m["training_seed"])):
-        lines.append(f"| {m['seed']}, {m['training_seed']} | {_pct(m['ca'])} | "
+    for m in clean:
+        lines.append(f"| {_world(m)}, {m['training_seed']} | {_pct(m['ca'])} | "
                      f"{m['suspicious']} | {m['check_statistic']:.2f} | "
                      f"{'yes' if m['declined'] and m['unchanged'] else 'NO'} |")
-    lines += ["", verdict(cells, results["clean"])]
+    lines += ["", verdict(cells, clean)]
+    for look in LOOKS:
+        if look != "default" and any(_look(c) == look for c in cells):
+            lines += ["", f"On the {look} look alone: " + verdict(
+                [c for c in cells if _look(c) == look], [m for m in clean if _look(m) == look])]
     return "\n".join(lines)
 
 
@@ -177,7 +211,8 @@ def verdict(cells: list[dict], clean: list[dict]) -> str:
     judged = [c for c in cells if c["asr_before"] >= 0.2]
     misses = []
     for c in judged:
-        ubt, name = c["defenses"]["ubt"], f"{c['attack']} {100 * c['rate']:g} % seed {c['seed']}"
+        ubt = c["defenses"]["ubt"]
+        name = f"{c['attack']} {100 * c['rate']:g} % world {_world(c)}"
         if ubt["asr_after"] > 0.01:
             misses.append(f"{name}: ASR after {_pct(ubt['asr_after'])} %")
         if c["ca_before"] - ubt["ca_after"] > 0.01:
@@ -204,35 +239,48 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="world seeds, comma-separated")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--looks", default="default",
+                        help=f"world looks, comma-separated: {', '.join(LOOKS)}")
+    parser.add_argument("--defenses", default=",".join(DEFENSES),
+                        help="defenses run in new cells (the others are left out of them)")
     add_sweep_flags(parser, "rate-sweep", "cells")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    looks = args.looks.split(",")
+    defenses = frozenset(args.defenses.split(","))
+    for name, known, given in (("look", LOOKS, looks), ("defense", DEFENSES, defenses)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {"cells": [], "clean": []}
     results.setdefault("cells", [])
     results.setdefault("clean", [])
-    done = {(c["seed"], c["attack"], c["rate"]): c for c in results["cells"]}
-    wanted = [(s, a, float(r)) for s in seeds for a in args.attacks.split(",")
-              for r in args.rates.split(",")]
+    done = {(_look(c), c["seed"], c["attack"], c["rate"]): c for c in results["cells"]}
+    wanted = [(look, s, a, float(r)) for look in looks for s in seeds
+              for a in args.attacks.split(",") for r in args.rates.split(",")]
     redo = frozenset(filter(None, args.redo.split(",")))
     todo = [job for job in wanted if job not in done]
     again = [job for job in wanted if job in done
              and redo & set(done[job]["defenses"])] if redo else []
-    checked = {(m["seed"], m["training_seed"]) for m in results["clean"]}
-    clean_todo = [(s, t) for s in seeds for t in (s, s + 100) if (s, t) not in checked]
+    checked = {(_look(m), m["seed"], m["training_seed"]) for m in results["clean"]}
+    clean_todo = [(look, s, t) for look in looks for s in seeds for t in (s, s + 100)
+                  if (look, s, t) not in checked]
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
 
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
-        list(pool.map(reference_model, seeds, [args.cache] * len(seeds)))
-        futures = [pool.submit(clean_model, s, t, args.cache) for s, t in clean_todo]
-        futures += [pool.submit(cell, *job, args.cache) for job in todo]
-        futures += [pool.submit(cell, *job, args.cache, redo) for job in again]
+        references = [(s, look) for look in looks for s in seeds]
+        list(pool.map(reference_model, [s for s, _ in references], [args.cache] * len(references),
+                      [look for _, look in references]))
+        futures = [pool.submit(clean_model, s, t, args.cache, look) for look, s, t in clean_todo]
+        futures += [pool.submit(cell, *job[1:], args.cache, defenses, job[0]) for job in todo]
+        futures += [pool.submit(cell, *job[1:], args.cache, redo, job[0]) for job in again]
         for future in futures:
             row = future.result()
-            key = (row.get("seed"), row.get("attack"), row.get("rate"))
+            key = (_look(row), row.get("seed"), row.get("attack"), row.get("rate"))
             if key in done and "training_seed" not in row:
                 done[key]["defenses"].update(row.pop("defenses"))
                 done[key].update(row)
@@ -245,7 +293,11 @@ def main() -> int:
         write_section("ubt-rate-sweep", "## UBT rate sweep (`bench/rate_sweep.py`)\n\n"
                       "Independent reference (a disjoint world of the same look), tiny CLIPs on "
                       "5,000 pairs, zero-shot CA / ASR (%) on 1,000 eval images, one thread per "
-                      "cell, 2-core AMD EPYC.\n\n" + text)
+                      "cell, 2-core AMD EPYC. The world column is the world seed, prefixed by "
+                      "its look where it is not the default one (`LOOKS` in the script: "
+                      + "; ".join(f"{name}: {', '.join(f'{k} = {v}' for k, v in o.items())}"
+                                  for name, o in LOOKS.items() if o)
+                      + " — never used to choose UBT's constants).\n\n" + text)
     print(text)
     return 0
 
