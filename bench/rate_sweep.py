@@ -14,9 +14,8 @@ with another training seed — give the check statistic's distribution without a
     python bench/rate_sweep.py --looks noisy,many-classes --seeds 0 --rates 0.01 \
         --attacks badnet,blended,sig --defenses ubt,cleanclip   # worlds of another look
 
-``--looks`` runs the cells on worlds of another look (``LOOKS``: noisier, fainter objects,
-twice the classes): those looks were written after UBT's constants were chosen and were never
-used to choose anything, so they stand for the worlds a user has that fastbd was not built on.
+``--looks`` runs the cells on worlds of another look (``fastbd.world.LOOKS``: noisier, fainter
+objects, twice the classes), never used to choose UBT's constants.
 
 Finished cells are kept in the JSON (``bench/results/rate-sweep-<machine>.json``) and skipped on a
 rerun (``--redo ubt,ubt-fixed`` measures those defenses again in finished cells), so the sweep can
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from results_doc import add_sweep_flags, write_section
 
+from fastbd.world import LOOKS
+
 ATTACKS = ("badnet", "blended", "sig", "wanet", "dualkey")
 RATES = (0.005, 0.01, 0.02, 0.05)
 UBT_VARIANTS = {"ubt": {}, "ubt-fixed": {"split": "fixed"}, "ubt-overfit": {"ranking": "overfit"}}
@@ -44,13 +45,6 @@ FULL_RATE = 0.01
 """The rate at which every variant and ABL run; at the others, UBT (fastbd's defaults) and
 CleanCLIP only (the sweep's time on two cores)."""
 CLEAN_PAIRS = 1000
-LOOKS = {"default": {},
-         "noisy": {"noise_std": 14.0, "colour_jitter": 45.0, "texture_contrast": 0.9},
-         "faint": {"object_opacity": 0.75, "background_saturation": 1.0,
-                   "scale": (0.15, 0.3)},
-         "many-classes": {"n_classes": 20}}
-"""``WorldConfig`` overrides of each world look the sweep can run on (``default``: the demo's
-world, on which UBT's constants were chosen; the others never used to choose anything)."""
 DEFENSES = ("ubt", "ubt-fixed", "ubt-overfit", "cleanclip", "abl")
 
 
@@ -64,10 +58,9 @@ def base_config(seed: int, rate: float | None, attack: str = "none", look: str =
     """The demo's threat config for ``seed`` on a world of ``look`` (``LOOKS``; the default look
     gives the same cache entries as the demo where ``rate`` is the world's own rate for
     ``attack``)."""
-    from fastbd.world import CLIPThreatConfig, world_rate
-    from fastbd.world.synthetic import WorldConfig
+    from fastbd.world import CLIPThreatConfig, WorldConfig, with_look, world_rate
 
-    return CLIPThreatConfig(world=WorldConfig(seed=seed, **LOOKS[look]), seed=seed,
+    return CLIPThreatConfig(world=with_look(WorldConfig(seed=seed), look), seed=seed,
                             rate=None if rate == world_rate(attack) else rate)
 
 
@@ -294,7 +287,7 @@ def main() -> int:
                       "Independent reference (a disjoint world of the same look), tiny CLIPs on "
                       "5,000 pairs, zero-shot CA / ASR (%) on 1,000 eval images, one thread per "
                       "cell, 2-core AMD EPYC. The world column is the world seed, prefixed by "
-                      "its look where it is not the default one (`LOOKS` in the script: "
+                      "its look where it is not the default one (`fastbd.world.LOOKS`: "
                       + "; ".join(f"{name}: {', '.join(f'{k} = {v}' for k, v in o.items())}"
                                   for name, o in LOOKS.items() if o)
                       + " — never used to choose UBT's constants).\n\n" + text)

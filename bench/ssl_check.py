@@ -8,6 +8,10 @@ pasting − escape, threshold 0.5), what was removed and the detection quality, 
 own cost.
 
     python bench/ssl_check.py --seeds 0,1,2 [--jobs 2]
+    python bench/ssl_check.py --seeds 0 --looks noisy,faint,many-classes --jobs 2
+
+``--looks`` runs the same on worlds of other looks (``fastbd.world.LOOKS``), never used to
+choose the detectors' constants.
 
 Finished runs are kept in the JSON and skipped on a rerun; each run rewrites the "SSL backdoor
 check" section of ``docs/results.md``. Each worker uses one torch thread.
@@ -34,21 +38,25 @@ def _threads() -> None:
     torch.set_num_threads(1)
 
 
-def threat_config(seed: int, kind: str):
-    from fastbd.world import implanted_ssl_threat
+def threat_config(seed: int, kind: str, look: str = "default"):
+    """The implanted threat model of ``seed`` (or, ``kind`` clean, its world with no attack) on
+    a world of ``look`` (``fastbd.world.LOOKS``)."""
+    from fastbd.world import implanted_ssl_threat, with_look
 
     config = implanted_ssl_threat(seed)
+    config = replace(config, world=with_look(config.world, look))
     return config if kind == "implanted" else replace(config, attack="none",
                                                       training_attack="none")
 
 
-def run(seed: int, kind: str, cache: str, detectors: tuple[str, ...] = DETECTORS) -> list[dict]:
+def run(seed: int, kind: str, cache: str, detectors: tuple[str, ...] = DETECTORS,
+        look: str = "default") -> list[dict]:
     """The ``detectors`` on one world (its threat model trained or loaded from the cache)."""
     from fastbd import registry
     from fastbd.demo.poisoncam import demo_config
     from fastbd.world import build_ssl_threat
 
-    threat = build_ssl_threat(threat_config(seed, kind), cache_dir=cache, verbose=False)
+    threat = build_ssl_threat(threat_config(seed, kind, look), cache_dir=cache, verbose=False)
     truth = threat.poisoned.poison_mask
     rows = []
     for name in detectors:
@@ -58,8 +66,9 @@ def run(seed: int, kind: str, cache: str, detectors: tuple[str, ...] = DETECTORS
             true_boxes=threat.poisoned.boxes, verbose=False).result_
         check = result.check
         rows.append({
-            "seed": seed, "kind": kind, "detector": name, "probe_ca": threat.probe.clean_accuracy,
-            "probe_asr": threat.probe.asr, "images": int(truth.numel()),
+            "look": look, "seed": seed, "kind": kind, "detector": name,
+            "probe_ca": threat.probe.clean_accuracy, "probe_asr": threat.probe.asr,
+            "images": int(truth.numel()),
             "poisoned": int(truth.sum()), "removed": int(result.removed.sum()),
             "precision": result.metrics.precision, "recall": result.metrics.recall,
             "topk_accuracy": result.topk_accuracy, "warnings": result.warnings,
@@ -79,18 +88,26 @@ def _seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _look(row: dict) -> str:
+    return row.get("look", "default")
+
+
 def tables(rows: list[dict]) -> str:
-    lines = ["| seed | data | probe CA / ASR | detector | check (capture, pasting, escape) | "
+    from fastbd.world import LOOKS
+
+    lines = ["| world | data | probe CA / ASR | detector | check (capture, pasting, escape) | "
              "removed | precision | recall | top-20 | check s |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["seed"], KINDS.index(r["kind"]),
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (list(LOOKS).index(_look(r)), r["seed"],
+                                         KINDS.index(r["kind"]),
                                          DETECTORS.index(r["detector"]))):
+        world = str(r["seed"]) if _look(r) == "default" else f"{_look(r)} {r['seed']}"
         check = ("off" if r["statistic"] is None else
                  f"{r['statistic']:.2f} ({r['capture_median']:.2f}, {r['pasting']:.2f}, "
                  f"{r['escape_median']:.2f})"
                  f"{'' if r['backdoor'] else ' no backdoor'}")
         lines.append(
-            f"| {r['seed']} | {r['kind']} | {_pct(r['probe_ca'])} / {_pct(r['probe_asr'])} | "
+            f"| {world} | {r['kind']} | {_pct(r['probe_ca'])} / {_pct(r['probe_asr'])} | "
             f"{r['detector']} | {check} | {r['removed']} ({_pct(r['removed'] / r['images'])} %) "
             f"| {_pct(r['precision']) if r['poisoned'] else '–'} | "
             f"{_pct(r['recall']) if r['poisoned'] else '–'} | "
@@ -103,6 +120,11 @@ def tables(rows: list[dict]) -> str:
         lines += ["", f"Check statistic: clean runs {min(clean):.2f} to {max(clean):.2f}, "
                   f"backdoored runs {min(poisoned):.2f} to {max(poisoned):.2f} (threshold "
                   f"0.50); margin {min(poisoned) - max(clean):.2f}."]
+    wrong = [f"{r['detector']} on {r['kind']} world {_look(r)} {r['seed']}" for r in checked
+             if r["backdoor"] != (r["kind"] == "implanted")]
+    if checked:
+        lines += ["", f"Wrong verdicts: {len(wrong)} of {len(checked)} checked runs"
+                  + (": " + "; ".join(wrong) if wrong else "") + "."]
     return "\n".join(lines)
 
 
@@ -113,6 +135,8 @@ def main() -> int:
     parser.add_argument("--cache", default="fastbd-out/cache")
     parser.add_argument("--json", default="bench/results/ssl-check-cpu-amd-epyc.json")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--looks", default="default",
+                        help="world looks, comma-separated (fastbd.world.LOOKS)")
     parser.add_argument("--rerun", action="store_true",
                         help="measure these seeds and detectors again (their rows replaced)")
     args = parser.parse_args()
@@ -120,15 +144,22 @@ def main() -> int:
     detectors = tuple(args.detectors.split(","))
     seeds_asked = {int(s) for s in args.seeds.split(",")}
     rows = json.loads(path.read_text()) if path.is_file() else []
+    looks = args.looks.split(",")
+    from fastbd.world import LOOKS
+
+    unknown = sorted(set(looks) - set(LOOKS))
+    if unknown:
+        parser.error(f"unknown look(s) {', '.join(unknown)}; known: {', '.join(LOOKS)}")
     if args.rerun:
-        rows = [r for r in rows if not (r["seed"] in seeds_asked and r["detector"] in detectors)]
-    done = {(r["seed"], r["kind"]) for r in rows if r["detector"] in detectors}
-    todo = [(int(s), kind) for s in args.seeds.split(",") for kind in KINDS
-            if (int(s), kind) not in done]
-    seeds, kinds = [s for s, _ in todo], [k for _, k in todo]
+        rows = [r for r in rows if not (r["seed"] in seeds_asked and _look(r) in looks
+                                        and r["detector"] in detectors)]
+    done = {(_look(r), r["seed"], r["kind"]) for r in rows if r["detector"] in detectors}
+    todo = [(look, int(s), kind) for look in looks for s in args.seeds.split(",")
+            for kind in KINDS if (look, int(s), kind) not in done]
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
-        for found in pool.map(run, seeds, kinds, [args.cache] * len(todo),
-                              [detectors] * len(todo)):
+        for found in pool.map(run, [s for _, s, _ in todo], [k for _, _, k in todo],
+                              [args.cache] * len(todo), [detectors] * len(todo),
+                              [look for look, _, _ in todo]):
             rows += found
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
@@ -140,7 +171,9 @@ def main() -> int:
     write_section("ssl-check", "## SSL backdoor check (`bench/ssl_check.py`)\n\nThe demo's "
                   "detector configuration on the implanted threat model and on the same world "
                   "with no attack (5,000 32-px images; SimCLR; one thread per world; 2-core AMD "
-                  "EPYC). Check: median over the top-20 candidates of capture − pasting − "
+                  "EPYC; the world column is the seed, prefixed by its look — "
+                  "`fastbd.world.LOOKS` — where not the default). Check: median over the "
+                  "top-20 candidates of capture − pasting − "
                   "escape (in brackets: the median capture, pasting = the upper quartile of "
                   "what 40 ordinary windows capture, the median escape).\n\n"
                   + text)

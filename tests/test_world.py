@@ -3,7 +3,7 @@ import torch
 
 from fastbd.attacks import make_attack, poison_pairs, poison_target_class, poison_target_classes
 from fastbd.attacks.triggers import resize_patch
-from fastbd.world import poison_world_pairs, world_caption, world_rate
+from fastbd.world import LOOKS, poison_world_pairs, with_look, world_caption, world_rate
 from fastbd.world.synthetic import WorldConfig, class_table, make_world
 
 
@@ -86,6 +86,21 @@ def test_other_sizes_and_class_counts():
     for opacity in (-0.1, 1.2):
         with pytest.raises(ValueError, match="object_opacity"):
             make_world(WorldConfig(object_opacity=opacity))
+
+
+def test_every_look_overrides_only_its_own_fields_and_builds_a_world():
+    base = WorldConfig(n_train=40, n_eval=10, seed=5)
+    assert with_look(base, "default") == base
+    for look, overrides in LOOKS.items():
+        config = with_look(base, look)
+        changed = {k for k, v in vars(config).items() if v != vars(base)[k]}
+        assert changed == {k for k, v in overrides.items() if v != vars(base)[k]}, look
+        world = make_world(config)
+        assert len(world.class_names) == config.n_classes
+        assert world.train.images.dtype == torch.uint8
+        assert world.train.images.float().std() > 10  # not a blank image set
+    with pytest.raises(ValueError, match="unknown world look 'foggy'; choose from default"):
+        with_look(base, "foggy")
 
 
 @pytest.mark.parametrize("name", ["htba", "badnet", "dualkey"])

@@ -6,12 +6,14 @@ Nothing below this package depends on it: a user with real data and checkpoints 
 
 from fastbd.world.synthetic import (
     LAYOUTS,
+    LOOKS,
     ZERO_SHOT_TEMPLATES,
     SyntheticWorld,
     WorldConfig,
     WorldSplit,
     check_world_config,
     make_world,
+    with_look,
     world_caption,
 )
 from fastbd.world.threats import (
@@ -39,12 +41,12 @@ from fastbd.world.threats import (
     world_rate,
 )
 
-__all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", "LAYOUTS",
+__all__ = ["CLIPEvaluation", "CLIPThreat", "CLIPThreatConfig", "DEFAULT_CACHE", "LAYOUTS", "LOOKS",
            "REFERENCE_WORLD_OFFSET",
            "SSLThreat", "SSLThreatConfig", "SyntheticWorld", "WORLD_ATTACK_OPTIONS",
            "WORLD_POISON_RATES", "WorldConfig", "WorldSplit", "ZERO_SHOT_TEMPLATES",
            "build_clip_threat", "build_ssl_threat", "check_world_config", "evaluate_clip",
            "implanted_ssl_threat", "independent_reference", "make_world", "poison_world_images",
            "poison_world_pairs", "surrogate_config", "with_attack_artifacts",
-           "with_optimised_patch", "with_stega_encoder",
+           "with_look", "with_optimised_patch", "with_stega_encoder",
            "world_attack", "world_caption", "world_rate"]

@@ -10,7 +10,7 @@ prompts fill ``ZERO_SHOT_TEMPLATES`` with the class name. Everything follows fro
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,17 @@ TILE_SPACING = (2.2, 2.8)
 """Lattice period of the tiled layout, in multiples of the tile's scale (shapes reach about
 0.95 of it from their centre, so neighbouring tiles never touch)."""
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "an image showing a {}.", "there is a {} in this image.")
+LOOKS: dict[str, dict[str, object]] = {
+    "default": {},
+    "noisy": {"noise_std": 14.0, "colour_jitter": 45.0, "texture_contrast": 0.9},
+    "faint": {"object_opacity": 0.75, "background_saturation": 1.0, "scale": (0.15, 0.3)},
+    "many-classes": {"n_classes": 20},
+}
+"""Named looks a world can take, as ``WorldConfig`` overrides (``with_look``): ``default``
+changes nothing — the look fastbd's constants were chosen on; the others (noisier and more
+jittered images, fainter and smaller objects on saturated backgrounds, twice the classes) were
+written after those constants were fixed and are not used to choose any: robustness checks run
+the defenses on them as on worlds a user has that fastbd was not built on."""
 
 
 @dataclass
@@ -292,3 +303,11 @@ def _texture(n: int, s: int, contrast: float, saturation: float, g: torch.Genera
     mix = (0.5 + contrast * (blend - 0.5) + 0.25 * contrast * stripes).clamp(0, 1)
     return (colours[:, 0, :, None, None] * (1 - mix[:, None])
             + colours[:, 1, :, None, None] * mix[:, None])
+
+
+def with_look(config: WorldConfig, look: str) -> WorldConfig:
+    """``config`` with the overrides of ``LOOKS[look]`` (a ``ValueError`` naming the looks for
+    an unknown one)."""
+    if look not in LOOKS:
+        raise ValueError(f"unknown world look {look!r}; choose from {', '.join(LOOKS)}")
+    return replace(config, **LOOKS[look])
