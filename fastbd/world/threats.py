@@ -402,14 +402,40 @@ def surrogate_config(config: CLIPThreatConfig) -> CLIPThreatConfig:
                    world=replace(config.world, seed=config.world.seed + SURROGATE_WORLD_OFFSET))
 
 
+def with_trojvqa_semantic(config: CLIPThreatConfig) -> CLIPThreatConfig:
+    """``config`` with TrojVQA's semantic target resolved in ``attack_options["trojvqa"]
+    ["semantic_class"]`` (unchanged where it is given, a pattern is, or the attack is another):
+    the class after the backdoor's target, ``(target + 1) mod n_classes``. TrojVQA optimises
+    its patch towards a concept its detector knows that is *not* the backdoor's target (an
+    object + attribute); a patch optimised towards the target itself is a universal adversarial
+    patch — on the world, clean CLIPs never trained on a poisoned pair then read 99.4–100 % of
+    patched images as the target — whose effect no data-poisoning defense can or should
+    remove. Resolved before the threat model's cache key is taken, so the key names it."""
+    options = dict(config.attack_options)
+    entry = dict(options.get("trojvqa", {}))
+    if config.attack != "trojvqa" or "pattern" in entry:
+        return config
+    n_classes = config.world.n_classes
+    semantic = entry.setdefault("semantic_class", (config.target + 1) % n_classes)
+    if isinstance(semantic, bool) or not isinstance(semantic, int) \
+            or not 0 <= semantic < n_classes or semantic == config.target:
+        raise ValueError(f"trojvqa's semantic_class must be a class index in 0..{n_classes - 1} "
+                         f"other than the target {config.target}, got {semantic!r}")
+    options["trojvqa"] = entry
+    return replace(config, attack_options=options)
+
+
 def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
                          device: str | torch.device = "cpu", verbose: bool = False
                          ) -> CLIPThreatConfig:
     """``config`` with TrojVQA's optimised patch in its ``attack_options["trojvqa"]["pattern"]``
     (unchanged where one is given or the attack is another): ``optimise_patch`` against the
     surrogate CLIP's image tower (``surrogate_config``) towards its mean zero-shot text
-    embedding of the target class, on the surrogate world's training images, at the attack's
-    patch side. Kept as ``trojvqa-<hash>.pt`` in ``cache_dir`` beside the models."""
+    embedding of the semantic class (``with_trojvqa_semantic``), on the surrogate world's
+    training images, at the attack's patch side. Kept as ``trojvqa-<hash>.pt`` in ``cache_dir``
+    beside the models."""
+    surrogate = surrogate_config(config)  # the attacker's clean model, whatever its patch aims at
+    config = with_trojvqa_semantic(config)
     options = dict(config.attack_options)
     entry = dict(options.get("trojvqa", {}))
     if config.attack != "trojvqa" or "pattern" in entry:
@@ -418,14 +444,13 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
             if cache_dir is not None else None)
     pattern = load_torch(path, "cached patch")["pattern"] if path and path.is_file() else None
     if pattern is None:
-        surrogate = surrogate_config(config)
         model = build_clip_threat(surrogate, cache_dir=cache_dir, device=device,
                                   verbose=verbose).model
         world = make_world(surrogate.world)
         side = PatchAttack(side_fraction=entry.get("side_fraction", 16 / 224),
                            image_size=config.world.image_size).side
         pattern, _ = clip_target_patch(model, clip_tokenizer(), world.train.images,
-                                       world.class_names[config.target], side,
+                                       world.class_names[entry["semantic_class"]], side,
                                        templates=ZERO_SHOT_TEMPLATES, seed=config.seed,
                                        device=device, verbose=verbose)
         if path is not None:
@@ -533,7 +558,7 @@ def build_clip_threat(config: CLIPThreatConfig | None = None, *, cache_dir: str 
     """The tiny CLIP trained on the world's pairs poisoned as ``config`` says (cached by the
     config's hash), with ``objective`` (e.g. RoCLIP's, a training-time defense; cached apart)
     instead of the plain InfoNCE when given, and its zero-shot CA and ASR."""
-    config = config or CLIPThreatConfig()
+    config = with_trojvqa_semantic(config or CLIPThreatConfig())
     name = f"clip-{config_hash(config)}" + (
         "" if objective is None else f"-{config_hash(objective.config())}")
     config = with_attack_artifacts(config, cache_dir, device, verbose)
