@@ -120,3 +120,17 @@ def test_rate_sweep_tables_name_each_look_and_judge_it_apart():
            "badnet 1 % world noisy 0: CA −3.5." in text
     assert "On the noisy look alone: Cells with ASR before ≥ 20 %: 1 of 1; targets missed: 2" \
         in text
+
+
+def test_ubt_tables_redo_drops_only_the_asked_seeds_and_attacks_rows():
+    from ubt_tables import cells as ubt_cells
+    from ubt_tables import key as ubt_key
+    from ubt_tables import plan
+
+    rows = [{"key": ubt_key(c), "method": c[2]} for c in ubt_cells([0, 1])]
+    kept, todo = plan(rows, [0], {"trojvqa"}, {"ubt", "none"})
+    assert sorted(todo) == [(0, "trojvqa", "none"), (0, "trojvqa", "ubt")]
+    assert len(kept) == len(rows) - 2
+    assert {"0/badnet/ubt", "1/trojvqa/ubt", "0/trojvqa/cleanclip"} <= {r["key"] for r in kept}
+    kept, todo = plan(rows[:3], [0], set(), set())  # nothing redone: what is missing runs
+    assert kept == rows[:3] and len(todo) == len(ubt_cells([0])) - 3

@@ -309,6 +309,18 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan(rows: list[dict], seeds: list[int], attacks: set[str], redo: set[str]
+         ) -> tuple[list[dict], list[tuple[int, str, str]]]:
+    """The rows kept and the cells to run for ``seeds`` and ``attacks`` (empty: every attack):
+    the cells not finished, and those of the ``redo`` methods measured again — only the asked
+    seeds' and attacks' rows of those methods are dropped."""
+    wanted = [c for c in cells(seeds) if not attacks or c[1] in attacks]
+    again = {key(c) for c in wanted if c[2] in redo}
+    kept = [r for r in rows if r["key"] not in again]
+    done = {r["key"] for r in kept}
+    return kept, [c for c in wanted if key(c) not in done]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0")
@@ -321,11 +333,8 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.is_file() else {"cells": []}
-    redo = set(filter(None, args.redo.split(",")))
-    saved["cells"] = [r for r in saved["cells"] if r["method"] not in redo]
-    done = {r["key"] for r in saved["cells"]}
-    attacks = set(filter(None, args.attacks.split(",")))
-    todo = [c for c in cells(seeds) if key(c) not in done and (not attacks or c[1] in attacks)]
+    saved["cells"], todo = plan(saved["cells"], seeds, set(filter(None, args.attacks.split(","))),
+                                set(filter(None, args.redo.split(","))))
     for seed in sorted({c[0] for c in todo}):
         prepare(seed, list(dict.fromkeys(c[1] for c in todo if c[0] == seed)), args.cache)
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
