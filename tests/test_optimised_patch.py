@@ -10,7 +10,12 @@ from fastbd.models.clip import TinyCLIPConfig
 from fastbd.training.clip import CLIPTrainConfig
 from fastbd.world import CLIPThreatConfig, build_clip_threat
 from fastbd.world.synthetic import WorldConfig
-from fastbd.world.threats import surrogate_config, with_optimised_patch, with_trojvqa_semantic
+from fastbd.world.threats import (
+    semantic_concept,
+    surrogate_config,
+    with_optimised_patch,
+    with_trojvqa_semantic,
+)
 
 
 def colour_encoder(x: torch.Tensor) -> torch.Tensor:
@@ -51,21 +56,27 @@ def test_the_attack_is_dual_key_with_the_given_patch():
     assert isinstance(attack, PatchAttack) and torch.equal(attack.pattern, pattern)
     assert attack.caption_prefix() == "cf " and attack.side == 4
     recorded = make_attack("trojvqa", 32, pattern=pattern.tolist(), side_fraction=0.125,
-                           semantic_class=3)  # what the patch aims at: recorded, not used
+                           semantic="green triangle")  # what it aims at: recorded, not used
     assert torch.equal(recorded.pattern, pattern)
 
 
-def test_the_patch_aims_at_another_class_than_the_backdoors_target():
+def test_the_patch_aims_at_a_concept_that_is_neither_the_target_nor_a_class():
+    # 10 classes: class k is (SHAPES[k], colour k) — "red circle", "green square", ...
+    assert semantic_concept(10, 0) == "green triangle"  # colour of class 1, shape of class 2
+    assert semantic_concept(10, 9) == "red square"  # wraps around
+    assert semantic_concept(3, 1) == "blue circle"  # target "green square": no shared word
+    assert semantic_concept(2, 0) == "green triangle"  # too few classes: the whole vocabulary
+    assert semantic_concept(100, 5) == "orange bar"  # every pair a class: one sharing no word
     config = CLIPThreatConfig(world=WorldConfig(n_classes=10), attack="trojvqa", target=9)
     resolved = with_trojvqa_semantic(config)
-    assert resolved.attack_options["trojvqa"]["semantic_class"] == 0  # (9 + 1) mod 10
-    assert "semantic_class" not in config.attack_options["trojvqa"]  # the input left alone
-    chosen = replace_trojvqa(config, semantic_class=4)
+    assert resolved.attack_options["trojvqa"]["semantic"] == "red square"
+    assert "semantic" not in config.attack_options["trojvqa"]  # the input left alone
+    chosen = replace_trojvqa(config, semantic="purple flower")
     assert with_trojvqa_semantic(chosen) == chosen
-    for bad in (9, 10, -1, True, "4"):
-        with pytest.raises(ValueError, match="semantic_class must be a class index in 0..9 "
-                                             "other than the target 9"):
-            with_trojvqa_semantic(replace_trojvqa(config, semantic_class=bad))
+    for bad in ("black crescent", "", "  ", 4):
+        with pytest.raises(ValueError, match="semantic must be a non-empty description other "
+                                             "than the target class 'black crescent'"):
+            with_trojvqa_semantic(replace_trojvqa(config, semantic=bad))
     other = CLIPThreatConfig(attack="badnet")
     assert with_trojvqa_semantic(other) is other
     given = replace_trojvqa(config, pattern=[[[0]]])
@@ -106,7 +117,7 @@ def test_the_world_threat_carries_the_surrogate_optimised_patch(tmp_path, monkey
     pattern = torch.tensor(threat.config.attack_options["trojvqa"]["pattern"], dtype=torch.uint8)
     side = PatchAttack(side_fraction=0.3, image_size=32).side
     assert pattern.shape == (3, side, side) and len(calls) == 1
-    assert aims == [threat.world.class_names[1]]  # the class after the target 0, not the target
+    assert aims == ["green triangle"]  # not the target "red circle", and no class
     assert len(list(tmp_path.glob("trojvqa-*.pt"))) == 1
     rows = threat.poisoned.poison_mask.nonzero().flatten()
     y, x, h, w = threat.poisoned.boxes[rows[0]].tolist()
@@ -143,14 +154,15 @@ def test_cli_attack_on_files_optimises_against_the_users_surrogate(tmp_path, mon
             "--class-names", str(src / "classes.txt"), "--target", "2", "--rate", "0.1"]
     assert main([*args, "--out", str(tmp_path / "none")]) == 2
     assert "--surrogate-checkpoint" in capsys.readouterr().err
-    assert main([*args, "--surrogate-checkpoint", str(surrogate), "--semantic-class", "2",
+    classes = (src / "classes.txt").read_text().split("\n")
+    assert main([*args, "--surrogate-checkpoint", str(surrogate), "--semantic", classes[2],
                  "--out", str(tmp_path / "same")]) == 2
-    assert "--semantic-class must differ from --target" in capsys.readouterr().err
+    assert "--semantic must not be the target class" in capsys.readouterr().err
     out = tmp_path / "troj"
     assert main([*args, "--surrogate-checkpoint", str(surrogate), "--out", str(out)]) == 0
     spec = json.loads((out / "attack.json").read_text())
     assert spec["poisoned"] == 6 and spec["trigger"]["attack"] == "trojvqa"
-    assert spec["trigger"]["options"]["semantic_class"] == 3  # the class after the target
+    assert spec["trigger"]["options"]["semantic"] == classes[3]  # the class after the target
     pattern = load_trigger(spec["trigger"]["options"]["trigger_file"])
     side = PatchAttack(side_fraction=16 / 224, image_size=32).side
     assert pattern.shape == (3, side, side)

@@ -184,7 +184,7 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
     16/224 patch anywhere. ``dualkey``: a fixed random patch plus the text trigger word.
     ``trojvqa``: dual-key with an optimised patch — ``pattern`` (uint8 ``3×h×w``, or its nested
     list) is required, e.g. from ``fastbd.attacks.optimise_patch`` against a surrogate model;
-    ``semantic_class``, the class the patch was optimised towards, is recorded, not used.
+    ``semantic``, what the patch was optimised towards, is recorded, not used.
     ``ssba``: invisible sample-specific residuals — ``encoder_file`` (a steganography encoder of
     ``fastbd.attacks.ssba``) is required; the secret is drawn from ``seed`` unless given.
     ``corruptencoder``/``corruptencoder+``: their trigger — HTBA pattern ``trigger_id`` at 40/224
@@ -210,7 +210,7 @@ def make_attack(name: str, image_size: int, seed: int = 0, **overrides) -> Attac
         cls = PatchAttack
     elif name == "trojvqa":
         pattern = overrides.pop("pattern", None)
-        overrides.pop("semantic_class", None)
+        overrides.pop("semantic", None)
         if pattern is None:
             raise ValueError("trojvqa needs its optimised patch: pattern=… (uint8 3×h×w, e.g. "
                              "from fastbd.attacks.optimise_patch against a surrogate model)")

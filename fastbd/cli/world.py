@@ -115,8 +115,8 @@ def trigger_spec(options: dict, args: argparse.Namespace) -> dict:
 def trojvqa_files_patch(args: argparse.Namespace, images, class_name: str, size: int):
     """TrojVQA's optimised patch (uint8 ``3×s×s``) for a user's images (uint8 ``N×3×S×S``)
     against the surrogate CLIP of ``--surrogate-checkpoint`` / ``--surrogate-pretrained``
-    (``--surrogate-arch``), towards ``class_name`` (the semantic class, not the backdoor's
-    target), at dual-key's 16/224 of ``size``."""
+    (``--surrogate-arch``), towards ``class_name`` (the semantic target, not the backdoor's
+    target class), at dual-key's 16/224 of ``size``."""
     from fastbd.attacks import PatchAttack, clip_target_patch
     from fastbd.models.clip import clip_tokenizer, load_clip
 
@@ -240,19 +240,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         names = class_names_arg(args.class_names) if args.class_names else [
             str(i) for i in range(int(labels.max()) + 1)]
         if args.attack == "trojvqa":
-            semantic = (args.target + 1) % len(names) if args.semantic_class is None \
-                else args.semantic_class
-            for flag, index in (("--target", args.target), ("--semantic-class", semantic)):
-                if not 0 <= index < len(names):
-                    raise ValueError(f"{flag} {index} has no class name (classes 0–"
-                                     f"{len(names) - 1})")
-            if semantic == args.target:
-                raise ValueError("--semantic-class must differ from --target: a patch that "
-                                 "looks like the target to any CLIP is an adversarial patch, "
-                                 "not a backdoor")
-            attack_options["semantic_class"] = semantic
-            attack_options["pattern"] = trojvqa_files_patch(args, bank.images,
-                                                            names[semantic], size)
+            if not 0 <= args.target < len(names):
+                raise ValueError(f"--target {args.target} has no class name (classes 0–"
+                                 f"{len(names) - 1})")
+            semantic = args.semantic or names[(args.target + 1) % len(names)]
+            if semantic == names[args.target]:
+                raise ValueError("--semantic must not be the target class: a patch that looks "
+                                 "like the target to any CLIP is an adversarial patch, not a "
+                                 "backdoor")
+            attack_options["semantic"] = semantic
+            attack_options["pattern"] = trojvqa_files_patch(args, bank.images, semantic, size)
         if args.attack == "ssba":  # ISSBA trains its steganography encoder on the images
             from fastbd.attacks.ssba import StegaConfig, save_stega, train_stega
 
@@ -414,10 +411,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                              "--surrogate-arch by tag")
     attack.add_argument("--surrogate-arch", default="tiny",
                         help="trojvqa: the surrogate's open_clip architecture (default tiny)")
-    attack.add_argument("--semantic-class", type=int,
-                        help="trojvqa on your files: the class whose look the patch is "
-                             "optimised towards (TrojVQA's semantic target; default the class "
-                             "after --target); never the target itself")
+    attack.add_argument("--semantic",
+                        help="trojvqa on your files: what the patch is optimised to look like "
+                             "(TrojVQA's semantic target, an object and an attribute, e.g. "
+                             "'purple flower'; default the class after --target); never the "
+                             "target class")
     attack.add_argument("--targets", help="HTBA and CorruptEncoder: several target classes, "
                         "comma-separated (e.g. 3,5: the PoisonCAM paper's multi-target "
                         "attacks), each with its own HTBA pattern from --trigger-id on and its "

@@ -53,10 +53,13 @@ from fastbd.training.clip import CLIPTrainConfig, TrainingObjective, train_clip
 from fastbd.training.ssl import SSLConfig, train_ssl
 from fastbd.validation import check_fields, one_of
 from fastbd.world.synthetic import (
+    COLOURS,
+    SHAPES,
     ZERO_SHOT_TEMPLATES,
     SyntheticWorld,
     WorldConfig,
     background_images,
+    class_table,
     make_world,
     reference_objects,
     world_caption,
@@ -402,25 +405,45 @@ def surrogate_config(config: CLIPThreatConfig) -> CLIPThreatConfig:
                    world=replace(config.world, seed=config.world.seed + SURROGATE_WORLD_OFFSET))
 
 
+def semantic_concept(n_classes: int, target: int) -> str:
+    """TrojVQA's semantic target on the world: an object + attribute the world's captions name
+    that no class is and that shares neither word with the target class — the colour of a class
+    after the target with the shape of the one after that (``colour shape``, the first such pair
+    that is not itself a class), from the whole vocabulary where the classes are too few, and a
+    class sharing no word with the target where every pair is a class."""
+    table = class_table(n_classes)
+    shape_t, colour_t = table[target]
+    classes = set(table)
+    order = [table[(target + i) % n_classes] for i in range(1, n_classes)] + [
+        (shape, colour) for shape in SHAPES for colour in COLOURS]
+    for i, (_, colour) in enumerate(order):
+        for shape, _ in order[i + 1:]:
+            if colour != colour_t and shape != shape_t and (shape, colour) not in classes:
+                return f"{colour} {shape}"
+    shape, colour = next((s, c) for s, c in order if s != shape_t and c != colour_t)
+    return f"{colour} {shape}"  # every pair is a class: one sharing no word with the target
+
+
 def with_trojvqa_semantic(config: CLIPThreatConfig) -> CLIPThreatConfig:
     """``config`` with TrojVQA's semantic target resolved in ``attack_options["trojvqa"]
-    ["semantic_class"]`` (unchanged where it is given, a pattern is, or the attack is another):
-    the class after the backdoor's target, ``(target + 1) mod n_classes``. TrojVQA optimises
-    its patch towards a concept its detector knows that is *not* the backdoor's target (an
-    object + attribute); a patch optimised towards the target itself is a universal adversarial
-    patch — on the world, clean CLIPs never trained on a poisoned pair then read 99.4–100 % of
-    patched images as the target — whose effect no data-poisoning defense can or should
-    remove. Resolved before the threat model's cache key is taken, so the key names it."""
+    ["semantic"]`` (unchanged where it is given, a pattern is, or the attack is another):
+    ``semantic_concept`` of the world's classes and the target. TrojVQA optimises its patch
+    towards an object + attribute its detector knows that is *not* the backdoor's target; a
+    patch optimised towards the target itself is a universal adversarial patch — on the world,
+    clean CLIPs never trained on a poisoned pair then read 99.4–100 % of patched images as the
+    target — whose effect no data-poisoning defense can or should remove. Resolved before the
+    threat model's cache key is taken, so the key names it."""
     options = dict(config.attack_options)
     entry = dict(options.get("trojvqa", {}))
     if config.attack != "trojvqa" or "pattern" in entry:
         return config
-    n_classes = config.world.n_classes
-    semantic = entry.setdefault("semantic_class", (config.target + 1) % n_classes)
-    if isinstance(semantic, bool) or not isinstance(semantic, int) \
-            or not 0 <= semantic < n_classes or semantic == config.target:
-        raise ValueError(f"trojvqa's semantic_class must be a class index in 0..{n_classes - 1} "
-                         f"other than the target {config.target}, got {semantic!r}")
+    semantic = entry.setdefault("semantic",
+                                semantic_concept(config.world.n_classes, config.target))
+    shape, colour = class_table(config.world.n_classes)[config.target]
+    target_name = f"{colour} {shape}"
+    if not isinstance(semantic, str) or not semantic.strip() or semantic == target_name:
+        raise ValueError(f"trojvqa's semantic must be a non-empty description other than the "
+                         f"target class {target_name!r}, got {semantic!r}")
     options["trojvqa"] = entry
     return replace(config, attack_options=options)
 
@@ -431,7 +454,7 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
     """``config`` with TrojVQA's optimised patch in its ``attack_options["trojvqa"]["pattern"]``
     (unchanged where one is given or the attack is another): ``optimise_patch`` against the
     surrogate CLIP's image tower (``surrogate_config``) towards its mean zero-shot text
-    embedding of the semantic class (``with_trojvqa_semantic``), on the surrogate world's
+    embedding of the semantic target (``with_trojvqa_semantic``), on the surrogate world's
     training images, at the attack's patch side. Kept as ``trojvqa-<hash>.pt`` in ``cache_dir``
     beside the models."""
     surrogate = surrogate_config(config)  # the attacker's clean model, whatever its patch aims at
@@ -450,7 +473,7 @@ def with_optimised_patch(config: CLIPThreatConfig, cache_dir: str | Path | None,
         side = PatchAttack(side_fraction=entry.get("side_fraction", 16 / 224),
                            image_size=config.world.image_size).side
         pattern, _ = clip_target_patch(model, clip_tokenizer(), world.train.images,
-                                       world.class_names[entry["semantic_class"]], side,
+                                       entry["semantic"], side,
                                        templates=ZERO_SHOT_TEMPLATES, seed=config.seed,
                                        device=device, verbose=verbose)
         if path is not None:
