@@ -110,12 +110,15 @@ def test_rate_sweep_tables_name_each_look_and_judge_it_apart():
     old = {k: v for k, v in cell("default", 0.0).items() if k != "look"}  # rows before looks
     clean = {"look": "noisy", "seed": 0, "training_seed": 0, "ca": 0.9, "check_statistic": 0.1,
              "declined": True, "unchanged": True, "suspicious": 0}
-    text = sweep_tables({"cells": [cell("noisy", 0.2, 0.93), old], "clean": [clean]})
+    wrong = {**clean, "training_seed": 100, "check_statistic": 0.6, "declined": False,
+             "unchanged": False, "ca_after": 0.87}
+    text = sweep_tables({"cells": [cell("noisy", 0.2, 0.93), old], "clean": [clean, wrong]})
     rows = text.splitlines()
     first_default = next(i for i, r in enumerate(rows) if r.startswith("| 0 | badnet"))
     first_noisy = next(i for i, r in enumerate(rows) if r.startswith("| noisy 0 | badnet"))
     assert first_default < first_noisy  # the default look first
-    assert "| noisy 0, 0 | 90.0 | 0 | 0.10 | yes |" in text
+    assert "| noisy 0, 0 | 90.0 | 0 | 0.10 | yes | 90.0 |" in text
+    assert "| noisy 0, 100 | 90.0 | 0 | 0.60 | NO | 87.0 |" in text  # what the wrong verdict cost
     assert "targets missed: 2 — badnet 1 % world noisy 0: ASR after 20.0 %; " \
            "badnet 1 % world noisy 0: CA −3.5." in text
     assert "On the noisy look alone: Cells with ASR before ≥ 20 %: 1 of 1; targets missed: 2" \

@@ -123,12 +123,13 @@ def cell(seed: int, attack: str, rate: float, cache: str, only: frozenset[str] =
 def clean_model(seed: int, training_seed: int, cache: str, look: str = "default") -> dict:
     """UBT on a clean model of seed ``seed``'s world of ``look`` (trained with
     ``training_seed``), judged by the seed's independent reference: must decline and return it
-    unchanged."""
+    unchanged (``ca_after``: the zero-shot CA of what it returned — what a wrong verdict
+    cost)."""
     import torch
 
     from fastbd.models.clip import tokenize
     from fastbd.ubt import defend
-    from fastbd.world import build_clip_threat
+    from fastbd.world import build_clip_threat, evaluate_clip
 
     base = base_config(seed, None, look=look)
     threat = build_clip_threat(replace(base, attack="none", seed=training_seed,
@@ -139,8 +140,11 @@ def clean_model(seed: int, training_seed: int, cache: str, look: str = "default"
                     reference=reference_model(seed, cache, look).model, verbose=False)
     unchanged = all(torch.equal(a, b) for a, b in zip(
         threat.model.state_dict().values(), result.model.state_dict().values(), strict=True))
+    ca_after = threat.evaluation.clean_accuracy if unchanged else evaluate_clip(
+        result.model, threat.tokenizer, threat.world, "badnet", base.target, seed, "cpu",
+        threat.config.attack_options).clean_accuracy
     return {"look": look, "seed": seed, "training_seed": training_seed,
-            "ca": threat.evaluation.clean_accuracy,
+            "ca": threat.evaluation.clean_accuracy, "ca_after": ca_after,
             "check_statistic": result.check_statistic, "declined": not result.poisoned,
             "unchanged": unchanged, "suspicious": int(result.suspicious.numel())}
 
@@ -184,11 +188,13 @@ def tables(results: dict) -> str:
     clean = sorted(results["clean"], key=lambda m: (list(LOOKS).index(_look(m)), m["seed"],
                                                      m["training_seed"]))
     lines += ["", "| clean model (world, training seed) | CA | suspicious | check | "
-              "declined, unchanged |", "|---|---:|---:|---:|---|"]
+              "declined, unchanged | CA after |", "|---|---:|---:|---:|---|---:|"]
     for m in clean:
+        after = m.get("ca_after", m["ca"] if m["unchanged"] else None)
         lines.append(f"| {_world(m)}, {m['training_seed']} | {_pct(m['ca'])} | "
                      f"{m['suspicious']} | {m['check_statistic']:.2f} | "
-                     f"{'yes' if m['declined'] and m['unchanged'] else 'NO'} |")
+                     f"{'yes' if m['declined'] and m['unchanged'] else 'NO'} | "
+                     f"{'–' if after is None else _pct(after)} |")
     lines += ["", verdict(cells, clean)]
     for look in LOOKS:
         if look != "default" and any(_look(c) == look for c in cells):
