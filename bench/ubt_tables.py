@@ -241,7 +241,8 @@ def tables(rows: list[dict]) -> str:
         lines.append(f"| {method} | {train:.0f} | {_fmt(defense, 1, 0)} | "
                      f"{train + (defense or 0):.0f} | {paper[0]} / {paper[1] or '–'} |")
     lines += ["", "Table I — UBT against each attack (TrojVQA: dual-key with the patch optimised "
-              "against an attacker's surrogate CLIP, `fastbd.attacks.optimise_patch`; SSBA: "
+              "against an attacker's surrogate CLIP towards a semantic target that is neither "
+              "the target nor a class, `fastbd.attacks.optimise_patch`; SSBA: "
               "per-image residuals of a steganography encoder trained on the world, "
               "`fastbd.attacks.ssba`):", "",
               "| attack | CA % before → after | ASR % before → after | paper before → after |",
