@@ -154,6 +154,12 @@ def test_cli_attack_on_files_optimises_against_the_users_surrogate(tmp_path, mon
             "--class-names", str(src / "classes.txt"), "--target", "2", "--rate", "0.1"]
     assert main([*args, "--out", str(tmp_path / "none")]) == 2
     assert "--surrogate-checkpoint" in capsys.readouterr().err
+    assert main(["--quiet", "attack", "--attack", "badnet", "--semantic", "green triangle",
+                 "--out", str(tmp_path / "badnet")]) == 2
+    assert "--semantic is trojvqa's" in capsys.readouterr().err
+    assert main(["--quiet", "attack", "--attack", "trojvqa", "--semantic", "red circle",
+                 "--target", "0", "--out", str(tmp_path / "world")]) == 2  # the world's target
+    assert "other than the target class 'red circle'" in capsys.readouterr().err
     classes = (src / "classes.txt").read_text().split("\n")
     assert main([*args, "--surrogate-checkpoint", str(surrogate), "--semantic", classes[2],
                  "--out", str(tmp_path / "same")]) == 2

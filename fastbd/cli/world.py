@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from fastbd.cli.common import (
@@ -215,6 +216,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from fastbd.storage import ResultFiles
     from fastbd.world import poison_world_images, poison_world_pairs
 
+    if args.semantic is not None and args.attack != "trojvqa":
+        raise ValueError(f"--semantic is trojvqa's (what its patch is optimised to look like); "
+                         f"{args.attack} has no optimised patch")
     out = prepare_out(args.out)
     clip_attack = args.attack not in SSL_ATTACKS
     corrupt = args.attack in ("corruptencoder", "corruptencoder+")
@@ -290,9 +294,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if args.attack in ("trojvqa", "ssba"):  # made first (trained or from the cache)
             from fastbd.world import DEFAULT_CACHE, CLIPThreatConfig, with_attack_artifacts
 
-            options = with_attack_artifacts(CLIPThreatConfig(
-                world=world.config, attack=args.attack, target=args.target, seed=args.seed),
-                DEFAULT_CACHE, verbose=not args.quiet).attack_options
+            config = CLIPThreatConfig(world=world.config, attack=args.attack,
+                                      target=args.target, seed=args.seed)
+            if args.semantic is not None:
+                config = replace(config, attack_options={**config.attack_options, "trojvqa": {
+                    **config.attack_options["trojvqa"], "semantic": args.semantic}})
+            options = with_attack_artifacts(config, DEFAULT_CACHE,
+                                            verbose=not args.quiet).attack_options
             attack_options = options[args.attack]
         if targets is not None and corrupt:
             poisoned = poison_world_images(world, args.attack, targets[0], args.fraction,
@@ -412,10 +420,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     attack.add_argument("--surrogate-arch", default="tiny",
                         help="trojvqa: the surrogate's open_clip architecture (default tiny)")
     attack.add_argument("--semantic",
-                        help="trojvqa on your files: what the patch is optimised to look like "
-                             "(TrojVQA's semantic target, an object and an attribute, e.g. "
-                             "'purple flower'; default the class after --target); never the "
-                             "target class")
+                        help="trojvqa: what the patch is optimised to look like (TrojVQA's "
+                             "semantic target, an object and an attribute, e.g. 'purple "
+                             "flower'; default on your files the class after --target, on the "
+                             "world a colour and shape no class has); never the target class")
     attack.add_argument("--targets", help="HTBA and CorruptEncoder: several target classes, "
                         "comma-separated (e.g. 3,5: the PoisonCAM paper's multi-target "
                         "attacks), each with its own HTBA pattern from --trigger-id on and its "
