@@ -137,3 +137,19 @@ def test_ubt_tables_redo_drops_only_the_asked_seeds_and_attacks_rows():
     assert {"0/badnet/ubt", "1/trojvqa/ubt", "0/trojvqa/cleanclip"} <= {r["key"] for r in kept}
     kept, todo = plan(rows[:3], [0], set(), set())  # nothing redone: what is missing runs
     assert kept == rows[:3] and len(todo) == len(ubt_cells([0])) - 3
+
+
+def test_looks_flag_refuses_an_unknown_look_and_rows_name_their_world():
+    import argparse
+
+    import pytest
+    from results_doc import add_looks_flag, look_of, world_label
+
+    parser = argparse.ArgumentParser()
+    add_looks_flag(parser)
+    assert parser.parse_args([]).looks == ["default"]
+    assert parser.parse_args(["--looks", "noisy,faint"]).looks == ["noisy", "faint"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--looks", "noisy,foggy"])
+    assert look_of({"seed": 2}) == "default" and world_label({"seed": 2}) == "2"
+    assert world_label({"seed": 2, "look": "faint"}) == "faint 2"

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from results_doc import add_sweep_flags, write_section
+from results_doc import add_looks_flag, add_sweep_flags, look_of, world_label, write_section
 
 from fastbd.world import LOOKS
 
@@ -153,15 +153,6 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def _look(row: dict) -> str:
-    return row.get("look", "default")
-
-
-def _world(row: dict) -> str:
-    """The world column: the seed, prefixed by the look where it is not the default."""
-    return str(row["seed"]) if _look(row) == "default" else f"{_look(row)} {row['seed']}"
-
-
 def tables(results: dict) -> str:
     """The sweep's markdown: one row per cell and defense, the clean models, the check's
     distribution and the targets' verdicts (over every cell, then per look other than the
@@ -169,12 +160,12 @@ def tables(results: dict) -> str:
     lines = ["| world | attack | rate | CA / ASR before | defense | suspicious (poisoned) | "
              "top (poisoned) | check | CA after | ASR after |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    cells = sorted(results["cells"], key=lambda c: (list(LOOKS).index(_look(c)), c["seed"],
+    cells = sorted(results["cells"], key=lambda c: (list(LOOKS).index(look_of(c)), c["seed"],
                                                       ATTACKS.index(c["attack"]), c["rate"]))
     for c in cells:
         first = True
         for name, d in c["defenses"].items():
-            head = (f"| {_world(c)} | {c['attack']} | {100 * c['rate']:g} % | "
+            head = (f"| {world_label(c)} | {c['attack']} | {100 * c['rate']:g} % | "
                     f"{_pct(c['ca_before'])} / {_pct(c['asr_before'])} |" if first
                     else "| | | | |")
             first = False
@@ -185,21 +176,21 @@ def tables(results: dict) -> str:
                      if "check_statistic" in d else "–")
             lines.append(f"{head} {name} | {susp} | {top} | {check} | {_pct(d['ca_after'])} | "
                          f"{_pct(d['asr_after'])} |")
-    clean = sorted(results["clean"], key=lambda m: (list(LOOKS).index(_look(m)), m["seed"],
+    clean = sorted(results["clean"], key=lambda m: (list(LOOKS).index(look_of(m)), m["seed"],
                                                      m["training_seed"]))
     lines += ["", "| clean model (world, training seed) | CA | suspicious | check | "
               "declined, unchanged | CA after |", "|---|---:|---:|---:|---|---:|"]
     for m in clean:
         after = m.get("ca_after", m["ca"] if m["unchanged"] else None)
-        lines.append(f"| {_world(m)}, {m['training_seed']} | {_pct(m['ca'])} | "
+        lines.append(f"| {world_label(m)}, {m['training_seed']} | {_pct(m['ca'])} | "
                      f"{m['suspicious']} | {m['check_statistic']:.2f} | "
                      f"{'yes' if m['declined'] and m['unchanged'] else 'NO'} | "
                      f"{'–' if after is None else _pct(after)} |")
     lines += ["", verdict(cells, clean)]
     for look in LOOKS:
-        if look != "default" and any(_look(c) == look for c in cells):
+        if look != "default" and any(look_of(c) == look for c in cells):
             lines += ["", f"On the {look} look alone: " + verdict(
-                [c for c in cells if _look(c) == look], [m for m in clean if _look(m) == look])]
+                [c for c in cells if look_of(c) == look], [m for m in clean if look_of(m) == look])]
     return "\n".join(lines)
 
 
@@ -211,7 +202,7 @@ def verdict(cells: list[dict], clean: list[dict]) -> str:
     misses = []
     for c in judged:
         ubt = c["defenses"]["ubt"]
-        name = f"{c['attack']} {100 * c['rate']:g} % world {_world(c)}"
+        name = f"{c['attack']} {100 * c['rate']:g} % world {world_label(c)}"
         if ubt["asr_after"] > 0.01:
             misses.append(f"{name}: ASR after {_pct(ubt['asr_after'])} %")
         if c["ca_before"] - ubt["ca_after"] > 0.01:
@@ -238,31 +229,29 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="world seeds, comma-separated")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
-    parser.add_argument("--looks", default="default",
-                        help=f"world looks, comma-separated: {', '.join(LOOKS)}")
+    add_looks_flag(parser)
     parser.add_argument("--defenses", default=",".join(DEFENSES),
                         help="defenses run in new cells (the others are left out of them)")
     add_sweep_flags(parser, "rate-sweep", "cells")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    looks = args.looks.split(",")
+    looks = args.looks
     defenses = frozenset(args.defenses.split(","))
-    for name, known, given in (("look", LOOKS, looks), ("defense", DEFENSES, defenses)):
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            parser.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    unknown = sorted(defenses - set(DEFENSES))
+    if unknown:
+        parser.error(f"unknown defense(s) {', '.join(unknown)}; known: {', '.join(DEFENSES)}")
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {"cells": [], "clean": []}
     results.setdefault("cells", [])
     results.setdefault("clean", [])
-    done = {(_look(c), c["seed"], c["attack"], c["rate"]): c for c in results["cells"]}
+    done = {(look_of(c), c["seed"], c["attack"], c["rate"]): c for c in results["cells"]}
     wanted = [(look, s, a, float(r)) for look in looks for s in seeds
               for a in args.attacks.split(",") for r in args.rates.split(",")]
     redo = frozenset(filter(None, args.redo.split(",")))
     todo = [job for job in wanted if job not in done]
     again = [job for job in wanted if job in done
              and redo & set(done[job]["defenses"])] if redo else []
-    checked = {(_look(m), m["seed"], m["training_seed"]) for m in results["clean"]}
+    checked = {(look_of(m), m["seed"], m["training_seed"]) for m in results["clean"]}
     clean_todo = [(look, s, t) for look in looks for s in seeds for t in (s, s + 100)
                   if (look, s, t) not in checked]
 
@@ -279,7 +268,7 @@ def main() -> int:
         futures += [pool.submit(cell, *job[1:], args.cache, redo, job[0]) for job in again]
         for future in futures:
             row = future.result()
-            key = (_look(row), row.get("seed"), row.get("attack"), row.get("rate"))
+            key = (look_of(row), row.get("seed"), row.get("attack"), row.get("rate"))
             if key in done and "training_seed" not in row:
                 done[key]["defenses"].update(row.pop("defenses"))
                 done[key].update(row)

@@ -39,3 +39,29 @@ def add_sweep_flags(parser: argparse.ArgumentParser, name: str, jobs: str) -> No
                         help="defenses (comma-separated) measured again where already finished, "
                              "e.g. after a change to them; the others' results are kept")
 
+
+
+def look_of(row: dict) -> str:
+    """The world look a result row was measured on (rows from before looks: ``default``)."""
+    return row.get("look", "default")
+
+
+def world_label(row: dict) -> str:
+    """A row's world column: its seed, prefixed by its look where it is not the default."""
+    return str(row["seed"]) if look_of(row) == "default" else f"{look_of(row)} {row['seed']}"
+
+
+def add_looks_flag(parser: argparse.ArgumentParser) -> None:
+    """``--looks``: the world looks (``fastbd.world.LOOKS``) to run on, checked when parsed."""
+    from fastbd.world import LOOKS
+
+    def looks(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = sorted(set(names) - set(LOOKS))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown look(s) {', '.join(unknown)}; known: "
+                                             f"{', '.join(LOOKS)}")
+        return names
+
+    parser.add_argument("--looks", type=looks, default=["default"],
+                        help=f"world looks, comma-separated: {', '.join(LOOKS)}")

@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from results_doc import add_looks_flag, look_of, world_label, write_section
+
 DETECTORS = ("poisoncam", "patchsearch", "patchsearch-published")
 KINDS = ("clean", "implanted")
 
@@ -88,26 +90,22 @@ def _seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def _look(row: dict) -> str:
-    return row.get("look", "default")
-
-
 def tables(rows: list[dict]) -> str:
     from fastbd.world import LOOKS
 
     lines = ["| world | data | probe CA / ASR | detector | check (capture, pasting, escape) | "
              "removed | precision | recall | top-20 | check s |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (list(LOOKS).index(_look(r)), r["seed"],
+    for r in sorted(rows, key=lambda r: (list(LOOKS).index(look_of(r)), r["seed"],
                                          KINDS.index(r["kind"]),
                                          DETECTORS.index(r["detector"]))):
-        world = str(r["seed"]) if _look(r) == "default" else f"{_look(r)} {r['seed']}"
         check = ("off" if r["statistic"] is None else
                  f"{r['statistic']:.2f} ({r['capture_median']:.2f}, {r['pasting']:.2f}, "
                  f"{r['escape_median']:.2f})"
                  f"{'' if r['backdoor'] else ' no backdoor'}")
         lines.append(
-            f"| {world} | {r['kind']} | {_pct(r['probe_ca'])} / {_pct(r['probe_asr'])} | "
+            f"| {world_label(r)} | {r['kind']} | "
+            f"{_pct(r['probe_ca'])} / {_pct(r['probe_asr'])} | "
             f"{r['detector']} | {check} | {r['removed']} ({_pct(r['removed'] / r['images'])} %) "
             f"| {_pct(r['precision']) if r['poisoned'] else '–'} | "
             f"{_pct(r['recall']) if r['poisoned'] else '–'} | "
@@ -120,7 +118,7 @@ def tables(rows: list[dict]) -> str:
         lines += ["", f"Check statistic: clean runs {min(clean):.2f} to {max(clean):.2f}, "
                   f"backdoored runs {min(poisoned):.2f} to {max(poisoned):.2f} (threshold "
                   f"0.50); margin {min(poisoned) - max(clean):.2f}."]
-    wrong = [f"{r['detector']} on {r['kind']} world {_look(r)} {r['seed']}" for r in checked
+    wrong = [f"{r['detector']} on {r['kind']} world {world_label(r)}" for r in checked
              if r["backdoor"] != (r["kind"] == "implanted")]
     if checked:
         lines += ["", f"Wrong verdicts: {len(wrong)} of {len(checked)} checked runs"
@@ -135,8 +133,7 @@ def main() -> int:
     parser.add_argument("--cache", default="fastbd-out/cache")
     parser.add_argument("--json", default="bench/results/ssl-check-cpu-amd-epyc.json")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
-    parser.add_argument("--looks", default="default",
-                        help="world looks, comma-separated (fastbd.world.LOOKS)")
+    add_looks_flag(parser)
     parser.add_argument("--rerun", action="store_true",
                         help="measure these seeds and detectors again (their rows replaced)")
     args = parser.parse_args()
@@ -144,16 +141,11 @@ def main() -> int:
     detectors = tuple(args.detectors.split(","))
     seeds_asked = {int(s) for s in args.seeds.split(",")}
     rows = json.loads(path.read_text()) if path.is_file() else []
-    looks = args.looks.split(",")
-    from fastbd.world import LOOKS
-
-    unknown = sorted(set(looks) - set(LOOKS))
-    if unknown:
-        parser.error(f"unknown look(s) {', '.join(unknown)}; known: {', '.join(LOOKS)}")
+    looks = args.looks
     if args.rerun:
-        rows = [r for r in rows if not (r["seed"] in seeds_asked and _look(r) in looks
+        rows = [r for r in rows if not (r["seed"] in seeds_asked and look_of(r) in looks
                                         and r["detector"] in detectors)]
-    done = {(_look(r), r["seed"], r["kind"]) for r in rows if r["detector"] in detectors}
+    done = {(look_of(r), r["seed"], r["kind"]) for r in rows if r["detector"] in detectors}
     todo = [(look, int(s), kind) for look in looks for s in args.seeds.split(",")
             for kind in KINDS if (look, int(s), kind) not in done]
     with ProcessPoolExecutor(args.jobs, initializer=_threads) as pool:
@@ -165,9 +157,6 @@ def main() -> int:
             path.write_text(json.dumps(rows, indent=1))
             print(json.dumps(found), flush=True)
     text = tables(rows)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from results_doc import write_section
-
     write_section("ssl-check", "## SSL backdoor check (`bench/ssl_check.py`)\n\nThe demo's "
                   "detector configuration on the implanted threat model and on the same world "
                   "with no attack (5,000 32-px images; SimCLR; one thread per world; 2-core AMD "
